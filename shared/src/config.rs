@@ -1,0 +1,454 @@
+//! One configuration for every binary: defaults, then a TOML file, then `PROVISIO_*`
+//! environment variables (nested keys joined by `__`, e.g. `PROVISIO_AMQP__PREFIX`).
+//!
+//! Secrets never come from the TOML file: they are read from the environment or from a file
+//! named by a `*_file` key, so that the file can be committed and shown (`--print-config`).
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use serde::{Deserialize, Serialize, Serializer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration is invalid: {0}")]
+    Invalid(String),
+    #[error("secret `{key}` must come from the environment or a file, not from {file}")]
+    InlineSecret { key: String, file: String },
+    #[error("cannot read secret file {path}: {source}")]
+    SecretFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// A value that is masked whenever it is printed or serialized.
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { "\"********\"" })
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(if self.0.is_empty() { "" } else { "********" })
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub database: DatabaseConfig,
+    pub txlog: TxLogConfig,
+    pub amqp: AmqpConfig,
+    pub queue_manager: QueueManagerConfig,
+    pub engine: EngineConfig,
+    pub security: SecurityConfig,
+    pub providers: ProvidersConfig,
+    pub validation: ValidationConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// The configuration database: namespaces, security, requests. Contains a password in
+    /// production, hence a secret; the default needs none (local trust authentication).
+    pub url: Secret,
+    pub url_file: Option<PathBuf>,
+    pub pool_size: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TxLogConfig {
+    /// Transaction-log servers. Empty means: the configuration database.
+    pub servers: Vec<Secret>,
+    /// MPF's "Transaction Log Pool Size": connections per server per engine.
+    pub pool_size: usize,
+    /// MPF's "Tran Log Timeout": how long a silent server is retried before it is marked bad.
+    pub timeout_seconds: u64,
+    /// Largest number of log records committed together by the group-commit writer.
+    pub max_batch: usize,
+    /// Batches committed concurrently per server.
+    pub writers: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AmqpConfig {
+    pub url: Secret,
+    pub url_file: Option<PathBuf>,
+    /// Prefix of every exchange and queue name, so that tenants and tests can share a broker.
+    pub prefix: String,
+    /// `x-delivery-limit` of the request queues: a message redelivered more often is dead.
+    pub delivery_limit: u32,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct QueueManagerConfig {
+    pub listen: SocketAddr,
+    /// Largest accepted request body; larger ones get 413.
+    pub max_body_bytes: usize,
+    /// How long a publish may wait for the broker's confirm before the request gets 503.
+    pub publish_timeout_ms: u64,
+    /// How long a verified API key stays cached (argon2 is deliberately slow).
+    pub key_cache_seconds: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineConfig {
+    /// Address of `/metrics`, `/healthz`, `/readyz`.
+    pub listen: SocketAddr,
+    /// Deliveries held per lane (AMQP prefetch) and requests run at once.
+    pub prefetch: u16,
+    /// Lease on a running transaction; renewed while it runs, expired means "engine died".
+    pub lease_seconds: u64,
+    /// On SIGTERM: how long running requests may take before they are abandoned to recovery.
+    pub grace_seconds: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SecurityConfig {
+    /// HMAC key that the queue manager signs envelopes with and engines verify.
+    pub signing_key: Secret,
+    pub signing_key_file: Option<PathBuf>,
+    /// Becomes the first admin's API key when no admin exists yet.
+    pub bootstrap_admin_key: Secret,
+    pub bootstrap_admin_key_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProvidersConfig {
+    pub test: TestProviderConfig,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct TestProviderConfig {
+    /// Fault injection is off unless asked for: a production fleet must not offer `panic`.
+    pub enabled: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct ValidationConfig {
+    /// MPF's "Enable Schema Validation": check inputs and outputs against procedure schemas.
+    pub enable_schema_validation: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `json` (production) or `text`.
+    pub format: String,
+    /// A `tracing` filter such as `info,provisio=debug`; `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            database: DatabaseConfig::default(),
+            txlog: TxLogConfig::default(),
+            amqp: AmqpConfig::default(),
+            queue_manager: QueueManagerConfig::default(),
+            engine: EngineConfig::default(),
+            security: SecurityConfig::default(),
+            providers: ProvidersConfig::default(),
+            validation: ValidationConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: Secret::new("postgres://postgres@127.0.0.1:5432/provisio"),
+            url_file: None,
+            pool_size: 32,
+        }
+    }
+}
+
+impl Default for TxLogConfig {
+    fn default() -> Self {
+        Self {
+            servers: Vec::new(),
+            pool_size: 100,
+            timeout_seconds: 300,
+            max_batch: 256,
+            writers: 4,
+        }
+    }
+}
+
+impl Default for AmqpConfig {
+    fn default() -> Self {
+        Self {
+            url: Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            url_file: None,
+            prefix: "provisio".to_owned(),
+            delivery_limit: 5,
+        }
+    }
+}
+
+impl Default for QueueManagerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_body_bytes: 256 * 1024,
+            publish_timeout_ms: 3000,
+            key_cache_seconds: 60,
+        }
+    }
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9100)),
+            prefetch: 64,
+            lease_seconds: 30,
+            grace_seconds: 20,
+        }
+    }
+}
+
+impl Default for SecurityConfig {
+    fn default() -> Self {
+        Self {
+            signing_key: Secret::default(),
+            signing_key_file: None,
+            bootstrap_admin_key: Secret::default(),
+            bootstrap_admin_key_file: None,
+        }
+    }
+}
+
+impl Default for ProvidersConfig {
+    fn default() -> Self {
+        Self {
+            test: TestProviderConfig::default(),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: "json".to_owned(),
+            level: "info".to_owned(),
+        }
+    }
+}
+
+/// Keys that hold secrets; the TOML file may not set them.
+const SECRET_KEYS: &[&str] = &[
+    "database.url",
+    "amqp.url",
+    "security.signing_key",
+    "security.bootstrap_admin_key",
+];
+
+impl Config {
+    /// Loads defaults ← `file` (if given) ← environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_from(file, Env::prefixed("PROVISIO_"))
+    }
+
+    fn load_from(file: Option<&Path>, env: Env) -> Result<Self, ConfigError> {
+        let mut fig = Figment::new();
+        if let Some(path) = file {
+            let toml_only = Figment::from(Toml::file_exact(path));
+            for key in SECRET_KEYS {
+                if toml_only.find_value(key).is_ok() {
+                    return Err(ConfigError::InlineSecret {
+                        key: (*key).to_owned(),
+                        file: path.display().to_string(),
+                    });
+                }
+            }
+            fig = fig.merge(Toml::file_exact(path));
+        }
+        // Short aliases for the variables that operators type most; the rest use `__` nesting.
+        let env = env.map(|key| {
+            let lower = key.as_str().to_ascii_lowercase();
+            match lower.as_str() {
+                "bootstrap_admin_key" => "security.bootstrap_admin_key".into(),
+                "signing_key" => "security.signing_key".into(),
+                "database_url" => "database.url".into(),
+                "amqp_url" => "amqp.url".into(),
+                "prefix" => "amqp.prefix".into(),
+                other => other.replace("__", ".").into(),
+            }
+        });
+        // `PROVISIO_CONFIG` names the file, it is not a setting.
+        let env = env.ignore(&["config"]);
+        fig = fig.merge(env);
+        let mut cfg: Config = fig
+            .extract()
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        cfg.read_secret_files()?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn read_secret_files(&mut self) -> Result<(), ConfigError> {
+        fn read(slot: &mut Secret, path: Option<&PathBuf>) -> Result<(), ConfigError> {
+            if let Some(path) = path {
+                let text = std::fs::read_to_string(path).map_err(|source| {
+                    ConfigError::SecretFile {
+                        path: path.clone(),
+                        source,
+                    }
+                })?;
+                *slot = Secret::new(text.trim());
+            }
+            Ok(())
+        }
+        read(&mut self.database.url, self.database.url_file.as_ref())?;
+        read(&mut self.amqp.url, self.amqp.url_file.as_ref())?;
+        read(
+            &mut self.security.signing_key,
+            self.security.signing_key_file.as_ref(),
+        )?;
+        read(
+            &mut self.security.bootstrap_admin_key,
+            self.security.bootstrap_admin_key_file.as_ref(),
+        )?;
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let p = &self.amqp.prefix;
+        if p.is_empty()
+            || p.len() > 64
+            || !p
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(ConfigError::Invalid(format!(
+                "amqp.prefix `{p}` must be 1-64 characters of [A-Za-z0-9_-]"
+            )));
+        }
+        if self.engine.prefetch == 0 {
+            return Err(ConfigError::Invalid("engine.prefetch must be at least 1".into()));
+        }
+        if self.txlog.max_batch == 0 || self.txlog.writers == 0 {
+            return Err(ConfigError::Invalid(
+                "txlog.max_batch and txlog.writers must be at least 1".into(),
+            ));
+        }
+        if !matches!(self.log.format.as_str(), "json" | "text") {
+            return Err(ConfigError::Invalid(format!(
+                "log.format `{}` must be `json` or `text`",
+                self.log.format
+            )));
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as TOML, secrets masked.
+    pub fn to_masked_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+
+    /// Transaction-log server URLs, defaulting to the configuration database.
+    pub fn txlog_servers(&self) -> Vec<Secret> {
+        if self.txlog.servers.is_empty() {
+            vec![self.database.url.clone()]
+        } else {
+            self.txlog.servers.clone()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    #[test]
+    fn defaults_work_on_one_machine() {
+        let cfg = Config::default();
+        assert_eq!(cfg.queue_manager.listen.to_string(), "127.0.0.1:8080");
+        assert!(cfg.database.url.expose().contains("127.0.0.1"));
+        assert_eq!(cfg.amqp.prefix, "provisio");
+    }
+
+    #[test]
+    fn env_overrides_file_and_secrets_are_masked() {
+        Jail::expect_with(|jail| {
+            jail.create_file("p.toml", "[amqp]\nprefix = \"fromfile\"\n[engine]\nprefetch = 7\n")?;
+            jail.set_env("PROVISIO_AMQP__PREFIX", "fromenv");
+            jail.set_env("PROVISIO_BOOTSTRAP_ADMIN_KEY", "hunter2");
+            let cfg = Config::load(Some(Path::new("p.toml"))).expect("loads");
+            assert_eq!(cfg.amqp.prefix, "fromenv");
+            assert_eq!(cfg.engine.prefetch, 7);
+            assert_eq!(cfg.security.bootstrap_admin_key.expose(), "hunter2");
+            let shown = cfg.to_masked_toml();
+            assert!(!shown.contains("hunter2"), "{shown}");
+            assert!(shown.contains("********"));
+            assert!(!format!("{cfg:?}").contains("hunter2"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn secrets_in_the_file_are_refused() {
+        Jail::expect_with(|jail| {
+            jail.create_file("p.toml", "[security]\nsigning_key = \"oops\"\n")?;
+            let err = Config::load(Some(Path::new("p.toml"))).expect_err("refused");
+            assert!(matches!(err, ConfigError::InlineSecret { .. }), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn secret_files_are_read() {
+        Jail::expect_with(|jail| {
+            jail.create_file("key", "s3cret\n")?;
+            jail.set_env("PROVISIO_SECURITY__SIGNING_KEY_FILE", "key");
+            let cfg = Config::load(None).expect("loads");
+            assert_eq!(cfg.security.signing_key.expose(), "s3cret");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_errors() {
+        Jail::expect_with(|jail| {
+            jail.create_file("p.toml", "[amqp]\nprefixx = \"x\"\n")?;
+            assert!(Config::load(Some(Path::new("p.toml"))).is_err());
+            jail.create_file("q.toml", "[amqp]\nprefix = \"a b\"\n")?;
+            assert!(Config::load(Some(Path::new("q.toml"))).is_err());
+            Ok(())
+        });
+    }
+}

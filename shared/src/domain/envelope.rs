@@ -1,0 +1,133 @@
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::{Name, Priority, RequestId};
+
+/// The request as it travels through RabbitMQ: the queue manager publishes it, AMQP producers
+/// may publish it directly, engines consume it. The JSON Schema in
+/// `schemas/request-envelope.schema.json` describes the same shape for other languages.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Envelope {
+    pub id: RequestId,
+    pub namespace: Name,
+    pub procedure: Name,
+    #[serde(default)]
+    pub input: Value,
+    #[serde(default)]
+    pub priority: Priority,
+    #[serde(default)]
+    pub kind: RequestKind,
+    /// The namespace version current when the queue manager accepted the request. Engines run
+    /// that version, so that "applied, then submitted" always means "runs the new version".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_version: Option<i32>,
+    /// Who submitted it. Trusted only when the envelope carries a valid queue-manager signature.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub principal: Option<PrincipalRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_as: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryPolicy>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub submitted_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestKind {
+    #[default]
+    Queued,
+    Trusted,
+}
+
+/// The principal as the queue manager authenticated it, with the permissions it had then.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrincipalRef {
+    pub id: uuid::Uuid,
+    pub name: String,
+    #[serde(default)]
+    pub permissions: Vec<String>,
+}
+
+impl PrincipalRef {
+    pub fn has(&self, permission: &str) -> bool {
+        self.permissions.iter().any(|p| p == permission || p == "admin")
+    }
+}
+
+/// Request-level retries (DESIGN §2), distinct from a step's `retry`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryPolicy {
+    pub count: u32,
+    pub interval_ms: u64,
+    #[serde(default = "default_on_exhausted")]
+    pub on_exhausted: String,
+}
+
+fn default_on_exhausted() -> String {
+    "fail".to_owned()
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EnvelopeError {
+    #[error("envelope is not valid JSON for a request: {0}")]
+    Malformed(String),
+}
+
+impl Envelope {
+    pub fn parse(bytes: &[u8]) -> Result<Self, EnvelopeError> {
+        serde_json::from_slice(bytes).map_err(|e| EnvelopeError::Malformed(e.to_string()))
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        // Serializing a struct of JSON-safe fields cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn parses_a_minimal_envelope_with_defaults() {
+        let e = Envelope::parse(br#"{"id":"r1","namespace":"demo","procedure":"hello"}"#)
+            .expect("parses");
+        assert_eq!(e.priority, Priority::Normal);
+        assert_eq!(e.kind, RequestKind::Queued);
+        assert_eq!(e.input, Value::Null);
+    }
+
+    #[test]
+    fn round_trips() {
+        let e = Envelope::parse(
+            json!({"id":"r1","namespace":"demo","procedure":"hello","input":{"a":1},"priority":"high"})
+                .to_string()
+                .as_bytes(),
+        )
+        .expect("parses");
+        assert_eq!(Envelope::parse(&e.to_bytes()).expect("parses again"), e);
+    }
+
+    #[test]
+    fn rejects_garbage_bad_names_and_unknown_fields() {
+        for bad in [
+            &b"not json"[..],
+            br#"{"id":"r1","namespace":"Demo!","procedure":"hello"}"#,
+            br#"{"id":"","namespace":"demo","procedure":"hello"}"#,
+            br#"{"id":"r1","namespace":"demo","procedure":"hello","bogus":1}"#,
+            br#"{"namespace":"demo","procedure":"hello"}"#,
+        ] {
+            assert!(Envelope::parse(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+    }
+}

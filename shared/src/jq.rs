@@ -1,0 +1,243 @@
+//! jq expressions, compiled once per namespace version and run many times.
+//!
+//! jaq works on its own value type; procedures live in `serde_json`. The conversions are
+//! written out here (rather than round-tripping through text) because they sit on the hot
+//! path of every step.
+
+use std::fmt;
+
+use jaq_core::load::{Arena, File, Loader};
+use jaq_core::{Compiler, Ctx, Vars, data, unwrap_valr};
+use jaq_json::{Num, Val};
+use serde_json::Value;
+
+type JqFilter = jaq_core::Filter<data::JustLut<Val>>;
+
+/// Why an expression does not compile. Carries the source so that the message can point at it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("jq expression `{expr}` does not compile: {reason}")]
+pub struct CompileError {
+    pub expr: String,
+    pub reason: String,
+}
+
+/// Why a compiled expression failed at run time.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EvalError {
+    #[error("jq expression `{expr}` failed: {message}")]
+    Failed { expr: String, message: String },
+    #[error("jq expression `{expr}` produced no value")]
+    Empty { expr: String },
+}
+
+/// A compiled jq filter plus its source text.
+pub struct Expr {
+    source: String,
+    filter: JqFilter,
+}
+
+impl fmt::Debug for Expr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Expr").field(&self.source).finish()
+    }
+}
+
+impl Expr {
+    pub fn compile(source: &str) -> Result<Self, CompileError> {
+        let fail = |reason: String| CompileError {
+            expr: source.to_owned(),
+            reason,
+        };
+        let defs = jaq_core::defs()
+            .chain(jaq_std::defs())
+            .chain(jaq_json::defs());
+        let funs = jaq_core::funs()
+            .chain(jaq_std::funs())
+            .chain(jaq_json::funs());
+        let loader = Loader::new(defs);
+        let arena = Arena::default();
+        let modules = loader
+            .load(
+                &arena,
+                File {
+                    code: source,
+                    path: (),
+                },
+            )
+            .map_err(|errs| fail(describe_load_errors(&errs)))?;
+        let filter = Compiler::default()
+            .with_funs(funs)
+            .compile(modules)
+            .map_err(|errs| {
+                let names: Vec<String> = errs
+                    .iter()
+                    .flat_map(|(_, es)| es.iter().map(|(name, kind)| format!("{name} ({kind:?})")))
+                    .collect();
+                fail(format!("undefined: {}", names.join(", ")))
+            })?;
+        Ok(Self {
+            source: source.to_owned(),
+            filter,
+        })
+    }
+
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// Runs the filter and returns its first output; jq's `empty` is an error because a step
+    /// needs exactly one value to go on with.
+    pub fn eval_one(&self, input: &Value) -> Result<Value, EvalError> {
+        let ctx = Ctx::<data::JustLut<Val>>::new(&self.filter.lut, Vars::new([]));
+        let mut out = self.filter.id.run((ctx, to_val(input))).map(unwrap_valr);
+        match out.next() {
+            Some(Ok(v)) => Ok(from_val(&v)),
+            Some(Err(e)) => Err(EvalError::Failed {
+                expr: self.source.clone(),
+                message: e.to_string(),
+            }),
+            None => Err(EvalError::Empty {
+                expr: self.source.clone(),
+            }),
+        }
+    }
+
+    /// Evaluates a condition with jq's truthiness: everything but `false` and `null` is true.
+    pub fn eval_bool(&self, input: &Value) -> Result<bool, EvalError> {
+        Ok(!matches!(self.eval_one(input)?, Value::Null | Value::Bool(false)))
+    }
+}
+
+fn describe_load_errors<P>(errs: &jaq_core::load::Errors<&str, P>) -> String {
+    use jaq_core::load::Error;
+    let mut parts = Vec::new();
+    for (_, e) in errs {
+        match e {
+            Error::Io(v) => parts.extend(v.iter().map(|(p, m)| format!("cannot import {p}: {m}"))),
+            Error::Lex(v) => parts.extend(v.iter().map(|(expect, at)| {
+                format!("expected {} at `{}`", expect.as_str(), truncate(at))
+            })),
+            Error::Parse(v) => parts.extend(v.iter().map(|(expect, at)| {
+                format!("expected {} at `{}`", expect.as_str(), truncate(at))
+            })),
+        }
+    }
+    if parts.is_empty() {
+        "syntax error".to_owned()
+    } else {
+        parts.join("; ")
+    }
+}
+
+fn truncate(s: &str) -> &str {
+    match s.char_indices().nth(20) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+/// serde_json → jaq.
+pub fn to_val(v: &Value) -> Val {
+    match v {
+        Value::Null => Val::Null,
+        Value::Bool(b) => Val::Bool(*b),
+        Value::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                Val::Num(Num::from_integral(i))
+            } else if let Some(u) = n.as_u64() {
+                Val::Num(Num::from_integral(u))
+            } else {
+                Val::Num(Num::Float(n.as_f64().unwrap_or(f64::NAN)))
+            }
+        }
+        Value::String(s) => Val::from(s.clone()),
+        Value::Array(a) => a.iter().map(to_val).collect(),
+        Value::Object(o) => Val::obj(
+            o.iter()
+                .map(|(k, v)| (Val::from(k.clone()), to_val(v)))
+                .collect(),
+        ),
+    }
+}
+
+/// jaq → serde_json. Values JSON cannot hold (NaN, byte strings, non-string keys) are mapped
+/// the way jq prints them.
+pub fn from_val(v: &Val) -> Value {
+    match v {
+        Val::Null => Value::Null,
+        Val::Bool(b) => Value::Bool(*b),
+        Val::Num(n) => num_to_json(n),
+        Val::TStr(b) | Val::BStr(b) => Value::String(String::from_utf8_lossy(b).into_owned()),
+        Val::Arr(a) => Value::Array(a.iter().map(from_val).collect()),
+        Val::Obj(o) => Value::Object(
+            o.iter()
+                .map(|(k, v)| {
+                    let key = match k {
+                        Val::TStr(b) | Val::BStr(b) => String::from_utf8_lossy(b).into_owned(),
+                        other => other.to_string(),
+                    };
+                    (key, from_val(v))
+                })
+                .collect(),
+        ),
+    }
+}
+
+fn num_to_json(n: &Num) -> Value {
+    match n {
+        Num::Int(i) => Value::from(*i as i64),
+        Num::Float(f) => serde_json::Number::from_f64(*f).map_or(Value::Null, Value::Number),
+        other => {
+            let text = other.to_string();
+            serde_json::from_str::<Value>(&text).unwrap_or(Value::String(text))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn evaluates_object_construction() {
+        let e = Expr::compile("{name: .input.org, n: (.input.q // 1024)}").expect("compiles");
+        let out = e.eval_one(&json!({"input": {"org": "acme"}})).expect("runs");
+        assert_eq!(out, json!({"name": "acme", "n": 1024}));
+    }
+
+    #[test]
+    fn reports_syntax_errors() {
+        let err = Expr::compile("{name: ").expect_err("must not compile");
+        assert!(err.to_string().contains("does not compile"), "{err}");
+    }
+
+    #[test]
+    fn reports_undefined_functions() {
+        let err = Expr::compile("nosuchfn(1)").expect_err("must not compile");
+        assert!(err.reason.contains("nosuchfn"), "{err}");
+    }
+
+    #[test]
+    fn runtime_errors_are_values_not_panics() {
+        let e = Expr::compile(".a + 1").expect("compiles");
+        let err = e.eval_one(&json!({"a": "x"})).expect_err("string + number fails");
+        assert!(matches!(err, EvalError::Failed { .. }));
+        let e = Expr::compile("empty").expect("compiles");
+        assert!(matches!(e.eval_one(&json!(1)), Err(EvalError::Empty { .. })));
+    }
+
+    #[test]
+    fn round_trips_json() {
+        let v = json!({"a": [1, 2.5, "x", null, true, {"b": -3}], "big": 18_446_744_073_709_551_615_u64});
+        assert_eq!(from_val(&to_val(&v)), v);
+    }
+
+    #[test]
+    fn truthiness_follows_jq() {
+        let e = Expr::compile(".x").expect("compiles");
+        assert!(!e.eval_bool(&json!({"x": null})).expect("runs"));
+        assert!(!e.eval_bool(&json!({"x": false})).expect("runs"));
+        assert!(e.eval_bool(&json!({"x": 0})).expect("runs"));
+    }
+}

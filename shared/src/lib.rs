@@ -1,0 +1,8 @@
+//! Provisio's contract crate: everything the queue manager and the workers must agree on.
+//!
+//! Binaries depend on this crate; it depends on no binary. Wire formats (the request envelope,
+//! AMQP names, SQL schema) are defined here once so that a producer and a consumer cannot drift.
+
+pub mod jq;
+pub mod config;
+pub mod domain;
