@@ -6,3 +6,11 @@
 pub mod jq;
 pub mod config;
 pub mod domain;
+pub mod db;
+pub mod metrics;
+pub mod retry;
+pub mod shutdown;
+pub mod signing;
+pub mod telemetry;
+pub mod amqp;
+pub mod procedure;

@@ -1,0 +1,351 @@
+//! RabbitMQ: the topology every process declares at start-up, and a publisher with confirms
+//! that reconnects on its own.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use tokio::sync::Mutex;
+
+use crate::config::AmqpConfig;
+use crate::domain::Priority;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AmqpError {
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
+    #[error("broker did not confirm within {0:?}")]
+    ConfirmTimeout(Duration),
+    #[error("broker refused the message (nack)")]
+    Nacked,
+    #[error("message was unroutable: {0}")]
+    Unroutable(String),
+    #[error(transparent)]
+    Lapin(#[from] lapin::Error),
+}
+
+/// Every exchange and queue name, derived from the prefix.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Topology {
+    prefix: String,
+    delivery_limit: u32,
+}
+
+impl Topology {
+    pub fn new(cfg: &AmqpConfig) -> Self {
+        Self {
+            prefix: cfg.prefix.clone(),
+            delivery_limit: cfg.delivery_limit,
+        }
+    }
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+    /// Direct exchange; the routing key is the lane (`high`, `normal`, `low`).
+    pub fn requests_exchange(&self) -> String {
+        format!("{}.requests", self.prefix)
+    }
+    pub fn lane_queue(&self, lane: Priority) -> String {
+        format!("{}.requests.{}", self.prefix, lane.as_str())
+    }
+    pub fn trusted_exchange(&self) -> String {
+        format!("{}.trusted", self.prefix)
+    }
+    pub fn trusted_queue(&self) -> String {
+        format!("{}.trusted", self.prefix)
+    }
+    /// Fanout exchange of dead letters, and the one queue bound to it.
+    pub fn dead_exchange(&self) -> String {
+        format!("{}.dead", self.prefix)
+    }
+    pub fn dead_queue(&self) -> String {
+        format!("{}.dead", self.prefix)
+    }
+    /// Topic exchange of outcomes, routing key `namespace.procedure.status`.
+    pub fn results_exchange(&self) -> String {
+        format!("{}.results", self.prefix)
+    }
+
+    /// Declares everything; idempotent, so every process does it at start-up and after
+    /// reconnecting.
+    pub async fn declare(&self, ch: &Channel) -> Result<(), AmqpError> {
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        for (name, kind) in [
+            (self.requests_exchange(), ExchangeKind::Direct),
+            (self.trusted_exchange(), ExchangeKind::Fanout),
+            (self.dead_exchange(), ExchangeKind::Fanout),
+            (self.results_exchange(), ExchangeKind::Topic),
+        ] {
+            ch.exchange_declare(name.into(), kind, durable, FieldTable::default())
+                .await?;
+        }
+        let qopts = QueueDeclareOptions::durable();
+        let mut dead_args = FieldTable::default();
+        dead_args.insert("x-queue-type".into(), long_str("quorum"));
+        ch.queue_declare(self.dead_queue().into(), qopts, dead_args)
+            .await?;
+        ch.queue_bind(
+            self.dead_queue().into(),
+            self.dead_exchange().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+        let work_args = self.work_queue_args();
+        for lane in Priority::ALL {
+            let q = self.lane_queue(*lane);
+            ch.queue_declare(q.clone().into(), qopts, work_args.clone())
+                .await?;
+            ch.queue_bind(
+                q.into(),
+                self.requests_exchange().into(),
+                lane.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        }
+        ch.queue_declare(self.trusted_queue().into(), qopts, work_args)
+            .await?;
+        ch.queue_bind(
+            self.trusted_queue().into(),
+            self.trusted_exchange().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+        Ok(())
+    }
+
+    fn work_queue_args(&self) -> FieldTable {
+        let mut args = FieldTable::default();
+        args.insert("x-queue-type".into(), long_str("quorum"));
+        args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongUInt(self.delivery_limit),
+        );
+        args.insert("x-dead-letter-exchange".into(), long_str(&self.dead_exchange()));
+        args
+    }
+
+    /// Deletes every queue and exchange of this prefix (tests clean up after themselves).
+    pub async fn delete(&self, ch: &Channel) -> Result<(), AmqpError> {
+        use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+        let mut queues = vec![self.dead_queue(), self.trusted_queue()];
+        queues.extend(Priority::ALL.iter().map(|l| self.lane_queue(*l)));
+        for q in queues {
+            ch.queue_delete(q.into(), QueueDeleteOptions::default())
+                .await?;
+        }
+        for e in [
+            self.requests_exchange(),
+            self.trusted_exchange(),
+            self.dead_exchange(),
+            self.results_exchange(),
+        ] {
+            ch.exchange_delete(e.into(), ExchangeDeleteOptions::default())
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+pub fn long_str(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
+}
+
+/// Reads a string header, whichever AMQP string type the producer used.
+pub fn header_str(props: &BasicProperties, name: &str) -> Option<String> {
+    let headers = props.headers().as_ref()?;
+    let v = headers.inner().get(&ShortString::from(name))?;
+    match v {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+/// Opens a connection with a bounded wait, so that "broker down" is an error in seconds.
+pub async fn connect(url: &str, timeout: Duration) -> Result<Connection, AmqpError> {
+    let props = ConnectionProperties::default()
+        .with_connection_name(format!("provisio-{}", std::process::id()).into());
+    match tokio::time::timeout(timeout, Connection::connect(url, props)).await {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(AmqpError::Unavailable(e.to_string())),
+        Err(_) => Err(AmqpError::Unavailable(format!(
+            "no connection within {timeout:?}"
+        ))),
+    }
+}
+
+/// A message to publish.
+#[derive(Debug, Clone)]
+pub struct Outgoing<'a> {
+    pub exchange: &'a str,
+    pub routing_key: &'a str,
+    pub body: &'a [u8],
+    pub properties: BasicProperties,
+}
+
+struct Live {
+    conn: Connection,
+    channel: Channel,
+}
+
+/// A publisher with confirms, shared by all tasks of a process.
+///
+/// Many publishes are in flight on the one channel at once (pipelining); each caller waits
+/// only for the confirm of its own message. A broken connection is replaced on the next
+/// publish; until then callers get [`AmqpError::Unavailable`] quickly.
+#[derive(Clone)]
+pub struct Publisher {
+    url: Arc<String>,
+    topology: Topology,
+    confirm_timeout: Duration,
+    live: Arc<Mutex<Option<Arc<Live>>>>,
+}
+
+impl Publisher {
+    pub fn new(url: &str, topology: Topology, confirm_timeout: Duration) -> Self {
+        Self {
+            url: Arc::new(url.to_owned()),
+            topology,
+            confirm_timeout,
+            live: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    /// Connects now (declaring the topology) instead of on first publish.
+    pub async fn ensure_connected(&self) -> Result<(), AmqpError> {
+        self.channel().await.map(|_| ())
+    }
+
+    /// Whether the last known connection is up (no I/O).
+    pub async fn is_connected(&self) -> bool {
+        self.live
+            .lock()
+            .await
+            .as_ref()
+            .is_some_and(|l| l.conn.status().connected() && l.channel.status().connected())
+    }
+
+    async fn channel(&self) -> Result<Arc<Live>, AmqpError> {
+        let mut guard = self.live.lock().await;
+        if let Some(live) = guard.as_ref() {
+            if live.conn.status().connected() && live.channel.status().connected() {
+                return Ok(live.clone());
+            }
+        }
+        *guard = None;
+        let conn = connect(&self.url, self.confirm_timeout).await?;
+        let channel = conn.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        self.topology.declare(&channel).await?;
+        let live = Arc::new(Live { conn, channel });
+        *guard = Some(live.clone());
+        Ok(live)
+    }
+
+    async fn forget(&self, broken: &Arc<Live>) {
+        let mut guard = self.live.lock().await;
+        if guard.as_ref().is_some_and(|l| Arc::ptr_eq(l, broken)) {
+            *guard = None;
+        }
+    }
+
+    /// Publishes persistently and waits for the broker's confirm. `mandatory`, so that a
+    /// message no queue would receive is an error rather than silently dropped.
+    pub async fn publish(&self, msg: Outgoing<'_>) -> Result<(), AmqpError> {
+        let live = self.channel().await?;
+        let result = self.publish_on(&live, msg).await;
+        if matches!(
+            result,
+            Err(AmqpError::Lapin(_) | AmqpError::ConfirmTimeout(_) | AmqpError::Unavailable(_))
+        ) {
+            self.forget(&live).await;
+        }
+        result
+    }
+
+    async fn publish_on(&self, live: &Live, msg: Outgoing<'_>) -> Result<(), AmqpError> {
+        let confirm = live
+            .channel
+            .basic_publish(
+                msg.exchange.into(),
+                msg.routing_key.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                msg.body,
+                msg.properties.with_delivery_mode(2),
+            )
+            .await?;
+        let confirmation = tokio::time::timeout(self.confirm_timeout, confirm)
+            .await
+            .map_err(|_| AmqpError::ConfirmTimeout(self.confirm_timeout))??;
+        if confirmation.is_nack() {
+            return Err(AmqpError::Nacked);
+        }
+        if let Some(returned) = confirmation.take_message() {
+            return Err(AmqpError::Unroutable(returned.reply_text.to_string()));
+        }
+        Ok(())
+    }
+
+    /// Publishes without waiting for a confirm (outcome notifications: the record in
+    /// PostgreSQL is the truth, the message is a courtesy).
+    pub async fn publish_unconfirmed(&self, msg: Outgoing<'_>) -> Result<(), AmqpError> {
+        let live = self.channel().await?;
+        let r = live
+            .channel
+            .basic_publish(
+                msg.exchange.into(),
+                msg.routing_key.into(),
+                BasicPublishOptions::default(),
+                msg.body,
+                msg.properties,
+            )
+            .await;
+        if let Err(e) = r {
+            self.forget(&live).await;
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// Ready messages in a queue (passive declare), for queue-depth metrics and tests.
+    pub async fn queue_depth(&self, queue: &str) -> Result<u32, AmqpError> {
+        let live = self.channel().await?;
+        // A passive declare on a missing queue closes the channel; use a throwaway one.
+        let ch = live.conn.create_channel().await?;
+        let q = ch
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        let _ = ch.close(200, "done".into()).await;
+        Ok(q?.message_count())
+    }
+}

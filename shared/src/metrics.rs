@@ -1,0 +1,50 @@
+//! Every metric Provisio exports, named and described in one place. Names carry their unit
+//! (`_seconds`, `_total`); labels are bounded sets (namespace, procedure, provider, status,
+//! lane, reason), never request ids.
+
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+
+pub const REQUESTS_ACCEPTED: &str = "provisio_requests_accepted_total";
+pub const REQUESTS_REJECTED: &str = "provisio_requests_rejected_total";
+pub const REQUESTS_FINISHED: &str = "provisio_requests_finished_total";
+pub const REQUEST_DURATION: &str = "provisio_request_duration_seconds";
+pub const REQUEST_RUN_DURATION: &str = "provisio_request_run_duration_seconds";
+pub const STEP_DURATION: &str = "provisio_step_duration_seconds";
+pub const STEP_RETRIES: &str = "provisio_step_retries_total";
+pub const ROLLBACKS: &str = "provisio_rollbacks_total";
+pub const PUBLISH_DURATION: &str = "provisio_publish_duration_seconds";
+pub const BROKER_UP: &str = "provisio_broker_up";
+pub const DEAD_LETTERS: &str = "provisio_dead_letters_total";
+pub const INFLIGHT: &str = "provisio_inflight_requests";
+pub const QUEUE_DEPTH: &str = "provisio_queue_depth_messages";
+pub const TXLOG_BATCH_SIZE: &str = "provisio_txlog_batch_records";
+pub const TXLOG_COMMIT_DURATION: &str = "provisio_txlog_commit_duration_seconds";
+pub const TXLOG_POOL_IN_USE: &str = "provisio_txlog_pool_connections_in_use";
+pub const TXLOG_BAD_SERVERS: &str = "provisio_txlog_bad_servers";
+pub const IN_DOUBT: &str = "provisio_in_doubt_transactions";
+pub const PROVIDER_CALLS: &str = "provisio_provider_calls_total";
+pub const AUDIT_ROWS_SWEPT: &str = "provisio_audit_rows_swept_total";
+
+/// Registers descriptions with the installed recorder; call once after installing it.
+pub fn describe() {
+    describe_counter!(REQUESTS_ACCEPTED, Unit::Count, "Requests accepted (durable) by the queue manager, by namespace, procedure and lane.");
+    describe_counter!(REQUESTS_REJECTED, Unit::Count, "Requests the queue manager refused, by error code.");
+    describe_counter!(REQUESTS_FINISHED, Unit::Count, "Requests that reached a final status, by namespace, procedure and status.");
+    describe_histogram!(REQUEST_DURATION, Unit::Seconds, "From submission to final status, by namespace, procedure and status.");
+    describe_histogram!(REQUEST_RUN_DURATION, Unit::Seconds, "From delivery to final status in the engine, by namespace, procedure and status.");
+    describe_histogram!(STEP_DURATION, Unit::Seconds, "Provider call duration, by namespace, procedure and provider.");
+    describe_counter!(STEP_RETRIES, Unit::Count, "Step retries after retryable provider errors, by provider.");
+    describe_counter!(ROLLBACKS, Unit::Count, "Transactions rolled back, by namespace and procedure.");
+    describe_histogram!(PUBLISH_DURATION, Unit::Seconds, "Publish to broker confirm, as seen by the queue manager.");
+    describe_gauge!(BROKER_UP, Unit::Count, "1 while the process has a working broker connection.");
+    describe_counter!(DEAD_LETTERS, Unit::Count, "Messages sent to the dead-letter queue, by reason.");
+    describe_gauge!(INFLIGHT, Unit::Count, "Requests an engine is running right now.");
+    describe_gauge!(QUEUE_DEPTH, Unit::Count, "Messages ready in each request lane.");
+    describe_histogram!(TXLOG_BATCH_SIZE, Unit::Count, "Records committed together by the transaction-log group-commit writer.");
+    describe_histogram!(TXLOG_COMMIT_DURATION, Unit::Seconds, "Duration of one group commit of the transaction log.");
+    describe_gauge!(TXLOG_POOL_IN_USE, Unit::Count, "Transaction-log connections in use, by server.");
+    describe_gauge!(TXLOG_BAD_SERVERS, Unit::Count, "Transaction-log servers currently on the bad-server list.");
+    describe_gauge!(IN_DOUBT, Unit::Count, "Transactions whose rollback could not complete.");
+    describe_counter!(PROVIDER_CALLS, Unit::Count, "Provider calls, by provider, action and outcome.");
+    describe_counter!(AUDIT_ROWS_SWEPT, Unit::Count, "Rows moved from the transaction log into audit tables.");
+}

@@ -1,0 +1,112 @@
+use serde_json::json;
+
+use super::*;
+
+struct TestCatalog;
+impl Catalog for TestCatalog {
+    fn check_action(&self, provider: &str, action: &str) -> Result<(), String> {
+        match (provider, action) {
+            ("test", "echo" | "fail" | "sleep") => Ok(()),
+            ("test", a) => Err(format!("provider `test` has no action `{a}`")),
+            (p, _) => Err(format!("unknown provider `{p}`")),
+        }
+    }
+}
+
+fn compile_doc(v: &serde_json::Value) -> Result<Namespace, Vec<Problem>> {
+    compile(v, 1, &TestCatalog, &NoExternal)
+}
+
+#[test]
+fn compiles_a_namespace_with_every_step_kind() {
+    let doc = json!({
+        "namespace": "demo",
+        "procedures": {
+            "main": {
+                "access": "public",
+                "steps": [
+                    {"id": "a", "call": "test.echo", "input": "{x: .input.x}"},
+                    {"set": {"n": ".steps.a.x"}},
+                    {"procedure": "helper"},
+                    {"for_each": "[1,2]", "as": "item", "steps": [{"call": "test.echo"}]},
+                    {"switch": ".vars.n", "cases": {"1": [{"call": "test.echo"}]}, "default": [{"fail": {"code": "nope"}}]},
+                    {"try": [{"call": "test.fail"}], "catch": [{"call": "test.echo", "input": ".error"}]}
+                ],
+                "output": ".steps.a"
+            },
+            "helper": {"steps": [{"call": "test.echo"}]}
+        }
+    });
+    let ns = compile_doc(&doc).expect("compiles");
+    let main = &ns.procedures["main"];
+    assert_eq!(main.access, Access::Public);
+    assert_eq!(ns.procedures["helper"].access, Access::Private);
+    assert_eq!(main.model, TxModel::Compensating);
+    assert_eq!(main.steps.len(), 6);
+    let StepKind::ForEach { steps, .. } = &main.steps[3].kind else {
+        panic!("for_each expected")
+    };
+    assert_eq!(steps[0].path, "3.each.0");
+}
+
+#[test]
+fn reports_every_problem_with_its_path() {
+    let doc = json!({
+        "namespace": "demo",
+        "procedures": {
+            "p": {
+                "input_schema": {"type": "nonsense"},
+                "steps": [
+                    {"call": "nosuch.thing"},
+                    {"call": "test.echo", "input": "{broken"},
+                    {"procedure": "missing"},
+                    {"call": "test.echo", "fail": {"code": "x"}},
+                    {}
+                ]
+            }
+        }
+    });
+    let problems = compile_doc(&doc).expect_err("invalid");
+    let paths: Vec<&str> = problems.iter().map(|p| p.path.as_str()).collect();
+    for expected in [
+        "procedures.p.input_schema",
+        "procedures.p.steps[0].call",
+        "procedures.p.steps[1].input",
+        "procedures.p.steps[2].procedure",
+        "procedures.p.steps[3]",
+        "procedures.p.steps[4]",
+    ] {
+        assert!(paths.contains(&expected), "{expected} missing from {problems:?}");
+    }
+}
+
+#[test]
+fn detects_call_cycles() {
+    let doc = json!({
+        "namespace": "demo",
+        "procedures": {
+            "a": {"steps": [{"procedure": "b"}]},
+            "b": {"steps": [{"procedure": "c"}]},
+            "c": {"steps": [{"procedure": "a"}]}
+        }
+    });
+    let problems = compile_doc(&doc).expect_err("cycle");
+    assert!(problems.iter().any(|p| p.message.contains("cycle")), "{problems:?}");
+}
+
+#[test]
+fn rejects_unknown_keys_and_duplicate_ids() {
+    let doc = json!({"namespace": "demo", "procedures": {"p": {"steps": [{"call": "test.echo", "bogus": 1}]}}});
+    assert!(compile_doc(&doc).is_err());
+    let doc = json!({"namespace": "demo", "procedures": {"p": {"steps": [
+        {"id": "a", "call": "test.echo"}, {"id": "a", "call": "test.echo"}]}}});
+    let problems = compile_doc(&doc).expect_err("dup");
+    assert!(problems[0].message.contains("used twice"), "{problems:?}");
+}
+
+#[test]
+fn parses_yaml() {
+    let v = parse_document("namespace: demo\nprocedures:\n  p:\n    steps:\n      - call: test.echo\n")
+        .expect("yaml");
+    assert!(compile_doc(&v).is_ok());
+}
