@@ -1,1 +1,108 @@
-fn main() {}
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use provisio_queue_manager::api;
+use provisio_queue_manager::app::App;
+use provisio_queue_manager::auth::{KeyStore, bootstrap_admin};
+use provisio_shared::amqp::{Publisher, Topology};
+use provisio_shared::catalog::StandardCatalog;
+use provisio_shared::config::Config;
+use provisio_shared::namespaces::NamespaceCache;
+use provisio_shared::telemetry::{self, Readiness};
+use provisio_shared::{db, shutdown};
+
+/// Provisio queue manager: accepts provisioning requests over HTTP and queues them.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Cli {
+    /// TOML configuration file (environment variables `PROVISIO_*` override it).
+    #[arg(long, env = "PROVISIO_CONFIG")]
+    config: Option<PathBuf>,
+    /// Print the effective configuration (secrets masked) and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let cfg = Config::load(cli.config.as_deref()).context("loading configuration")?;
+    if cli.print_config {
+        print!("{}", cfg.to_masked_toml());
+        return Ok(());
+    }
+    telemetry::init_tracing(&cfg.log);
+    if cfg.security.signing_key.is_empty() {
+        bail!("security.signing_key is required (set PROVISIO_SIGNING_KEY or security.signing_key_file)");
+    }
+    let metrics = telemetry::install_metrics()
+        .map_err(anyhow::Error::msg)
+        .context("installing the metrics recorder")?;
+
+    db::migrate(&cfg.database.url)
+        .await
+        .context("migrating the configuration database")?;
+    let pool = db::pool(&cfg.database.url, cfg.database.pool_size).context("database pool")?;
+    if !cfg.security.bootstrap_admin_key.is_empty()
+        && bootstrap_admin(&pool, cfg.security.bootstrap_admin_key.expose())
+            .await
+            .context("bootstrapping the admin key")?
+    {
+        tracing::info!("bootstrap admin key installed");
+    }
+
+    let publisher = Publisher::new(
+        cfg.amqp.url.expose(),
+        Topology::new(&cfg.amqp),
+        Duration::from_millis(cfg.queue_manager.publish_timeout_ms),
+    );
+    let ready = Readiness::default();
+    match publisher.ensure_connected().await {
+        Ok(()) => ready.set(true),
+        // Not fatal: requests get 503 until the broker is back, and `/readyz` says so.
+        Err(e) => tracing::warn!(error = %e, "broker not reachable at start-up"),
+    }
+
+    let app = Arc::new(App {
+        keys: KeyStore::new(
+            pool.clone(),
+            Duration::from_secs(cfg.queue_manager.key_cache_seconds),
+        ),
+        namespaces: NamespaceCache::new(pool.clone(), Box::new(StandardCatalog::from_config(&cfg))),
+        publisher: publisher.clone(),
+        pool,
+        cfg: cfg.clone(),
+    });
+
+    // Keep readiness and the broker gauge current without waiting for traffic.
+    let watch = {
+        let (publisher, ready) = (publisher.clone(), ready.clone());
+        tokio::spawn(async move {
+            loop {
+                let up = publisher.ensure_connected().await.is_ok();
+                ready.set(up);
+                metrics::gauge!(provisio_shared::metrics::BROKER_UP).set(if up { 1.0 } else { 0.0 });
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        })
+    };
+
+    let router = api::router(app).merge(telemetry::ops_router(metrics, ready));
+    let listener = tokio::net::TcpListener::bind(cfg.queue_manager.listen)
+        .await
+        .with_context(|| format!("binding {}", cfg.queue_manager.listen))?;
+    let addr = listener.local_addr().context("local address")?;
+    tracing::info!(%addr, "queue manager listening");
+    // Machine-readable line for scripts and tests that start us on port 0.
+    println!("listening on http://{addr}");
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown::signal())
+        .await
+        .context("serving HTTP")?;
+    watch.abort();
+    tracing::info!("queue manager stopped");
+    Ok(())
+}

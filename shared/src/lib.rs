@@ -14,3 +14,6 @@ pub mod signing;
 pub mod telemetry;
 pub mod amqp;
 pub mod procedure;
+pub mod catalog;
+pub mod namespaces;
+pub mod provider;

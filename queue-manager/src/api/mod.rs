@@ -1,0 +1,65 @@
+//! The HTTP API (DESIGN §2). One module per resource; each handler returns `ApiError`.
+
+mod body;
+pub mod error;
+mod namespaces;
+mod requests;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::routing::{get, post, put};
+use provisio_shared::domain::PrincipalRef;
+
+use crate::app::App;
+pub use error::ApiError;
+
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/v1/requests", post(requests::submit))
+        .route("/v1/requests/{id}", get(requests::get))
+        .route("/v1/namespaces", get(namespaces::list))
+        .route("/v1/namespaces/{name}", put(namespaces::apply).get(namespaces::get))
+        .fallback(|| async { ApiError::NotFound("no such route".into()) })
+        .with_state(app)
+}
+
+/// The authenticated caller. Extracting it is what makes a handler require a key.
+pub struct Caller(pub PrincipalRef);
+
+impl Caller {
+    pub fn require(&self, permission: &str) -> Result<(), ApiError> {
+        if self.0.has(permission) {
+            Ok(())
+        } else {
+            Err(ApiError::Forbidden(format!(
+                "principal `{}` lacks the `{permission}` permission",
+                self.0.name
+            )))
+        }
+    }
+}
+
+impl FromRequestParts<Arc<App>> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> Result<Self, ApiError> {
+        let header = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or(ApiError::Unauthorized)?;
+        let key = header
+            .strip_prefix("Bearer ")
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .ok_or(ApiError::Unauthorized)?;
+        match app.keys.authenticate(key).await {
+            Ok(p) => Ok(Caller(p)),
+            Err(crate::auth::AuthError::Invalid) => Err(ApiError::Unauthorized),
+            Err(crate::auth::AuthError::Db(e)) => Err(ApiError::db(e)),
+        }
+    }
+}

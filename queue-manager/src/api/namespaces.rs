@@ -1,0 +1,162 @@
+//! Namespace administration: apply a new version (validated with every error reported),
+//! list, show with history.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use chrono::{DateTime, Utc};
+use provisio_shared::procedure::{self, ExternalProcedures, Problem};
+use serde_json::{Value, json};
+
+use super::{ApiError, Caller};
+use crate::app::App;
+
+struct Known(BTreeMap<String, BTreeSet<String>>);
+
+impl ExternalProcedures for Known {
+    fn exists(&self, namespace: &str, procedure: &str) -> bool {
+        self.0.get(namespace).is_some_and(|p| p.contains(procedure))
+    }
+}
+
+fn invalid(problems: Vec<Problem>) -> ApiError {
+    ApiError::Invalid {
+        message: format!("namespace is invalid ({} problems)", problems.len()),
+        details: serde_json::to_value(problems).unwrap_or(Value::Null),
+    }
+}
+
+pub async fn apply(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    caller.require("admin")?;
+    let limit = app.cfg.queue_manager.max_body_bytes;
+    if body.len() > limit {
+        return Err(ApiError::TooLarge(limit));
+    }
+    let text = std::str::from_utf8(&body)
+        .map_err(|_| ApiError::Malformed("namespace document is not UTF-8".into()))?;
+    let doc = procedure::parse_document(text).map_err(|p| invalid(vec![p]))?;
+    if doc.get("namespace").and_then(Value::as_str) != Some(name.as_str()) {
+        return Err(invalid(vec![Problem {
+            path: "namespace".into(),
+            message: format!("the document must name the namespace `{name}` of its URL"),
+        }]));
+    }
+    let mut client = app.pool.get().await.map_err(ApiError::db)?;
+    let rows = client
+        .query(
+            "SELECT DISTINCT ON (name) name, document->'procedures' FROM namespaces \
+             WHERE name <> $1 ORDER BY name, version DESC",
+            &[&name],
+        )
+        .await
+        .map_err(ApiError::db)?;
+    let known = Known(
+        rows.iter()
+            .map(|r| {
+                let procs: Value = r.get(1);
+                let names = procs
+                    .as_object()
+                    .map(|m| m.keys().cloned().collect())
+                    .unwrap_or_default();
+                (r.get::<_, String>(0), names)
+            })
+            .collect(),
+    );
+    procedure::compile(&doc, 0, app.namespaces.catalog(), &known).map_err(invalid)?;
+
+    let tx = client.transaction().await.map_err(ApiError::db)?;
+    // Serialize concurrent applies of the same namespace.
+    tx.execute("SELECT pg_advisory_xact_lock(hashtext('ns:' || $1))", &[&name])
+        .await
+        .map_err(ApiError::db)?;
+    let current = tx
+        .query_opt(
+            "SELECT version, document FROM namespaces WHERE name = $1 ORDER BY version DESC LIMIT 1",
+            &[&name],
+        )
+        .await
+        .map_err(ApiError::db)?;
+    if let Some(row) = &current {
+        let (version, existing): (i32, Value) = (row.get(0), row.get(1));
+        if existing == doc {
+            return Ok((
+                StatusCode::OK,
+                Json(json!({"namespace": name, "version": version, "changed": false})),
+            ));
+        }
+    }
+    let version = current.map_or(1, |r| r.get::<_, i32>(0) + 1);
+    tx.execute(
+        "INSERT INTO namespaces (name, version, document, source, applied_by) VALUES ($1, $2, $3, $4, $5)",
+        &[&name, &version, &doc, &text, &caller.0.name],
+    )
+    .await
+    .map_err(ApiError::db)?;
+    tx.commit().await.map_err(ApiError::db)?;
+    tracing::info!(namespace = %name, version, by = %caller.0.name, "namespace applied");
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"namespace": name, "version": version, "changed": true})),
+    ))
+}
+
+pub async fn list(State(app): State<Arc<App>>, caller: Caller) -> Result<Json<Value>, ApiError> {
+    caller.require("admin")?;
+    let client = app.pool.get().await.map_err(ApiError::db)?;
+    let rows = client
+        .query(
+            "SELECT name, max(version), max(applied_at) FROM namespaces GROUP BY name ORDER BY name",
+            &[],
+        )
+        .await
+        .map_err(ApiError::db)?;
+    let items: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            json!({"name": r.get::<_, String>(0), "version": r.get::<_, i32>(1),
+                   "applied_at": r.get::<_, DateTime<Utc>>(2)})
+        })
+        .collect();
+    Ok(Json(json!({"namespaces": items})))
+}
+
+pub async fn get(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require("admin")?;
+    let client = app.pool.get().await.map_err(ApiError::db)?;
+    let rows = client
+        .query(
+            "SELECT version, document, applied_at, applied_by FROM namespaces WHERE name = $1 ORDER BY version DESC",
+            &[&name],
+        )
+        .await
+        .map_err(ApiError::db)?;
+    let Some(first) = rows.first() else {
+        return Err(ApiError::NotFound(format!("namespace `{name}` does not exist")));
+    };
+    let history: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            json!({"version": r.get::<_, i32>(0), "applied_at": r.get::<_, DateTime<Utc>>(2),
+                   "applied_by": r.get::<_, Option<String>>(3)})
+        })
+        .collect();
+    Ok(Json(json!({
+        "name": name,
+        "version": first.get::<_, i32>(0),
+        "document": first.get::<_, Value>(1),
+        "history": history,
+    })))
+}

@@ -1,0 +1,308 @@
+//! `POST /v1/requests` and `GET /v1/requests/{id}`.
+//!
+//! Durability contract: the request row is inserted in a PostgreSQL transaction that commits
+//! only after the broker confirmed the message, so a `2xx` means both are durable, and any
+//! failure before that leaves neither (`503`, nothing accepted).
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use chrono::{DateTime, Utc};
+use provisio_shared::amqp::Outgoing;
+use provisio_shared::domain::{
+    Envelope, Name, Priority, RequestId, RequestKind, RetryPolicy, Status,
+};
+use provisio_shared::procedure::Access;
+use provisio_shared::signing;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use super::body::JsonBody;
+use super::{ApiError, Caller};
+use crate::app::App;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitBody {
+    namespace: String,
+    procedure: String,
+    #[serde(default)]
+    input: Value,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    priority: Option<String>,
+    #[serde(default)]
+    not_before: Option<DateTime<Utc>>,
+    #[serde(default)]
+    credentials: Option<Value>,
+    #[serde(default)]
+    retry: Option<RetryPolicy>,
+}
+
+pub async fn submit(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    JsonBody(body): JsonBody<SubmitBody>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    caller.require("execute")?;
+    if body.credentials.is_some() {
+        caller.require("execute_with_credentials")?;
+    }
+    let id = match &body.id {
+        Some(id) => RequestId::parse(id.clone()).map_err(|e| ApiError::Malformed(e.to_string()))?,
+        None => RequestId::generate(),
+    };
+    let priority = match body.priority.as_deref() {
+        None => Priority::Normal,
+        Some(p) => p
+            .parse::<Priority>()
+            .map_err(|e| ApiError::Malformed(format!("{e}: use high, normal or low")))?,
+    };
+    if body.not_before.is_some_and(|t| t > Utc::now()) || body.retry.is_some() {
+        return Err(ApiError::Invalid {
+            message: "scheduled requests (`not_before`) and request-level `retry` are not supported yet".into(),
+            details: json!([]),
+        });
+    }
+    let namespace = Name::parse(body.namespace.clone())
+        .map_err(|e| ApiError::NotFound(format!("namespace: {e}")))?;
+    let procedure_name = Name::parse(body.procedure.clone())
+        .map_err(|e| ApiError::NotFound(format!("procedure: {e}")))?;
+    let ns = app
+        .namespaces
+        .current(namespace.as_str())
+        .await
+        .map_err(ApiError::db)?
+        .ok_or_else(|| ApiError::NotFound(format!("namespace `{namespace}` does not exist")))?;
+    let procedure = ns.procedures.get(procedure_name.as_str()).ok_or_else(|| {
+        ApiError::NotFound(format!(
+            "procedure `{procedure_name}` does not exist in namespace `{namespace}` v{}",
+            ns.version
+        ))
+    })?;
+    if procedure.access == Access::Private && !caller.0.has("execute_private") {
+        return Err(ApiError::Forbidden(format!(
+            "procedure `{procedure_name}` is private; naming it needs `execute_private`"
+        )));
+    }
+    if app.cfg.validation.enable_schema_validation {
+        if let Some(schema) = &procedure.input_schema {
+            let details: Vec<Value> = schema
+                .iter_errors(&body.input)
+                .map(|e| json!({"path": e.instance_path().to_string(), "message": e.to_string()}))
+                .collect();
+            if !details.is_empty() {
+                return Err(ApiError::Invalid {
+                    message: "input does not match the procedure's input schema".into(),
+                    details: Value::Array(details),
+                });
+            }
+        }
+    }
+
+    let body_hash = hash_of(&json!({
+        "namespace": body.namespace, "procedure": body.procedure, "input": body.input,
+        "priority": priority.as_str(), "credentials": body.credentials,
+    }));
+    let envelope = Envelope {
+        id: id.clone(),
+        namespace: namespace.clone(),
+        procedure: procedure_name.clone(),
+        input: body.input.clone(),
+        priority,
+        kind: RequestKind::Queued,
+        namespace_version: Some(ns.version),
+        principal: Some(caller.0.clone()),
+        run_as: None,
+        steps: None,
+        credentials: body.credentials.clone(),
+        retry: None,
+        submitted_at: Some(Utc::now()),
+    };
+
+    let mut client = app.pool.get().await.map_err(ApiError::db)?;
+    let tx = client.transaction().await.map_err(ApiError::db)?;
+    let inserted = tx
+        .query_opt(
+            "INSERT INTO requests (id, body_hash, namespace, procedure, namespace_version, kind, \
+             principal_id, priority, status, input, submitted_at) \
+             VALUES ($1, $2, $3, $4, $5, 'queued', $6, $7, 'queued', $8, $9) \
+             ON CONFLICT (id) DO NOTHING RETURNING id",
+            &[
+                &id.as_str(),
+                &body_hash,
+                &namespace.as_str(),
+                &procedure_name.as_str(),
+                &ns.version,
+                &caller.0.id,
+                &priority.as_str(),
+                &body.input,
+                &envelope.submitted_at,
+            ],
+        )
+        .await
+        .map_err(ApiError::db)?;
+    if inserted.is_none() {
+        drop(tx);
+        let row = client
+            .query_one(
+                "SELECT body_hash, status FROM requests WHERE id = $1",
+                &[&id.as_str()],
+            )
+            .await
+            .map_err(ApiError::db)?;
+        let existing_hash: String = row.get(0);
+        if existing_hash != body_hash {
+            return Err(ApiError::Conflict(format!(
+                "request id `{id}` was already used for a different request"
+            )));
+        }
+        let status: String = row.get(1);
+        return Ok((StatusCode::ACCEPTED, Json(json!({"id": id, "status": status}))));
+    }
+
+    let bytes = envelope.to_bytes();
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert(
+        signing::SIGNATURE_HEADER.into(),
+        provisio_shared::amqp::long_str(&signing::sign(
+            app.cfg.security.signing_key.expose().as_bytes(),
+            &bytes,
+        )),
+    );
+    let props = lapin::BasicProperties::default()
+        .with_message_id(id.as_str().into())
+        .with_content_type("application/json".into())
+        .with_headers(headers);
+    let exchange = app.publisher.topology().requests_exchange();
+    let started = std::time::Instant::now();
+    let published = app
+        .publisher
+        .publish(Outgoing {
+            exchange: &exchange,
+            routing_key: priority.as_str(),
+            body: &bytes,
+            properties: props,
+        })
+        .await;
+    metrics::histogram!(provisio_shared::metrics::PUBLISH_DURATION)
+        .record(started.elapsed().as_secs_f64());
+    if let Err(e) = published {
+        metrics::gauge!(provisio_shared::metrics::BROKER_UP).set(0.0);
+        drop(tx.rollback().await);
+        return Err(ApiError::Unavailable(format!("broker unavailable, nothing was accepted: {e}")));
+    }
+    metrics::gauge!(provisio_shared::metrics::BROKER_UP).set(1.0);
+    tx.commit().await.map_err(ApiError::db)?;
+    metrics::counter!(provisio_shared::metrics::REQUESTS_ACCEPTED,
+        "namespace" => namespace.to_string(), "procedure" => procedure_name.to_string(),
+        "lane" => priority.as_str())
+    .increment(1);
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"id": id, "status": Status::Queued})),
+    ))
+}
+
+pub async fn get(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let client = app.pool.get().await.map_err(ApiError::db)?;
+    let row = client
+        .query_opt(
+            "SELECT id, namespace, procedure, status, output, error, attempts, submitted_at, \
+             started_at, finished_at, steps, principal_id FROM requests WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .map_err(ApiError::db)?;
+    let not_found = || ApiError::NotFound(format!("request `{id}` does not exist"));
+    let row = row.ok_or_else(not_found)?;
+    let owner: Option<uuid::Uuid> = row.get(11);
+    // Only the submitter and admins may see a request; others are told it does not exist.
+    if owner != Some(caller.0.id) && !caller.0.has("admin") {
+        return Err(not_found());
+    }
+    let mut rec = json!({
+        "id": row.get::<_, String>(0),
+        "namespace": row.get::<_, String>(1),
+        "procedure": row.get::<_, String>(2),
+        "status": row.get::<_, String>(3),
+        "attempts": row.get::<_, i32>(6),
+        "submitted_at": row.get::<_, DateTime<Utc>>(7),
+    });
+    let optional = [
+        ("output", row.get::<_, Option<Value>>(4)),
+        ("error", row.get::<_, Option<Value>>(5)),
+        ("steps", row.get::<_, Option<Value>>(10)),
+    ];
+    for (k, v) in optional {
+        if let Some(v) = v {
+            rec[k] = v;
+        }
+    }
+    if let Some(t) = row.get::<_, Option<DateTime<Utc>>>(8) {
+        rec["started_at"] = json!(t);
+    }
+    if let Some(t) = row.get::<_, Option<DateTime<Utc>>>(9) {
+        rec["finished_at"] = json!(t);
+    }
+    Ok(Json(rec))
+}
+
+/// SHA-256 of the value with object keys sorted, so that key order does not make two equal
+/// requests look different.
+fn hash_of(v: &Value) -> String {
+    fn canonical(v: &Value, out: &mut String) {
+        match v {
+            Value::Object(m) => {
+                let mut keys: Vec<&String> = m.keys().collect();
+                keys.sort();
+                out.push('{');
+                for (i, k) in keys.into_iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    out.push_str(&Value::String(k.clone()).to_string());
+                    out.push(':');
+                    canonical(&m[k], out);
+                }
+                out.push('}');
+            }
+            Value::Array(a) => {
+                out.push('[');
+                for (i, x) in a.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    canonical(x, out);
+                }
+                out.push(']');
+            }
+            other => out.push_str(&other.to_string()),
+        }
+    }
+    let mut s = String::new();
+    canonical(v, &mut s);
+    hex::encode(Sha256::digest(s.as_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_ignores_key_order_but_not_values() {
+        let a = serde_json::from_str::<Value>(r#"{"a":1,"b":{"x":1,"y":[1,2]}}"#).expect("json");
+        let b = serde_json::from_str::<Value>(r#"{"b":{"y":[1,2],"x":1},"a":1}"#).expect("json");
+        let c = serde_json::from_str::<Value>(r#"{"b":{"y":[2,1],"x":1},"a":1}"#).expect("json");
+        assert_eq!(hash_of(&a), hash_of(&b));
+        assert_ne!(hash_of(&a), hash_of(&c));
+    }
+}

@@ -1,0 +1,16 @@
+//! Process-wide state shared by handlers.
+
+use deadpool_postgres::Pool;
+use provisio_shared::amqp::Publisher;
+use provisio_shared::config::Config;
+use provisio_shared::namespaces::NamespaceCache;
+
+use crate::auth::KeyStore;
+
+pub struct App {
+    pub cfg: Config,
+    pub pool: Pool,
+    pub publisher: Publisher,
+    pub keys: KeyStore,
+    pub namespaces: NamespaceCache,
+}

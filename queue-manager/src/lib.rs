@@ -1,0 +1,7 @@
+//! The queue manager: Provisio's HTTP front door. It authenticates producers, validates their
+//! requests against the current namespace version, and makes them durable (broker confirm +
+//! PostgreSQL commit) before answering `2xx`.
+
+pub mod api;
+pub mod app;
+pub mod auth;

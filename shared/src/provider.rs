@@ -1,0 +1,76 @@
+//! The provider contract (DESIGN §5). Implementations live in the worker; the trait lives here
+//! so that out-of-tree providers depend on the contract crate only.
+
+use futures_util::future::BoxFuture;
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::domain::PrincipalRef;
+
+/// One call of a provider action.
+#[derive(Debug, Clone)]
+pub struct Call {
+    pub tx_id: Uuid,
+    /// `{tx_id}:{step_path}`: a provider that sees the same key twice must act once.
+    pub idempotency_key: String,
+    pub step_path: String,
+    pub action: String,
+    pub input: Value,
+    pub caller: Option<PrincipalRef>,
+    /// Present only when the caller holds `execute_with_credentials`.
+    pub credentials: Option<Value>,
+}
+
+/// The result of an execute: what the step returns, and what undoing it needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Executed {
+    pub output: Value,
+    /// Logged before the next step starts; `None` means "nothing to undo".
+    pub rollback: Option<Value>,
+}
+
+/// A rollback of one completed call.
+#[derive(Debug, Clone)]
+pub struct Rollback {
+    pub tx_id: Uuid,
+    pub idempotency_key: String,
+    pub step_path: String,
+    pub action: String,
+    pub data: Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct ProviderError {
+    pub code: String,
+    pub message: String,
+    /// Retrying the same call may succeed (timeouts, 5xx, contention).
+    pub retryable: bool,
+}
+
+impl ProviderError {
+    pub fn permanent(code: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            code: code.into(),
+            message: message.into(),
+            retryable: false,
+        }
+    }
+    pub fn retryable(code: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            code: code.into(),
+            message: message.into(),
+            retryable: true,
+        }
+    }
+}
+
+pub trait Provider: Send + Sync {
+    fn name(&self) -> &str;
+    fn execute<'a>(&'a self, call: &'a Call) -> BoxFuture<'a, Result<Executed, ProviderError>>;
+    /// Undoes a completed call. Must be idempotent: recovery may repeat it.
+    fn rollback<'a>(&'a self, rb: &'a Rollback) -> BoxFuture<'a, Result<(), ProviderError>> {
+        let _ = rb;
+        Box::pin(async { Ok(()) })
+    }
+}

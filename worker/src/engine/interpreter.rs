@@ -1,0 +1,553 @@
+//! The procedure interpreter: runs compiled steps against providers, logging per the
+//! transaction model, and rolls back in reverse order on failure.
+//!
+//! Logging rule (compensating): a completed step's record — with its rollback data — is
+//! durable before the next provider call starts. Records are written lazily, just before that
+//! next call (or with the outcome, for the last step), so a procedure costs one group commit
+//! per provider call rather than two.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
+use provisio_shared::domain::{PrincipalRef, TxModel};
+use provisio_shared::namespaces::NamespaceCache;
+use provisio_shared::procedure::{Namespace, Procedure, Step, StepKind};
+use provisio_shared::provider::{Call, Executed, ProviderError, Rollback};
+use provisio_shared::retry::{Attempt, retry};
+use serde_json::{Map, Value, json};
+use uuid::Uuid;
+
+use crate::providers::Registry;
+use crate::txlog::{LogError, Record, StepRecord, TxLog};
+
+/// Nested `procedure` steps deeper than this fail (cycles are rejected at apply time; this
+/// bounds cross-namespace chains that validation cannot see whole).
+const MAX_DEPTH: usize = 32;
+
+/// Why a procedure (or one step of it) failed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Failure {
+    pub code: String,
+    pub message: String,
+    pub step: Option<String>,
+}
+
+impl Failure {
+    fn new(code: &str, message: impl Into<String>, step: &str) -> Self {
+        Self {
+            code: code.to_owned(),
+            message: message.into(),
+            step: Some(step.to_owned()),
+        }
+    }
+    pub fn to_json(&self) -> Value {
+        let mut v = json!({"code": self.code, "message": self.message});
+        if let Some(s) = &self.step {
+            v["step"] = json!(s);
+        }
+        v
+    }
+}
+
+impl From<LogError> for Failure {
+    fn from(e: LogError) -> Self {
+        Self {
+            code: "txlog_unavailable".into(),
+            message: e.to_string(),
+            step: None,
+        }
+    }
+}
+
+/// A completed call that rollback may have to undo.
+#[derive(Debug, Clone)]
+struct Completed {
+    path: String,
+    provider: String,
+    action: String,
+    data: Value,
+}
+
+/// The outcome of a run, before it is committed.
+#[derive(Debug)]
+pub struct Outcome {
+    pub result: Result<Value, Failure>,
+    /// Rollback could not complete: the transaction is in doubt.
+    pub rollback_failed: bool,
+    pub rolled_back: usize,
+    /// Step records not yet written; they go into the outcome's commit.
+    pub pending: Vec<StepRecord>,
+    pub summary: Vec<Value>,
+}
+
+pub struct Run<'a> {
+    pub tx_id: Uuid,
+    pub model: TxModel,
+    pub registry: &'a Registry,
+    pub txlog: &'a TxLog,
+    pub namespaces: &'a NamespaceCache,
+    pub principal: Option<PrincipalRef>,
+    pub credentials: Option<Value>,
+    pub request: Value,
+    pub validate_schemas: bool,
+    completed: Vec<Completed>,
+    seq: i32,
+    pending: Vec<StepRecord>,
+    summary: Vec<Value>,
+}
+
+/// Variables visible to expressions in one procedure invocation.
+#[derive(Debug, Clone, Default)]
+struct Scope {
+    input: Value,
+    steps: Map<String, Value>,
+    vars: Map<String, Value>,
+    locals: Vec<(String, Value)>,
+    error: Option<Value>,
+}
+
+impl<'a> Run<'a> {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        tx_id: Uuid,
+        model: TxModel,
+        registry: &'a Registry,
+        txlog: &'a TxLog,
+        namespaces: &'a NamespaceCache,
+        principal: Option<PrincipalRef>,
+        credentials: Option<Value>,
+        request: Value,
+        validate_schemas: bool,
+    ) -> Self {
+        Self {
+            tx_id,
+            model,
+            registry,
+            txlog,
+            namespaces,
+            principal,
+            credentials,
+            request,
+            validate_schemas,
+            completed: Vec::new(),
+            seq: 0,
+            pending: Vec::new(),
+            summary: Vec::new(),
+        }
+    }
+
+    /// Runs `procedure` with `input`; on failure rolls back everything completed.
+    pub async fn execute(mut self, ns: &Arc<Namespace>, procedure: &Procedure, input: Value) -> Outcome {
+        let result = self.invoke(ns.clone(), procedure, input, "", 0).await;
+        let mut rollback_failed = false;
+        let mut rolled_back = 0;
+        if result.is_err() && self.model != TxModel::Read {
+            match self.rollback_to(0).await {
+                Ok(n) => rolled_back = n,
+                Err(_) => rollback_failed = true,
+            }
+        }
+        Outcome {
+            result,
+            rollback_failed,
+            rolled_back,
+            pending: std::mem::take(&mut self.pending),
+            summary: std::mem::take(&mut self.summary),
+        }
+    }
+
+    fn invoke<'b>(
+        &'b mut self,
+        ns: Arc<Namespace>,
+        procedure: &'b Procedure,
+        input: Value,
+        prefix: &'b str,
+        depth: usize,
+    ) -> BoxFuture<'b, Result<Value, Failure>> {
+        Box::pin(async move {
+            let where_ = if prefix.is_empty() { procedure.name.as_str() } else { prefix };
+            if self.validate_schemas && depth > 0 {
+                if let Some(schema) = &procedure.input_schema {
+                    if let Some(e) = schema.iter_errors(&input).next() {
+                        return Err(Failure::new("input_invalid", format!("{}: {e}", e.instance_path()), where_));
+                    }
+                }
+            }
+            let mut scope = Scope {
+                input,
+                ..Scope::default()
+            };
+            self.run_steps(&ns, &procedure.steps, &mut scope, prefix, depth).await?;
+            let output = match &procedure.output {
+                Some(e) => e
+                    .eval_one(&self.context(&scope))
+                    .map_err(|e| Failure::new("expression_failed", e.to_string(), &format!("{where_}.output")))?,
+                None => Value::Null,
+            };
+            if self.validate_schemas {
+                if let Some(schema) = &procedure.output_schema {
+                    if let Some(e) = schema.iter_errors(&output).next() {
+                        return Err(Failure::new(
+                            "output_invalid",
+                            format!("output does not match the output schema at `{}`: {e}", e.instance_path()),
+                            where_,
+                        ));
+                    }
+                }
+            }
+            Ok(output)
+        })
+    }
+
+    fn context(&self, scope: &Scope) -> Value {
+        let mut m = Map::new();
+        m.insert("input".into(), scope.input.clone());
+        m.insert("steps".into(), Value::Object(scope.steps.clone()));
+        m.insert("vars".into(), Value::Object(scope.vars.clone()));
+        m.insert(
+            "caller".into(),
+            self.principal
+                .as_ref()
+                .map_or(Value::Null, |p| json!({"id": p.id, "name": p.name})),
+        );
+        m.insert("request".into(), self.request.clone());
+        for (k, v) in &scope.locals {
+            m.insert(k.clone(), v.clone());
+        }
+        if let Some(e) = &scope.error {
+            m.insert("error".into(), e.clone());
+        }
+        Value::Object(m)
+    }
+
+    fn run_steps<'b>(
+        &'b mut self,
+        ns: &'b Arc<Namespace>,
+        steps: &'b [Step],
+        scope: &'b mut Scope,
+        prefix: &'b str,
+        depth: usize,
+    ) -> BoxFuture<'b, Result<(), Failure>> {
+        Box::pin(async move {
+            for (i, step) in steps.iter().enumerate() {
+                let path = if prefix.is_empty() { i.to_string() } else { format!("{prefix}.{i}") };
+                self.run_step(ns, step, scope, &path, depth).await?;
+            }
+            Ok(())
+        })
+    }
+
+    async fn run_step(
+        &mut self,
+        ns: &Arc<Namespace>,
+        step: &Step,
+        scope: &mut Scope,
+        path: &str,
+        depth: usize,
+    ) -> Result<(), Failure> {
+        let expr_err = |what: &str, e: &dyn std::fmt::Display| {
+            Failure::new("expression_failed", format!("{what}: {e}"), path)
+        };
+        if let Some(when) = &step.when {
+            let go = when.eval_bool(&self.context(scope)).map_err(|e| expr_err("when", &e))?;
+            if !go {
+                self.summary.push(json!({"path": path, "id": step.id, "status": "skipped"}));
+                return Ok(());
+            }
+        }
+        let input = || -> Result<Value, Failure> {
+            match &step.input {
+                Some(e) => e.eval_one(&self.context(scope)).map_err(|e| expr_err("input", &e)),
+                None => Ok(scope.input.clone()),
+            }
+        };
+        let result: Option<Value> = match &step.kind {
+            StepKind::Call { provider, action } => {
+                let input = input()?;
+                let executed = self.call(provider, action, input.clone(), step, path).await?;
+                let mut out = executed.output;
+                if let Some(save) = &step.save {
+                    let mut ctx = self.context(scope);
+                    ctx["result"] = out;
+                    out = save.eval_one(&ctx).map_err(|e| expr_err("save", &e))?;
+                }
+                Some(out)
+            }
+            StepKind::Procedure { namespace, name } => {
+                if depth + 1 > MAX_DEPTH {
+                    return Err(Failure::new("too_deep", format!("procedures nested deeper than {MAX_DEPTH}"), path));
+                }
+                let input = input()?;
+                let target_ns = match namespace {
+                    None => ns.clone(),
+                    Some(other) => self
+                        .namespaces
+                        .current(other.as_str())
+                        .await
+                        .map_err(|e| Failure::new("unavailable", e.to_string(), path))?
+                        .ok_or_else(|| Failure::new("unknown_procedure", format!("namespace `{other}` does not exist"), path))?,
+                };
+                let proc_ = target_ns.procedures.get(name.as_str()).cloned().ok_or_else(|| {
+                    Failure::new("unknown_procedure", format!("procedure `{name}` does not exist"), path)
+                })?;
+                let nested_prefix = format!("{path}>{name}");
+                let mut out = self.invoke(target_ns, &proc_, input, &nested_prefix, depth + 1).await?;
+                if let Some(save) = &step.save {
+                    let mut ctx = self.context(scope);
+                    ctx["result"] = out;
+                    out = save.eval_one(&ctx).map_err(|e| expr_err("save", &e))?;
+                }
+                Some(out)
+            }
+            StepKind::Set(vars) => {
+                for (k, e) in vars {
+                    let v = e.eval_one(&self.context(scope)).map_err(|e| expr_err(&format!("set.{k}"), &e))?;
+                    scope.vars.insert(k.clone(), v);
+                }
+                None
+            }
+            StepKind::ForEach { items, var, steps } => {
+                let list = items.eval_one(&self.context(scope)).map_err(|e| expr_err("for_each", &e))?;
+                let Value::Array(list) = list else {
+                    return Err(Failure::new("expression_failed", format!("for_each needs an array, got {list}"), path));
+                };
+                let mut results = Vec::with_capacity(list.len());
+                for (k, item) in list.into_iter().enumerate() {
+                    let before: Vec<String> = scope.steps.keys().cloned().collect();
+                    scope.locals.push((var.clone(), item));
+                    let r = self.run_steps(ns, steps, scope, &format!("{path}[{k}]"), depth).await;
+                    scope.locals.pop();
+                    let mine: Map<String, Value> = scope
+                        .steps
+                        .iter()
+                        .filter(|(key, _)| !before.contains(key))
+                        .map(|(key, v)| (key.clone(), v.clone()))
+                        .collect();
+                    for key in mine.keys() {
+                        scope.steps.remove(key);
+                    }
+                    r?;
+                    results.push(Value::Object(mine));
+                }
+                Some(Value::Array(results))
+            }
+            StepKind::Switch { on, cases, default } => {
+                let v = on.eval_one(&self.context(scope)).map_err(|e| expr_err("switch", &e))?;
+                let key = match &v {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                let (label, body) = cases
+                    .iter()
+                    .find(|(c, _)| *c == key)
+                    .map_or(("default".to_owned(), default), |(c, b)| (format!("case-{c}"), b));
+                self.run_steps(ns, body, scope, &format!("{path}.{label}"), depth).await?;
+                None
+            }
+            StepKind::Try { body, catch } => {
+                let mark = self.completed.len();
+                let r = self.run_steps(ns, body, scope, &format!("{path}.try"), depth).await;
+                if let Err(failure) = r {
+                    if self.model != TxModel::Read {
+                        self.rollback_to(mark).await.map_err(|_| Failure::new(
+                            "rollback_failed",
+                            "rolling back the try block failed",
+                            path,
+                        ))?;
+                    }
+                    let saved = scope.error.replace(failure.to_json());
+                    let r = self.run_steps(ns, catch, scope, &format!("{path}.catch"), depth).await;
+                    scope.error = saved;
+                    r?;
+                }
+                None
+            }
+            StepKind::Fail { code, message } => {
+                let msg = message.eval_one(&self.context(scope)).map_err(|e| expr_err("fail.message", &e))?;
+                let msg = match msg {
+                    Value::String(s) => s,
+                    other => other.to_string(),
+                };
+                return Err(Failure::new(code, msg, path));
+            }
+        };
+        if let (Some(id), Some(v)) = (&step.id, result) {
+            scope.steps.insert(id.clone(), v);
+        }
+        Ok(())
+    }
+
+    /// Makes pending step records durable (before the next provider call).
+    async fn flush(&mut self) -> Result<(), Failure> {
+        for rec in std::mem::take(&mut self.pending) {
+            self.txlog.write(Record::Step(rec)).await?;
+        }
+        Ok(())
+    }
+
+    fn next_seq(&mut self) -> i32 {
+        self.seq += 1;
+        self.seq
+    }
+
+    async fn call(
+        &mut self,
+        provider_name: &str,
+        action: &str,
+        input: Value,
+        step: &Step,
+        path: &str,
+    ) -> Result<Executed, Failure> {
+        if self.model != TxModel::Read {
+            self.flush().await?;
+        }
+        let provider = self
+            .registry
+            .get(provider_name)
+            .cloned()
+            .ok_or_else(|| Failure::new("unknown_provider", format!("provider `{provider_name}` is not available on this engine"), path))?;
+        let call = Call {
+            tx_id: self.tx_id,
+            idempotency_key: format!("{}:{path}", self.tx_id),
+            step_path: path.to_owned(),
+            action: action.to_owned(),
+            input: input.clone(),
+            caller: self.principal.clone(),
+            credentials: self.credentials.clone(),
+        };
+        let started = Instant::now();
+        let timeout = step.timeout;
+        let attempt = |_: u32| {
+            let (provider, call) = (provider.clone(), &call);
+            async move {
+                let fut = AssertUnwindSafe(provider.execute(call)).catch_unwind();
+                let r = match timeout {
+                    Some(t) => match tokio::time::timeout(t, fut).await {
+                        Ok(r) => r,
+                        Err(_) => Ok(Err(ProviderError::retryable("timeout", format!("no answer within {} ms", t.as_millis())))),
+                    },
+                    None => fut.await,
+                };
+                match r {
+                    Ok(Ok(v)) => Ok(v),
+                    Ok(Err(e)) if e.retryable => {
+                        metrics::counter!(provisio_shared::metrics::STEP_RETRIES, "provider" => provider.name().to_owned()).increment(1);
+                        Err(Attempt::Retry(e))
+                    }
+                    Ok(Err(e)) => Err(Attempt::Stop(e)),
+                    Err(panic) => {
+                        let what = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| (*s).to_owned())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "unknown panic".to_owned());
+                        tracing::error!(provider = provider.name(), panic = %what, "provider panicked");
+                        Err(Attempt::Stop(ProviderError::permanent("provider_panic", format!("provider panicked: {what}"))))
+                    }
+                }
+            }
+        };
+        let policy = step.retry.clone().unwrap_or_else(|| {
+            provisio_shared::retry::Backoff::attempts(1, Duration::from_millis(1), Duration::from_millis(1))
+        });
+        let r = retry(&policy, attempt).await;
+        metrics::histogram!(provisio_shared::metrics::STEP_DURATION,
+            "provider" => provider_name.to_owned())
+        .record(started.elapsed().as_secs_f64());
+        let outcome = if r.is_ok() { "ok" } else { "error" };
+        metrics::counter!(provisio_shared::metrics::PROVIDER_CALLS,
+            "provider" => provider_name.to_owned(), "action" => action.to_owned(), "outcome" => outcome)
+        .increment(1);
+        match r {
+            Ok(executed) => {
+                self.summary.push(json!({"path": path, "id": step.id, "call": format!("{provider_name}.{action}"), "status": "done"}));
+                if self.model != TxModel::Read {
+                    let seq = self.next_seq();
+                    self.pending.push(StepRecord {
+                        tx_id: self.tx_id,
+                        seq,
+                        kind: "execute",
+                        path: path.to_owned(),
+                        provider: Some(provider_name.to_owned()),
+                        action: Some(action.to_owned()),
+                        input: Some(input),
+                        output: Some(executed.output.clone()),
+                        rollback_data: executed.rollback.clone(),
+                        error: None,
+                    });
+                    if let Some(data) = &executed.rollback {
+                        self.completed.push(Completed {
+                            path: path.to_owned(),
+                            provider: provider_name.to_owned(),
+                            action: action.to_owned(),
+                            data: data.clone(),
+                        });
+                    }
+                }
+                Ok(executed)
+            }
+            Err(e) => {
+                self.summary.push(json!({"path": path, "id": step.id, "call": format!("{provider_name}.{action}"), "status": "failed", "error": e.code}));
+                Err(Failure::new(&e.code, e.message, path))
+            }
+        }
+    }
+
+    /// Rolls back completed calls after `mark`, newest first, each rollback logged. Returns how
+    /// many were rolled back, or an error if one could not be (the transaction is in doubt).
+    async fn rollback_to(&mut self, mark: usize) -> Result<usize, Failure> {
+        self.flush().await?;
+        let mut n = 0;
+        while self.completed.len() > mark {
+            let Some(c) = self.completed.pop() else { break };
+            let provider = self.registry.get(&c.provider).cloned().ok_or_else(|| {
+                Failure::new("unknown_provider", format!("cannot roll back: provider `{}` missing", c.provider), &c.path)
+            })?;
+            let rb = Rollback {
+                tx_id: self.tx_id,
+                idempotency_key: format!("{}:{}", self.tx_id, c.path),
+                step_path: c.path.clone(),
+                action: c.action.clone(),
+                data: c.data.clone(),
+            };
+            let policy = provisio_shared::retry::Backoff::attempts(5, Duration::from_millis(50), Duration::from_secs(2));
+            let r = retry(&policy, |_| {
+                let (provider, rb) = (provider.clone(), &rb);
+                async move {
+                    match AssertUnwindSafe(provider.rollback(rb)).catch_unwind().await {
+                        Ok(Ok(())) => Ok(()),
+                        Ok(Err(e)) => Err(Attempt::Retry(e)),
+                        Err(_) => Err(Attempt::Stop(ProviderError::permanent("provider_panic", "provider panicked in rollback"))),
+                    }
+                }
+            })
+            .await;
+            let seq = self.next_seq();
+            let error = r.as_ref().err().map(|e| json!({"code": e.code, "message": e.message}));
+            self.txlog
+                .write(Record::Step(StepRecord {
+                    tx_id: self.tx_id,
+                    seq,
+                    kind: "rollback",
+                    path: c.path.clone(),
+                    provider: Some(c.provider.clone()),
+                    action: Some(c.action.clone()),
+                    input: Some(c.data.clone()),
+                    output: None,
+                    rollback_data: None,
+                    error,
+                }))
+                .await?;
+            if let Err(e) = r {
+                tracing::error!(path = %c.path, error = %e, "rollback failed");
+                return Err(Failure::new("rollback_failed", e.to_string(), &c.path));
+            }
+            self.summary.push(json!({"path": c.path, "status": "rolled_back"}));
+            n += 1;
+        }
+        Ok(n)
+    }
+}

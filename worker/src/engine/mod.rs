@@ -1,0 +1,521 @@
+//! The engine role: consume the request lanes, run each request's procedure as one
+//! transaction, commit the outcome, publish it, then ack.
+//!
+//! [`Engine::handle`] processes one delivery and says what to do with it; [`Engine::run`] is
+//! the loop around it (consumers, concurrency, reconnects, draining). Tests step `handle`.
+
+pub mod interpreter;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use deadpool_postgres::Pool;
+use futures_util::StreamExt;
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel};
+use provisio_shared::amqp::{self, Outgoing, Publisher, Topology, header_str, long_str};
+use provisio_shared::config::Config;
+use provisio_shared::domain::{Envelope, PrincipalRef, Priority, RequestKind, Status, TxModel};
+use provisio_shared::namespaces::NamespaceCache;
+use provisio_shared::procedure::Access;
+use provisio_shared::signing;
+use provisio_shared::telemetry::Readiness;
+use serde_json::{Value, json};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::providers::Registry;
+use crate::txlog::{Begin, Finish, Record, TxLog};
+use interpreter::Run;
+
+/// What the loop does with a delivery once `handle` is done with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Disposition {
+    /// Finished (or dead-lettered): remove it from the queue.
+    Ack,
+    /// Could not be made durable (database down): let the broker deliver it again.
+    Requeue,
+}
+
+/// Where a delivery came from, which decides the permission it needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Lane(Priority),
+    Trusted,
+}
+
+pub struct Engine {
+    pub cfg: Config,
+    pub pool: Pool,
+    pub txlog: TxLog,
+    pub registry: Registry,
+    pub namespaces: NamespaceCache,
+    pub publisher: Publisher,
+    pub topology: Topology,
+    pub engine_id: String,
+    pub ready: Readiness,
+    leases: Mutex<HashSet<Uuid>>,
+    amqp_users: Mutex<HashMap<String, (PrincipalRef, Instant)>>,
+}
+
+impl Engine {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        cfg: Config,
+        pool: Pool,
+        txlog: TxLog,
+        registry: Registry,
+        namespaces: NamespaceCache,
+        publisher: Publisher,
+        ready: Readiness,
+    ) -> Self {
+        let topology = Topology::new(&cfg.amqp);
+        Self {
+            cfg,
+            pool,
+            txlog,
+            registry,
+            namespaces,
+            publisher,
+            topology,
+            engine_id: format!("engine-{}", Uuid::now_v7()),
+            ready,
+            leases: Mutex::new(HashSet::new()),
+            amqp_users: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Processes one delivery. Never panics on input; every bad message ends acked in the
+    /// dead-letter queue with its reason.
+    pub async fn handle(&self, body: &[u8], props: &BasicProperties, source: Source) -> Disposition {
+        let envelope = match Envelope::parse(body) {
+            Ok(e) => e,
+            Err(e) => return self.dead_letter(body, props, "malformed", &e.to_string()).await,
+        };
+        let principal = match self.authenticate(&envelope, body, props).await {
+            Ok(p) => p,
+            Err(reason) => return self.dead_letter(body, props, "unauthenticated", &reason).await,
+        };
+        let needed = match (source, envelope.kind) {
+            (Source::Trusted, _) | (_, RequestKind::Trusted) => "execute_trusted",
+            _ => "execute",
+        };
+        if !principal.has(needed) {
+            let why = format!("principal `{}` lacks `{needed}`", principal.name);
+            return self.dead_letter(body, props, "forbidden", &why).await;
+        }
+        let span = tracing::info_span!("request", request_id = %envelope.id, namespace = %envelope.namespace, procedure = %envelope.procedure);
+        let _enter = span.enter();
+        drop(_enter);
+        match self.run_request(&envelope, principal, props).await {
+            Ok(()) => Disposition::Ack,
+            Err(e) => {
+                tracing::warn!(request_id = %envelope.id, error = %e, "outcome not durable; requeueing");
+                Disposition::Requeue
+            }
+        }
+    }
+
+    async fn authenticate(&self, env: &Envelope, body: &[u8], props: &BasicProperties) -> Result<PrincipalRef, String> {
+        if let Some(sig) = header_str(props, signing::SIGNATURE_HEADER) {
+            if !signing::verify(self.cfg.security.signing_key.expose().as_bytes(), body, &sig) {
+                return Err("envelope signature does not verify".into());
+            }
+            return env.principal.clone().ok_or_else(|| "signed envelope names no principal".to_owned());
+        }
+        // Direct AMQP producers: RabbitMQ has validated `user_id` against the connection.
+        let Some(user) = props.user_id().as_ref().map(|u| u.as_str().to_owned()) else {
+            return Err("neither a queue-manager signature nor an AMQP user_id".into());
+        };
+        if let Ok(cache) = self.amqp_users.lock() {
+            if let Some((p, at)) = cache.get(&user) {
+                if at.elapsed() < Duration::from_secs(60) {
+                    return Ok(p.clone());
+                }
+            }
+        }
+        let client = self.pool.get().await.map_err(|e| format!("database: {e}"))?;
+        let row = client
+            .query_opt("SELECT id, name FROM principals WHERE amqp_user = $1 AND NOT disabled", &[&user])
+            .await
+            .map_err(|e| format!("database: {e}"))?
+            .ok_or_else(|| format!("AMQP user `{user}` is not mapped to a principal"))?;
+        let id: Uuid = row.get(0);
+        let perms = client
+            .query(
+                "SELECT DISTINCT g.permission FROM grants g LEFT JOIN group_members m ON m.group_name = g.group_name \
+                 WHERE g.principal_id = $1 OR m.principal_id = $1",
+                &[&id],
+            )
+            .await
+            .map_err(|e| format!("database: {e}"))?;
+        let p = PrincipalRef { id, name: row.get(1), permissions: perms.iter().map(|r| r.get(0)).collect() };
+        if let Ok(mut cache) = self.amqp_users.lock() {
+            cache.insert(user, (p.clone(), Instant::now()));
+        }
+        Ok(p)
+    }
+
+    async fn dead_letter(&self, body: &[u8], props: &BasicProperties, reason: &str, detail: &str) -> Disposition {
+        tracing::warn!(reason, detail, "dead-lettering a message");
+        let mut headers = FieldTable::default();
+        headers.insert("x-provisio-reason".into(), long_str(reason));
+        headers.insert("x-provisio-error".into(), long_str(detail));
+        headers.insert("x-provisio-engine".into(), long_str(&self.engine_id));
+        let mut out = BasicProperties::default().with_headers(headers);
+        if let Some(id) = props.message_id() {
+            out = out.with_message_id(id.clone());
+        }
+        let exchange = self.topology.dead_exchange();
+        match self
+            .publisher
+            .publish(Outgoing { exchange: &exchange, routing_key: "", body, properties: out })
+            .await
+        {
+            Ok(()) => {
+                metrics::counter!(provisio_shared::metrics::DEAD_LETTERS, "reason" => reason.to_owned()).increment(1);
+                Disposition::Ack
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot dead-letter; requeueing");
+                Disposition::Requeue
+            }
+        }
+    }
+
+    async fn run_request(&self, env: &Envelope, principal: PrincipalRef, props: &BasicProperties) -> anyhow::Result<()> {
+        let started = Instant::now();
+        // Redelivery is not re-execution: a finished request is answered from its record.
+        let client = self.pool.get().await.context("database")?;
+        let existing = client
+            .query_opt("SELECT status FROM requests WHERE id = $1", &[&env.id.as_str()])
+            .await
+            .context("reading the request")?;
+        drop(client);
+        if let Some(row) = existing {
+            let status: String = row.get(0);
+            if status.parse::<Status>().is_ok_and(Status::is_final) {
+                tracing::info!(request_id = %env.id, %status, "already finished; answering from the record");
+                self.publish_outcome(env, props).await;
+                return Ok(());
+            }
+        }
+
+        let tx_id = Uuid::now_v7();
+        let lookup = match env.namespace_version {
+            Some(v) => self.namespaces.get(env.namespace.as_str(), v).await,
+            None => self.namespaces.current(env.namespace.as_str()).await,
+        }
+        .context("loading the namespace")?;
+        let procedure = lookup.as_ref().and_then(|ns| ns.procedures.get(env.procedure.as_str()).cloned());
+        let begin = Begin {
+            tx_id,
+            request_id: env.id.to_string(),
+            namespace: env.namespace.to_string(),
+            procedure: env.procedure.to_string(),
+            namespace_version: lookup.as_ref().map_or(0, |ns| ns.version),
+            model: procedure.as_ref().map_or(TxModel::Read, |p| p.model).as_str(),
+            audit: procedure.as_ref().is_some_and(|p| p.audit),
+            engine_id: self.engine_id.clone(),
+            lease_seconds: self.cfg.engine.lease_seconds as f64,
+            input: env.input.clone(),
+            principal_id: Some(principal.id),
+            priority: env.priority.as_str(),
+        };
+        let (Some(ns), Some(procedure)) = (lookup, procedure) else {
+            let err = json!({"code": "unknown_procedure", "message": format!("procedure `{}.{}` does not exist", env.namespace, env.procedure)});
+            self.finish(begin, true, Vec::new(), "failed", Status::Failed, None, Some(err), json!([])).await?;
+            self.publish_outcome(env, props).await;
+            return Ok(());
+        };
+        if procedure.access == Access::Private && !principal.has("execute_private") {
+            let err = json!({"code": "forbidden", "message": format!("procedure `{}` is private", env.procedure)});
+            self.finish(begin, true, Vec::new(), "failed", Status::Failed, None, Some(err), json!([])).await?;
+            self.publish_outcome(env, props).await;
+            return Ok(());
+        }
+
+        let model = procedure.model;
+        if model != TxModel::Read {
+            self.txlog.write(Record::Begin(begin.clone())).await.context("opening the transaction")?;
+            if let Ok(mut l) = self.leases.lock() {
+                l.insert(tx_id);
+            }
+        }
+        let credentials = if principal.has("execute_with_credentials") { env.credentials.clone() } else { None };
+        let request_ctx = json!({"id": env.id, "namespace": env.namespace, "procedure": env.procedure, "priority": env.priority});
+        let run = Run::new(
+            tx_id,
+            model,
+            &self.registry,
+            &self.txlog,
+            &self.namespaces,
+            Some(principal),
+            credentials,
+            request_ctx,
+            self.cfg.validation.enable_schema_validation,
+        );
+        let outcome = run.execute(&ns, &procedure, env.input.clone()).await;
+        if let Ok(mut l) = self.leases.lock() {
+            l.remove(&tx_id);
+        }
+        let (tx_status, status, output, error) = match &outcome.result {
+            Ok(out) => ("committed", Status::Succeeded, Some(out.clone()), None),
+            Err(f) if outcome.rollback_failed => ("in_doubt", Status::InDoubt, None, Some(f.to_json())),
+            Err(f) => (if model == TxModel::Read { "failed" } else { "rolled_back" }, Status::Failed, None, Some(f.to_json())),
+        };
+        if outcome.rolled_back > 0 {
+            metrics::counter!(provisio_shared::metrics::ROLLBACKS, "namespace" => env.namespace.to_string(), "procedure" => env.procedure.to_string()).increment(1);
+        }
+        self.finish(begin, model == TxModel::Read, outcome.pending, tx_status, status, output, error, Value::Array(outcome.summary))
+            .await?;
+        let labels = [
+            ("namespace", env.namespace.to_string()),
+            ("procedure", env.procedure.to_string()),
+            ("status", status.as_str().to_owned()),
+        ];
+        metrics::counter!(provisio_shared::metrics::REQUESTS_FINISHED, &labels).increment(1);
+        metrics::histogram!(provisio_shared::metrics::REQUEST_RUN_DURATION, &labels).record(started.elapsed().as_secs_f64());
+        if let Some(at) = env.submitted_at {
+            let secs = (Utc::now() - at).num_microseconds().unwrap_or(0) as f64 / 1e6;
+            metrics::histogram!(provisio_shared::metrics::REQUEST_DURATION, &labels).record(secs.max(0.0));
+        }
+        self.publish_outcome(env, props).await;
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn finish(
+        &self,
+        begin: Begin,
+        open_now: bool,
+        steps: Vec<crate::txlog::StepRecord>,
+        tx_status: &'static str,
+        status: Status,
+        output: Option<Value>,
+        error: Option<Value>,
+        summary: Value,
+    ) -> anyhow::Result<()> {
+        self.txlog
+            .write(Record::Finish(Finish {
+                tx_id: begin.tx_id,
+                request_id: begin.request_id.clone(),
+                open: open_now.then_some(begin),
+                steps,
+                tx_status,
+                request_status: status.as_str(),
+                output,
+                error,
+                summary,
+            }))
+            .await
+            .context("committing the outcome")?;
+        Ok(())
+    }
+
+    /// Publishes the request's record to `{prefix}.results` (and `reply_to`). Best effort: the
+    /// record in PostgreSQL is the truth, so a lost notification loses nothing.
+    async fn publish_outcome(&self, env: &Envelope, props: &BasicProperties) {
+        let record = match self.record(env.id.as_str()).await {
+            Ok(Some(r)) => r,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the outcome to publish it");
+                return;
+            }
+        };
+        let status = record.get("status").and_then(Value::as_str).unwrap_or("unknown").to_owned();
+        let body = record.to_string();
+        let rk = format!("{}.{}.{}", env.namespace, env.procedure, status);
+        let exchange = self.topology.results_exchange();
+        let props_out = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_message_id(env.id.as_str().into());
+        if let Err(e) = self
+            .publisher
+            .publish_unconfirmed(Outgoing { exchange: &exchange, routing_key: &rk, body: body.as_bytes(), properties: props_out.clone() })
+            .await
+        {
+            tracing::warn!(error = %e, "cannot publish the outcome");
+        }
+        if let Some(reply_to) = props.reply_to() {
+            let mut p = props_out;
+            if let Some(c) = props.correlation_id() {
+                p = p.with_correlation_id(c.clone());
+            }
+            let _ = self
+                .publisher
+                .publish_unconfirmed(Outgoing { exchange: "", routing_key: reply_to.as_str(), body: body.as_bytes(), properties: p })
+                .await;
+        }
+    }
+
+    async fn record(&self, id: &str) -> anyhow::Result<Option<Value>> {
+        let client = self.pool.get().await.context("database")?;
+        let row = client
+            .query_opt(
+                "SELECT id, namespace, procedure, status, output, error, attempts, submitted_at, finished_at FROM requests WHERE id = $1",
+                &[&id],
+            )
+            .await?;
+        Ok(row.map(|r| {
+            json!({
+                "id": r.get::<_, String>(0), "namespace": r.get::<_, String>(1), "procedure": r.get::<_, String>(2),
+                "status": r.get::<_, String>(3), "output": r.get::<_, Option<Value>>(4), "error": r.get::<_, Option<Value>>(5),
+                "attempts": r.get::<_, i32>(6), "submitted_at": r.get::<_, DateTime<Utc>>(7),
+                "finished_at": r.get::<_, Option<DateTime<Utc>>>(8),
+            })
+        }))
+    }
+
+    /// Renews the leases of every transaction this engine is running, in one statement.
+    pub async fn renew_leases(&self) -> anyhow::Result<()> {
+        let ids: Vec<Uuid> = self.leases.lock().map(|l| l.iter().copied().collect()).unwrap_or_default();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let client = self.pool.get().await.context("database")?;
+        client
+            .execute(
+                "UPDATE transactions SET lease_until = now() + make_interval(secs => $2) WHERE id = ANY($1) AND status = 'running'",
+                &[&ids, &(self.cfg.engine.lease_seconds as f64)],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Consumes until `shutdown`; reconnects when the broker goes away. On shutdown, stops
+    /// consuming, lets running requests finish within the grace period, and returns; anything
+    /// unacked goes back to the queue when the connection closes.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let leases = {
+            let me = self.clone();
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                let every = Duration::from_secs((me.cfg.engine.lease_seconds / 3).max(1));
+                loop {
+                    tokio::select! {
+                        () = stop.cancelled() => break,
+                        () = tokio::time::sleep(every) => {}
+                    }
+                    if let Err(e) = me.renew_leases().await {
+                        tracing::warn!(error = %e, "cannot renew leases");
+                    }
+                }
+            })
+        };
+        let mut delay = Duration::from_millis(200);
+        while !shutdown.is_cancelled() {
+            match self.clone().consume(&shutdown).await {
+                Ok(()) => break,
+                Err(e) => {
+                    self.ready.set(false);
+                    tracing::warn!(error = %e, "broker connection lost; reconnecting");
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        leases.abort();
+        Ok(())
+    }
+
+    async fn consume(self: Arc<Self>, shutdown: &CancellationToken) -> anyhow::Result<()> {
+        let conn = amqp::connect(self.cfg.amqp.url.expose(), Duration::from_secs(5)).await?;
+        let prefetch = self.cfg.engine.prefetch;
+        let setup = conn.create_channel().await?;
+        self.topology.declare(&setup).await?;
+        let mut channels: Vec<(Channel, String, Source)> = Vec::new();
+        let sources = [
+            (self.topology.lane_queue(Priority::High), Source::Lane(Priority::High)),
+            (self.topology.trusted_queue(), Source::Trusted),
+            (self.topology.lane_queue(Priority::Normal), Source::Lane(Priority::Normal)),
+            (self.topology.lane_queue(Priority::Low), Source::Lane(Priority::Low)),
+        ];
+        let mut consumers = Vec::new();
+        for (i, (queue, source)) in sources.into_iter().enumerate() {
+            let ch = conn.create_channel().await?;
+            ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
+            let tag = format!("{}-{i}", self.engine_id);
+            let consumer = ch
+                .basic_consume(queue.clone().into(), tag.clone().into(), BasicConsumeOptions::default(), FieldTable::default())
+                .await?;
+            consumers.push((consumer, source));
+            channels.push((ch, tag, source));
+        }
+        self.ready.set(true);
+        tracing::info!(engine = %self.engine_id, prefetch, "consuming");
+        let permits = Arc::new(Semaphore::new(usize::from(prefetch)));
+        let mut tasks = JoinSet::new();
+        let (mut high, mut trusted, mut normal, mut low) = {
+            let mut it = consumers.into_iter().map(|(c, _)| c);
+            let (Some(a), Some(b), Some(c), Some(d)) = (it.next(), it.next(), it.next(), it.next()) else {
+                anyhow::bail!("consumers missing");
+            };
+            (a, b, c, d)
+        };
+        let result: anyhow::Result<()> = loop {
+            while tasks.try_join_next().is_some() {}
+            let permit = tokio::select! {
+                () = shutdown.cancelled() => break Ok(()),
+                p = permits.clone().acquire_owned() => p?,
+            };
+            // `biased`: when several lanes have messages, high wins, then trusted, normal, low.
+            let (delivery, source) = tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break Ok(()),
+                d = high.next() => (d, Source::Lane(Priority::High)),
+                d = trusted.next() => (d, Source::Trusted),
+                d = normal.next() => (d, Source::Lane(Priority::Normal)),
+                d = low.next() => (d, Source::Lane(Priority::Low)),
+            };
+            let delivery = match delivery {
+                Some(Ok(d)) => d,
+                Some(Err(e)) => break Err(e.into()),
+                None => break Err(anyhow::anyhow!("consumer stream ended")),
+            };
+            let me = self.clone();
+            tasks.spawn(async move {
+                metrics::gauge!(provisio_shared::metrics::INFLIGHT).increment(1.0);
+                let disposition = me.handle(&delivery.data, &delivery.properties, source).await;
+                let r = match disposition {
+                    Disposition::Ack => delivery.ack(BasicAckOptions::default()).await,
+                    Disposition::Requeue => delivery.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }).await,
+                };
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, "cannot settle a delivery; the broker will redeliver it");
+                }
+                metrics::gauge!(provisio_shared::metrics::INFLIGHT).decrement(1.0);
+                drop(permit);
+            });
+        };
+        // Stop new deliveries first, then drain what we hold.
+        for (ch, tag, _) in &channels {
+            let _ = ch.basic_cancel(tag.clone().into(), BasicCancelOptions::default()).await;
+        }
+        if result.is_ok() {
+            let grace = Duration::from_secs(self.cfg.engine.grace_seconds);
+            tracing::info!(running = tasks.len(), ?grace, "draining");
+            let drained = tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+            if drained.is_err() {
+                tracing::warn!(abandoned = tasks.len(), "grace period over; leaving the rest to redelivery and recovery");
+                tasks.abort_all();
+            }
+            let _ = conn.close(200, "engine shutting down".into()).await;
+        } else {
+            // Running requests finish on their own; their acks may fail, and the redelivery is
+            // then answered from the committed outcome.
+            tasks.detach_all();
+        }
+        result
+    }
+}

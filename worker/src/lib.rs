@@ -1,0 +1,5 @@
+//! The worker: `--role engine` runs procedures; `--role auditor` (later) sweeps the log.
+
+pub mod engine;
+pub mod providers;
+pub mod txlog;
