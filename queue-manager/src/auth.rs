@@ -28,7 +28,7 @@ pub struct KeyStore {
 }
 
 /// The lookup column: a short prefix of the key's SHA-256, enough to find the row.
-fn lookup_of(key: &str) -> String {
+pub fn lookup_of(key: &str) -> String {
     let digest = hex::encode(Sha256::digest(key.as_bytes()));
     digest[..16].to_owned()
 }

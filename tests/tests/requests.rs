@@ -1,0 +1,225 @@
+//! End-to-end: the walking skeleton. Real binaries, real PostgreSQL and RabbitMQ.
+
+use lapin::BasicProperties;
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions};
+use lapin::types::FieldTable;
+use futures_util::StreamExt;
+use provisio_tests::{TestEnv, demo_namespace, request};
+use serde_json::{Value, json};
+
+type R = anyhow::Result<()>;
+
+#[tokio::test]
+async fn a_request_succeeds_with_the_expected_output() -> R {
+    let env = TestEnv::new("succeeds").await?;
+    let (qm, engine) = tokio::try_join!(env.queue_manager(), env.engine())?;
+    let (status, body) = env.apply(&qm, "demo", &demo_namespace()).await?;
+    assert_eq!(status, 201, "{body}");
+    let mut outcomes = env.outcomes().await?;
+    let (status, body) = env.submit(&qm, &request("demo", "hello", json!({"name": "Ada"}))).await?;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["status"], "queued");
+    let id = body["id"].as_str().expect("id").to_owned();
+    let outcome = outcomes.wait_for(&id).await?;
+    assert_eq!(outcome["status"], "succeeded", "{outcome}");
+    let (status, rec) = env.get_request(&qm, &id).await?;
+    assert_eq!(status, 200);
+    assert_eq!(rec["status"], "succeeded");
+    assert_eq!(rec["output"], json!({"message": "hello, Ada", "account": "ada"}));
+    assert_eq!(rec["attempts"], 1);
+    assert!(rec["finished_at"].is_string());
+    // The transaction log has the transaction and its three steps.
+    let pg = env.pg().await?;
+    let row = pg.query_one("SELECT status, model, (SELECT count(*) FROM tx_steps s WHERE s.tx_id = t.id) FROM transactions t WHERE request_id = $1", &[&id]).await?;
+    assert_eq!(row.get::<_, String>(0), "committed");
+    assert_eq!(row.get::<_, String>(1), "compensating");
+    assert_eq!(row.get::<_, i64>(2), 3);
+    drop((qm, engine));
+    env.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_failing_step_ends_failed_with_the_error_and_the_step_and_rolls_back_in_reverse() -> R {
+    let env = TestEnv::new("fails").await?;
+    let (qm, engine) = tokio::try_join!(env.queue_manager(), env.engine())?;
+    env.apply(&qm, "demo", &demo_namespace()).await?;
+    let mut outcomes = env.outcomes().await?;
+    let (_, body) = env.submit(&qm, &request("demo", "broken", json!({}))).await?;
+    let id = body["id"].as_str().expect("id").to_owned();
+    let outcome = outcomes.wait_for(&id).await?;
+    assert_eq!(outcome["status"], "failed");
+    let (_, rec) = env.get_request(&qm, &id).await?;
+    assert_eq!(rec["error"], json!({"code": "quota_exceeded", "message": "no room left", "step": "2"}));
+    // From the provider's own records: steps 0,1,2 executed, then 1 and 0 rolled back.
+    let pg = env.pg().await?;
+    let rows = pg
+        .query(
+            "SELECT c.step_path, c.kind FROM provider_test.calls c JOIN transactions t ON t.id = c.tx_id \
+             WHERE t.request_id = $1 ORDER BY c.id",
+            &[&id],
+        )
+        .await?;
+    let calls: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let expected: Vec<(String, String)> = [("0", "execute"), ("1", "execute"), ("2", "execute"), ("1", "rollback"), ("0", "rollback")]
+        .iter()
+        .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
+        .collect();
+    assert_eq!(calls, expected);
+    // From the transaction log: two executes, then rollbacks of 1 and 0, in that order.
+    let rows = pg
+        .query("SELECT s.kind, s.path FROM tx_steps s JOIN transactions t ON t.id = s.tx_id WHERE t.request_id = $1 ORDER BY s.seq", &[&id])
+        .await?;
+    let log: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(log, vec![
+        ("execute".to_owned(), "0".to_owned()),
+        ("execute".to_owned(), "1".to_owned()),
+        ("rollback".to_owned(), "1".to_owned()),
+        ("rollback".to_owned(), "0".to_owned()),
+    ]);
+    let tx_status: String = pg.query_one("SELECT status FROM transactions WHERE request_id = $1", &[&id]).await?.get(0);
+    assert_eq!(tx_status, "rolled_back");
+    drop((qm, engine));
+    env.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_malformed_message_lands_in_the_dead_queue_and_the_engine_goes_on() -> R {
+    let env = TestEnv::new("dead").await?;
+    let (qm, engine) = tokio::try_join!(env.queue_manager(), env.engine())?;
+    env.apply(&qm, "demo", &demo_namespace()).await?;
+    let topo = env.topology();
+    let conn = lapin::Connection::connect(&env.amqp_url, lapin::ConnectionProperties::default()).await?;
+    let ch = conn.create_channel().await?;
+    let mut dead = ch
+        .basic_consume(topo.dead_queue().into(), "t".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await?;
+    ch.basic_publish(
+        topo.requests_exchange().into(),
+        "normal".into(),
+        BasicPublishOptions::default(),
+        b"{this is not json",
+        BasicProperties::default().with_message_id("garbage-1".into()),
+    )
+    .await?
+    .await?;
+    let d = tokio::time::timeout(std::time::Duration::from_secs(60), dead.next())
+        .await?
+        .expect("a dead letter")?;
+    assert_eq!(d.data, b"{this is not json");
+    let reason = provisio_shared::amqp::header_str(&d.properties, "x-provisio-reason");
+    assert_eq!(reason.as_deref(), Some("malformed"));
+    let detail = provisio_shared::amqp::header_str(&d.properties, "x-provisio-error").unwrap_or_default();
+    assert!(detail.contains("not valid JSON"), "{detail}");
+    // The engine is still consuming.
+    let mut outcomes = env.outcomes().await?;
+    let (_, body) = env.submit(&qm, &request("demo", "hello", json!({"name": "Bo"}))).await?;
+    let outcome = outcomes.wait_for(body["id"].as_str().expect("id")).await?;
+    assert_eq!(outcome["status"], "succeeded");
+    drop((qm, engine));
+    env.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn api_errors_are_json_with_the_right_status() -> R {
+    let env = TestEnv::new("errors").await?;
+    let qm = env.queue_manager().await?;
+    env.apply(&qm, "demo", &demo_namespace()).await?;
+    let url = format!("{}/v1/requests", qm.url);
+    let body = request("demo", "hello", json!({"name": "x"}));
+
+    let r = env.http.post(&url).json(&body).send().await?;
+    assert_eq!(r.status().as_u16(), 401);
+    assert_eq!(r.json::<Value>().await?["error"]["code"], "unauthorized");
+    let r = env.http.post(&url).bearer_auth("wrong-key").json(&body).send().await?;
+    assert_eq!(r.status().as_u16(), 401);
+
+    let (status, b) = env.submit(&qm, &request("demo", "nope", json!({}))).await?;
+    assert_eq!(status, 404, "{b}");
+    assert_eq!(b["error"]["code"], "not_found");
+    let (status, _) = env.submit(&qm, &request("nosuch", "hello", json!({}))).await?;
+    assert_eq!(status, 404);
+
+    let r = env.http.post(&url).bearer_auth(&env.admin_key).header("content-type", "application/json").body("{nope").send().await?;
+    assert_eq!(r.status().as_u16(), 400);
+    assert_eq!(r.json::<Value>().await?["error"]["code"], "malformed");
+    let (status, _) = env.submit(&qm, &json!({"namespace": "demo", "procedure": "hello", "bogus": 1})).await?;
+    assert_eq!(status, 400);
+    let (status, _) = env.submit(&qm, &json!({"namespace": "demo", "procedure": "hello", "id": ""})).await?;
+    assert_eq!(status, 400);
+
+    let big = json!({"namespace": "demo", "procedure": "hello", "input": {"pad": "x".repeat(300 * 1024)}});
+    let (status, b) = env.submit(&qm, &big).await?;
+    assert_eq!(status, 413, "{b}");
+    assert_eq!(b["error"]["code"], "too_large");
+
+    let (status, _) = env.get_request(&qm, "does-not-exist").await?;
+    assert_eq!(status, 404);
+
+    // A principal without `execute` is refused with 403.
+    let pg = env.pg().await?;
+    let id = uuid::Uuid::now_v7();
+    pg.execute("INSERT INTO principals (id, name) VALUES ($1, 'nobody')", &[&id]).await?;
+    let key = "nobody-key-123";
+    let hash = provisio_queue_manager::auth::hash_key(key)?;
+    let lookup = provisio_queue_manager::auth::lookup_of(key);
+    pg.execute("INSERT INTO api_keys (id, principal_id, lookup, hash) VALUES ($1, $2, $3, $4)", &[&uuid::Uuid::now_v7(), &id, &lookup, &hash]).await?;
+    let r = env.http.post(&url).bearer_auth(key).json(&body).send().await?;
+    assert_eq!(r.status().as_u16(), 403);
+    assert_eq!(r.json::<Value>().await?["error"]["code"], "forbidden");
+    drop(qm);
+    env.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_same_id_is_one_request_and_a_different_body_conflicts() -> R {
+    let env = TestEnv::new("idempotent").await?;
+    let (qm, engine) = tokio::try_join!(env.queue_manager(), env.engine())?;
+    env.apply(&qm, "demo", &demo_namespace()).await?;
+    let mut outcomes = env.outcomes().await?;
+    let mut body = request("demo", "hello", json!({"name": "Cy"}));
+    body["id"] = json!("order-1");
+    let (s1, _) = env.submit(&qm, &body).await?;
+    assert_eq!(s1, 202);
+    outcomes.wait_for("order-1").await?;
+    let (s2, b2) = env.submit(&qm, &body).await?;
+    assert_eq!(s2, 202);
+    assert_eq!(b2["status"], "succeeded", "answered from the existing request");
+    body["input"] = json!({"name": "Other"});
+    let (s3, b3) = env.submit(&qm, &body).await?;
+    assert_eq!(s3, 409, "{b3}");
+    let pg = env.pg().await?;
+    let n: i64 = pg.query_one("SELECT count(*) FROM transactions WHERE request_id = 'order-1'", &[]).await?.get(0);
+    assert_eq!(n, 1, "ran once");
+    drop((qm, engine));
+    env.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn every_process_serves_metrics_health_and_readiness() -> R {
+    let env = TestEnv::new("metrics").await?;
+    let (qm, engine) = tokio::try_join!(env.queue_manager(), env.engine())?;
+    env.apply(&qm, "demo", &demo_namespace()).await?;
+    let mut outcomes = env.outcomes().await?;
+    let (_, body) = env.submit(&qm, &request("demo", "hello", json!({"name": "Di"}))).await?;
+    outcomes.wait_for(body["id"].as_str().expect("id")).await?;
+    for p in [&qm, &engine] {
+        for path in ["/healthz", "/readyz"] {
+            let r = env.http.get(format!("{}{path}", p.url)).send().await?;
+            assert_eq!(r.status().as_u16(), 200, "{path}");
+        }
+    }
+    let qm_metrics = env.http.get(format!("{}/metrics", qm.url)).send().await?.text().await?;
+    assert!(qm_metrics.contains("provisio_requests_accepted_total"), "{qm_metrics}");
+    let engine_metrics = env.http.get(format!("{}/metrics", engine.url)).send().await?.text().await?;
+    assert!(engine_metrics.contains("provisio_requests_finished_total{namespace=\"demo\",procedure=\"hello\",status=\"succeeded\"} 1"), "{engine_metrics}");
+    assert!(engine_metrics.contains("provisio_request_duration_seconds_bucket"), "{engine_metrics}");
+    assert!(engine_metrics.contains("# HELP provisio_txlog_batch_records"), "{engine_metrics}");
+    drop((qm, engine));
+    env.cleanup().await;
+    Ok(())
+}
