@@ -4,6 +4,7 @@ use deadpool_postgres::Pool;
 use provisio_shared::amqp::Publisher;
 use provisio_shared::config::Config;
 use provisio_shared::namespaces::NamespaceCache;
+use provisio_shared::telemetry::Readiness;
 
 use crate::auth::KeyStore;
 
@@ -13,4 +14,6 @@ pub struct App {
     pub publisher: Publisher,
     pub keys: KeyStore,
     pub namespaces: NamespaceCache,
+    /// `/readyz`: false while the broker is unreachable.
+    pub ready: Readiness,
 }

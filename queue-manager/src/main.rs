@@ -73,6 +73,7 @@ async fn main() -> anyhow::Result<()> {
         ),
         namespaces: NamespaceCache::new(pool.clone(), Box::new(StandardCatalog::from_config(&cfg))),
         publisher: publisher.clone(),
+        ready: ready.clone(),
         pool,
         cfg: cfg.clone(),
     });

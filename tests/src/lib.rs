@@ -259,6 +259,15 @@ pub struct Outcomes {
 }
 
 impl Outcomes {
+    /// The next outcome, whichever request it is for.
+    pub async fn next_any(&mut self) -> anyhow::Result<Value> {
+        if !self.seen.is_empty() {
+            return Ok(self.seen.remove(0));
+        }
+        let d = self.consumer.next().await.context("outcome stream ended")??;
+        Ok(serde_json::from_slice(&d.data)?)
+    }
+
     /// Waits (bounded) for the outcome of request `id`.
     pub async fn wait_for(&mut self, id: &str) -> anyhow::Result<Value> {
         if let Some(pos) = self.seen.iter().position(|v| v["id"] == id) {

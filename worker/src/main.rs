@@ -71,7 +71,7 @@ async fn main() -> anyhow::Result<()> {
         let mut pg = tokio_postgres::Config::from_str(cfg.database.url.expose()).context("database URL")?;
         pg.options("-c synchronous_commit=off");
         let mgr = deadpool_postgres::Manager::new(pg, tokio_postgres::NoTls);
-        let test_pool = deadpool_postgres::Pool::builder(mgr).max_size(16).build().context("test provider pool")?;
+        let test_pool = deadpool_postgres::Pool::builder(mgr).max_size(cfg.database.pool_size.min(8)).build().context("test provider pool")?;
         registry.register(Arc::new(TestProvider::new(test_pool)));
     }
 

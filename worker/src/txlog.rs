@@ -84,6 +84,8 @@ pub enum Reply {
     Done,
     /// `Begin` only: the attempt number given to this transaction.
     Began { attempt: i32 },
+    /// `Begin` only: the request already has a final status; nothing was opened.
+    AlreadyFinished,
 }
 
 struct Job {
@@ -175,6 +177,7 @@ const SQL_BEGIN_REQUEST: &str = "INSERT INTO requests (id, body_hash, namespace,
      VALUES ($1, '', $2, $3, $4, $5, $6, 'running', $7, 1, now()) \
      ON CONFLICT (id) DO UPDATE SET status = 'running', attempts = requests.attempts + 1, \
      started_at = now(), namespace_version = EXCLUDED.namespace_version \
+     WHERE requests.status NOT IN ('succeeded', 'failed', 'in_doubt', 'dead', 'cancelled') \
      RETURNING attempts";
 const SQL_BEGIN_TX: &str = "INSERT INTO transactions (id, request_id, attempt, namespace, procedure, \
      namespace_version, model, status, audit, engine_id, lease_until) \
@@ -204,10 +207,10 @@ async fn write_together(pool: &Pool, records: &[&Record]) -> Result<Vec<Reply>, 
             (&tx, &begin_req, &begin_tx, &step, &fin_tx, &fin_req);
         async move {
             match r {
-                Record::Begin(b) => {
-                    let attempt = open(tx, begin_req, begin_tx, b, "running").await?;
-                    Ok(Reply::Began { attempt })
-                }
+                Record::Begin(b) => Ok(match open(tx, begin_req, begin_tx, b, "running").await? {
+                    Some(attempt) => Reply::Began { attempt },
+                    None => Reply::AlreadyFinished,
+                }),
                 Record::Step(s) => {
                     insert_step(tx, step, s).await?;
                     Ok(Reply::Done)
@@ -246,9 +249,9 @@ async fn open(
     begin_tx: &tokio_postgres::Statement,
     b: &Begin,
     status: &str,
-) -> Result<i32, tokio_postgres::Error> {
+) -> Result<Option<i32>, tokio_postgres::Error> {
     let row = tx
-        .query_one(
+        .query_opt(
             begin_req,
             &[
                 &b.request_id,
@@ -261,6 +264,8 @@ async fn open(
             ],
         )
         .await?;
+    // No row: the request already has a final status (a duplicate or a redelivery).
+    let Some(row) = row else { return Ok(None) };
     let attempt: i32 = row.get(0);
     tx.execute(
         begin_tx,
@@ -279,7 +284,7 @@ async fn open(
         ],
     )
     .await?;
-    Ok(attempt)
+    Ok(Some(attempt))
 }
 
 async fn insert_step(

@@ -193,10 +193,12 @@ pub async fn submit(
         .record(started.elapsed().as_secs_f64());
     if let Err(e) = published {
         metrics::gauge!(provisio_shared::metrics::BROKER_UP).set(0.0);
+        app.ready.set(false);
         drop(tx.rollback().await);
         return Err(ApiError::Unavailable(format!("broker unavailable, nothing was accepted: {e}")));
     }
     metrics::gauge!(provisio_shared::metrics::BROKER_UP).set(1.0);
+    app.ready.set(true);
     tx.commit().await.map_err(ApiError::db)?;
     metrics::counter!(provisio_shared::metrics::REQUESTS_ACCEPTED,
         "namespace" => namespace.to_string(), "procedure" => procedure_name.to_string(),

@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::providers::Registry;
-use crate::txlog::{Begin, Finish, Record, TxLog};
+use crate::txlog::{Begin, Finish, Record, Reply, TxLog};
 use interpreter::Run;
 
 /// What the loop does with a delivery once `handle` is done with it.
@@ -191,22 +191,6 @@ impl Engine {
 
     async fn run_request(&self, env: &Envelope, principal: PrincipalRef, props: &BasicProperties) -> anyhow::Result<()> {
         let started = Instant::now();
-        // Redelivery is not re-execution: a finished request is answered from its record.
-        let client = self.pool.get().await.context("database")?;
-        let existing = client
-            .query_opt("SELECT status FROM requests WHERE id = $1", &[&env.id.as_str()])
-            .await
-            .context("reading the request")?;
-        drop(client);
-        if let Some(row) = existing {
-            let status: String = row.get(0);
-            if status.parse::<Status>().is_ok_and(Status::is_final) {
-                tracing::info!(request_id = %env.id, %status, "already finished; answering from the record");
-                self.publish_outcome(env, props).await;
-                return Ok(());
-            }
-        }
-
         let tx_id = Uuid::now_v7();
         let lookup = match env.namespace_version {
             Some(v) => self.namespaces.get(env.namespace.as_str(), v).await,
@@ -214,13 +198,14 @@ impl Engine {
         }
         .context("loading the namespace")?;
         let procedure = lookup.as_ref().and_then(|ns| ns.procedures.get(env.procedure.as_str()).cloned());
+        let model = procedure.as_ref().map_or(TxModel::Read, |p| p.model);
         let begin = Begin {
             tx_id,
             request_id: env.id.to_string(),
             namespace: env.namespace.to_string(),
             procedure: env.procedure.to_string(),
             namespace_version: lookup.as_ref().map_or(0, |ns| ns.version),
-            model: procedure.as_ref().map_or(TxModel::Read, |p| p.model).as_str(),
+            model: model.as_str(),
             audit: procedure.as_ref().is_some_and(|p| p.audit),
             engine_id: self.engine_id.clone(),
             lease_seconds: self.cfg.engine.lease_seconds as f64,
@@ -228,28 +213,47 @@ impl Engine {
             principal_id: Some(principal.id),
             priority: env.priority.as_str(),
         };
-        let (Some(ns), Some(procedure)) = (lookup, procedure) else {
-            let err = json!({"code": "unknown_procedure", "message": format!("procedure `{}.{}` does not exist", env.namespace, env.procedure)});
-            self.finish(begin, true, Vec::new(), "failed", Status::Failed, None, Some(err), json!([])).await?;
-            self.publish_outcome(env, props).await;
+        // Redelivery is not re-execution: a request with a final status is answered from its
+        // record. Logged models learn it atomically from opening the transaction; `read` ones
+        // (which open nothing) ask first.
+        let mut attempt = 1;
+        if model == TxModel::Read {
+            if self.is_final(env.id.as_str()).await? {
+                self.publish_stored_outcome(env, props).await;
+                return Ok(());
+            }
+        } else {
+            match self.txlog.write(Record::Begin(begin.clone())).await.context("opening the transaction")? {
+                Reply::AlreadyFinished => {
+                    tracing::info!(request_id = %env.id, "already finished; answering from the record");
+                    self.publish_stored_outcome(env, props).await;
+                    return Ok(());
+                }
+                Reply::Began { attempt: a } => attempt = a,
+                Reply::Done => {}
+            }
+        }
+        let refuse = |code: &str, message: String| Some(json!({"code": code, "message": message}));
+        let refusal = match (&lookup, &procedure) {
+            (Some(_), Some(p)) if p.access == Access::Private && !principal.has("execute_private") => {
+                refuse("forbidden", format!("procedure `{}` is private", env.procedure))
+            }
+            (Some(_), Some(_)) => None,
+            _ => refuse("unknown_procedure", format!("procedure `{}.{}` does not exist", env.namespace, env.procedure)),
+        };
+        let (Some(ns), Some(procedure), None) = (lookup, procedure, refusal.clone()) else {
+            self.finish(begin, model == TxModel::Read, Vec::new(), "failed", Status::Failed, None, refusal.clone(), json!([])).await?;
+            self.publish_outcome(env, props, &outcome_record(env, Status::Failed, None, refusal, attempt)).await;
             return Ok(());
         };
-        if procedure.access == Access::Private && !principal.has("execute_private") {
-            let err = json!({"code": "forbidden", "message": format!("procedure `{}` is private", env.procedure)});
-            self.finish(begin, true, Vec::new(), "failed", Status::Failed, None, Some(err), json!([])).await?;
-            self.publish_outcome(env, props).await;
-            return Ok(());
-        }
 
-        let model = procedure.model;
         if model != TxModel::Read {
-            self.txlog.write(Record::Begin(begin.clone())).await.context("opening the transaction")?;
             if let Ok(mut l) = self.leases.lock() {
                 l.insert(tx_id);
             }
         }
         let credentials = if principal.has("execute_with_credentials") { env.credentials.clone() } else { None };
-        let request_ctx = json!({"id": env.id, "namespace": env.namespace, "procedure": env.procedure, "priority": env.priority});
+        let request_ctx = json!({"id": env.id, "namespace": env.namespace, "procedure": env.procedure, "priority": env.priority, "attempt": attempt});
         let run = Run::new(
             tx_id,
             model,
@@ -273,7 +277,10 @@ impl Engine {
         if outcome.rolled_back > 0 {
             metrics::counter!(provisio_shared::metrics::ROLLBACKS, "namespace" => env.namespace.to_string(), "procedure" => env.procedure.to_string()).increment(1);
         }
-        self.finish(begin, model == TxModel::Read, outcome.pending, tx_status, status, output, error, Value::Array(outcome.summary))
+        if status == Status::InDoubt {
+            metrics::gauge!(provisio_shared::metrics::IN_DOUBT).increment(1.0);
+        }
+        self.finish(begin, model == TxModel::Read, outcome.pending, tx_status, status, output.clone(), error.clone(), Value::Array(outcome.summary))
             .await?;
         let labels = [
             ("namespace", env.namespace.to_string()),
@@ -286,8 +293,14 @@ impl Engine {
             let secs = (Utc::now() - at).num_microseconds().unwrap_or(0) as f64 / 1e6;
             metrics::histogram!(provisio_shared::metrics::REQUEST_DURATION, &labels).record(secs.max(0.0));
         }
-        self.publish_outcome(env, props).await;
+        self.publish_outcome(env, props, &outcome_record(env, status, output, error, attempt)).await;
         Ok(())
+    }
+
+    async fn is_final(&self, id: &str) -> anyhow::Result<bool> {
+        let client = self.pool.get().await.context("database")?;
+        let row = client.query_opt("SELECT status FROM requests WHERE id = $1", &[&id]).await.context("reading the request")?;
+        Ok(row.is_some_and(|r| r.get::<_, String>(0).parse::<Status>().is_ok_and(Status::is_final)))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -319,17 +332,18 @@ impl Engine {
         Ok(())
     }
 
-    /// Publishes the request's record to `{prefix}.results` (and `reply_to`). Best effort: the
-    /// record in PostgreSQL is the truth, so a lost notification loses nothing.
-    async fn publish_outcome(&self, env: &Envelope, props: &BasicProperties) {
-        let record = match self.record(env.id.as_str()).await {
-            Ok(Some(r)) => r,
-            Ok(None) => return,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read the outcome to publish it");
-                return;
-            }
-        };
+    /// Publishes the stored record of a request that finished earlier.
+    async fn publish_stored_outcome(&self, env: &Envelope, props: &BasicProperties) {
+        match self.record(env.id.as_str()).await {
+            Ok(Some(r)) => self.publish_outcome(env, props, &r).await,
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot read the outcome to publish it"),
+        }
+    }
+
+    /// Publishes an outcome to `{prefix}.results` (and `reply_to`). Best effort: the record in
+    /// PostgreSQL is the truth, so a lost notification loses nothing.
+    async fn publish_outcome(&self, env: &Envelope, props: &BasicProperties, record: &Value) {
         let status = record.get("status").and_then(Value::as_str).unwrap_or("unknown").to_owned();
         let body = record.to_string();
         let rk = format!("{}.{}.{}", env.namespace, env.procedure, status);
@@ -518,4 +532,13 @@ impl Engine {
         }
         result
     }
+}
+
+/// The outcome message of a request just finished (the same fields as the stored record).
+fn outcome_record(env: &Envelope, status: Status, output: Option<Value>, error: Option<Value>, attempts: i32) -> Value {
+    json!({
+        "id": env.id, "namespace": env.namespace, "procedure": env.procedure, "status": status,
+        "output": output, "error": error, "attempts": attempts,
+        "submitted_at": env.submitted_at, "finished_at": Utc::now(),
+    })
 }
