@@ -439,15 +439,13 @@ PROVISIO_PIDS=()
 PROVISIO_NAMES=()
 PROVISIO_LOGS=()
 
-# True while PID runs (a zombie does not count).
+# True while PID runs (a zombie does not count). Conservative: when /proc cannot tell,
+# a process that still exists counts as running.
 proc_alive() {
-	local state=''
-	if [[ ! -r /proc/$1/stat ]]; then
-		kill -0 "$1" 2>/dev/null
-		return
-	fi
-	state=$(awk '{ print $3 }' "/proc/$1/stat" 2>/dev/null) || return 1
-	[[ -n $state && $state != Z ]]
+	kill -0 "$1" 2>/dev/null || return 1
+	local state
+	state=$(awk '{ print $3 }' "/proc/$1/stat" 2>/dev/null || true)
+	[[ $state != Z ]]
 }
 
 # start_proc NAME CMD...: starts CMD in the background, its output in .provisio/logs/NAME.log
@@ -504,36 +502,77 @@ wait_ready() {
 	wait_until "$2" "http://$1/readyz" curl -fsS -o /dev/null --max-time 2 "http://$1/readyz"
 }
 
-# Sends SIGTERM to every process still running, waits up to SECONDS (engines drain), then
-# SIGKILLs stragglers. Returns non-zero when one of them did not exit cleanly.
+# forget_proc PID: drops a process (already waited for) from the lists.
+forget_proc() {
+	local i pids=() names=() logs=()
+	for i in "${!PROVISIO_PIDS[@]}"; do
+		if [[ ${PROVISIO_PIDS[$i]} != "$1" ]]; then
+			pids+=("${PROVISIO_PIDS[$i]}")
+			names+=("${PROVISIO_NAMES[$i]}")
+			logs+=("${PROVISIO_LOGS[$i]}")
+		fi
+	done
+	PROVISIO_PIDS=("${pids[@]}")
+	PROVISIO_NAMES=("${names[@]}")
+	PROVISIO_LOGS=("${logs[@]}")
+}
+
+# proc_name PID: the name start_proc gave it.
+proc_name() {
+	local i
+	for i in "${!PROVISIO_PIDS[@]}"; do
+		if [[ ${PROVISIO_PIDS[$i]} == "$1" ]]; then
+			printf '%s\n' "${PROVISIO_NAMES[$i]}"
+			return 0
+		fi
+	done
+	printf 'pid %s\n' "$1"
+}
+
+# stop_procs [SECONDS]: SIGTERM to every process started by start_proc, then waits for them
+# (engines drain) using the shell's own child bookkeeping; a `sleep SECONDS` watchdog bounds
+# the wait, after which the stragglers get SIGKILL. Returns non-zero when one of them did not
+# exit cleanly (0, or 143 for a process that had not yet installed its SIGTERM handler).
 stop_procs() {
-	local limit=${1:-45} i pid rc=0 status
-	for i in "${!PROVISIO_PIDS[@]}"; do
-		pid=${PROVISIO_PIDS[$i]}
-		if proc_alive "$pid"; then
-			kill -TERM "$pid" 2>/dev/null || true
-		fi
+	local limit=${1:-45} rc=0 pid status done_pid watchdog name
+	((${#PROVISIO_PIDS[@]} > 0)) || return 0
+	for pid in "${PROVISIO_PIDS[@]}"; do
+		kill -TERM "$pid" 2>/dev/null || true
 	done
-	local deadline=$((SECONDS + limit))
-	for i in "${!PROVISIO_PIDS[@]}"; do
-		pid=${PROVISIO_PIDS[$i]}
-		while proc_alive "$pid" && ((SECONDS < deadline)); do
-			sleep 0.2
-		done
-		if proc_alive "$pid"; then
-			log "${PROVISIO_NAMES[$i]} (pid $pid) still runs after ${limit}s: SIGKILL"
-			kill -KILL "$pid" 2>/dev/null || true
-		fi
+	sleep "$limit" &
+	watchdog=$!
+	while ((${#PROVISIO_PIDS[@]} > 0)); do
 		status=0
-		wait "$pid" 2>/dev/null || status=$?
-		# 127: already reaped by an earlier wait.
-		if [[ $status -ne 0 && $status -ne 127 ]]; then
-			log "${PROVISIO_NAMES[$i]} exited with status $status"
-			rc=1
-		else
-			log "${PROVISIO_NAMES[$i]} stopped"
+		done_pid=''
+		wait -n -p done_pid "${PROVISIO_PIDS[@]}" "$watchdog" || status=$?
+		if [[ -z $done_pid ]]; then
+			# Nothing left that this shell can wait for.
+			break
 		fi
+		if [[ $done_pid == "$watchdog" ]]; then
+			watchdog=''
+			for pid in "${PROVISIO_PIDS[@]}"; do
+				log "$(proc_name "$pid") (pid $pid) still runs after ${limit}s: SIGKILL"
+				kill -KILL "$pid" 2>/dev/null || true
+				wait "$pid" 2>/dev/null || true
+			done
+			rc=1
+			break
+		fi
+		name=$(proc_name "$done_pid")
+		forget_proc "$done_pid"
+		case "$status" in
+		0 | 143) log "$name stopped" ;;
+		*)
+			log "$name exited with status $status"
+			rc=1
+			;;
+		esac
 	done
+	if [[ -n $watchdog ]]; then
+		kill "$watchdog" 2>/dev/null || true
+		wait "$watchdog" 2>/dev/null || true
+	fi
 	PROVISIO_PIDS=()
 	PROVISIO_NAMES=()
 	PROVISIO_LOGS=()

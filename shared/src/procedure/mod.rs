@@ -146,6 +146,46 @@ pub fn parse_document(text: &str) -> Result<serde_json::Value, Problem> {
     })
 }
 
+/// The language's contract, `schemas/namespace.schema.json`, compiled once.
+fn document_schema() -> Option<&'static jsonschema::Validator> {
+    static SCHEMA: std::sync::OnceLock<Option<jsonschema::Validator>> = std::sync::OnceLock::new();
+    SCHEMA
+        .get_or_init(|| {
+            let text = include_str!("../../../schemas/namespace.schema.json");
+            let value: serde_json::Value = serde_json::from_str(text).ok()?;
+            jsonschema::validator_for(&value).ok()
+        })
+        .as_ref()
+}
+
+/// `/procedures/p/steps/0/call` → `procedures.p.steps[0].call`.
+fn pointer_to_path(pointer: &str) -> String {
+    let mut out = String::new();
+    for seg in pointer.split('/').skip(1) {
+        let seg = seg.replace("~1", "/").replace("~0", "~");
+        if seg.parse::<usize>().is_ok() {
+            out.push_str(&format!("[{seg}]"));
+        } else {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(&seg);
+        }
+    }
+    out
+}
+
+/// Checks a document against the namespace JSON Schema, returning every violation.
+pub fn check_schema(value: &serde_json::Value) -> Vec<Problem> {
+    let Some(schema) = document_schema() else {
+        return vec![Problem { path: String::new(), message: "the namespace schema is unavailable".into() }];
+    };
+    schema
+        .iter_errors(value)
+        .map(|e| Problem { path: pointer_to_path(&e.instance_path().to_string()), message: e.to_string() })
+        .collect()
+}
+
 /// Compiles a document, returning every problem found.
 pub fn compile(
     value: &serde_json::Value,
@@ -153,17 +193,22 @@ pub fn compile(
     catalog: &dyn Catalog,
     external: &dyn ExternalProcedures,
 ) -> Result<Namespace, Vec<Problem>> {
+    let schema_problems = check_schema(value);
     let doc: NamespaceDoc = match serde_json::from_value(value.clone()) {
         Ok(d) => d,
         Err(e) => {
-            return Err(vec![Problem {
-                path: String::new(),
-                message: format!("does not match the namespace schema: {e}"),
-            }]);
+            let mut problems = schema_problems;
+            if problems.is_empty() {
+                problems.push(Problem {
+                    path: String::new(),
+                    message: format!("does not match the namespace schema: {e}"),
+                });
+            }
+            return Err(problems);
         }
     };
     let mut c = Compiler {
-        problems: Vec::new(),
+        problems: schema_problems,
         catalog,
         external,
         doc: &doc,

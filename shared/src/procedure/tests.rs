@@ -110,3 +110,28 @@ fn parses_yaml() {
         .expect("yaml");
     assert!(compile_doc(&v).is_ok());
 }
+
+#[test]
+fn schema_violations_are_all_reported_with_paths() {
+    let doc = json!({
+        "namespace": "Bad Name",
+        "procedures": {"p": {"transaction": "sometimes", "steps": [{"call": "test.echo", "retry": {"max_attempts": 0}}]}},
+        "extra": true
+    });
+    let problems = compile_doc(&doc).expect_err("invalid");
+    let paths: Vec<&str> = problems.iter().map(|p| p.path.as_str()).collect();
+    for expected in ["namespace", "procedures.p.transaction", "procedures.p.steps[0].retry.max_attempts", ""] {
+        assert!(paths.contains(&expected), "{expected} missing from {problems:?}");
+    }
+}
+
+#[test]
+fn the_shipped_examples_compile() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../schemas/examples");
+    for entry in std::fs::read_dir(dir).expect("examples") {
+        let path = entry.expect("entry").path();
+        let text = std::fs::read_to_string(&path).expect("read");
+        let v = parse_document(&text).expect("parses");
+        assert_eq!(check_schema(&v), vec![], "{}", path.display());
+    }
+}

@@ -551,3 +551,7 @@ impl<'a> Run<'a> {
         Ok(n)
     }
 }
+
+#[cfg(test)]
+#[path = "interpreter_tests.rs"]
+mod tests;

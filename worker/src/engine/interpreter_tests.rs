@@ -1,0 +1,347 @@
+//! Interpreter unit tests: every step kind, `when`, `save`, retries, nested procedures and
+//! expression errors, against an in-memory provider. Logged models write to a real
+//! PostgreSQL database of their own.
+
+use std::sync::{Arc, Mutex};
+
+use futures_util::future::BoxFuture;
+use provisio_shared::config::Secret;
+use provisio_shared::domain::TxModel;
+use provisio_shared::namespaces::NamespaceCache;
+use provisio_shared::procedure::{self, Catalog, Namespace, NoExternal};
+use provisio_shared::provider::{Call, Executed, Provider, ProviderError, Rollback};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use super::{Outcome, Run};
+use crate::providers::Registry;
+use crate::txlog::TxLog;
+
+/// Records every call; `fail` fails, `flaky` fails (retryably) its first `n` calls per key.
+#[derive(Default)]
+struct Mem {
+    log: Mutex<Vec<(String, String, Value)>>,
+    flaky: Mutex<std::collections::HashMap<String, u32>>,
+}
+
+impl Provider for Mem {
+    fn name(&self) -> &str {
+        "mem"
+    }
+    fn execute<'a>(&'a self, call: &'a Call) -> BoxFuture<'a, Result<Executed, ProviderError>> {
+        Box::pin(async move {
+            if let Ok(mut l) = self.log.lock() {
+                l.push(("execute".into(), call.step_path.clone(), call.input.clone()));
+            }
+            match call.action.as_str() {
+                "echo" => Ok(Executed { output: call.input.clone(), rollback: Some(call.input.clone()) }),
+                "fail" => Err(ProviderError::permanent(
+                    call.input.get("code").and_then(Value::as_str).unwrap_or("boom"),
+                    "failed on purpose",
+                )),
+                "flaky" => {
+                    let n = call.input.get("n").and_then(Value::as_u64).unwrap_or(1) as u32;
+                    let mut m = self.flaky.lock().expect("lock");
+                    let c = m.entry(call.idempotency_key.clone()).or_insert(0);
+                    *c += 1;
+                    if *c <= n {
+                        Err(ProviderError::retryable("transient", format!("attempt {c}")))
+                    } else {
+                        Ok(Executed { output: json!({"attempts": *c}), rollback: None })
+                    }
+                }
+                "panic" => panic!("mem provider panics"),
+                other => Err(ProviderError::permanent("unknown_action", other.to_owned())),
+            }
+        })
+    }
+    fn rollback<'a>(&'a self, rb: &'a Rollback) -> BoxFuture<'a, Result<(), ProviderError>> {
+        Box::pin(async move {
+            if let Ok(mut l) = self.log.lock() {
+                l.push(("rollback".into(), rb.step_path.clone(), rb.data.clone()));
+            }
+            Ok(())
+        })
+    }
+}
+
+struct MemCatalog;
+impl Catalog for MemCatalog {
+    fn check_action(&self, provider: &str, _action: &str) -> Result<(), String> {
+        if provider == "mem" { Ok(()) } else { Err(format!("unknown provider `{provider}`")) }
+    }
+}
+
+struct World {
+    mem: Arc<Mem>,
+    registry: Registry,
+    txlog: TxLog,
+    cache: NamespaceCache,
+    db: Option<Secret>,
+}
+
+impl World {
+    /// `logged`: give the transaction log a real database (compensating model).
+    async fn new(logged: bool) -> Self {
+        let db = if logged {
+            let base = std::env::var("PROVISIO_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+            let url = Secret::new(format!("{base}/pvunit_{}", &Uuid::new_v4().simple().to_string()[..12]));
+            provisio_shared::db::create_database_if_missing(&url).await.expect("test database");
+            provisio_shared::db::migrate(&url).await.expect("migrations");
+            Some(url)
+        } else {
+            None
+        };
+        // Without a database the pool points nowhere; `read` runs never touch it.
+        let url = db.clone().unwrap_or_else(|| Secret::new("postgres://nobody@127.0.0.1:1/none"));
+        let pool = provisio_shared::db::pool(&url, 4).expect("pool");
+        let mem = Arc::new(Mem::default());
+        let mut registry = Registry::default();
+        registry.register(mem.clone());
+        Self {
+            mem,
+            registry,
+            txlog: TxLog::start(pool.clone(), 16, 2),
+            cache: NamespaceCache::new(pool, Box::new(MemCatalog)),
+            db,
+        }
+    }
+
+    fn compile(doc: &Value) -> Arc<Namespace> {
+        Arc::new(procedure::compile(doc, 1, &MemCatalog, &NoExternal).expect("compiles"))
+    }
+
+    async fn run(&self, ns: &Arc<Namespace>, procedure: &str, model: TxModel, input: Value) -> Outcome {
+        let tx_id = Uuid::now_v7();
+        if model != TxModel::Read {
+            // Step records reference their transaction row.
+            let b = crate::txlog::Begin {
+                tx_id,
+                request_id: tx_id.to_string(),
+                namespace: "t".into(),
+                procedure: procedure.into(),
+                namespace_version: 1,
+                model: model.as_str(),
+                audit: false,
+                engine_id: "unit".into(),
+                lease_seconds: 30.0,
+                input: Value::Null,
+                principal_id: None,
+                priority: "normal",
+            };
+            self.txlog.write(crate::txlog::Record::Begin(b)).await.expect("begin");
+        }
+        let run = Run::new(tx_id, model, &self.registry, &self.txlog, &self.cache, None, None, json!({"id": "r"}), true);
+        run.execute(ns, &ns.procedures[procedure].clone(), input).await
+    }
+
+    fn calls(&self) -> Vec<(String, String)> {
+        self.mem.log.lock().expect("lock").iter().map(|(k, p, _)| (k.clone(), p.clone())).collect()
+    }
+
+    async fn done(self) {
+        if let Some(db) = self.db {
+            let _ = provisio_shared::db::drop_database(&db).await;
+        }
+    }
+}
+
+fn pairs(v: &[(&str, &str)]) -> Vec<(String, String)> {
+    v.iter().map(|(a, b)| ((*a).to_owned(), (*b).to_owned())).collect()
+}
+
+#[tokio::test]
+async fn call_input_save_and_output() {
+    let w = World::new(false).await;
+    let ns = World::compile(&json!({"namespace": "t", "procedures": {"p": {"steps": [
+        {"id": "a", "call": "mem.echo", "input": "{x: .input.n * 2}", "save": "{doubled: .result.x}"},
+        {"id": "b", "call": "mem.echo"}
+    ], "output": "{a: .steps.a, b: .steps.b, req: .request.id}"}}}));
+    let out = w.run(&ns, "p", TxModel::Read, json!({"n": 21})).await;
+    assert_eq!(out.result, Ok(json!({"a": {"doubled": 42}, "b": {"n": 21}, "req": "r"})));
+    w.done().await;
+}
+
+#[tokio::test]
+async fn when_skips_and_set_writes_vars() {
+    let w = World::new(false).await;
+    let ns = World::compile(&json!({"namespace": "t", "procedures": {"p": {"steps": [
+        {"set": {"greeting": "\"hi \" + .input.name", "n": "3"}},
+        {"id": "skipped", "when": ".vars.n > 5", "call": "mem.echo"},
+        {"id": "ran", "when": ".vars.n < 5", "call": "mem.echo", "input": "{g: .vars.greeting}"}
+    ], "output": "{vars: .vars, skipped: .steps.skipped, ran: .steps.ran}"}}}));
+    let out = w.run(&ns, "p", TxModel::Read, json!({"name": "Ada"})).await;
+    assert_eq!(out.result, Ok(json!({"vars": {"greeting": "hi Ada", "n": 3}, "skipped": null, "ran": {"g": "hi Ada"}})));
+    assert_eq!(w.calls(), pairs(&[("execute", "2")]));
+    w.done().await;
+}
+
+#[tokio::test]
+async fn for_each_runs_per_item_and_records_each_iteration() {
+    let w = World::new(false).await;
+    let ns = World::compile(&json!({"namespace": "t", "procedures": {"p": {"steps": [
+        {"id": "loop", "for_each": ".input.items", "as": "item", "steps": [
+            {"id": "each", "call": "mem.echo", "input": "{v: .item}"}
+        ]}
+    ], "output": ".steps.loop"}}}));
+    let out = w.run(&ns, "p", TxModel::Read, json!({"items": ["a", "b"]})).await;
+    assert_eq!(out.result, Ok(json!([{"each": {"v": "a"}}, {"each": {"v": "b"}}])));
+    assert_eq!(w.calls(), pairs(&[("execute", "0[0].0"), ("execute", "0[1].0")]));
+    let bad = w.run(&ns, "p", TxModel::Read, json!({"items": "nope"})).await;
+    assert_eq!(bad.result.expect_err("not an array").code, "expression_failed");
+    w.done().await;
+}
+
+#[tokio::test]
+async fn switch_picks_a_case_or_the_default() {
+    let w = World::new(false).await;
+    let ns = World::compile(&json!({"namespace": "t", "procedures": {"p": {"steps": [
+        {"switch": ".input.plan", "cases": {
+            "gold": [{"set": {"quota": "100"}}],
+            "1": [{"set": {"quota": "1"}}]
+        }, "default": [{"set": {"quota": "10"}}]}
+    ], "output": ".vars.quota"}}}));
+    assert_eq!(w.run(&ns, "p", TxModel::Read, json!({"plan": "gold"})).await.result, Ok(json!(100)));
+    assert_eq!(w.run(&ns, "p", TxModel::Read, json!({"plan": 1})).await.result, Ok(json!(1)));
+    assert_eq!(w.run(&ns, "p", TxModel::Read, json!({"plan": "tin"})).await.result, Ok(json!(10)));
+    w.done().await;
+}
+
+#[tokio::test]
+async fn fail_raises_a_coded_error_with_its_step() {
+    let w = World::new(false).await;
+    let ns = World::compile(&json!({"namespace": "t", "procedures": {"p": {"steps": [
+        {"call": "mem.echo"},
+        {"fail": {"code": "no_quota", "message": "\"user \" + .input.user + \" has no quota\""}}
+    ]}}}));
+    let f = w.run(&ns, "p", TxModel::Read, json!({"user": "bo"})).await.result.expect_err("fails");
+    assert_eq!((f.code.as_str(), f.message.as_str(), f.step.as_deref()), ("no_quota", "user bo has no quota", Some("1")));
+    w.done().await;
+}
+
+#[tokio::test]
+async fn nested_procedures_see_their_own_input_and_return_output() {
+    let w = World::new(false).await;
+    let ns = World::compile(&json!({"namespace": "t", "procedures": {
+        "outer": {"steps": [{"id": "u", "procedure": "inner", "input": "{name: .input.who}"}], "output": ".steps.u"},
+        "inner": {"steps": [{"id": "e", "call": "mem.echo", "input": "{hello: .input.name}"}], "output": ".steps.e.hello"}
+    }}));
+    let out = w.run(&ns, "outer", TxModel::Read, json!({"who": "Cy"})).await;
+    assert_eq!(out.result, Ok(json!("Cy")));
+    assert_eq!(w.calls(), pairs(&[("execute", "0>inner.0")]));
+    w.done().await;
+}
+
+#[tokio::test]
+async fn retries_only_retryable_errors_up_to_max_attempts() {
+    let w = World::new(false).await;
+    let ns = World::compile(&json!({"namespace": "t", "procedures": {
+        "ok": {"steps": [{"id": "f", "call": "mem.flaky", "input": "{n: 2}", "retry": {"max_attempts": 3, "initial_ms": 1, "max_ms": 2}}], "output": ".steps.f"},
+        "exhausted": {"steps": [{"call": "mem.flaky", "input": "{n: 5}", "retry": {"max_attempts": 2, "initial_ms": 1, "max_ms": 2}}]},
+        "permanent": {"steps": [{"call": "mem.fail", "retry": {"max_attempts": 5, "initial_ms": 1}}]}
+    }}));
+    assert_eq!(w.run(&ns, "ok", TxModel::Read, json!({})).await.result, Ok(json!({"attempts": 3})));
+    let f = w.run(&ns, "exhausted", TxModel::Read, json!({})).await.result.expect_err("exhausted");
+    assert_eq!(f.code, "transient");
+    let before = w.calls().len();
+    let f = w.run(&ns, "permanent", TxModel::Read, json!({})).await.result.expect_err("permanent");
+    assert_eq!(f.code, "boom");
+    assert_eq!(w.calls().len(), before + 1, "a permanent error is not retried");
+    w.done().await;
+}
+
+#[tokio::test]
+async fn expression_errors_fail_the_step_without_panicking() {
+    let w = World::new(false).await;
+    let ns = World::compile(&json!({"namespace": "t", "procedures": {
+        "input": {"steps": [{"call": "mem.echo", "input": ".input.n + \"x\""}]},
+        "when": {"steps": [{"call": "mem.echo", "when": "error(\"nope\")"}]},
+        "output": {"steps": [{"call": "mem.echo"}], "output": "empty"}
+    }}));
+    for (p, step) in [("input", "0"), ("when", "0"), ("output", "output.output")] {
+        let f = w.run(&ns, p, TxModel::Read, json!({"n": 1})).await.result.expect_err("fails");
+        assert_eq!(f.code, "expression_failed", "{p}: {f:?}");
+        assert_eq!(f.step.as_deref(), Some(step), "{p}");
+    }
+    assert_eq!(w.calls().len(), 1, "only the step before the bad output ran");
+    w.done().await;
+}
+
+#[tokio::test]
+async fn a_panicking_provider_fails_the_step() {
+    let w = World::new(false).await;
+    let ns = World::compile(&json!({"namespace": "t", "procedures": {"p": {"steps": [{"call": "mem.panic"}]}}}));
+    let f = w.run(&ns, "p", TxModel::Read, json!({})).await.result.expect_err("fails");
+    assert_eq!(f.code, "provider_panic");
+    w.done().await;
+}
+
+#[tokio::test]
+async fn compensating_failure_rolls_back_completed_steps_in_reverse_including_nested() {
+    let w = World::new(true).await;
+    let ns = World::compile(&json!({"namespace": "t", "procedures": {
+        "p": {"steps": [
+            {"call": "mem.echo", "input": "{n: 0}"},
+            {"procedure": "sub"},
+            {"call": "mem.fail"}
+        ]},
+        "sub": {"steps": [{"call": "mem.echo", "input": "{n: 1}"}, {"call": "mem.echo", "input": "{n: 2}"}]}
+    }}));
+    let out = w.run(&ns, "p", TxModel::Compensating, json!({})).await;
+    assert_eq!(out.result.expect_err("fails").code, "boom");
+    assert_eq!(out.rolled_back, 3);
+    assert!(!out.rollback_failed);
+    assert_eq!(
+        w.calls(),
+        pairs(&[
+            ("execute", "0"), ("execute", "1>sub.0"), ("execute", "1>sub.1"), ("execute", "2"),
+            ("rollback", "1>sub.1"), ("rollback", "1>sub.0"), ("rollback", "0"),
+        ])
+    );
+    w.done().await;
+}
+
+#[tokio::test]
+async fn try_rolls_back_its_own_steps_then_catch_sees_the_error() {
+    let w = World::new(true).await;
+    let ns = World::compile(&json!({"namespace": "t", "procedures": {"p": {"steps": [
+        {"id": "keep", "call": "mem.echo", "input": "{n: 0}"},
+        {"try": [
+            {"call": "mem.echo", "input": "{n: 1}"},
+            {"call": "mem.fail", "input": "{code: \"taken\"}"}
+        ], "catch": [
+            {"id": "handled", "call": "mem.echo", "input": "{saw: .error.code, at: .error.step}"}
+        ]}
+    ], "output": ".steps.handled"}}}));
+    let out = w.run(&ns, "p", TxModel::Compensating, json!({})).await;
+    assert_eq!(out.result, Ok(json!({"saw": "taken", "at": "1.try.1"})));
+    assert_eq!(
+        w.calls(),
+        pairs(&[("execute", "0"), ("execute", "1.try.0"), ("execute", "1.try.1"), ("rollback", "1.try.0"), ("execute", "1.catch.0")])
+    );
+    w.done().await;
+}
+
+#[tokio::test]
+async fn read_procedures_are_not_rolled_back() {
+    let w = World::new(false).await;
+    let ns = World::compile(&json!({"namespace": "t", "procedures": {"p": {"transaction": "read", "steps": [
+        {"call": "mem.echo"}, {"call": "mem.fail"}
+    ]}}}));
+    let out = w.run(&ns, "p", TxModel::Read, json!({})).await;
+    assert!(out.result.is_err());
+    assert_eq!(w.calls(), pairs(&[("execute", "0"), ("execute", "1")]));
+    assert!(out.pending.is_empty(), "read logs nothing step by step");
+    w.done().await;
+}
+
+#[tokio::test]
+async fn output_schema_is_enforced_when_validation_is_on() {
+    let w = World::new(false).await;
+    let ns = World::compile(&json!({"namespace": "t", "procedures": {"p": {
+        "output_schema": {"type": "object", "required": ["id"]},
+        "steps": [{"call": "mem.echo"}], "output": "{name: .input.name}"}}}));
+    let f = w.run(&ns, "p", TxModel::Read, json!({"name": "x"})).await.result.expect_err("fails");
+    assert_eq!(f.code, "output_invalid");
+    w.done().await;
+}
