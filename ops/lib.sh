@@ -539,12 +539,13 @@ stop_procs() {
 	for pid in "${PROVISIO_PIDS[@]}"; do
 		kill -TERM "$pid" 2>/dev/null || true
 	done
+	# (SIGKILL ends it below: a caller's `trap '' TERM` would make it ignore SIGTERM.)
 	sleep "$limit" &
 	watchdog=$!
 	while ((${#PROVISIO_PIDS[@]} > 0)); do
 		status=0
 		done_pid=''
-		wait -n -p done_pid "${PROVISIO_PIDS[@]}" "$watchdog" || status=$?
+		wait -n -p done_pid "${PROVISIO_PIDS[@]}" "$watchdog" 2>/dev/null || status=$?
 		if [[ -z $done_pid ]]; then
 			# Nothing left that this shell can wait for.
 			break
@@ -570,7 +571,7 @@ stop_procs() {
 		esac
 	done
 	if [[ -n $watchdog ]]; then
-		kill "$watchdog" 2>/dev/null || true
+		kill -KILL "$watchdog" 2>/dev/null || true
 		wait "$watchdog" 2>/dev/null || true
 	fi
 	PROVISIO_PIDS=()
