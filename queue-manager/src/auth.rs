@@ -5,9 +5,9 @@ use std::collections::HashMap;
 use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
+use argon2::Argon2;
 use argon2::password_hash::rand_core::OsRng;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use argon2::Argon2;
 use deadpool_postgres::Pool;
 use provisio_shared::domain::PrincipalRef;
 use rand::Rng;
@@ -58,14 +58,17 @@ impl KeyStore {
 
     pub async fn authenticate(&self, key: &str) -> Result<PrincipalRef, AuthError> {
         let cache_key = hex::encode(Sha256::digest(key.as_bytes()));
-        if let Ok(cache) = self.cache.read() {
-            if let Some((p, at)) = cache.get(&cache_key) {
-                if at.elapsed() < self.ttl {
-                    return Ok(p.clone());
-                }
-            }
+        if let Ok(cache) = self.cache.read()
+            && let Some((p, at)) = cache.get(&cache_key)
+            && at.elapsed() < self.ttl
+        {
+            return Ok(p.clone());
         }
-        let client = self.pool.get().await.map_err(|e| AuthError::Db(e.to_string()))?;
+        let client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| AuthError::Db(e.to_string()))?;
         let rows = client
             .query(
                 "SELECT k.hash, p.id, p.name FROM api_keys k JOIN principals p ON p.id = k.principal_id \
@@ -80,8 +83,11 @@ impl KeyStore {
             let key = key.to_owned();
             // argon2 is CPU-heavy by design; keep it off the async workers.
             let ok = tokio::task::spawn_blocking(move || {
-                PasswordHash::new(&hash)
-                    .is_ok_and(|h| Argon2::default().verify_password(key.as_bytes(), &h).is_ok())
+                PasswordHash::new(&hash).is_ok_and(|h| {
+                    Argon2::default()
+                        .verify_password(key.as_bytes(), &h)
+                        .is_ok()
+                })
             })
             .await
             .unwrap_or(false);
@@ -92,7 +98,11 @@ impl KeyStore {
         }
         let (id, name) = found.ok_or(AuthError::Invalid)?;
         let permissions = permissions_of(&client, id).await?;
-        let principal = PrincipalRef { id, name, permissions };
+        let principal = PrincipalRef {
+            id,
+            name,
+            permissions,
+        };
         if let Ok(mut cache) = self.cache.write() {
             cache.retain(|_, (_, at)| at.elapsed() < self.ttl);
             cache.insert(cache_key, (principal.clone(), Instant::now()));
@@ -188,8 +198,16 @@ mod tests {
         assert!(key.starts_with("pv_") && key.len() == 43);
         let hash = hash_key(&key).expect("hashes");
         let parsed = PasswordHash::new(&hash).expect("parses");
-        assert!(Argon2::default().verify_password(key.as_bytes(), &parsed).is_ok());
-        assert!(Argon2::default().verify_password(b"other", &parsed).is_err());
+        assert!(
+            Argon2::default()
+                .verify_password(key.as_bytes(), &parsed)
+                .is_ok()
+        );
+        assert!(
+            Argon2::default()
+                .verify_password(b"other", &parsed)
+                .is_err()
+        );
     }
 
     #[test]

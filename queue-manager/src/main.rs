@@ -36,7 +36,9 @@ async fn main() -> anyhow::Result<()> {
     }
     telemetry::init_tracing(&cfg.log);
     if cfg.security.signing_key.is_empty() {
-        bail!("security.signing_key is required (set PROVISIO_SIGNING_KEY or security.signing_key_file)");
+        bail!(
+            "security.signing_key is required (set PROVISIO_SIGNING_KEY or security.signing_key_file)"
+        );
     }
     let metrics = telemetry::install_metrics()
         .map_err(anyhow::Error::msg)
@@ -85,7 +87,11 @@ async fn main() -> anyhow::Result<()> {
             loop {
                 let up = publisher.ensure_connected().await.is_ok();
                 ready.set(up);
-                metrics::gauge!(provisio_shared::metrics::BROKER_UP).set(if up { 1.0 } else { 0.0 });
+                metrics::gauge!(provisio_shared::metrics::BROKER_UP).set(if up {
+                    1.0
+                } else {
+                    0.0
+                });
                 tokio::time::sleep(Duration::from_secs(2)).await;
             }
         })

@@ -134,7 +134,10 @@ impl Topology {
             "x-delivery-limit".into(),
             AMQPValue::LongUInt(self.delivery_limit),
         );
-        args.insert("x-dead-letter-exchange".into(), long_str(&self.dead_exchange()));
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            long_str(&self.dead_exchange()),
+        );
         args
     }
 
@@ -245,10 +248,11 @@ impl Publisher {
 
     async fn channel(&self) -> Result<Arc<Live>, AmqpError> {
         let mut guard = self.live.lock().await;
-        if let Some(live) = guard.as_ref() {
-            if live.conn.status().connected() && live.channel.status().connected() {
-                return Ok(live.clone());
-            }
+        if let Some(live) = guard.as_ref()
+            && live.conn.status().connected()
+            && live.channel.status().connected()
+        {
+            return Ok(live.clone());
         }
         *guard = None;
         let conn = connect(&self.url, self.confirm_timeout).await?;

@@ -44,7 +44,11 @@ impl Secret {
 
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(if self.0.is_empty() { "\"\"" } else { "\"********\"" })
+        f.write_str(if self.0.is_empty() {
+            "\"\""
+        } else {
+            "\"********\""
+        })
     }
 }
 
@@ -54,7 +58,7 @@ impl Serialize for Secret {
     }
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub database: DatabaseConfig,
@@ -129,7 +133,7 @@ pub struct EngineConfig {
     pub grace_seconds: u64,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct SecurityConfig {
     /// HMAC key that the queue manager signs envelopes with and engines verify.
@@ -140,7 +144,7 @@ pub struct SecurityConfig {
     pub bootstrap_admin_key_file: Option<PathBuf>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ProvidersConfig {
     pub test: TestProviderConfig,
@@ -167,22 +171,6 @@ pub struct LogConfig {
     pub format: String,
     /// A `tracing` filter such as `info,provisio=debug`; `RUST_LOG` wins when set.
     pub level: String,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            database: DatabaseConfig::default(),
-            txlog: TxLogConfig::default(),
-            amqp: AmqpConfig::default(),
-            queue_manager: QueueManagerConfig::default(),
-            engine: EngineConfig::default(),
-            security: SecurityConfig::default(),
-            providers: ProvidersConfig::default(),
-            validation: ValidationConfig::default(),
-            log: LogConfig::default(),
-        }
-    }
 }
 
 impl Default for DatabaseConfig {
@@ -236,25 +224,6 @@ impl Default for EngineConfig {
             prefetch: 64,
             lease_seconds: 30,
             grace_seconds: 20,
-        }
-    }
-}
-
-impl Default for SecurityConfig {
-    fn default() -> Self {
-        Self {
-            signing_key: Secret::default(),
-            signing_key_file: None,
-            bootstrap_admin_key: Secret::default(),
-            bootstrap_admin_key_file: None,
-        }
-    }
-}
-
-impl Default for ProvidersConfig {
-    fn default() -> Self {
-        Self {
-            test: TestProviderConfig::default(),
         }
     }
 }
@@ -322,12 +291,11 @@ impl Config {
     fn read_secret_files(&mut self) -> Result<(), ConfigError> {
         fn read(slot: &mut Secret, path: Option<&PathBuf>) -> Result<(), ConfigError> {
             if let Some(path) = path {
-                let text = std::fs::read_to_string(path).map_err(|source| {
-                    ConfigError::SecretFile {
+                let text =
+                    std::fs::read_to_string(path).map_err(|source| ConfigError::SecretFile {
                         path: path.clone(),
                         source,
-                    }
-                })?;
+                    })?;
                 *slot = Secret::new(text.trim());
             }
             Ok(())
@@ -358,7 +326,9 @@ impl Config {
             )));
         }
         if self.engine.prefetch == 0 {
-            return Err(ConfigError::Invalid("engine.prefetch must be at least 1".into()));
+            return Err(ConfigError::Invalid(
+                "engine.prefetch must be at least 1".into(),
+            ));
         }
         if self.txlog.max_batch == 0 || self.txlog.writers == 0 {
             return Err(ConfigError::Invalid(
@@ -390,6 +360,7 @@ impl Config {
 }
 
 #[cfg(test)]
+#[allow(clippy::result_large_err)] // figment's Jail closures return its large error type
 mod tests {
     use super::*;
     use figment::Jail;
@@ -405,7 +376,10 @@ mod tests {
     #[test]
     fn env_overrides_file_and_secrets_are_masked() {
         Jail::expect_with(|jail| {
-            jail.create_file("p.toml", "[amqp]\nprefix = \"fromfile\"\n[engine]\nprefetch = 7\n")?;
+            jail.create_file(
+                "p.toml",
+                "[amqp]\nprefix = \"fromfile\"\n[engine]\nprefetch = 7\n",
+            )?;
             jail.set_env("PROVISIO_AMQP__PREFIX", "fromenv");
             jail.set_env("PROVISIO_BOOTSTRAP_ADMIN_KEY", "hunter2");
             let cfg = Config::load(Some(Path::new("p.toml"))).expect("loads");

@@ -86,7 +86,7 @@ pub async fn connect_with_retry(
 /// Applies pending migrations. Safe to call from many processes at once: an advisory lock
 /// makes the second wait for the first, then find nothing to do.
 pub async fn migrate(url: &Secret) -> Result<(), DbError> {
-    let mut client = connect_with_retry(url, Duration::from_secs(60)).await?;
+    let mut client = connect_with_retry(url, Duration::from_mins(1)).await?;
     client
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
         .await?;

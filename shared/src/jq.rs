@@ -104,7 +104,10 @@ impl Expr {
 
     /// Evaluates a condition with jq's truthiness: everything but `false` and `null` is true.
     pub fn eval_bool(&self, input: &Value) -> Result<bool, EvalError> {
-        Ok(!matches!(self.eval_one(input)?, Value::Null | Value::Bool(false)))
+        Ok(!matches!(
+            self.eval_one(input)?,
+            Value::Null | Value::Bool(false)
+        ))
     }
 }
 
@@ -114,12 +117,16 @@ fn describe_load_errors<P>(errs: &jaq_core::load::Errors<&str, P>) -> String {
     for (_, e) in errs {
         match e {
             Error::Io(v) => parts.extend(v.iter().map(|(p, m)| format!("cannot import {p}: {m}"))),
-            Error::Lex(v) => parts.extend(v.iter().map(|(expect, at)| {
-                format!("expected {} at `{}`", expect.as_str(), truncate(at))
-            })),
-            Error::Parse(v) => parts.extend(v.iter().map(|(expect, at)| {
-                format!("expected {} at `{}`", expect.as_str(), truncate(at))
-            })),
+            Error::Lex(v) => {
+                parts.extend(v.iter().map(|(expect, at)| {
+                    format!("expected {} at `{}`", expect.as_str(), truncate(at))
+                }));
+            }
+            Error::Parse(v) => {
+                parts.extend(v.iter().map(|(expect, at)| {
+                    format!("expected {} at `{}`", expect.as_str(), truncate(at))
+                }));
+            }
         }
     }
     if parts.is_empty() {
@@ -202,7 +209,9 @@ mod tests {
     #[test]
     fn evaluates_object_construction() {
         let e = Expr::compile("{name: .input.org, n: (.input.q // 1024)}").expect("compiles");
-        let out = e.eval_one(&json!({"input": {"org": "acme"}})).expect("runs");
+        let out = e
+            .eval_one(&json!({"input": {"org": "acme"}}))
+            .expect("runs");
         assert_eq!(out, json!({"name": "acme", "n": 1024}));
     }
 
@@ -221,10 +230,15 @@ mod tests {
     #[test]
     fn runtime_errors_are_values_not_panics() {
         let e = Expr::compile(".a + 1").expect("compiles");
-        let err = e.eval_one(&json!({"a": "x"})).expect_err("string + number fails");
+        let err = e
+            .eval_one(&json!({"a": "x"}))
+            .expect_err("string + number fails");
         assert!(matches!(err, EvalError::Failed { .. }));
         let e = Expr::compile("empty").expect("compiles");
-        assert!(matches!(e.eval_one(&json!(1)), Err(EvalError::Empty { .. })));
+        assert!(matches!(
+            e.eval_one(&json!(1)),
+            Err(EvalError::Empty { .. })
+        ));
     }
 
     #[test]

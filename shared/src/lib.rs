@@ -3,17 +3,17 @@
 //! Binaries depend on this crate; it depends on no binary. Wire formats (the request envelope,
 //! AMQP names, SQL schema) are defined here once so that a producer and a consumer cannot drift.
 
-pub mod jq;
+pub mod amqp;
+pub mod catalog;
 pub mod config;
-pub mod domain;
 pub mod db;
+pub mod domain;
+pub mod jq;
 pub mod metrics;
+pub mod namespaces;
+pub mod procedure;
+pub mod provider;
 pub mod retry;
 pub mod shutdown;
 pub mod signing;
 pub mod telemetry;
-pub mod amqp;
-pub mod procedure;
-pub mod catalog;
-pub mod namespaces;
-pub mod provider;

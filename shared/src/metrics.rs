@@ -27,24 +27,104 @@ pub const AUDIT_ROWS_SWEPT: &str = "provisio_audit_rows_swept_total";
 
 /// Registers descriptions with the installed recorder; call once after installing it.
 pub fn describe() {
-    describe_counter!(REQUESTS_ACCEPTED, Unit::Count, "Requests accepted (durable) by the queue manager, by namespace, procedure and lane.");
-    describe_counter!(REQUESTS_REJECTED, Unit::Count, "Requests the queue manager refused, by error code.");
-    describe_counter!(REQUESTS_FINISHED, Unit::Count, "Requests that reached a final status, by namespace, procedure and status.");
-    describe_histogram!(REQUEST_DURATION, Unit::Seconds, "From submission to final status, by namespace, procedure and status.");
-    describe_histogram!(REQUEST_RUN_DURATION, Unit::Seconds, "From delivery to final status in the engine, by namespace, procedure and status.");
-    describe_histogram!(STEP_DURATION, Unit::Seconds, "Provider call duration, by namespace, procedure and provider.");
-    describe_counter!(STEP_RETRIES, Unit::Count, "Step retries after retryable provider errors, by provider.");
-    describe_counter!(ROLLBACKS, Unit::Count, "Transactions rolled back, by namespace and procedure.");
-    describe_histogram!(PUBLISH_DURATION, Unit::Seconds, "Publish to broker confirm, as seen by the queue manager.");
-    describe_gauge!(BROKER_UP, Unit::Count, "1 while the process has a working broker connection.");
-    describe_counter!(DEAD_LETTERS, Unit::Count, "Messages sent to the dead-letter queue, by reason.");
-    describe_gauge!(INFLIGHT, Unit::Count, "Requests an engine is running right now.");
-    describe_gauge!(QUEUE_DEPTH, Unit::Count, "Messages ready in each request lane.");
-    describe_histogram!(TXLOG_BATCH_SIZE, Unit::Count, "Records committed together by the transaction-log group-commit writer.");
-    describe_histogram!(TXLOG_COMMIT_DURATION, Unit::Seconds, "Duration of one group commit of the transaction log.");
-    describe_gauge!(TXLOG_POOL_IN_USE, Unit::Count, "Transaction-log connections in use, by server.");
-    describe_gauge!(TXLOG_BAD_SERVERS, Unit::Count, "Transaction-log servers currently on the bad-server list.");
-    describe_gauge!(IN_DOUBT, Unit::Count, "Transactions whose rollback could not complete.");
-    describe_counter!(PROVIDER_CALLS, Unit::Count, "Provider calls, by provider, action and outcome.");
-    describe_counter!(AUDIT_ROWS_SWEPT, Unit::Count, "Rows moved from the transaction log into audit tables.");
+    describe_counter!(
+        REQUESTS_ACCEPTED,
+        Unit::Count,
+        "Requests accepted (durable) by the queue manager, by namespace, procedure and lane."
+    );
+    describe_counter!(
+        REQUESTS_REJECTED,
+        Unit::Count,
+        "Requests the queue manager refused, by error code."
+    );
+    describe_counter!(
+        REQUESTS_FINISHED,
+        Unit::Count,
+        "Requests that reached a final status, by namespace, procedure and status."
+    );
+    describe_histogram!(
+        REQUEST_DURATION,
+        Unit::Seconds,
+        "From submission to final status, by namespace, procedure and status."
+    );
+    describe_histogram!(
+        REQUEST_RUN_DURATION,
+        Unit::Seconds,
+        "From delivery to final status in the engine, by namespace, procedure and status."
+    );
+    describe_histogram!(
+        STEP_DURATION,
+        Unit::Seconds,
+        "Provider call duration, by namespace, procedure and provider."
+    );
+    describe_counter!(
+        STEP_RETRIES,
+        Unit::Count,
+        "Step retries after retryable provider errors, by provider."
+    );
+    describe_counter!(
+        ROLLBACKS,
+        Unit::Count,
+        "Transactions rolled back, by namespace and procedure."
+    );
+    describe_histogram!(
+        PUBLISH_DURATION,
+        Unit::Seconds,
+        "Publish to broker confirm, as seen by the queue manager."
+    );
+    describe_gauge!(
+        BROKER_UP,
+        Unit::Count,
+        "1 while the process has a working broker connection."
+    );
+    describe_counter!(
+        DEAD_LETTERS,
+        Unit::Count,
+        "Messages sent to the dead-letter queue, by reason."
+    );
+    describe_gauge!(
+        INFLIGHT,
+        Unit::Count,
+        "Requests an engine is running right now."
+    );
+    describe_gauge!(
+        QUEUE_DEPTH,
+        Unit::Count,
+        "Messages ready in each request lane."
+    );
+    describe_histogram!(
+        TXLOG_BATCH_SIZE,
+        Unit::Count,
+        "Records committed together by the transaction-log group-commit writer."
+    );
+    describe_histogram!(
+        TXLOG_COMMIT_DURATION,
+        Unit::Seconds,
+        "Duration of one group commit of the transaction log."
+    );
+    describe_gauge!(
+        TXLOG_POOL_IN_USE,
+        Unit::Count,
+        "Transaction-log connections in use, by server."
+    );
+    describe_gauge!(
+        TXLOG_BAD_SERVERS,
+        Unit::Count,
+        "Transaction-log servers currently on the bad-server list."
+    );
+    describe_gauge!(
+        IN_DOUBT,
+        Unit::Count,
+        "Transactions whose rollback could not complete."
+    );
+    describe_counter!(
+        PROVIDER_CALLS,
+        Unit::Count,
+        "Provider calls, by provider, action and outcome."
+    );
+    describe_counter!(
+        AUDIT_ROWS_SWEPT,
+        Unit::Count,
+        "Rows moved from the transaction log into audit tables."
+    );
 }

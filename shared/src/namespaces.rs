@@ -42,7 +42,11 @@ impl NamespaceCache {
 
     /// The current version, or `None` when the namespace does not exist.
     pub async fn current(&self, name: &str) -> Result<Option<Arc<Namespace>>, NamespaceError> {
-        let client = self.pool.get().await.map_err(|e| NamespaceError::Db(e.to_string()))?;
+        let client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| NamespaceError::Db(e.to_string()))?;
         let stmt = client
             .prepare_cached("SELECT max(version) FROM namespaces WHERE name = $1")
             .await
@@ -68,7 +72,11 @@ impl NamespaceCache {
         if let Some(ns) = self.read_cache(&key) {
             return Ok(Some(ns));
         }
-        let client = self.pool.get().await.map_err(|e| NamespaceError::Db(e.to_string()))?;
+        let client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| NamespaceError::Db(e.to_string()))?;
         let row = client
             .query_opt(
                 "SELECT document FROM namespaces WHERE name = $1 AND version = $2",

@@ -94,7 +94,11 @@ mod tests {
     async fn retries_until_success() {
         let policy = Backoff::attempts(5, Duration::from_millis(1), Duration::from_millis(2));
         let out: Result<u32, &str> = retry(&policy, |n| async move {
-            if n < 3 { Err(Attempt::Retry("not yet")) } else { Ok(n) }
+            if n < 3 {
+                Err(Attempt::Retry("not yet"))
+            } else {
+                Ok(n)
+            }
         })
         .await;
         assert_eq!(out, Ok(3));

@@ -20,19 +20,25 @@ pub mod proxy;
 
 /// PostgreSQL server URL without a database name.
 pub fn pg_base() -> String {
-    std::env::var("PROVISIO_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+    std::env::var("PROVISIO_TEST_PG")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
 }
 
 pub fn amqp_url() -> String {
-    std::env::var("PROVISIO_TEST_AMQP").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+    std::env::var("PROVISIO_TEST_AMQP")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
 fn target_dir() -> PathBuf {
     // Test executables live in target/<profile>/deps.
     let exe = std::env::current_exe().unwrap_or_default();
     let deps = exe.parent().map(PathBuf::from).unwrap_or_default();
-    let profile_dir = if deps.ends_with("deps") { deps.parent().map(PathBuf::from).unwrap_or(deps) } else { deps };
-    profile_dir
+
+    if deps.ends_with("deps") {
+        deps.parent().map(PathBuf::from).unwrap_or(deps)
+    } else {
+        deps
+    }
 }
 
 /// Builds the binaries once per test process, so `cargo test` alone never runs stale ones.
@@ -45,12 +51,23 @@ pub fn binary(name: &str) -> PathBuf {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let profile_release = target_dir().ends_with("release");
         let mut cmd = std::process::Command::new(cargo);
-        cmd.args(["build", "--bins", "-p", "provisio-queue-manager", "-p", "provisio-worker"]);
+        cmd.args([
+            "build",
+            "--bins",
+            "-p",
+            "provisio-queue-manager",
+            "-p",
+            "provisio-worker",
+        ]);
         if profile_release {
             cmd.arg("--release");
         }
         let status = cmd.status().map_err(|e| e.to_string())?;
-        if status.success() { Ok(()) } else { Err(format!("cargo build failed: {status}")) }
+        if status.success() {
+            Ok(())
+        } else {
+            Err(format!("cargo build failed: {status}"))
+        }
     });
     if let Err(e) = built {
         panic!("building the binaries: {e}");
@@ -69,9 +86,11 @@ impl Proc {
     /// Sends SIGTERM and waits for the exit code.
     pub async fn terminate(mut self) -> anyhow::Result<std::process::ExitStatus> {
         if let Some(pid) = self.child.id() {
-            std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status()?;
+            std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()?;
         }
-        let status = tokio::time::timeout(Duration::from_secs(60), self.child.wait()).await??;
+        let status = tokio::time::timeout(Duration::from_mins(1), self.child.wait()).await??;
         Ok(status)
     }
 
@@ -104,7 +123,9 @@ impl TestEnv {
             amqp_url: amqp_url(),
             signing_key: format!("sign-{suffix}"),
             admin_key: format!("admin-{suffix}"),
-            http: reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()?,
             extra_env: vec![("PROVISIO_PROVIDERS__TEST__ENABLED".into(), "true".into())],
         })
     }
@@ -130,12 +151,26 @@ impl TestEnv {
     }
 
     /// Starts a binary with this environment plus `overrides`, waiting for its ready line.
-    pub async fn spawn(&self, bin: &str, args: &[&str], overrides: &[(&str, &str)]) -> anyhow::Result<Proc> {
+    pub async fn spawn(
+        &self,
+        bin: &str,
+        args: &[&str],
+        overrides: &[(&str, &str)],
+    ) -> anyhow::Result<Proc> {
         let logs = target_dir().join("e2e-logs");
         std::fs::create_dir_all(&logs)?;
         let n = std::sync::atomic::AtomicUsize::new(0);
-        let log = logs.join(format!("{}-{}-{}-{}.log", self.name, bin, self.prefix, n.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + std::process::id() as usize));
-        let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        let log = logs.join(format!(
+            "{}-{}-{}-{}.log",
+            self.name,
+            bin,
+            self.prefix,
+            n.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + std::process::id() as usize
+        ));
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
         let mut cmd = Command::new(binary(bin));
         cmd.args(args)
             .env_clear()
@@ -156,7 +191,7 @@ impl TestEnv {
             }
             Ok(None)
         };
-        let url = match tokio::time::timeout(Duration::from_secs(120), wait).await {
+        let url = match tokio::time::timeout(Duration::from_mins(2), wait).await {
             Ok(Ok(Some(url))) => url,
             other => {
                 let text = std::fs::read_to_string(&log).unwrap_or_default();
@@ -183,7 +218,10 @@ impl TestEnv {
     }
 
     pub fn topology(&self) -> Topology {
-        Topology::new(&AmqpConfig { prefix: self.prefix.clone(), ..AmqpConfig::default() })
+        Topology::new(&AmqpConfig {
+            prefix: self.prefix.clone(),
+            ..AmqpConfig::default()
+        })
     }
 
     /// PUT a namespace document (YAML or JSON text) as admin; returns (status, body).
@@ -226,26 +264,55 @@ impl TestEnv {
 
     /// Subscribes to the outcome exchange. Create it before submitting, then `wait_for`.
     pub async fn outcomes(&self) -> anyhow::Result<Outcomes> {
-        let conn = lapin::Connection::connect(&self.amqp_url, lapin::ConnectionProperties::default()).await?;
+        let conn =
+            lapin::Connection::connect(&self.amqp_url, lapin::ConnectionProperties::default())
+                .await?;
         let ch = conn.create_channel().await?;
         self.topology().declare(&ch).await?;
         let q = ch
-            .queue_declare("".into(), QueueDeclareOptions { exclusive: true, auto_delete: true, ..QueueDeclareOptions::default() }, FieldTable::default())
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
             .await?;
-        ch.queue_bind(q.name().clone(), self.topology().results_exchange().into(), "#".into(), QueueBindOptions::default(), FieldTable::default())
-            .await?;
+        ch.queue_bind(
+            q.name().clone(),
+            self.topology().results_exchange().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
         let consumer = ch
-            .basic_consume(q.name().clone(), "outcomes".into(), BasicConsumeOptions { no_ack: true, ..BasicConsumeOptions::default() }, FieldTable::default())
+            .basic_consume(
+                q.name().clone(),
+                "outcomes".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
             .await?;
-        Ok(Outcomes { _conn: conn, consumer, seen: Vec::new() })
+        Ok(Outcomes {
+            _conn: conn,
+            consumer,
+            seen: Vec::new(),
+        })
     }
 
     /// Drops the database and the AMQP names of this test.
     pub async fn cleanup(self) {
-        if let Ok(conn) = lapin::Connection::connect(&self.amqp_url, lapin::ConnectionProperties::default()).await {
-            if let Ok(ch) = conn.create_channel().await {
-                let _ = self.topology().delete(&ch).await;
-            }
+        if let Ok(conn) =
+            lapin::Connection::connect(&self.amqp_url, lapin::ConnectionProperties::default()).await
+            && let Ok(ch) = conn.create_channel().await
+        {
+            let _ = self.topology().delete(&ch).await;
         }
         let _ = provisio_shared::db::drop_database(&Secret::new(self.db_url.clone())).await;
     }
@@ -264,7 +331,11 @@ impl Outcomes {
         if !self.seen.is_empty() {
             return Ok(self.seen.remove(0));
         }
-        let d = self.consumer.next().await.context("outcome stream ended")??;
+        let d = self
+            .consumer
+            .next()
+            .await
+            .context("outcome stream ended")??;
         Ok(serde_json::from_slice(&d.data)?)
     }
 
@@ -284,7 +355,7 @@ impl Outcomes {
             }
             bail!("outcome stream ended")
         };
-        tokio::time::timeout(Duration::from_secs(60), fut)
+        tokio::time::timeout(Duration::from_mins(1), fut)
             .await
             .with_context(|| format!("no outcome for {id} within 60 s"))?
     }
@@ -296,6 +367,7 @@ pub fn demo_namespace() -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
 
+#[allow(clippy::needless_pass_by_value)] // call sites read better with `json!(..)` inline
 pub fn request(namespace: &str, procedure: &str, input: Value) -> Value {
     json!({"namespace": namespace, "procedure": procedure, "input": input})
 }

@@ -18,7 +18,11 @@ impl Proxy {
     pub async fn start(upstream: SocketAddr) -> anyhow::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        let p = Self { addr, upstream, task: Arc::new(Mutex::new(None)) };
+        let p = Self {
+            addr,
+            upstream,
+            task: Arc::new(Mutex::new(None)),
+        };
         p.serve(listener).await;
         Ok(p)
     }

@@ -10,10 +10,15 @@ use serde_json::json;
 #[tokio::test]
 async fn broker_outage_gives_503_and_recovers_without_restart() -> anyhow::Result<()> {
     let env = TestEnv::new("outage").await?;
-    let upstream = tokio::net::lookup_host("127.0.0.1:5672").await?.next().expect("address");
+    let upstream = tokio::net::lookup_host("127.0.0.1:5672")
+        .await?
+        .next()
+        .expect("address");
     let proxy = Proxy::start(upstream).await?;
     let via_proxy = format!("amqp://guest:guest@{}/%2f", proxy.addr);
-    let qm = env.spawn("queue-manager", &[], &[("PROVISIO_AMQP_URL", &via_proxy)]).await?;
+    let qm = env
+        .spawn("queue-manager", &[], &[("PROVISIO_AMQP_URL", &via_proxy)])
+        .await?;
     env.apply(&qm, "demo", &demo_namespace()).await?;
     let mut body = request("demo", "hello", json!({"name": "Ed"}));
 
@@ -23,24 +28,44 @@ async fn broker_outage_gives_503_and_recovers_without_restart() -> anyhow::Resul
 
     proxy.cut().await;
     // The answer must come within 5 seconds: the client gives up after that.
-    let quick = reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?;
+    let quick = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()?;
     body["id"] = json!("during");
-    let r = quick.post(format!("{}/v1/requests", qm.url)).bearer_auth(&env.admin_key).json(&body).send().await?;
+    let r = quick
+        .post(format!("{}/v1/requests", qm.url))
+        .bearer_auth(&env.admin_key)
+        .json(&body)
+        .send()
+        .await?;
     assert_eq!(r.status().as_u16(), 503);
     let err: serde_json::Value = r.json().await?;
     assert_eq!(err["error"]["code"], "unavailable");
     // Nothing was half-accepted.
     let pg = env.pg().await?;
-    let n: i64 = pg.query_one("SELECT count(*) FROM requests WHERE id = 'during'", &[]).await?.get(0);
+    let n: i64 = pg
+        .query_one("SELECT count(*) FROM requests WHERE id = 'during'", &[])
+        .await?
+        .get(0);
     assert_eq!(n, 0);
     let ready = quick.get(format!("{}/readyz", qm.url)).send().await?;
-    assert_eq!(ready.status().as_u16(), 503, "readiness reflects the outage");
+    assert_eq!(
+        ready.status().as_u16(),
+        503,
+        "readiness reflects the outage"
+    );
 
     proxy.restore().await?;
     // Wait for the queue manager to notice (its readiness probe reconnects), bounded.
     let mut ready = false;
     for _ in 0..100 {
-        if quick.get(format!("{}/readyz", qm.url)).send().await?.status().is_success() {
+        if quick
+            .get(format!("{}/readyz", qm.url))
+            .send()
+            .await?
+            .status()
+            .is_success()
+        {
             ready = true;
             break;
         }
@@ -48,12 +73,22 @@ async fn broker_outage_gives_503_and_recovers_without_restart() -> anyhow::Resul
     }
     assert!(ready, "queue manager reconnected");
     let (status, b) = env.submit(&qm, &body).await?;
-    assert_eq!(status, 202, "the same id is accepted once the broker is back: {b}");
+    assert_eq!(
+        status, 202,
+        "the same id is accepted once the broker is back: {b}"
+    );
 
     // Both accepted requests are really in the broker.
-    let depth = provisio_shared::amqp::Publisher::new(&env.amqp_url, env.topology(), Duration::from_secs(5))
-        .queue_depth(&env.topology().lane_queue(provisio_shared::domain::Priority::Normal))
-        .await?;
+    let depth = provisio_shared::amqp::Publisher::new(
+        &env.amqp_url,
+        env.topology(),
+        Duration::from_secs(5),
+    )
+    .queue_depth(
+        &env.topology()
+            .lane_queue(provisio_shared::domain::Priority::Normal),
+    )
+    .await?;
     assert_eq!(depth, 2);
     drop(qm);
     proxy.cut().await;

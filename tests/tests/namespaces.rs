@@ -73,20 +73,41 @@ async fn a_namespace_using_every_step_kind_runs_through_the_queue() -> R {
     let (qm, engine) = tokio::try_join!(env.queue_manager(), env.engine())?;
     let (status, body) = env.apply(&qm, "kinds", EVERY_KIND).await?;
     assert_eq!(status, 201, "{body}");
-    let rec = run(&env, &qm, "main", json!({"org": "acme", "user": "ada", "aliases": ["a1", "a2"]})).await?;
+    let rec = run(
+        &env,
+        &qm,
+        "main",
+        json!({"org": "acme", "user": "ada", "aliases": ["a1", "a2"]}),
+    )
+    .await?;
     assert_eq!(rec["status"], "succeeded", "{rec}");
     assert_eq!(
         rec["output"],
         json!({"org": "org-acme", "user": "ada@org-acme", "aliases": ["a1", "a2"], "quota": 10, "recovered": "dup", "skipped": null})
     );
-    let rec = run(&env, &qm, "main", json!({"org": "acme", "user": "bo", "aliases": [], "plan": "gold"})).await?;
+    let rec = run(
+        &env,
+        &qm,
+        "main",
+        json!({"org": "acme", "user": "bo", "aliases": [], "plan": "gold"}),
+    )
+    .await?;
     assert_eq!(rec["output"]["quota"], 100);
-    assert_eq!(rec["output"]["skipped"], json!({"org": "acme", "user": "bo", "aliases": [], "plan": "gold"}), "`when` was true");
+    assert_eq!(
+        rec["output"]["skipped"],
+        json!({"org": "acme", "user": "bo", "aliases": [], "plan": "gold"}),
+        "`when` was true"
+    );
     let rec = run(&env, &qm, "refuse", json!({"what": "way"})).await?;
     assert_eq!(rec["status"], "failed");
-    assert_eq!(rec["error"], json!({"code": "not_allowed", "message": "no way", "step": "0"}));
+    assert_eq!(
+        rec["error"],
+        json!({"code": "not_allowed", "message": "no way", "step": "0"})
+    );
     // A private procedure cannot be named by a plain producer.
-    let (status, body) = env.submit(&qm, &request("kinds", "make_user", json!({}))).await?;
+    let (status, body) = env
+        .submit(&qm, &request("kinds", "make_user", json!({})))
+        .await?;
     assert_eq!(status, 202, "admins hold execute_private: {body}");
     drop((qm, engine));
     env.cleanup().await;
@@ -99,7 +120,7 @@ async fn an_invalid_namespace_is_rejected_with_all_errors_and_the_previous_versi
     let (qm, engine) = tokio::try_join!(env.queue_manager(), env.engine())?;
     let (status, _) = env.apply(&qm, "kinds", EVERY_KIND).await?;
     assert_eq!(status, 201);
-    let broken = r#"
+    let broken = r"
 namespace: kinds
 procedures:
   main:
@@ -113,16 +134,34 @@ procedures:
       - procedure: missing
   a: {steps: [{procedure: b}]}
   b: {steps: [{procedure: a}]}
-"#;
+";
     let (status, body) = env.apply(&qm, "kinds", broken).await?;
     assert_eq!(status, 422, "{body}");
-    let details = body["error"]["details"].as_array().cloned().unwrap_or_default();
+    let details = body["error"]["details"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     let paths: Vec<&str> = details.iter().filter_map(|d| d["path"].as_str()).collect();
-    for expected in ["procedures.main.transaction", "procedures.main.input_schema", "procedures.main.steps[0].call", "procedures.main.steps[1].input", "procedures.main.steps[2].procedure", "procedures.a"] {
-        assert!(paths.contains(&expected), "{expected} missing from {details:?}");
+    for expected in [
+        "procedures.main.transaction",
+        "procedures.main.input_schema",
+        "procedures.main.steps[0].call",
+        "procedures.main.steps[1].input",
+        "procedures.main.steps[2].procedure",
+        "procedures.a",
+    ] {
+        assert!(
+            paths.contains(&expected),
+            "{expected} missing from {details:?}"
+        );
     }
     // Version 1 is still current and still runs.
-    let r = env.http.get(format!("{}/v1/namespaces/kinds", qm.url)).bearer_auth(&env.admin_key).send().await?;
+    let r = env
+        .http
+        .get(format!("{}/v1/namespaces/kinds", qm.url))
+        .bearer_auth(&env.admin_key)
+        .send()
+        .await?;
     let ns: Value = r.json().await?;
     assert_eq!(ns["version"], 1);
     assert_eq!(ns["history"].as_array().map(Vec::len), Some(1));
@@ -150,7 +189,12 @@ async fn a_new_version_is_used_by_the_next_request_without_restarting_engines() 
     assert_eq!((status, body["changed"].clone()), (200, json!(false)));
     // Each transaction records the version it ran.
     let pg = env.pg().await?;
-    let rows = pg.query("SELECT namespace_version FROM transactions ORDER BY started_at", &[]).await?;
+    let rows = pg
+        .query(
+            "SELECT namespace_version FROM transactions ORDER BY started_at",
+            &[],
+        )
+        .await?;
     let versions: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
     assert_eq!(versions, vec![1, 2]);
     drop((qm, engine));
@@ -161,16 +205,37 @@ async fn a_new_version_is_used_by_the_next_request_without_restarting_engines() 
 #[tokio::test]
 async fn schema_validation_rejects_bad_input_with_the_validators_paths() -> R {
     let env = TestEnv::new("schema").await?;
-    let qm = env.spawn("queue-manager", &[], &[("PROVISIO_VALIDATION__ENABLE_SCHEMA_VALIDATION", "true")]).await?;
+    let qm = env
+        .spawn(
+            "queue-manager",
+            &[],
+            &[("PROVISIO_VALIDATION__ENABLE_SCHEMA_VALIDATION", "true")],
+        )
+        .await?;
     let doc = "namespace: kinds\nprocedures:\n  p:\n    access: public\n    input_schema: {type: object, required: [user], properties: {user: {type: string}, quota: {type: integer}}}\n    steps: [{call: test.echo}]\n";
     env.apply(&qm, "kinds", doc).await?;
-    let (status, body) = env.submit(&qm, &request("kinds", "p", json!({"quota": "lots"}))).await?;
+    let (status, body) = env
+        .submit(&qm, &request("kinds", "p", json!({"quota": "lots"})))
+        .await?;
     assert_eq!(status, 422, "{body}");
     assert_eq!(body["error"]["code"], "invalid");
-    let paths: Vec<&str> = body["error"]["details"].as_array().into_iter().flatten().filter_map(|d| d["path"].as_str()).collect();
+    let paths: Vec<&str> = body["error"]["details"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|d| d["path"].as_str())
+        .collect();
     assert!(paths.contains(&"/quota"), "{body}");
-    assert!(paths.contains(&""), "missing `user` is reported at the root: {body}");
-    let (status, _) = env.submit(&qm, &request("kinds", "p", json!({"user": "ada", "quota": 5}))).await?;
+    assert!(
+        paths.contains(&""),
+        "missing `user` is reported at the root: {body}"
+    );
+    let (status, _) = env
+        .submit(
+            &qm,
+            &request("kinds", "p", json!({"user": "ada", "quota": 5})),
+        )
+        .await?;
     assert_eq!(status, 202);
     drop(qm);
     env.cleanup().await;
@@ -184,21 +249,52 @@ async fn a_private_procedure_needs_execute_private() -> R {
     env.apply(&qm, "kinds", EVERY_KIND).await?;
     let pg = env.pg().await?;
     let id = uuid::Uuid::now_v7();
-    pg.execute("INSERT INTO principals (id, name) VALUES ($1, 'portal')", &[&id]).await?;
-    pg.execute("INSERT INTO group_members (group_name, principal_id) VALUES ('producers', $1)", &[&id]).await?;
+    pg.execute(
+        "INSERT INTO principals (id, name) VALUES ($1, 'portal')",
+        &[&id],
+    )
+    .await?;
+    pg.execute(
+        "INSERT INTO group_members (group_name, principal_id) VALUES ('producers', $1)",
+        &[&id],
+    )
+    .await?;
     let key = "portal-key-1";
     pg.execute(
         "INSERT INTO api_keys (id, principal_id, lookup, hash) VALUES ($1, $2, $3, $4)",
-        &[&uuid::Uuid::now_v7(), &id, &provisio_queue_manager::auth::lookup_of(key), &provisio_queue_manager::auth::hash_key(key)?],
+        &[
+            &uuid::Uuid::now_v7(),
+            &id,
+            &provisio_queue_manager::auth::lookup_of(key),
+            &provisio_queue_manager::auth::hash_key(key)?,
+        ],
     )
     .await?;
     let url = format!("{}/v1/requests", qm.url);
-    let r = env.http.post(&url).bearer_auth(key).json(&request("kinds", "make_user", json!({}))).send().await?;
+    let r = env
+        .http
+        .post(&url)
+        .bearer_auth(key)
+        .json(&request("kinds", "make_user", json!({})))
+        .send()
+        .await?;
     assert_eq!(r.status().as_u16(), 403);
-    let r = env.http.post(&url).bearer_auth(key).json(&request("kinds", "refuse", json!({}))).send().await?;
+    let r = env
+        .http
+        .post(&url)
+        .bearer_auth(key)
+        .json(&request("kinds", "refuse", json!({})))
+        .send()
+        .await?;
     assert_eq!(r.status().as_u16(), 202, "public procedures are fine");
     // Producers are not admins.
-    let r = env.http.put(format!("{}/v1/namespaces/kinds", qm.url)).bearer_auth(key).body(EVERY_KIND).send().await?;
+    let r = env
+        .http
+        .put(format!("{}/v1/namespaces/kinds", qm.url))
+        .bearer_auth(key)
+        .body(EVERY_KIND)
+        .send()
+        .await?;
     assert_eq!(r.status().as_u16(), 403);
     drop(qm);
     env.cleanup().await;
@@ -212,7 +308,10 @@ async fn provisioctl_apply_uploads_a_folder_and_prints_what_changed() -> R {
     let dir = std::env::temp_dir().join(format!("pvctl-{}", env.prefix));
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("kinds.yaml"), EVERY_KIND)?;
-    std::fs::write(dir.join("other.json"), r#"{"namespace": "other", "procedures": {"p": {"steps": [{"call": "test.echo"}]}}}"#)?;
+    std::fs::write(
+        dir.join("other.json"),
+        r#"{"namespace": "other", "procedures": {"p": {"steps": [{"call": "test.echo"}]}}}"#,
+    )?;
     let ctl = |dir: std::path::PathBuf| {
         let (url, key) = (qm.url.clone(), env.admin_key.clone());
         async move {
@@ -231,11 +330,17 @@ async fn provisioctl_apply_uploads_a_folder_and_prints_what_changed() -> R {
     let out = ctl(dir.clone()).await?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(text.contains("kinds: unchanged, version 1"), "{text}");
-    std::fs::write(dir.join("other.json"), r#"{"namespace": "other", "procedures": {"p": {"steps": [{"call": "test.nope"}]}}}"#)?;
+    std::fs::write(
+        dir.join("other.json"),
+        r#"{"namespace": "other", "procedures": {"p": {"steps": [{"call": "test.nope"}]}}}"#,
+    )?;
     let out = ctl(dir.clone()).await?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(!out.status.success());
-    assert!(text.contains("other: rejected") && text.contains("procedures.p.steps[0].call"), "{text}");
+    assert!(
+        text.contains("other: rejected") && text.contains("procedures.p.steps[0].call"),
+        "{text}"
+    );
     std::fs::remove_dir_all(&dir)?;
     drop(qm);
     env.cleanup().await;

@@ -1,9 +1,9 @@
 //! End-to-end: the walking skeleton. Real binaries, real PostgreSQL and RabbitMQ.
 
+use futures_util::StreamExt;
 use lapin::BasicProperties;
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions};
 use lapin::types::FieldTable;
-use futures_util::StreamExt;
 use provisio_tests::{TestEnv, demo_namespace, request};
 use serde_json::{Value, json};
 
@@ -16,7 +16,9 @@ async fn a_request_succeeds_with_the_expected_output() -> R {
     let (status, body) = env.apply(&qm, "demo", &demo_namespace()).await?;
     assert_eq!(status, 201, "{body}");
     let mut outcomes = env.outcomes().await?;
-    let (status, body) = env.submit(&qm, &request("demo", "hello", json!({"name": "Ada"}))).await?;
+    let (status, body) = env
+        .submit(&qm, &request("demo", "hello", json!({"name": "Ada"})))
+        .await?;
     assert_eq!(status, 202, "{body}");
     assert_eq!(body["status"], "queued");
     let id = body["id"].as_str().expect("id").to_owned();
@@ -25,7 +27,10 @@ async fn a_request_succeeds_with_the_expected_output() -> R {
     let (status, rec) = env.get_request(&qm, &id).await?;
     assert_eq!(status, 200);
     assert_eq!(rec["status"], "succeeded");
-    assert_eq!(rec["output"], json!({"message": "hello, Ada", "account": "ada"}));
+    assert_eq!(
+        rec["output"],
+        json!({"message": "hello, Ada", "account": "ada"})
+    );
     assert_eq!(rec["attempts"], 1);
     assert!(rec["finished_at"].is_string());
     // The transaction log has the transaction and its three steps.
@@ -45,12 +50,17 @@ async fn a_failing_step_ends_failed_with_the_error_and_the_step_and_rolls_back_i
     let (qm, engine) = tokio::try_join!(env.queue_manager(), env.engine())?;
     env.apply(&qm, "demo", &demo_namespace()).await?;
     let mut outcomes = env.outcomes().await?;
-    let (_, body) = env.submit(&qm, &request("demo", "broken", json!({}))).await?;
+    let (_, body) = env
+        .submit(&qm, &request("demo", "broken", json!({})))
+        .await?;
     let id = body["id"].as_str().expect("id").to_owned();
     let outcome = outcomes.wait_for(&id).await?;
     assert_eq!(outcome["status"], "failed");
     let (_, rec) = env.get_request(&qm, &id).await?;
-    assert_eq!(rec["error"], json!({"code": "quota_exceeded", "message": "no room left", "step": "2"}));
+    assert_eq!(
+        rec["error"],
+        json!({"code": "quota_exceeded", "message": "no room left", "step": "2"})
+    );
     // From the provider's own records: steps 0,1,2 executed, then 1 and 0 rolled back.
     let pg = env.pg().await?;
     let rows = pg
@@ -61,23 +71,38 @@ async fn a_failing_step_ends_failed_with_the_error_and_the_step_and_rolls_back_i
         )
         .await?;
     let calls: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-    let expected: Vec<(String, String)> = [("0", "execute"), ("1", "execute"), ("2", "execute"), ("1", "rollback"), ("0", "rollback")]
-        .iter()
-        .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
-        .collect();
+    let expected: Vec<(String, String)> = [
+        ("0", "execute"),
+        ("1", "execute"),
+        ("2", "execute"),
+        ("1", "rollback"),
+        ("0", "rollback"),
+    ]
+    .iter()
+    .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
+    .collect();
     assert_eq!(calls, expected);
     // From the transaction log: two executes, then rollbacks of 1 and 0, in that order.
     let rows = pg
         .query("SELECT s.kind, s.path FROM tx_steps s JOIN transactions t ON t.id = s.tx_id WHERE t.request_id = $1 ORDER BY s.seq", &[&id])
         .await?;
     let log: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-    assert_eq!(log, vec![
-        ("execute".to_owned(), "0".to_owned()),
-        ("execute".to_owned(), "1".to_owned()),
-        ("rollback".to_owned(), "1".to_owned()),
-        ("rollback".to_owned(), "0".to_owned()),
-    ]);
-    let tx_status: String = pg.query_one("SELECT status FROM transactions WHERE request_id = $1", &[&id]).await?.get(0);
+    assert_eq!(
+        log,
+        vec![
+            ("execute".to_owned(), "0".to_owned()),
+            ("execute".to_owned(), "1".to_owned()),
+            ("rollback".to_owned(), "1".to_owned()),
+            ("rollback".to_owned(), "0".to_owned()),
+        ]
+    );
+    let tx_status: String = pg
+        .query_one(
+            "SELECT status FROM transactions WHERE request_id = $1",
+            &[&id],
+        )
+        .await?
+        .get(0);
     assert_eq!(tx_status, "rolled_back");
     drop((qm, engine));
     env.cleanup().await;
@@ -90,10 +115,16 @@ async fn a_malformed_message_lands_in_the_dead_queue_and_the_engine_goes_on() ->
     let (qm, engine) = tokio::try_join!(env.queue_manager(), env.engine())?;
     env.apply(&qm, "demo", &demo_namespace()).await?;
     let topo = env.topology();
-    let conn = lapin::Connection::connect(&env.amqp_url, lapin::ConnectionProperties::default()).await?;
+    let conn =
+        lapin::Connection::connect(&env.amqp_url, lapin::ConnectionProperties::default()).await?;
     let ch = conn.create_channel().await?;
     let mut dead = ch
-        .basic_consume(topo.dead_queue().into(), "t".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .basic_consume(
+            topo.dead_queue().into(),
+            "t".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
         .await?;
     ch.basic_publish(
         topo.requests_exchange().into(),
@@ -104,17 +135,20 @@ async fn a_malformed_message_lands_in_the_dead_queue_and_the_engine_goes_on() ->
     )
     .await?
     .await?;
-    let d = tokio::time::timeout(std::time::Duration::from_secs(60), dead.next())
+    let d = tokio::time::timeout(std::time::Duration::from_mins(1), dead.next())
         .await?
         .expect("a dead letter")?;
     assert_eq!(d.data, b"{this is not json");
     let reason = provisio_shared::amqp::header_str(&d.properties, "x-provisio-reason");
     assert_eq!(reason.as_deref(), Some("malformed"));
-    let detail = provisio_shared::amqp::header_str(&d.properties, "x-provisio-error").unwrap_or_default();
+    let detail =
+        provisio_shared::amqp::header_str(&d.properties, "x-provisio-error").unwrap_or_default();
     assert!(detail.contains("not valid JSON"), "{detail}");
     // The engine is still consuming.
     let mut outcomes = env.outcomes().await?;
-    let (_, body) = env.submit(&qm, &request("demo", "hello", json!({"name": "Bo"}))).await?;
+    let (_, body) = env
+        .submit(&qm, &request("demo", "hello", json!({"name": "Bo"})))
+        .await?;
     let outcome = outcomes.wait_for(body["id"].as_str().expect("id")).await?;
     assert_eq!(outcome["status"], "succeeded");
     drop((qm, engine));
@@ -133,21 +167,46 @@ async fn api_errors_are_json_with_the_right_status() -> R {
     let r = env.http.post(&url).json(&body).send().await?;
     assert_eq!(r.status().as_u16(), 401);
     assert_eq!(r.json::<Value>().await?["error"]["code"], "unauthorized");
-    let r = env.http.post(&url).bearer_auth("wrong-key").json(&body).send().await?;
+    let r = env
+        .http
+        .post(&url)
+        .bearer_auth("wrong-key")
+        .json(&body)
+        .send()
+        .await?;
     assert_eq!(r.status().as_u16(), 401);
 
     let (status, b) = env.submit(&qm, &request("demo", "nope", json!({}))).await?;
     assert_eq!(status, 404, "{b}");
     assert_eq!(b["error"]["code"], "not_found");
-    let (status, _) = env.submit(&qm, &request("nosuch", "hello", json!({}))).await?;
+    let (status, _) = env
+        .submit(&qm, &request("nosuch", "hello", json!({})))
+        .await?;
     assert_eq!(status, 404);
 
-    let r = env.http.post(&url).bearer_auth(&env.admin_key).header("content-type", "application/json").body("{nope").send().await?;
+    let r = env
+        .http
+        .post(&url)
+        .bearer_auth(&env.admin_key)
+        .header("content-type", "application/json")
+        .body("{nope")
+        .send()
+        .await?;
     assert_eq!(r.status().as_u16(), 400);
     assert_eq!(r.json::<Value>().await?["error"]["code"], "malformed");
-    let (status, _) = env.submit(&qm, &json!({"namespace": "demo", "procedure": "hello", "bogus": 1})).await?;
+    let (status, _) = env
+        .submit(
+            &qm,
+            &json!({"namespace": "demo", "procedure": "hello", "bogus": 1}),
+        )
+        .await?;
     assert_eq!(status, 400);
-    let (status, _) = env.submit(&qm, &json!({"namespace": "demo", "procedure": "hello", "id": ""})).await?;
+    let (status, _) = env
+        .submit(
+            &qm,
+            &json!({"namespace": "demo", "procedure": "hello", "id": ""}),
+        )
+        .await?;
     assert_eq!(status, 400);
 
     let big = json!({"namespace": "demo", "procedure": "hello", "input": {"pad": "x".repeat(300 * 1024)}});
@@ -161,12 +220,26 @@ async fn api_errors_are_json_with_the_right_status() -> R {
     // A principal without `execute` is refused with 403.
     let pg = env.pg().await?;
     let id = uuid::Uuid::now_v7();
-    pg.execute("INSERT INTO principals (id, name) VALUES ($1, 'nobody')", &[&id]).await?;
+    pg.execute(
+        "INSERT INTO principals (id, name) VALUES ($1, 'nobody')",
+        &[&id],
+    )
+    .await?;
     let key = "nobody-key-123";
     let hash = provisio_queue_manager::auth::hash_key(key)?;
     let lookup = provisio_queue_manager::auth::lookup_of(key);
-    pg.execute("INSERT INTO api_keys (id, principal_id, lookup, hash) VALUES ($1, $2, $3, $4)", &[&uuid::Uuid::now_v7(), &id, &lookup, &hash]).await?;
-    let r = env.http.post(&url).bearer_auth(key).json(&body).send().await?;
+    pg.execute(
+        "INSERT INTO api_keys (id, principal_id, lookup, hash) VALUES ($1, $2, $3, $4)",
+        &[&uuid::Uuid::now_v7(), &id, &lookup, &hash],
+    )
+    .await?;
+    let r = env
+        .http
+        .post(&url)
+        .bearer_auth(key)
+        .json(&body)
+        .send()
+        .await?;
     assert_eq!(r.status().as_u16(), 403);
     assert_eq!(r.json::<Value>().await?["error"]["code"], "forbidden");
     drop(qm);
@@ -187,12 +260,21 @@ async fn the_same_id_is_one_request_and_a_different_body_conflicts() -> R {
     outcomes.wait_for("order-1").await?;
     let (s2, b2) = env.submit(&qm, &body).await?;
     assert_eq!(s2, 202);
-    assert_eq!(b2["status"], "succeeded", "answered from the existing request");
+    assert_eq!(
+        b2["status"], "succeeded",
+        "answered from the existing request"
+    );
     body["input"] = json!({"name": "Other"});
     let (s3, b3) = env.submit(&qm, &body).await?;
     assert_eq!(s3, 409, "{b3}");
     let pg = env.pg().await?;
-    let n: i64 = pg.query_one("SELECT count(*) FROM transactions WHERE request_id = 'order-1'", &[]).await?.get(0);
+    let n: i64 = pg
+        .query_one(
+            "SELECT count(*) FROM transactions WHERE request_id = 'order-1'",
+            &[],
+        )
+        .await?
+        .get(0);
     assert_eq!(n, 1, "ran once");
     drop((qm, engine));
     env.cleanup().await;
@@ -205,7 +287,9 @@ async fn every_process_serves_metrics_health_and_readiness() -> R {
     let (qm, engine) = tokio::try_join!(env.queue_manager(), env.engine())?;
     env.apply(&qm, "demo", &demo_namespace()).await?;
     let mut outcomes = env.outcomes().await?;
-    let (_, body) = env.submit(&qm, &request("demo", "hello", json!({"name": "Di"}))).await?;
+    let (_, body) = env
+        .submit(&qm, &request("demo", "hello", json!({"name": "Di"})))
+        .await?;
     outcomes.wait_for(body["id"].as_str().expect("id")).await?;
     for p in [&qm, &engine] {
         for path in ["/healthz", "/readyz"] {
@@ -213,12 +297,33 @@ async fn every_process_serves_metrics_health_and_readiness() -> R {
             assert_eq!(r.status().as_u16(), 200, "{path}");
         }
     }
-    let qm_metrics = env.http.get(format!("{}/metrics", qm.url)).send().await?.text().await?;
-    assert!(qm_metrics.contains("provisio_requests_accepted_total"), "{qm_metrics}");
-    let engine_metrics = env.http.get(format!("{}/metrics", engine.url)).send().await?.text().await?;
+    let qm_metrics = env
+        .http
+        .get(format!("{}/metrics", qm.url))
+        .send()
+        .await?
+        .text()
+        .await?;
+    assert!(
+        qm_metrics.contains("provisio_requests_accepted_total"),
+        "{qm_metrics}"
+    );
+    let engine_metrics = env
+        .http
+        .get(format!("{}/metrics", engine.url))
+        .send()
+        .await?
+        .text()
+        .await?;
     assert!(engine_metrics.contains("provisio_requests_finished_total{namespace=\"demo\",procedure=\"hello\",status=\"succeeded\"} 1"), "{engine_metrics}");
-    assert!(engine_metrics.contains("provisio_request_duration_seconds_bucket"), "{engine_metrics}");
-    assert!(engine_metrics.contains("# HELP provisio_txlog_batch_records"), "{engine_metrics}");
+    assert!(
+        engine_metrics.contains("provisio_request_duration_seconds_bucket"),
+        "{engine_metrics}"
+    );
+    assert!(
+        engine_metrics.contains("# HELP provisio_txlog_batch_records"),
+        "{engine_metrics}"
+    );
     drop((qm, engine));
     env.cleanup().await;
     Ok(())

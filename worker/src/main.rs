@@ -50,28 +50,41 @@ async fn main() -> anyhow::Result<()> {
         bail!("the auditor role is not implemented yet (see CHANGELOG.md)");
     }
     if cfg.security.signing_key.is_empty() {
-        bail!("security.signing_key is required (set PROVISIO_SIGNING_KEY or security.signing_key_file)");
+        bail!(
+            "security.signing_key is required (set PROVISIO_SIGNING_KEY or security.signing_key_file)"
+        );
     }
     let metrics = telemetry::install_metrics()
         .map_err(anyhow::Error::msg)
         .context("installing the metrics recorder")?;
-    db::migrate(&cfg.database.url).await.context("migrating the configuration database")?;
+    db::migrate(&cfg.database.url)
+        .await
+        .context("migrating the configuration database")?;
     let servers = cfg.txlog_servers();
     for s in &servers {
-        db::migrate(s).await.context("migrating a transaction-log server")?;
+        db::migrate(s)
+            .await
+            .context("migrating a transaction-log server")?;
     }
     let pool = db::pool(&cfg.database.url, cfg.database.pool_size).context("database pool")?;
     // One transaction-log server for now; see docs/transaction-log.md.
-    let txlog_url = servers.first().cloned().context("no transaction-log server")?;
+    let txlog_url = servers
+        .first()
+        .cloned()
+        .context("no transaction-log server")?;
     let txlog_pool = db::pool(&txlog_url, cfg.txlog.pool_size).context("transaction-log pool")?;
     let txlog = TxLog::start(txlog_pool, cfg.txlog.max_batch, cfg.txlog.writers);
 
     let mut registry = Registry::default();
     if cfg.providers.test.enabled {
-        let mut pg = tokio_postgres::Config::from_str(cfg.database.url.expose()).context("database URL")?;
+        let mut pg =
+            tokio_postgres::Config::from_str(cfg.database.url.expose()).context("database URL")?;
         pg.options("-c synchronous_commit=off");
         let mgr = deadpool_postgres::Manager::new(pg, tokio_postgres::NoTls);
-        let test_pool = deadpool_postgres::Pool::builder(mgr).max_size(cfg.database.pool_size.min(8)).build().context("test provider pool")?;
+        let test_pool = deadpool_postgres::Pool::builder(mgr)
+            .max_size(cfg.database.pool_size.min(8))
+            .build()
+            .context("test provider pool")?;
         registry.register(Arc::new(TestProvider::new(test_pool)));
     }
 

@@ -83,7 +83,9 @@ pub enum Record {
 pub enum Reply {
     Done,
     /// `Begin` only: the attempt number given to this transaction.
-    Began { attempt: i32 },
+    Began {
+        attempt: i32,
+    },
     /// `Begin` only: the request already has a final status; nothing was opened.
     AlreadyFinished,
 }
@@ -194,11 +196,26 @@ async fn write_together(pool: &Pool, records: &[&Record]) -> Result<Vec<Reply>, 
     let unavailable = |e: &dyn std::fmt::Display| LogError::Unavailable(e.to_string());
     let mut client = pool.get().await.map_err(|e| unavailable(&e))?;
     let tx = client.transaction().await.map_err(|e| unavailable(&e))?;
-    let begin_req = tx.prepare_cached(SQL_BEGIN_REQUEST).await.map_err(|e| unavailable(&e))?;
-    let begin_tx = tx.prepare_cached(SQL_BEGIN_TX).await.map_err(|e| unavailable(&e))?;
-    let step = tx.prepare_cached(SQL_STEP).await.map_err(|e| unavailable(&e))?;
-    let fin_tx = tx.prepare_cached(SQL_FINISH_TX).await.map_err(|e| unavailable(&e))?;
-    let fin_req = tx.prepare_cached(SQL_FINISH_REQUEST).await.map_err(|e| unavailable(&e))?;
+    let begin_req = tx
+        .prepare_cached(SQL_BEGIN_REQUEST)
+        .await
+        .map_err(|e| unavailable(&e))?;
+    let begin_tx = tx
+        .prepare_cached(SQL_BEGIN_TX)
+        .await
+        .map_err(|e| unavailable(&e))?;
+    let step = tx
+        .prepare_cached(SQL_STEP)
+        .await
+        .map_err(|e| unavailable(&e))?;
+    let fin_tx = tx
+        .prepare_cached(SQL_FINISH_TX)
+        .await
+        .map_err(|e| unavailable(&e))?;
+    let fin_req = tx
+        .prepare_cached(SQL_FINISH_REQUEST)
+        .await
+        .map_err(|e| unavailable(&e))?;
 
     // Statements of different records are independent: issue them all at once so that
     // tokio-postgres pipelines them on the one connection.
@@ -226,7 +243,13 @@ async fn write_together(pool: &Pool, records: &[&Record]) -> Result<Vec<Reply>, 
                         .await?;
                     tx.execute(
                         fin_req,
-                        &[&f.request_id, &f.request_status, &f.output, &f.error, &f.summary],
+                        &[
+                            &f.request_id,
+                            &f.request_status,
+                            &f.output,
+                            &f.error,
+                            &f.summary,
+                        ],
                     )
                     .await?;
                     Ok(Reply::Done)

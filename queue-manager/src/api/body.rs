@@ -21,7 +21,9 @@ impl<T: DeserializeOwned> FromRequest<Arc<App>> for JsonBody<T> {
             .and_then(|v| v.to_str().ok())
             .is_none_or(|ct| !ct.starts_with("multipart/"));
         if !content_type_ok {
-            return Err(ApiError::Malformed("multipart bodies are not accepted; send JSON".into()));
+            return Err(ApiError::Malformed(
+                "multipart bodies are not accepted; send JSON".into(),
+            ));
         }
         let bytes = axum::body::to_bytes(req.into_body(), limit)
             .await

@@ -21,7 +21,10 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/requests", post(requests::submit))
         .route("/v1/requests/{id}", get(requests::get))
         .route("/v1/namespaces", get(namespaces::list))
-        .route("/v1/namespaces/{name}", put(namespaces::apply).get(namespaces::get))
+        .route(
+            "/v1/namespaces/{name}",
+            put(namespaces::apply).get(namespaces::get),
+        )
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .with_state(app)
 }

@@ -75,9 +75,12 @@ pub async fn apply(
 
     let tx = client.transaction().await.map_err(ApiError::db)?;
     // Serialize concurrent applies of the same namespace.
-    tx.execute("SELECT pg_advisory_xact_lock(hashtext('ns:' || $1))", &[&name])
-        .await
-        .map_err(ApiError::db)?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('ns:' || $1))",
+        &[&name],
+    )
+    .await
+    .map_err(ApiError::db)?;
     let current = tx
         .query_opt(
             "SELECT version, document FROM namespaces WHERE name = $1 ORDER BY version DESC LIMIT 1",
@@ -144,7 +147,9 @@ pub async fn get(
         .await
         .map_err(ApiError::db)?;
     let Some(first) = rows.first() else {
-        return Err(ApiError::NotFound(format!("namespace `{name}` does not exist")));
+        return Err(ApiError::NotFound(format!(
+            "namespace `{name}` does not exist"
+        )));
     };
     let history: Vec<Value> = rows
         .iter()

@@ -64,7 +64,9 @@ pub async fn submit(
     };
     if body.not_before.is_some_and(|t| t > Utc::now()) || body.retry.is_some() {
         return Err(ApiError::Invalid {
-            message: "scheduled requests (`not_before`) and request-level `retry` are not supported yet".into(),
+            message:
+                "scheduled requests (`not_before`) and request-level `retry` are not supported yet"
+                    .into(),
             details: json!([]),
         });
     }
@@ -89,18 +91,18 @@ pub async fn submit(
             "procedure `{procedure_name}` is private; naming it needs `execute_private`"
         )));
     }
-    if app.cfg.validation.enable_schema_validation {
-        if let Some(schema) = &procedure.input_schema {
-            let details: Vec<Value> = schema
-                .iter_errors(&body.input)
-                .map(|e| json!({"path": e.instance_path().to_string(), "message": e.to_string()}))
-                .collect();
-            if !details.is_empty() {
-                return Err(ApiError::Invalid {
-                    message: "input does not match the procedure's input schema".into(),
-                    details: Value::Array(details),
-                });
-            }
+    if app.cfg.validation.enable_schema_validation
+        && let Some(schema) = &procedure.input_schema
+    {
+        let details: Vec<Value> = schema
+            .iter_errors(&body.input)
+            .map(|e| json!({"path": e.instance_path().to_string(), "message": e.to_string()}))
+            .collect();
+        if !details.is_empty() {
+            return Err(ApiError::Invalid {
+                message: "input does not match the procedure's input schema".into(),
+                details: Value::Array(details),
+            });
         }
     }
 
@@ -162,7 +164,10 @@ pub async fn submit(
             )));
         }
         let status: String = row.get(1);
-        return Ok((StatusCode::ACCEPTED, Json(json!({"id": id, "status": status}))));
+        return Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({"id": id, "status": status})),
+        ));
     }
 
     let bytes = envelope.to_bytes();
@@ -195,7 +200,9 @@ pub async fn submit(
         metrics::gauge!(provisio_shared::metrics::BROKER_UP).set(0.0);
         app.ready.set(false);
         drop(tx.rollback().await);
-        return Err(ApiError::Unavailable(format!("broker unavailable, nothing was accepted: {e}")));
+        return Err(ApiError::Unavailable(format!(
+            "broker unavailable, nothing was accepted: {e}"
+        )));
     }
     metrics::gauge!(provisio_shared::metrics::BROKER_UP).set(1.0);
     app.ready.set(true);

@@ -66,7 +66,8 @@ async fn apply(cli: &Cli, client: &reqwest::Client, path: &Path) -> anyhow::Resu
         bail!("no namespace files in {}", path.display());
     }
     for file in files {
-        let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+        let text = std::fs::read_to_string(&file)
+            .with_context(|| format!("reading {}", file.display()))?;
         let doc = provisio_shared::procedure::parse_document(&text)
             .map_err(|p| anyhow::anyhow!("{}: {}", file.display(), p.message))?;
         let Some(name) = doc.get("namespace").and_then(Value::as_str) else {
@@ -75,7 +76,10 @@ async fn apply(cli: &Cli, client: &reqwest::Client, path: &Path) -> anyhow::Resu
             continue;
         };
         let resp = client
-            .put(format!("{}/v1/namespaces/{name}", cli.url.trim_end_matches('/')))
+            .put(format!(
+                "{}/v1/namespaces/{name}",
+                cli.url.trim_end_matches('/')
+            ))
             .bearer_auth(&cli.api_key)
             .header("content-type", "application/yaml")
             .body(text.clone())
@@ -93,9 +97,17 @@ async fn apply(cli: &Cli, client: &reqwest::Client, path: &Path) -> anyhow::Resu
             }
         } else {
             ok = false;
-            let msg = body.pointer("/error/message").and_then(Value::as_str).unwrap_or("");
+            let msg = body
+                .pointer("/error/message")
+                .and_then(Value::as_str)
+                .unwrap_or("");
             println!("{name}: rejected ({status}): {msg} ({})", file.display());
-            for d in body.pointer("/error/details").and_then(Value::as_array).into_iter().flatten() {
+            for d in body
+                .pointer("/error/details")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
                 let p = d.get("path").and_then(Value::as_str).unwrap_or("");
                 let m = d.get("message").and_then(Value::as_str).unwrap_or("");
                 println!("  {p}: {m}");
@@ -119,19 +131,38 @@ async fn main() -> anyhow::Result<ExitCode> {
     let base = cli.url.trim_end_matches('/').to_owned();
     let ok = match &cli.cmd {
         Cmd::Apply { path } => apply(&cli, &client, path).await?,
-        Cmd::Submit { namespace, procedure, input, id } => {
+        Cmd::Submit {
+            namespace,
+            procedure,
+            input,
+            id,
+        } => {
             let input: Value = serde_json::from_str(input).context("--input is not JSON")?;
-            let mut body = serde_json::json!({"namespace": namespace, "procedure": procedure, "input": input});
+            let mut body =
+                serde_json::json!({"namespace": namespace, "procedure": procedure, "input": input});
             if let Some(id) = id {
                 body["id"] = Value::String(id.clone());
             }
-            let resp = client.post(format!("{base}/v1/requests")).bearer_auth(&cli.api_key).json(&body).send().await?;
+            let resp = client
+                .post(format!("{base}/v1/requests"))
+                .bearer_auth(&cli.api_key)
+                .json(&body)
+                .send()
+                .await?;
             print_response(resp).await?
         }
         Cmd::Get { id } => {
-            let resp = client.get(format!("{base}/v1/requests/{id}")).bearer_auth(&cli.api_key).send().await?;
+            let resp = client
+                .get(format!("{base}/v1/requests/{id}"))
+                .bearer_auth(&cli.api_key)
+                .send()
+                .await?;
             print_response(resp).await?
         }
     };
-    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

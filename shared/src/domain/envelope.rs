@@ -58,7 +58,9 @@ pub struct PrincipalRef {
 
 impl PrincipalRef {
     pub fn has(&self, permission: &str) -> bool {
-        self.permissions.iter().any(|p| p == permission || p == "admin")
+        self.permissions
+            .iter()
+            .any(|p| p == permission || p == "admin")
     }
 }
 
@@ -127,7 +129,11 @@ mod tests {
             br#"{"id":"r1","namespace":"demo","procedure":"hello","bogus":1}"#,
             br#"{"namespace":"demo","procedure":"hello"}"#,
         ] {
-            assert!(Envelope::parse(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+            assert!(
+                Envelope::parse(bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 }

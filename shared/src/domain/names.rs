@@ -9,7 +9,9 @@ use serde::{Deserialize, Deserializer, Serialize};
 pub struct Name(String);
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("`{0}` is not a valid name: use 1-64 characters of a-z, 0-9, `_` and `-`, starting with a letter")]
+#[error(
+    "`{0}` is not a valid name: use 1-64 characters of a-z, 0-9, `_` and `-`, starting with a letter"
+)]
 pub struct NameError(pub String);
 
 impl Name {

@@ -71,8 +71,14 @@ mod tests {
     #[test]
     fn rejects_empty_long_and_control_characters() {
         assert_eq!(RequestId::parse(""), Err(RequestIdError::Empty));
-        assert_eq!(RequestId::parse("x".repeat(129)), Err(RequestIdError::TooLong(129)));
-        assert_eq!(RequestId::parse("ab\ncd"), Err(RequestIdError::NotPrintable(2)));
+        assert_eq!(
+            RequestId::parse("x".repeat(129)),
+            Err(RequestIdError::TooLong(129))
+        );
+        assert_eq!(
+            RequestId::parse("ab\ncd"),
+            Err(RequestIdError::NotPrintable(2))
+        );
     }
 
     #[test]

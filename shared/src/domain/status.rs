@@ -71,33 +71,25 @@ impl Status {
 
 string_enum!(
     /// The request lanes; each is its own queue so that high is served first.
+    #[derive(Default)]
     Priority, "priority", {
         High => "high",
+        #[default]
         Normal => "normal",
         Low => "low",
     }
 );
 
-impl Default for Priority {
-    fn default() -> Self {
-        Priority::Normal
-    }
-}
-
 string_enum!(
     /// A procedure's transaction model (DESIGN §4).
+    #[derive(Default)]
     TxModel, "transaction model", {
         Read => "read",
+        #[default]
         Compensating => "compensating",
         TwoPhase => "two_phase",
     }
 );
-
-impl Default for TxModel {
-    fn default() -> Self {
-        TxModel::Compensating
-    }
-}
 
 #[cfg(test)]
 mod tests {

@@ -164,7 +164,9 @@ fn pointer_to_path(pointer: &str) -> String {
     for seg in pointer.split('/').skip(1) {
         let seg = seg.replace("~1", "/").replace("~0", "~");
         if seg.parse::<usize>().is_ok() {
-            out.push_str(&format!("[{seg}]"));
+            out.push('[');
+            out.push_str(&seg);
+            out.push(']');
         } else {
             if !out.is_empty() {
                 out.push('.');
@@ -178,11 +180,17 @@ fn pointer_to_path(pointer: &str) -> String {
 /// Checks a document against the namespace JSON Schema, returning every violation.
 pub fn check_schema(value: &serde_json::Value) -> Vec<Problem> {
     let Some(schema) = document_schema() else {
-        return vec![Problem { path: String::new(), message: "the namespace schema is unavailable".into() }];
+        return vec![Problem {
+            path: String::new(),
+            message: "the namespace schema is unavailable".into(),
+        }];
     };
     schema
         .iter_errors(value)
-        .map(|e| Problem { path: pointer_to_path(&e.instance_path().to_string()), message: e.to_string() })
+        .map(|e| Problem {
+            path: pointer_to_path(&e.instance_path().to_string()),
+            message: e.to_string(),
+        })
         .collect()
 }
 
@@ -232,13 +240,18 @@ pub fn compile(
             }
         };
         let input_schema = c.schema(&format!("{base}.input_schema"), pdoc.input_schema.as_ref());
-        let output_schema =
-            c.schema(&format!("{base}.output_schema"), pdoc.output_schema.as_ref());
+        let output_schema = c.schema(
+            &format!("{base}.output_schema"),
+            pdoc.output_schema.as_ref(),
+        );
         let mut ids = BTreeSet::new();
         let steps = c.steps(pname, &format!("{base}.steps"), "", &pdoc.steps, &mut ids);
         let output = c.expr(&format!("{base}.output"), pdoc.output.as_deref());
         if pdoc.steps.is_empty() {
-            c.problem(&format!("{base}.steps"), "a procedure needs at least one step".into());
+            c.problem(
+                &format!("{base}.steps"),
+                "a procedure needs at least one step".into(),
+            );
         }
         if let (Some(ns), Some(name)) = (ns_name.clone(), name) {
             procedures.insert(
@@ -346,7 +359,10 @@ impl Compiler<'_> {
     ) -> Option<Step> {
         if let Some(id) = &d.id {
             if Name::parse(id.clone()).is_err() {
-                self.problem(&format!("{path}.id"), format!("`{id}` is not a valid step id"));
+                self.problem(
+                    &format!("{path}.id"),
+                    format!("`{id}` is not a valid step id"),
+                );
             } else if !ids.insert(id.clone()) {
                 self.problem(
                     &format!("{path}.id"),
@@ -373,7 +389,10 @@ impl Compiler<'_> {
                     "a step needs exactly one of call, procedure, set, for_each, switch, try, fail"
                         .to_owned()
                 } else {
-                    format!("a step has exactly one kind, this one has {}", kinds.join(", "))
+                    format!(
+                        "a step has exactly one kind, this one has {}",
+                        kinds.join(", ")
+                    )
                 },
             );
             return None;
@@ -397,7 +416,10 @@ impl Compiler<'_> {
         .into_iter()
         .flatten()
         {
-            self.problem(&format!("{path}.{key}"), format!("`{key}` belongs to a `{owner}` step"));
+            self.problem(
+                &format!("{path}.{key}"),
+                format!("`{key}` belongs to a `{owner}` step"),
+            );
         }
         let kind = match kinds[0] {
             "call" => {
@@ -427,7 +449,8 @@ impl Compiler<'_> {
                 let exists = if same {
                     self.doc.procedures.contains_key(&name)
                 } else {
-                    ns.as_deref().is_some_and(|n| self.external.exists(n, &name))
+                    ns.as_deref()
+                        .is_some_and(|n| self.external.exists(n, &name))
                 };
                 if !exists {
                     self.problem(
@@ -450,7 +473,10 @@ impl Compiler<'_> {
                     None => None,
                 };
                 match Name::parse(name) {
-                    Ok(name) => StepKind::Procedure { namespace: ns, name },
+                    Ok(name) => StepKind::Procedure {
+                        namespace: ns,
+                        name,
+                    },
                     Err(e) => {
                         self.problem(&format!("{path}.procedure"), e.to_string());
                         return None;
@@ -461,7 +487,10 @@ impl Compiler<'_> {
                 let mut vars = Vec::new();
                 for (k, src) in d.set.iter().flatten() {
                     if Name::parse(k.clone()).is_err() {
-                        self.problem(&format!("{path}.set.{k}"), format!("`{k}` is not a valid variable name"));
+                        self.problem(
+                            &format!("{path}.set.{k}"),
+                            format!("`{k}` is not a valid variable name"),
+                        );
                     }
                     if let Some(e) = self.expr(&format!("{path}.set.{k}"), Some(src)) {
                         vars.push((k.clone(), e));
@@ -472,17 +501,32 @@ impl Compiler<'_> {
             "for_each" => {
                 let items = self.expr(&format!("{path}.for_each"), d.for_each.as_deref());
                 let var = d.r#as.clone().unwrap_or_else(|| "item".to_owned());
-                if matches!(var.as_str(), "input" | "steps" | "vars" | "caller" | "request" | "error")
-                    || Name::parse(var.clone()).is_err()
+                if matches!(
+                    var.as_str(),
+                    "input" | "steps" | "vars" | "caller" | "request" | "error"
+                ) || Name::parse(var.clone()).is_err()
                 {
-                    self.problem(&format!("{path}.as"), format!("`{var}` cannot be a loop variable"));
+                    self.problem(
+                        &format!("{path}.as"),
+                        format!("`{var}` cannot be a loop variable"),
+                    );
                 }
                 let body = d.steps.as_deref().unwrap_or_default();
                 if body.is_empty() {
                     self.problem(&format!("{path}.steps"), "for_each needs steps".into());
                 }
-                let steps = self.steps(procedure, &format!("{path}.steps"), &format!("{step_path}.each"), body, ids);
-                StepKind::ForEach { items: items?, var, steps }
+                let steps = self.steps(
+                    procedure,
+                    &format!("{path}.steps"),
+                    &format!("{step_path}.each"),
+                    body,
+                    ids,
+                );
+                StepKind::ForEach {
+                    items: items?,
+                    var,
+                    steps,
+                }
             }
             "switch" => {
                 let on = self.expr(&format!("{path}.switch"), d.switch.as_deref());
@@ -504,20 +548,42 @@ impl Compiler<'_> {
                     d.default.as_deref().unwrap_or_default(),
                     ids,
                 );
-                StepKind::Switch { on: on?, cases, default }
+                StepKind::Switch {
+                    on: on?,
+                    cases,
+                    default,
+                }
             }
             "try" => {
-                let body = self.steps(procedure, &format!("{path}.try"), &format!("{step_path}.try"), d.r#try.as_deref().unwrap_or_default(), ids);
-                let catch = self.steps(procedure, &format!("{path}.catch"), &format!("{step_path}.catch"), d.catch.as_deref().unwrap_or_default(), ids);
+                let body = self.steps(
+                    procedure,
+                    &format!("{path}.try"),
+                    &format!("{step_path}.try"),
+                    d.r#try.as_deref().unwrap_or_default(),
+                    ids,
+                );
+                let catch = self.steps(
+                    procedure,
+                    &format!("{path}.catch"),
+                    &format!("{step_path}.catch"),
+                    d.catch.as_deref().unwrap_or_default(),
+                    ids,
+                );
                 StepKind::Try { body, catch }
             }
             _ => {
                 let f = d.fail.clone().unwrap_or_default();
-                let message = self.expr(&format!("{path}.fail.message"), Some(f.message.as_deref().unwrap_or("\"failed\"")));
+                let message = self.expr(
+                    &format!("{path}.fail.message"),
+                    Some(f.message.as_deref().unwrap_or("\"failed\"")),
+                );
                 if f.code.is_empty() {
                     self.problem(&format!("{path}.fail.code"), "fail needs a code".into());
                 }
-                StepKind::Fail { code: f.code, message: message? }
+                StepKind::Fail {
+                    code: f.code,
+                    message: message?,
+                }
             }
         };
         Some(Step {
@@ -564,7 +630,10 @@ impl Compiler<'_> {
         for cycle in found {
             self.problem(
                 &format!("procedures.{}", cycle[0]),
-                format!("procedures call each other in a cycle: {}", cycle.join(" → ")),
+                format!(
+                    "procedures call each other in a cycle: {}",
+                    cycle.join(" → ")
+                ),
             );
         }
     }

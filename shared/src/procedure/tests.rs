@@ -76,7 +76,10 @@ fn reports_every_problem_with_its_path() {
         "procedures.p.steps[3]",
         "procedures.p.steps[4]",
     ] {
-        assert!(paths.contains(&expected), "{expected} missing from {problems:?}");
+        assert!(
+            paths.contains(&expected),
+            "{expected} missing from {problems:?}"
+        );
     }
 }
 
@@ -91,7 +94,10 @@ fn detects_call_cycles() {
         }
     });
     let problems = compile_doc(&doc).expect_err("cycle");
-    assert!(problems.iter().any(|p| p.message.contains("cycle")), "{problems:?}");
+    assert!(
+        problems.iter().any(|p| p.message.contains("cycle")),
+        "{problems:?}"
+    );
 }
 
 #[test]
@@ -106,8 +112,9 @@ fn rejects_unknown_keys_and_duplicate_ids() {
 
 #[test]
 fn parses_yaml() {
-    let v = parse_document("namespace: demo\nprocedures:\n  p:\n    steps:\n      - call: test.echo\n")
-        .expect("yaml");
+    let v =
+        parse_document("namespace: demo\nprocedures:\n  p:\n    steps:\n      - call: test.echo\n")
+            .expect("yaml");
     assert!(compile_doc(&v).is_ok());
 }
 
@@ -120,8 +127,16 @@ fn schema_violations_are_all_reported_with_paths() {
     });
     let problems = compile_doc(&doc).expect_err("invalid");
     let paths: Vec<&str> = problems.iter().map(|p| p.path.as_str()).collect();
-    for expected in ["namespace", "procedures.p.transaction", "procedures.p.steps[0].retry.max_attempts", ""] {
-        assert!(paths.contains(&expected), "{expected} missing from {problems:?}");
+    for expected in [
+        "namespace",
+        "procedures.p.transaction",
+        "procedures.p.steps[0].retry.max_attempts",
+        "",
+    ] {
+        assert!(
+            paths.contains(&expected),
+            "{expected} missing from {problems:?}"
+        );
     }
 }
 

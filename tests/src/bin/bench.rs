@@ -16,7 +16,10 @@ use clap::Parser;
 use futures_util::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use lapin::BasicProperties;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
 use lapin::types::FieldTable;
 use provisio_shared::config::Secret;
 use provisio_tests::{TestEnv, demo_namespace};
@@ -75,13 +78,23 @@ fn bar(n: usize, what: &str) -> ProgressBar {
 
 async fn provisio(args: &Args) -> anyhow::Result<Figures> {
     let mut env = TestEnv::new("bench").await?;
-    env.extra_env.push(("PROVISIO_LOG__FORMAT".into(), "json".into()));
-    env.extra_env.push(("PROVISIO_LOG__LEVEL".into(), "warn".into()));
-    env.extra_env.push(("PROVISIO_ENGINE__PREFETCH".into(), args.prefetch.to_string()));
-    env.extra_env.push(("PROVISIO_DATABASE__POOL_SIZE".into(), "16".into()));
-    env.extra_env.push(("PROVISIO_TXLOG__POOL_SIZE".into(), "8".into()));
+    env.extra_env
+        .push(("PROVISIO_LOG__FORMAT".into(), "json".into()));
+    env.extra_env
+        .push(("PROVISIO_LOG__LEVEL".into(), "warn".into()));
+    env.extra_env.push((
+        "PROVISIO_ENGINE__PREFETCH".into(),
+        args.prefetch.to_string(),
+    ));
+    env.extra_env
+        .push(("PROVISIO_DATABASE__POOL_SIZE".into(), "16".into()));
+    env.extra_env
+        .push(("PROVISIO_TXLOG__POOL_SIZE".into(), "8".into()));
     if args.schema_validation {
-        env.extra_env.push(("PROVISIO_VALIDATION__ENABLE_SCHEMA_VALIDATION".into(), "true".into()));
+        env.extra_env.push((
+            "PROVISIO_VALIDATION__ENABLE_SCHEMA_VALIDATION".into(),
+            "true".into(),
+        ));
     }
     let qm = env.queue_manager().await?;
     let mut engines = Vec::new();
@@ -93,9 +106,12 @@ async fn provisio(args: &Args) -> anyhow::Result<Figures> {
         bail!("applying the demo namespace failed: {body}");
     }
     let mut outcomes = env.outcomes().await?;
-    let client = reqwest::Client::builder().pool_max_idle_per_host(args.concurrency).build()?;
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.concurrency)
+        .build()?;
     let url = format!("{}/v1/requests", qm.url);
-    let submitted: Arc<Mutex<HashMap<String, Instant>>> = Arc::new(Mutex::new(HashMap::with_capacity(args.requests)));
+    let submitted: Arc<Mutex<HashMap<String, Instant>>> =
+        Arc::new(Mutex::new(HashMap::with_capacity(args.requests)));
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let pb = bar(args.requests, "submitted");
     let start = Instant::now();
@@ -113,7 +129,9 @@ async fn provisio(args: &Args) -> anyhow::Result<Figures> {
                 let v = outcomes.next_any().await?;
                 let now = Instant::now();
                 let id = v["id"].as_str().unwrap_or_default().to_owned();
-                *statuses.entry(v["status"].as_str().unwrap_or("?").to_owned()).or_default() += 1;
+                *statuses
+                    .entry(v["status"].as_str().unwrap_or("?").to_owned())
+                    .or_default() += 1;
                 // The outcome can arrive before the submitter records its timestamp.
                 let at = loop {
                     if let Some(t) = submitted.lock().await.get(&id) {
@@ -132,7 +150,13 @@ async fn provisio(args: &Args) -> anyhow::Result<Figures> {
 
     let mut workers = Vec::new();
     for _ in 0..args.concurrency {
-        let (client, url, submitted, next, pb) = (client.clone(), url.clone(), submitted.clone(), next.clone(), pb.clone());
+        let (client, url, submitted, next, pb) = (
+            client.clone(),
+            url.clone(),
+            submitted.clone(),
+            next.clone(),
+            pb.clone(),
+        );
         let (key, n) = (env.admin_key.clone(), args.requests);
         workers.push(tokio::spawn(async move {
             loop {
@@ -157,7 +181,7 @@ async fn provisio(args: &Args) -> anyhow::Result<Figures> {
     }
     let submit_elapsed = start.elapsed();
     pb.finish();
-    let (mut latencies, last, statuses) = tokio::time::timeout(Duration::from_secs(1800), collector)
+    let (mut latencies, last, statuses) = tokio::time::timeout(Duration::from_mins(30), collector)
         .await
         .context("requests did not finish within 30 minutes")???;
     let finish_elapsed = last - start;
@@ -186,14 +210,24 @@ async fn reference(args: &Args) -> anyhow::Result<Figures> {
     let pool = provisio_shared::db::pool(&secret, 32)?;
     pool.get().await?.batch_execute("CREATE TABLE ref (id text PRIMARY KEY, body jsonb, done boolean NOT NULL DEFAULT false)").await?;
     let queue = format!("pvref.{suffix}");
-    let conn = lapin::Connection::connect(&provisio_tests::amqp_url(), lapin::ConnectionProperties::default()).await?;
+    let conn = lapin::Connection::connect(
+        &provisio_tests::amqp_url(),
+        lapin::ConnectionProperties::default(),
+    )
+    .await?;
     let setup = conn.create_channel().await?;
     let mut qargs = FieldTable::default();
-    qargs.insert("x-queue-type".into(), provisio_shared::amqp::long_str("quorum"));
-    setup.queue_declare(queue.clone().into(), QueueDeclareOptions::durable(), qargs).await?;
+    qargs.insert(
+        "x-queue-type".into(),
+        provisio_shared::amqp::long_str("quorum"),
+    );
+    setup
+        .queue_declare(queue.clone().into(), QueueDeclareOptions::durable(), qargs)
+        .await?;
 
     let n = args.requests;
-    let submitted: Arc<Mutex<HashMap<String, Instant>>> = Arc::new(Mutex::new(HashMap::with_capacity(n)));
+    let submitted: Arc<Mutex<HashMap<String, Instant>>> =
+        Arc::new(Mutex::new(HashMap::with_capacity(n)));
     let done = Arc::new(Mutex::new(Vec::with_capacity(n)));
     let finished = Arc::new(tokio::sync::Notify::new());
     let pb = bar(n, "reference");
@@ -201,19 +235,52 @@ async fn reference(args: &Args) -> anyhow::Result<Figures> {
     let mut consumers = Vec::new();
     for e in 0..args.engines {
         let ch = conn.create_channel().await?;
-        ch.basic_qos(args.prefetch, BasicQosOptions::default()).await?;
-        let mut consumer = ch.basic_consume(queue.clone().into(), format!("ref-{e}").into(), BasicConsumeOptions::default(), FieldTable::default()).await?;
-        let (pool, submitted, done, finished, pb) = (pool.clone(), submitted.clone(), done.clone(), finished.clone(), pb.clone());
+        ch.basic_qos(args.prefetch, BasicQosOptions::default())
+            .await?;
+        let mut consumer = ch
+            .basic_consume(
+                queue.clone().into(),
+                format!("ref-{e}").into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let (pool, submitted, done, finished, pb) = (
+            pool.clone(),
+            submitted.clone(),
+            done.clone(),
+            finished.clone(),
+            pb.clone(),
+        );
         consumers.push(tokio::spawn(async move {
             while let Some(Ok(d)) = consumer.next().await {
-                let (pool, submitted, done, finished, pb) = (pool.clone(), submitted.clone(), done.clone(), finished.clone(), pb.clone());
+                let (pool, submitted, done, finished, pb) = (
+                    pool.clone(),
+                    submitted.clone(),
+                    done.clone(),
+                    finished.clone(),
+                    pb.clone(),
+                );
                 tokio::spawn(async move {
-                    let id = String::from_utf8_lossy(d.properties.message_id().as_ref().map_or(&[][..], |m| m.as_str().as_bytes())).into_owned();
+                    let id = String::from_utf8_lossy(
+                        d.properties
+                            .message_id()
+                            .as_ref()
+                            .map_or(&[][..], |m| m.as_str().as_bytes()),
+                    )
+                    .into_owned();
                     let body: Value = serde_json::from_slice(&d.data).unwrap_or(Value::Null);
                     let Ok(client) = pool.get().await else { return };
                     // Two commits: the message recorded, then its outcome.
-                    let _ = client.execute("INSERT INTO ref (id, body) VALUES ($1, $2) ON CONFLICT DO NOTHING", &[&id, &body]).await;
-                    let _ = client.execute("UPDATE ref SET done = true WHERE id = $1", &[&id]).await;
+                    let _ = client
+                        .execute(
+                            "INSERT INTO ref (id, body) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                            &[&id, &body],
+                        )
+                        .await;
+                    let _ = client
+                        .execute("UPDATE ref SET done = true WHERE id = $1", &[&id])
+                        .await;
                     drop(client);
                     let _ = d.ack(BasicAckOptions::default()).await;
                     let now = Instant::now();
@@ -263,7 +330,9 @@ async fn reference(args: &Args) -> anyhow::Result<Figures> {
         p.await??;
     }
     let submit_elapsed = start.elapsed();
-    tokio::time::timeout(Duration::from_secs(1800), finished.notified()).await.context("reference did not finish")?;
+    tokio::time::timeout(Duration::from_mins(30), finished.notified())
+        .await
+        .context("reference did not finish")?;
     pb.finish();
     let mut done = std::mem::take(&mut *done.lock().await);
     let last = done.iter().map(|(_, t)| *t).max().unwrap_or(start);
@@ -272,7 +341,9 @@ async fn reference(args: &Args) -> anyhow::Result<Figures> {
     for c in consumers {
         c.abort();
     }
-    let _ = setup.queue_delete(queue.into(), QueueDeleteOptions::default()).await;
+    let _ = setup
+        .queue_delete(queue.into(), QueueDeleteOptions::default())
+        .await;
     drop(pool);
     let _ = provisio_shared::db::drop_database(&secret).await;
     Ok(Figures {
@@ -300,14 +371,21 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     println!(
         "provisio-bench: {} requests of demo.hello (3 compensating steps), concurrency {}, {} engines, prefetch {}, schema validation {}",
-        args.requests, args.concurrency, args.engines, args.prefetch, if args.schema_validation { "on" } else { "off" }
+        args.requests,
+        args.concurrency,
+        args.engines,
+        args.prefetch,
+        if args.schema_validation { "on" } else { "off" }
     );
     let p = provisio(&args).await?;
     print("provisio", &p);
     if !args.no_reference {
         let r = reference(&args).await?;
         print("reference", &r);
-        println!("ratio      finished/s provisio ÷ reference = {:.2}", p.finished_per_s / r.finished_per_s);
+        println!(
+            "ratio      finished/s provisio ÷ reference = {:.2}",
+            p.finished_per_s / r.finished_per_s
+        );
     }
     Ok(())
 }

@@ -140,7 +140,12 @@ impl<'a> Run<'a> {
     }
 
     /// Runs `procedure` with `input`; on failure rolls back everything completed.
-    pub async fn execute(mut self, ns: &Arc<Namespace>, procedure: &Procedure, input: Value) -> Outcome {
+    pub async fn execute(
+        mut self,
+        ns: &Arc<Namespace>,
+        procedure: &Procedure,
+        input: Value,
+    ) -> Outcome {
         let result = self.invoke(ns.clone(), procedure, input, "", 0).await;
         let mut rollback_failed = false;
         let mut rolled_back = 0;
@@ -168,35 +173,50 @@ impl<'a> Run<'a> {
         depth: usize,
     ) -> BoxFuture<'b, Result<Value, Failure>> {
         Box::pin(async move {
-            let where_ = if prefix.is_empty() { procedure.name.as_str() } else { prefix };
-            if self.validate_schemas && depth > 0 {
-                if let Some(schema) = &procedure.input_schema {
-                    if let Some(e) = schema.iter_errors(&input).next() {
-                        return Err(Failure::new("input_invalid", format!("{}: {e}", e.instance_path()), where_));
-                    }
-                }
+            let where_ = if prefix.is_empty() {
+                procedure.name.as_str()
+            } else {
+                prefix
+            };
+            if self.validate_schemas
+                && depth > 0
+                && let Some(schema) = &procedure.input_schema
+                && let Some(e) = schema.iter_errors(&input).next()
+            {
+                return Err(Failure::new(
+                    "input_invalid",
+                    format!("{}: {e}", e.instance_path()),
+                    where_,
+                ));
             }
             let mut scope = Scope {
                 input,
                 ..Scope::default()
             };
-            self.run_steps(&ns, &procedure.steps, &mut scope, prefix, depth).await?;
+            self.run_steps(&ns, &procedure.steps, &mut scope, prefix, depth)
+                .await?;
             let output = match &procedure.output {
-                Some(e) => e
-                    .eval_one(&self.context(&scope))
-                    .map_err(|e| Failure::new("expression_failed", e.to_string(), &format!("{where_}.output")))?,
+                Some(e) => e.eval_one(&self.context(&scope)).map_err(|e| {
+                    Failure::new(
+                        "expression_failed",
+                        e.to_string(),
+                        &format!("{where_}.output"),
+                    )
+                })?,
                 None => Value::Null,
             };
-            if self.validate_schemas {
-                if let Some(schema) = &procedure.output_schema {
-                    if let Some(e) = schema.iter_errors(&output).next() {
-                        return Err(Failure::new(
-                            "output_invalid",
-                            format!("output does not match the output schema at `{}`: {e}", e.instance_path()),
-                            where_,
-                        ));
-                    }
-                }
+            if self.validate_schemas
+                && let Some(schema) = &procedure.output_schema
+                && let Some(e) = schema.iter_errors(&output).next()
+            {
+                return Err(Failure::new(
+                    "output_invalid",
+                    format!(
+                        "output does not match the output schema at `{}`: {e}",
+                        e.instance_path()
+                    ),
+                    where_,
+                ));
             }
             Ok(output)
         })
@@ -233,7 +253,11 @@ impl<'a> Run<'a> {
     ) -> BoxFuture<'b, Result<(), Failure>> {
         Box::pin(async move {
             for (i, step) in steps.iter().enumerate() {
-                let path = if prefix.is_empty() { i.to_string() } else { format!("{prefix}.{i}") };
+                let path = if prefix.is_empty() {
+                    i.to_string()
+                } else {
+                    format!("{prefix}.{i}")
+                };
                 self.run_step(ns, step, scope, &path, depth).await?;
             }
             Ok(())
@@ -252,22 +276,29 @@ impl<'a> Run<'a> {
             Failure::new("expression_failed", format!("{what}: {e}"), path)
         };
         if let Some(when) = &step.when {
-            let go = when.eval_bool(&self.context(scope)).map_err(|e| expr_err("when", &e))?;
+            let go = when
+                .eval_bool(&self.context(scope))
+                .map_err(|e| expr_err("when", &e))?;
             if !go {
-                self.summary.push(json!({"path": path, "id": step.id, "status": "skipped"}));
+                self.summary
+                    .push(json!({"path": path, "id": step.id, "status": "skipped"}));
                 return Ok(());
             }
         }
         let input = || -> Result<Value, Failure> {
             match &step.input {
-                Some(e) => e.eval_one(&self.context(scope)).map_err(|e| expr_err("input", &e)),
+                Some(e) => e
+                    .eval_one(&self.context(scope))
+                    .map_err(|e| expr_err("input", &e)),
                 None => Ok(scope.input.clone()),
             }
         };
         let result: Option<Value> = match &step.kind {
             StepKind::Call { provider, action } => {
                 let input = input()?;
-                let executed = self.call(provider, action, input.clone(), step, path).await?;
+                let executed = self
+                    .call(provider, action, input.clone(), step, path)
+                    .await?;
                 let mut out = executed.output;
                 if let Some(save) = &step.save {
                     let mut ctx = self.context(scope);
@@ -278,7 +309,11 @@ impl<'a> Run<'a> {
             }
             StepKind::Procedure { namespace, name } => {
                 if depth + 1 > MAX_DEPTH {
-                    return Err(Failure::new("too_deep", format!("procedures nested deeper than {MAX_DEPTH}"), path));
+                    return Err(Failure::new(
+                        "too_deep",
+                        format!("procedures nested deeper than {MAX_DEPTH}"),
+                        path,
+                    ));
                 }
                 let input = input()?;
                 let target_ns = match namespace {
@@ -288,13 +323,29 @@ impl<'a> Run<'a> {
                         .current(other.as_str())
                         .await
                         .map_err(|e| Failure::new("unavailable", e.to_string(), path))?
-                        .ok_or_else(|| Failure::new("unknown_procedure", format!("namespace `{other}` does not exist"), path))?,
+                        .ok_or_else(|| {
+                            Failure::new(
+                                "unknown_procedure",
+                                format!("namespace `{other}` does not exist"),
+                                path,
+                            )
+                        })?,
                 };
-                let proc_ = target_ns.procedures.get(name.as_str()).cloned().ok_or_else(|| {
-                    Failure::new("unknown_procedure", format!("procedure `{name}` does not exist"), path)
-                })?;
+                let proc_ = target_ns
+                    .procedures
+                    .get(name.as_str())
+                    .cloned()
+                    .ok_or_else(|| {
+                        Failure::new(
+                            "unknown_procedure",
+                            format!("procedure `{name}` does not exist"),
+                            path,
+                        )
+                    })?;
                 let nested_prefix = format!("{path}>{name}");
-                let mut out = self.invoke(target_ns, &proc_, input, &nested_prefix, depth + 1).await?;
+                let mut out = self
+                    .invoke(target_ns, &proc_, input, &nested_prefix, depth + 1)
+                    .await?;
                 if let Some(save) = &step.save {
                     let mut ctx = self.context(scope);
                     ctx["result"] = out;
@@ -304,21 +355,31 @@ impl<'a> Run<'a> {
             }
             StepKind::Set(vars) => {
                 for (k, e) in vars {
-                    let v = e.eval_one(&self.context(scope)).map_err(|e| expr_err(&format!("set.{k}"), &e))?;
+                    let v = e
+                        .eval_one(&self.context(scope))
+                        .map_err(|e| expr_err(&format!("set.{k}"), &e))?;
                     scope.vars.insert(k.clone(), v);
                 }
                 None
             }
             StepKind::ForEach { items, var, steps } => {
-                let list = items.eval_one(&self.context(scope)).map_err(|e| expr_err("for_each", &e))?;
+                let list = items
+                    .eval_one(&self.context(scope))
+                    .map_err(|e| expr_err("for_each", &e))?;
                 let Value::Array(list) = list else {
-                    return Err(Failure::new("expression_failed", format!("for_each needs an array, got {list}"), path));
+                    return Err(Failure::new(
+                        "expression_failed",
+                        format!("for_each needs an array, got {list}"),
+                        path,
+                    ));
                 };
                 let mut results = Vec::with_capacity(list.len());
                 for (k, item) in list.into_iter().enumerate() {
                     let before: Vec<String> = scope.steps.keys().cloned().collect();
                     scope.locals.push((var.clone(), item));
-                    let r = self.run_steps(ns, steps, scope, &format!("{path}[{k}]"), depth).await;
+                    let r = self
+                        .run_steps(ns, steps, scope, &format!("{path}[{k}]"), depth)
+                        .await;
                     scope.locals.pop();
                     let mine: Map<String, Value> = scope
                         .steps
@@ -335,7 +396,9 @@ impl<'a> Run<'a> {
                 Some(Value::Array(results))
             }
             StepKind::Switch { on, cases, default } => {
-                let v = on.eval_one(&self.context(scope)).map_err(|e| expr_err("switch", &e))?;
+                let v = on
+                    .eval_one(&self.context(scope))
+                    .map_err(|e| expr_err("switch", &e))?;
                 let key = match &v {
                     Value::String(s) => s.clone(),
                     other => other.to_string(),
@@ -343,30 +406,41 @@ impl<'a> Run<'a> {
                 let (label, body) = cases
                     .iter()
                     .find(|(c, _)| *c == key)
-                    .map_or(("default".to_owned(), default), |(c, b)| (format!("case-{c}"), b));
-                self.run_steps(ns, body, scope, &format!("{path}.{label}"), depth).await?;
+                    .map_or(("default".to_owned(), default), |(c, b)| {
+                        (format!("case-{c}"), b)
+                    });
+                self.run_steps(ns, body, scope, &format!("{path}.{label}"), depth)
+                    .await?;
                 None
             }
             StepKind::Try { body, catch } => {
                 let mark = self.completed.len();
-                let r = self.run_steps(ns, body, scope, &format!("{path}.try"), depth).await;
+                let r = self
+                    .run_steps(ns, body, scope, &format!("{path}.try"), depth)
+                    .await;
                 if let Err(failure) = r {
                     if self.model != TxModel::Read {
-                        self.rollback_to(mark).await.map_err(|_| Failure::new(
-                            "rollback_failed",
-                            "rolling back the try block failed",
-                            path,
-                        ))?;
+                        self.rollback_to(mark).await.map_err(|_| {
+                            Failure::new(
+                                "rollback_failed",
+                                "rolling back the try block failed",
+                                path,
+                            )
+                        })?;
                     }
                     let saved = scope.error.replace(failure.to_json());
-                    let r = self.run_steps(ns, catch, scope, &format!("{path}.catch"), depth).await;
+                    let r = self
+                        .run_steps(ns, catch, scope, &format!("{path}.catch"), depth)
+                        .await;
                     scope.error = saved;
                     r?;
                 }
                 None
             }
             StepKind::Fail { code, message } => {
-                let msg = message.eval_one(&self.context(scope)).map_err(|e| expr_err("fail.message", &e))?;
+                let msg = message
+                    .eval_one(&self.context(scope))
+                    .map_err(|e| expr_err("fail.message", &e))?;
                 let msg = match msg {
                     Value::String(s) => s,
                     other => other.to_string(),
@@ -404,11 +478,13 @@ impl<'a> Run<'a> {
         if self.model != TxModel::Read {
             self.flush().await?;
         }
-        let provider = self
-            .registry
-            .get(provider_name)
-            .cloned()
-            .ok_or_else(|| Failure::new("unknown_provider", format!("provider `{provider_name}` is not available on this engine"), path))?;
+        let provider = self.registry.get(provider_name).cloned().ok_or_else(|| {
+            Failure::new(
+                "unknown_provider",
+                format!("provider `{provider_name}` is not available on this engine"),
+                path,
+            )
+        })?;
         let call = Call {
             tx_id: self.tx_id,
             idempotency_key: format!("{}:{path}", self.tx_id),
@@ -427,7 +503,10 @@ impl<'a> Run<'a> {
                 let r = match timeout {
                     Some(t) => match tokio::time::timeout(t, fut).await {
                         Ok(r) => r,
-                        Err(_) => Ok(Err(ProviderError::retryable("timeout", format!("no answer within {} ms", t.as_millis())))),
+                        Err(_) => Ok(Err(ProviderError::retryable(
+                            "timeout",
+                            format!("no answer within {} ms", t.as_millis()),
+                        ))),
                     },
                     None => fut.await,
                 };
@@ -445,13 +524,20 @@ impl<'a> Run<'a> {
                             .or_else(|| panic.downcast_ref::<String>().cloned())
                             .unwrap_or_else(|| "unknown panic".to_owned());
                         tracing::error!(provider = provider.name(), panic = %what, "provider panicked");
-                        Err(Attempt::Stop(ProviderError::permanent("provider_panic", format!("provider panicked: {what}"))))
+                        Err(Attempt::Stop(ProviderError::permanent(
+                            "provider_panic",
+                            format!("provider panicked: {what}"),
+                        )))
                     }
                 }
             }
         };
         let policy = step.retry.clone().unwrap_or_else(|| {
-            provisio_shared::retry::Backoff::attempts(1, Duration::from_millis(1), Duration::from_millis(1))
+            provisio_shared::retry::Backoff::attempts(
+                1,
+                Duration::from_millis(1),
+                Duration::from_millis(1),
+            )
         });
         let r = retry(&policy, attempt).await;
         metrics::histogram!(provisio_shared::metrics::STEP_DURATION,
@@ -504,7 +590,11 @@ impl<'a> Run<'a> {
         while self.completed.len() > mark {
             let Some(c) = self.completed.pop() else { break };
             let provider = self.registry.get(&c.provider).cloned().ok_or_else(|| {
-                Failure::new("unknown_provider", format!("cannot roll back: provider `{}` missing", c.provider), &c.path)
+                Failure::new(
+                    "unknown_provider",
+                    format!("cannot roll back: provider `{}` missing", c.provider),
+                    &c.path,
+                )
             })?;
             let rb = Rollback {
                 tx_id: self.tx_id,
@@ -513,20 +603,30 @@ impl<'a> Run<'a> {
                 action: c.action.clone(),
                 data: c.data.clone(),
             };
-            let policy = provisio_shared::retry::Backoff::attempts(5, Duration::from_millis(50), Duration::from_secs(2));
+            let policy = provisio_shared::retry::Backoff::attempts(
+                5,
+                Duration::from_millis(50),
+                Duration::from_secs(2),
+            );
             let r = retry(&policy, |_| {
                 let (provider, rb) = (provider.clone(), &rb);
                 async move {
                     match AssertUnwindSafe(provider.rollback(rb)).catch_unwind().await {
                         Ok(Ok(())) => Ok(()),
                         Ok(Err(e)) => Err(Attempt::Retry(e)),
-                        Err(_) => Err(Attempt::Stop(ProviderError::permanent("provider_panic", "provider panicked in rollback"))),
+                        Err(_) => Err(Attempt::Stop(ProviderError::permanent(
+                            "provider_panic",
+                            "provider panicked in rollback",
+                        ))),
                     }
                 }
             })
             .await;
             let seq = self.next_seq();
-            let error = r.as_ref().err().map(|e| json!({"code": e.code, "message": e.message}));
+            let error = r
+                .as_ref()
+                .err()
+                .map(|e| json!({"code": e.code, "message": e.message}));
             self.txlog
                 .write(Record::Step(StepRecord {
                     tx_id: self.tx_id,
@@ -545,7 +645,8 @@ impl<'a> Run<'a> {
                 tracing::error!(path = %c.path, error = %e, "rollback failed");
                 return Err(Failure::new("rollback_failed", e.to_string(), &c.path));
             }
-            self.summary.push(json!({"path": c.path, "status": "rolled_back"}));
+            self.summary
+                .push(json!({"path": c.path, "status": "rolled_back"}));
             n += 1;
         }
         Ok(n)

@@ -25,7 +25,7 @@ struct Mem {
 }
 
 impl Provider for Mem {
-    fn name(&self) -> &str {
+    fn name(&self) -> &'static str {
         "mem"
     }
     fn execute<'a>(&'a self, call: &'a Call) -> BoxFuture<'a, Result<Executed, ProviderError>> {
@@ -34,9 +34,15 @@ impl Provider for Mem {
                 l.push(("execute".into(), call.step_path.clone(), call.input.clone()));
             }
             match call.action.as_str() {
-                "echo" => Ok(Executed { output: call.input.clone(), rollback: Some(call.input.clone()) }),
+                "echo" => Ok(Executed {
+                    output: call.input.clone(),
+                    rollback: Some(call.input.clone()),
+                }),
                 "fail" => Err(ProviderError::permanent(
-                    call.input.get("code").and_then(Value::as_str).unwrap_or("boom"),
+                    call.input
+                        .get("code")
+                        .and_then(Value::as_str)
+                        .unwrap_or("boom"),
                     "failed on purpose",
                 )),
                 "flaky" => {
@@ -45,9 +51,15 @@ impl Provider for Mem {
                     let c = m.entry(call.idempotency_key.clone()).or_insert(0);
                     *c += 1;
                     if *c <= n {
-                        Err(ProviderError::retryable("transient", format!("attempt {c}")))
+                        Err(ProviderError::retryable(
+                            "transient",
+                            format!("attempt {c}"),
+                        ))
                     } else {
-                        Ok(Executed { output: json!({"attempts": *c}), rollback: None })
+                        Ok(Executed {
+                            output: json!({"attempts": *c}),
+                            rollback: None,
+                        })
                     }
                 }
                 "panic" => panic!("mem provider panics"),
@@ -68,7 +80,11 @@ impl Provider for Mem {
 struct MemCatalog;
 impl Catalog for MemCatalog {
     fn check_action(&self, provider: &str, _action: &str) -> Result<(), String> {
-        if provider == "mem" { Ok(()) } else { Err(format!("unknown provider `{provider}`")) }
+        if provider == "mem" {
+            Ok(())
+        } else {
+            Err(format!("unknown provider `{provider}`"))
+        }
     }
 }
 
@@ -84,16 +100,26 @@ impl World {
     /// `logged`: give the transaction log a real database (compensating model).
     async fn new(logged: bool) -> Self {
         let db = if logged {
-            let base = std::env::var("PROVISIO_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
-            let url = Secret::new(format!("{base}/pvunit_{}", &Uuid::new_v4().simple().to_string()[..12]));
-            provisio_shared::db::create_database_if_missing(&url).await.expect("test database");
-            provisio_shared::db::migrate(&url).await.expect("migrations");
+            let base = std::env::var("PROVISIO_TEST_PG")
+                .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+            let url = Secret::new(format!(
+                "{base}/pvunit_{}",
+                &Uuid::new_v4().simple().to_string()[..12]
+            ));
+            provisio_shared::db::create_database_if_missing(&url)
+                .await
+                .expect("test database");
+            provisio_shared::db::migrate(&url)
+                .await
+                .expect("migrations");
             Some(url)
         } else {
             None
         };
         // Without a database the pool points nowhere; `read` runs never touch it.
-        let url = db.clone().unwrap_or_else(|| Secret::new("postgres://nobody@127.0.0.1:1/none"));
+        let url = db
+            .clone()
+            .unwrap_or_else(|| Secret::new("postgres://nobody@127.0.0.1:1/none"));
         let pool = provisio_shared::db::pool(&url, 4).expect("pool");
         let mem = Arc::new(Mem::default());
         let mut registry = Registry::default();
@@ -111,7 +137,13 @@ impl World {
         Arc::new(procedure::compile(doc, 1, &MemCatalog, &NoExternal).expect("compiles"))
     }
 
-    async fn run(&self, ns: &Arc<Namespace>, procedure: &str, model: TxModel, input: Value) -> Outcome {
+    async fn run(
+        &self,
+        ns: &Arc<Namespace>,
+        procedure: &str,
+        model: TxModel,
+        input: Value,
+    ) -> Outcome {
         let tx_id = Uuid::now_v7();
         if model != TxModel::Read {
             // Step records reference their transaction row.
@@ -129,14 +161,34 @@ impl World {
                 principal_id: None,
                 priority: "normal",
             };
-            self.txlog.write(crate::txlog::Record::Begin(b)).await.expect("begin");
+            self.txlog
+                .write(crate::txlog::Record::Begin(b))
+                .await
+                .expect("begin");
         }
-        let run = Run::new(tx_id, model, &self.registry, &self.txlog, &self.cache, None, None, json!({"id": "r"}), true);
-        run.execute(ns, &ns.procedures[procedure].clone(), input).await
+        let run = Run::new(
+            tx_id,
+            model,
+            &self.registry,
+            &self.txlog,
+            &self.cache,
+            None,
+            None,
+            json!({"id": "r"}),
+            true,
+        );
+        run.execute(ns, &ns.procedures[procedure].clone(), input)
+            .await
     }
 
     fn calls(&self) -> Vec<(String, String)> {
-        self.mem.log.lock().expect("lock").iter().map(|(k, p, _)| (k.clone(), p.clone())).collect()
+        self.mem
+            .log
+            .lock()
+            .expect("lock")
+            .iter()
+            .map(|(k, p, _)| (k.clone(), p.clone()))
+            .collect()
     }
 
     async fn done(self) {
@@ -147,7 +199,9 @@ impl World {
 }
 
 fn pairs(v: &[(&str, &str)]) -> Vec<(String, String)> {
-    v.iter().map(|(a, b)| ((*a).to_owned(), (*b).to_owned())).collect()
+    v.iter()
+        .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
+        .collect()
 }
 
 #[tokio::test]
@@ -158,7 +212,10 @@ async fn call_input_save_and_output() {
         {"id": "b", "call": "mem.echo"}
     ], "output": "{a: .steps.a, b: .steps.b, req: .request.id}"}}}));
     let out = w.run(&ns, "p", TxModel::Read, json!({"n": 21})).await;
-    assert_eq!(out.result, Ok(json!({"a": {"doubled": 42}, "b": {"n": 21}, "req": "r"})));
+    assert_eq!(
+        out.result,
+        Ok(json!({"a": {"doubled": 42}, "b": {"n": 21}, "req": "r"}))
+    );
     w.done().await;
 }
 
@@ -171,7 +228,12 @@ async fn when_skips_and_set_writes_vars() {
         {"id": "ran", "when": ".vars.n < 5", "call": "mem.echo", "input": "{g: .vars.greeting}"}
     ], "output": "{vars: .vars, skipped: .steps.skipped, ran: .steps.ran}"}}}));
     let out = w.run(&ns, "p", TxModel::Read, json!({"name": "Ada"})).await;
-    assert_eq!(out.result, Ok(json!({"vars": {"greeting": "hi Ada", "n": 3}, "skipped": null, "ran": {"g": "hi Ada"}})));
+    assert_eq!(
+        out.result,
+        Ok(
+            json!({"vars": {"greeting": "hi Ada", "n": 3}, "skipped": null, "ran": {"g": "hi Ada"}})
+        )
+    );
     assert_eq!(w.calls(), pairs(&[("execute", "2")]));
     w.done().await;
 }
@@ -184,11 +246,24 @@ async fn for_each_runs_per_item_and_records_each_iteration() {
             {"id": "each", "call": "mem.echo", "input": "{v: .item}"}
         ]}
     ], "output": ".steps.loop"}}}));
-    let out = w.run(&ns, "p", TxModel::Read, json!({"items": ["a", "b"]})).await;
-    assert_eq!(out.result, Ok(json!([{"each": {"v": "a"}}, {"each": {"v": "b"}}])));
-    assert_eq!(w.calls(), pairs(&[("execute", "0[0].0"), ("execute", "0[1].0")]));
-    let bad = w.run(&ns, "p", TxModel::Read, json!({"items": "nope"})).await;
-    assert_eq!(bad.result.expect_err("not an array").code, "expression_failed");
+    let out = w
+        .run(&ns, "p", TxModel::Read, json!({"items": ["a", "b"]}))
+        .await;
+    assert_eq!(
+        out.result,
+        Ok(json!([{"each": {"v": "a"}}, {"each": {"v": "b"}}]))
+    );
+    assert_eq!(
+        w.calls(),
+        pairs(&[("execute", "0[0].0"), ("execute", "0[1].0")])
+    );
+    let bad = w
+        .run(&ns, "p", TxModel::Read, json!({"items": "nope"}))
+        .await;
+    assert_eq!(
+        bad.result.expect_err("not an array").code,
+        "expression_failed"
+    );
     w.done().await;
 }
 
@@ -201,9 +276,24 @@ async fn switch_picks_a_case_or_the_default() {
             "1": [{"set": {"quota": "1"}}]
         }, "default": [{"set": {"quota": "10"}}]}
     ], "output": ".vars.quota"}}}));
-    assert_eq!(w.run(&ns, "p", TxModel::Read, json!({"plan": "gold"})).await.result, Ok(json!(100)));
-    assert_eq!(w.run(&ns, "p", TxModel::Read, json!({"plan": 1})).await.result, Ok(json!(1)));
-    assert_eq!(w.run(&ns, "p", TxModel::Read, json!({"plan": "tin"})).await.result, Ok(json!(10)));
+    assert_eq!(
+        w.run(&ns, "p", TxModel::Read, json!({"plan": "gold"}))
+            .await
+            .result,
+        Ok(json!(100))
+    );
+    assert_eq!(
+        w.run(&ns, "p", TxModel::Read, json!({"plan": 1}))
+            .await
+            .result,
+        Ok(json!(1))
+    );
+    assert_eq!(
+        w.run(&ns, "p", TxModel::Read, json!({"plan": "tin"}))
+            .await
+            .result,
+        Ok(json!(10))
+    );
     w.done().await;
 }
 
@@ -214,8 +304,15 @@ async fn fail_raises_a_coded_error_with_its_step() {
         {"call": "mem.echo"},
         {"fail": {"code": "no_quota", "message": "\"user \" + .input.user + \" has no quota\""}}
     ]}}}));
-    let f = w.run(&ns, "p", TxModel::Read, json!({"user": "bo"})).await.result.expect_err("fails");
-    assert_eq!((f.code.as_str(), f.message.as_str(), f.step.as_deref()), ("no_quota", "user bo has no quota", Some("1")));
+    let f = w
+        .run(&ns, "p", TxModel::Read, json!({"user": "bo"}))
+        .await
+        .result
+        .expect_err("fails");
+    assert_eq!(
+        (f.code.as_str(), f.message.as_str(), f.step.as_deref()),
+        ("no_quota", "user bo has no quota", Some("1"))
+    );
     w.done().await;
 }
 
@@ -226,7 +323,9 @@ async fn nested_procedures_see_their_own_input_and_return_output() {
         "outer": {"steps": [{"id": "u", "procedure": "inner", "input": "{name: .input.who}"}], "output": ".steps.u"},
         "inner": {"steps": [{"id": "e", "call": "mem.echo", "input": "{hello: .input.name}"}], "output": ".steps.e.hello"}
     }}));
-    let out = w.run(&ns, "outer", TxModel::Read, json!({"who": "Cy"})).await;
+    let out = w
+        .run(&ns, "outer", TxModel::Read, json!({"who": "Cy"}))
+        .await;
     assert_eq!(out.result, Ok(json!("Cy")));
     assert_eq!(w.calls(), pairs(&[("execute", "0>inner.0")]));
     w.done().await;
@@ -240,13 +339,28 @@ async fn retries_only_retryable_errors_up_to_max_attempts() {
         "exhausted": {"steps": [{"call": "mem.flaky", "input": "{n: 5}", "retry": {"max_attempts": 2, "initial_ms": 1, "max_ms": 2}}]},
         "permanent": {"steps": [{"call": "mem.fail", "retry": {"max_attempts": 5, "initial_ms": 1}}]}
     }}));
-    assert_eq!(w.run(&ns, "ok", TxModel::Read, json!({})).await.result, Ok(json!({"attempts": 3})));
-    let f = w.run(&ns, "exhausted", TxModel::Read, json!({})).await.result.expect_err("exhausted");
+    assert_eq!(
+        w.run(&ns, "ok", TxModel::Read, json!({})).await.result,
+        Ok(json!({"attempts": 3}))
+    );
+    let f = w
+        .run(&ns, "exhausted", TxModel::Read, json!({}))
+        .await
+        .result
+        .expect_err("exhausted");
     assert_eq!(f.code, "transient");
     let before = w.calls().len();
-    let f = w.run(&ns, "permanent", TxModel::Read, json!({})).await.result.expect_err("permanent");
+    let f = w
+        .run(&ns, "permanent", TxModel::Read, json!({}))
+        .await
+        .result
+        .expect_err("permanent");
     assert_eq!(f.code, "boom");
-    assert_eq!(w.calls().len(), before + 1, "a permanent error is not retried");
+    assert_eq!(
+        w.calls().len(),
+        before + 1,
+        "a permanent error is not retried"
+    );
     w.done().await;
 }
 
@@ -259,19 +373,33 @@ async fn expression_errors_fail_the_step_without_panicking() {
         "output": {"steps": [{"call": "mem.echo"}], "output": "empty"}
     }}));
     for (p, step) in [("input", "0"), ("when", "0"), ("output", "output.output")] {
-        let f = w.run(&ns, p, TxModel::Read, json!({"n": 1})).await.result.expect_err("fails");
+        let f = w
+            .run(&ns, p, TxModel::Read, json!({"n": 1}))
+            .await
+            .result
+            .expect_err("fails");
         assert_eq!(f.code, "expression_failed", "{p}: {f:?}");
         assert_eq!(f.step.as_deref(), Some(step), "{p}");
     }
-    assert_eq!(w.calls().len(), 1, "only the step before the bad output ran");
+    assert_eq!(
+        w.calls().len(),
+        1,
+        "only the step before the bad output ran"
+    );
     w.done().await;
 }
 
 #[tokio::test]
 async fn a_panicking_provider_fails_the_step() {
     let w = World::new(false).await;
-    let ns = World::compile(&json!({"namespace": "t", "procedures": {"p": {"steps": [{"call": "mem.panic"}]}}}));
-    let f = w.run(&ns, "p", TxModel::Read, json!({})).await.result.expect_err("fails");
+    let ns = World::compile(
+        &json!({"namespace": "t", "procedures": {"p": {"steps": [{"call": "mem.panic"}]}}}),
+    );
+    let f = w
+        .run(&ns, "p", TxModel::Read, json!({}))
+        .await
+        .result
+        .expect_err("fails");
     assert_eq!(f.code, "provider_panic");
     w.done().await;
 }
@@ -294,8 +422,13 @@ async fn compensating_failure_rolls_back_completed_steps_in_reverse_including_ne
     assert_eq!(
         w.calls(),
         pairs(&[
-            ("execute", "0"), ("execute", "1>sub.0"), ("execute", "1>sub.1"), ("execute", "2"),
-            ("rollback", "1>sub.1"), ("rollback", "1>sub.0"), ("rollback", "0"),
+            ("execute", "0"),
+            ("execute", "1>sub.0"),
+            ("execute", "1>sub.1"),
+            ("execute", "2"),
+            ("rollback", "1>sub.1"),
+            ("rollback", "1>sub.0"),
+            ("rollback", "0"),
         ])
     );
     w.done().await;
@@ -317,7 +450,13 @@ async fn try_rolls_back_its_own_steps_then_catch_sees_the_error() {
     assert_eq!(out.result, Ok(json!({"saw": "taken", "at": "1.try.1"})));
     assert_eq!(
         w.calls(),
-        pairs(&[("execute", "0"), ("execute", "1.try.0"), ("execute", "1.try.1"), ("rollback", "1.try.0"), ("execute", "1.catch.0")])
+        pairs(&[
+            ("execute", "0"),
+            ("execute", "1.try.0"),
+            ("execute", "1.try.1"),
+            ("rollback", "1.try.0"),
+            ("execute", "1.catch.0")
+        ])
     );
     w.done().await;
 }
@@ -325,9 +464,11 @@ async fn try_rolls_back_its_own_steps_then_catch_sees_the_error() {
 #[tokio::test]
 async fn read_procedures_are_not_rolled_back() {
     let w = World::new(false).await;
-    let ns = World::compile(&json!({"namespace": "t", "procedures": {"p": {"transaction": "read", "steps": [
-        {"call": "mem.echo"}, {"call": "mem.fail"}
-    ]}}}));
+    let ns = World::compile(
+        &json!({"namespace": "t", "procedures": {"p": {"transaction": "read", "steps": [
+            {"call": "mem.echo"}, {"call": "mem.fail"}
+        ]}}}),
+    );
     let out = w.run(&ns, "p", TxModel::Read, json!({})).await;
     assert!(out.result.is_err());
     assert_eq!(w.calls(), pairs(&[("execute", "0"), ("execute", "1")]));
@@ -341,7 +482,11 @@ async fn output_schema_is_enforced_when_validation_is_on() {
     let ns = World::compile(&json!({"namespace": "t", "procedures": {"p": {
         "output_schema": {"type": "object", "required": ["id"]},
         "steps": [{"call": "mem.echo"}], "output": "{name: .input.name}"}}}));
-    let f = w.run(&ns, "p", TxModel::Read, json!({"name": "x"})).await.result.expect_err("fails");
+    let f = w
+        .run(&ns, "p", TxModel::Read, json!({"name": "x"}))
+        .await
+        .result
+        .expect_err("fails");
     assert_eq!(f.code, "output_invalid");
     w.done().await;
 }

@@ -14,7 +14,9 @@ use anyhow::Context;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
 use futures_util::StreamExt;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel};
 use provisio_shared::amqp::{self, Outgoing, Publisher, Topology, header_str, long_str};
@@ -28,6 +30,7 @@ use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::providers::Registry;
@@ -93,14 +96,27 @@ impl Engine {
 
     /// Processes one delivery. Never panics on input; every bad message ends acked in the
     /// dead-letter queue with its reason.
-    pub async fn handle(&self, body: &[u8], props: &BasicProperties, source: Source) -> Disposition {
+    pub async fn handle(
+        &self,
+        body: &[u8],
+        props: &BasicProperties,
+        source: Source,
+    ) -> Disposition {
         let envelope = match Envelope::parse(body) {
             Ok(e) => e,
-            Err(e) => return self.dead_letter(body, props, "malformed", &e.to_string()).await,
+            Err(e) => {
+                return self
+                    .dead_letter(body, props, "malformed", &e.to_string())
+                    .await;
+            }
         };
         let principal = match self.authenticate(&envelope, body, props).await {
             Ok(p) => p,
-            Err(reason) => return self.dead_letter(body, props, "unauthenticated", &reason).await,
+            Err(reason) => {
+                return self
+                    .dead_letter(body, props, "unauthenticated", &reason)
+                    .await;
+            }
         };
         let needed = match (source, envelope.kind) {
             (Source::Trusted, _) | (_, RequestKind::Trusted) => "execute_trusted",
@@ -111,9 +127,11 @@ impl Engine {
             return self.dead_letter(body, props, "forbidden", &why).await;
         }
         let span = tracing::info_span!("request", request_id = %envelope.id, namespace = %envelope.namespace, procedure = %envelope.procedure);
-        let _enter = span.enter();
-        drop(_enter);
-        match self.run_request(&envelope, principal, props).await {
+        match self
+            .run_request(&envelope, principal, props)
+            .instrument(span)
+            .await
+        {
             Ok(()) => Disposition::Ack,
             Err(e) => {
                 tracing::warn!(request_id = %envelope.id, error = %e, "outcome not durable; requeueing");
@@ -122,27 +140,45 @@ impl Engine {
         }
     }
 
-    async fn authenticate(&self, env: &Envelope, body: &[u8], props: &BasicProperties) -> Result<PrincipalRef, String> {
+    async fn authenticate(
+        &self,
+        env: &Envelope,
+        body: &[u8],
+        props: &BasicProperties,
+    ) -> Result<PrincipalRef, String> {
         if let Some(sig) = header_str(props, signing::SIGNATURE_HEADER) {
-            if !signing::verify(self.cfg.security.signing_key.expose().as_bytes(), body, &sig) {
+            if !signing::verify(
+                self.cfg.security.signing_key.expose().as_bytes(),
+                body,
+                &sig,
+            ) {
                 return Err("envelope signature does not verify".into());
             }
-            return env.principal.clone().ok_or_else(|| "signed envelope names no principal".to_owned());
+            return env
+                .principal
+                .clone()
+                .ok_or_else(|| "signed envelope names no principal".to_owned());
         }
         // Direct AMQP producers: RabbitMQ has validated `user_id` against the connection.
         let Some(user) = props.user_id().as_ref().map(|u| u.as_str().to_owned()) else {
             return Err("neither a queue-manager signature nor an AMQP user_id".into());
         };
-        if let Ok(cache) = self.amqp_users.lock() {
-            if let Some((p, at)) = cache.get(&user) {
-                if at.elapsed() < Duration::from_secs(60) {
-                    return Ok(p.clone());
-                }
-            }
+        if let Ok(cache) = self.amqp_users.lock()
+            && let Some((p, at)) = cache.get(&user)
+            && at.elapsed() < Duration::from_mins(1)
+        {
+            return Ok(p.clone());
         }
-        let client = self.pool.get().await.map_err(|e| format!("database: {e}"))?;
+        let client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| format!("database: {e}"))?;
         let row = client
-            .query_opt("SELECT id, name FROM principals WHERE amqp_user = $1 AND NOT disabled", &[&user])
+            .query_opt(
+                "SELECT id, name FROM principals WHERE amqp_user = $1 AND NOT disabled",
+                &[&user],
+            )
             .await
             .map_err(|e| format!("database: {e}"))?
             .ok_or_else(|| format!("AMQP user `{user}` is not mapped to a principal"))?;
@@ -155,14 +191,24 @@ impl Engine {
             )
             .await
             .map_err(|e| format!("database: {e}"))?;
-        let p = PrincipalRef { id, name: row.get(1), permissions: perms.iter().map(|r| r.get(0)).collect() };
+        let p = PrincipalRef {
+            id,
+            name: row.get(1),
+            permissions: perms.iter().map(|r| r.get(0)).collect(),
+        };
         if let Ok(mut cache) = self.amqp_users.lock() {
             cache.insert(user, (p.clone(), Instant::now()));
         }
         Ok(p)
     }
 
-    async fn dead_letter(&self, body: &[u8], props: &BasicProperties, reason: &str, detail: &str) -> Disposition {
+    async fn dead_letter(
+        &self,
+        body: &[u8],
+        props: &BasicProperties,
+        reason: &str,
+        detail: &str,
+    ) -> Disposition {
         tracing::warn!(reason, detail, "dead-lettering a message");
         let mut headers = FieldTable::default();
         headers.insert("x-provisio-reason".into(), long_str(reason));
@@ -175,7 +221,12 @@ impl Engine {
         let exchange = self.topology.dead_exchange();
         match self
             .publisher
-            .publish(Outgoing { exchange: &exchange, routing_key: "", body, properties: out })
+            .publish(Outgoing {
+                exchange: &exchange,
+                routing_key: "",
+                body,
+                properties: out,
+            })
             .await
         {
             Ok(()) => {
@@ -189,7 +240,12 @@ impl Engine {
         }
     }
 
-    async fn run_request(&self, env: &Envelope, principal: PrincipalRef, props: &BasicProperties) -> anyhow::Result<()> {
+    async fn run_request(
+        &self,
+        env: &Envelope,
+        principal: PrincipalRef,
+        props: &BasicProperties,
+    ) -> anyhow::Result<()> {
         let started = Instant::now();
         let tx_id = Uuid::now_v7();
         let lookup = match env.namespace_version {
@@ -197,7 +253,9 @@ impl Engine {
             None => self.namespaces.current(env.namespace.as_str()).await,
         }
         .context("loading the namespace")?;
-        let procedure = lookup.as_ref().and_then(|ns| ns.procedures.get(env.procedure.as_str()).cloned());
+        let procedure = lookup
+            .as_ref()
+            .and_then(|ns| ns.procedures.get(env.procedure.as_str()).cloned());
         let model = procedure.as_ref().map_or(TxModel::Read, |p| p.model);
         let begin = Begin {
             tx_id,
@@ -223,7 +281,12 @@ impl Engine {
                 return Ok(());
             }
         } else {
-            match self.txlog.write(Record::Begin(begin.clone())).await.context("opening the transaction")? {
+            match self
+                .txlog
+                .write(Record::Begin(begin.clone()))
+                .await
+                .context("opening the transaction")?
+            {
                 Reply::AlreadyFinished => {
                     tracing::info!(request_id = %env.id, "already finished; answering from the record");
                     self.publish_stored_outcome(env, props).await;
@@ -235,24 +298,54 @@ impl Engine {
         }
         let refuse = |code: &str, message: String| Some(json!({"code": code, "message": message}));
         let refusal = match (&lookup, &procedure) {
-            (Some(_), Some(p)) if p.access == Access::Private && !principal.has("execute_private") => {
-                refuse("forbidden", format!("procedure `{}` is private", env.procedure))
+            (Some(_), Some(p))
+                if p.access == Access::Private && !principal.has("execute_private") =>
+            {
+                refuse(
+                    "forbidden",
+                    format!("procedure `{}` is private", env.procedure),
+                )
             }
             (Some(_), Some(_)) => None,
-            _ => refuse("unknown_procedure", format!("procedure `{}.{}` does not exist", env.namespace, env.procedure)),
+            _ => refuse(
+                "unknown_procedure",
+                format!(
+                    "procedure `{}.{}` does not exist",
+                    env.namespace, env.procedure
+                ),
+            ),
         };
         let (Some(ns), Some(procedure), None) = (lookup, procedure, refusal.clone()) else {
-            self.finish(begin, model == TxModel::Read, Vec::new(), "failed", Status::Failed, None, refusal.clone(), json!([])).await?;
-            self.publish_outcome(env, props, &outcome_record(env, Status::Failed, None, refusal, attempt)).await;
+            self.finish(
+                begin,
+                model == TxModel::Read,
+                Vec::new(),
+                "failed",
+                Status::Failed,
+                None,
+                refusal.clone(),
+                json!([]),
+            )
+            .await?;
+            self.publish_outcome(
+                env,
+                props,
+                &outcome_record(env, Status::Failed, None, refusal.as_ref(), attempt),
+            )
+            .await;
             return Ok(());
         };
 
-        if model != TxModel::Read {
-            if let Ok(mut l) = self.leases.lock() {
-                l.insert(tx_id);
-            }
+        if model != TxModel::Read
+            && let Ok(mut l) = self.leases.lock()
+        {
+            l.insert(tx_id);
         }
-        let credentials = if principal.has("execute_with_credentials") { env.credentials.clone() } else { None };
+        let credentials = if principal.has("execute_with_credentials") {
+            env.credentials.clone()
+        } else {
+            None
+        };
         let request_ctx = json!({"id": env.id, "namespace": env.namespace, "procedure": env.procedure, "priority": env.priority, "attempt": attempt});
         let run = Run::new(
             tx_id,
@@ -271,8 +364,19 @@ impl Engine {
         }
         let (tx_status, status, output, error) = match &outcome.result {
             Ok(out) => ("committed", Status::Succeeded, Some(out.clone()), None),
-            Err(f) if outcome.rollback_failed => ("in_doubt", Status::InDoubt, None, Some(f.to_json())),
-            Err(f) => (if model == TxModel::Read { "failed" } else { "rolled_back" }, Status::Failed, None, Some(f.to_json())),
+            Err(f) if outcome.rollback_failed => {
+                ("in_doubt", Status::InDoubt, None, Some(f.to_json()))
+            }
+            Err(f) => (
+                if model == TxModel::Read {
+                    "failed"
+                } else {
+                    "rolled_back"
+                },
+                Status::Failed,
+                None,
+                Some(f.to_json()),
+            ),
         };
         if outcome.rolled_back > 0 {
             metrics::counter!(provisio_shared::metrics::ROLLBACKS, "namespace" => env.namespace.to_string(), "procedure" => env.procedure.to_string()).increment(1);
@@ -280,27 +384,50 @@ impl Engine {
         if status == Status::InDoubt {
             metrics::gauge!(provisio_shared::metrics::IN_DOUBT).increment(1.0);
         }
-        self.finish(begin, model == TxModel::Read, outcome.pending, tx_status, status, output.clone(), error.clone(), Value::Array(outcome.summary))
-            .await?;
+        self.finish(
+            begin,
+            model == TxModel::Read,
+            outcome.pending,
+            tx_status,
+            status,
+            output.clone(),
+            error.clone(),
+            Value::Array(outcome.summary),
+        )
+        .await?;
         let labels = [
             ("namespace", env.namespace.to_string()),
             ("procedure", env.procedure.to_string()),
             ("status", status.as_str().to_owned()),
         ];
         metrics::counter!(provisio_shared::metrics::REQUESTS_FINISHED, &labels).increment(1);
-        metrics::histogram!(provisio_shared::metrics::REQUEST_RUN_DURATION, &labels).record(started.elapsed().as_secs_f64());
+        metrics::histogram!(provisio_shared::metrics::REQUEST_RUN_DURATION, &labels)
+            .record(started.elapsed().as_secs_f64());
         if let Some(at) = env.submitted_at {
             let secs = (Utc::now() - at).num_microseconds().unwrap_or(0) as f64 / 1e6;
-            metrics::histogram!(provisio_shared::metrics::REQUEST_DURATION, &labels).record(secs.max(0.0));
+            metrics::histogram!(provisio_shared::metrics::REQUEST_DURATION, &labels)
+                .record(secs.max(0.0));
         }
-        self.publish_outcome(env, props, &outcome_record(env, status, output, error, attempt)).await;
+        self.publish_outcome(
+            env,
+            props,
+            &outcome_record(env, status, output.as_ref(), error.as_ref(), attempt),
+        )
+        .await;
         Ok(())
     }
 
     async fn is_final(&self, id: &str) -> anyhow::Result<bool> {
         let client = self.pool.get().await.context("database")?;
-        let row = client.query_opt("SELECT status FROM requests WHERE id = $1", &[&id]).await.context("reading the request")?;
-        Ok(row.is_some_and(|r| r.get::<_, String>(0).parse::<Status>().is_ok_and(Status::is_final)))
+        let row = client
+            .query_opt("SELECT status FROM requests WHERE id = $1", &[&id])
+            .await
+            .context("reading the request")?;
+        Ok(row.is_some_and(|r| {
+            r.get::<_, String>(0)
+                .parse::<Status>()
+                .is_ok_and(Status::is_final)
+        }))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -344,7 +471,11 @@ impl Engine {
     /// Publishes an outcome to `{prefix}.results` (and `reply_to`). Best effort: the record in
     /// PostgreSQL is the truth, so a lost notification loses nothing.
     async fn publish_outcome(&self, env: &Envelope, props: &BasicProperties, record: &Value) {
-        let status = record.get("status").and_then(Value::as_str).unwrap_or("unknown").to_owned();
+        let status = record
+            .get("status")
+            .and_then(Value::as_str)
+            .unwrap_or("unknown")
+            .to_owned();
         let body = record.to_string();
         let rk = format!("{}.{}.{}", env.namespace, env.procedure, status);
         let exchange = self.topology.results_exchange();
@@ -353,7 +484,12 @@ impl Engine {
             .with_message_id(env.id.as_str().into());
         if let Err(e) = self
             .publisher
-            .publish_unconfirmed(Outgoing { exchange: &exchange, routing_key: &rk, body: body.as_bytes(), properties: props_out.clone() })
+            .publish_unconfirmed(Outgoing {
+                exchange: &exchange,
+                routing_key: &rk,
+                body: body.as_bytes(),
+                properties: props_out.clone(),
+            })
             .await
         {
             tracing::warn!(error = %e, "cannot publish the outcome");
@@ -365,7 +501,12 @@ impl Engine {
             }
             let _ = self
                 .publisher
-                .publish_unconfirmed(Outgoing { exchange: "", routing_key: reply_to.as_str(), body: body.as_bytes(), properties: p })
+                .publish_unconfirmed(Outgoing {
+                    exchange: "",
+                    routing_key: reply_to.as_str(),
+                    body: body.as_bytes(),
+                    properties: p,
+                })
                 .await;
         }
     }
@@ -390,7 +531,11 @@ impl Engine {
 
     /// Renews the leases of every transaction this engine is running, in one statement.
     pub async fn renew_leases(&self) -> anyhow::Result<()> {
-        let ids: Vec<Uuid> = self.leases.lock().map(|l| l.iter().copied().collect()).unwrap_or_default();
+        let ids: Vec<Uuid> = self
+            .leases
+            .lock()
+            .map(|l| l.iter().copied().collect())
+            .unwrap_or_default();
         if ids.is_empty() {
             return Ok(());
         }
@@ -450,10 +595,19 @@ impl Engine {
         self.topology.declare(&setup).await?;
         let mut channels: Vec<(Channel, String, Source)> = Vec::new();
         let sources = [
-            (self.topology.lane_queue(Priority::High), Source::Lane(Priority::High)),
+            (
+                self.topology.lane_queue(Priority::High),
+                Source::Lane(Priority::High),
+            ),
             (self.topology.trusted_queue(), Source::Trusted),
-            (self.topology.lane_queue(Priority::Normal), Source::Lane(Priority::Normal)),
-            (self.topology.lane_queue(Priority::Low), Source::Lane(Priority::Low)),
+            (
+                self.topology.lane_queue(Priority::Normal),
+                Source::Lane(Priority::Normal),
+            ),
+            (
+                self.topology.lane_queue(Priority::Low),
+                Source::Lane(Priority::Low),
+            ),
         ];
         let mut consumers = Vec::new();
         for (i, (queue, source)) in sources.into_iter().enumerate() {
@@ -461,7 +615,12 @@ impl Engine {
             ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
             let tag = format!("{}-{i}", self.engine_id);
             let consumer = ch
-                .basic_consume(queue.clone().into(), tag.clone().into(), BasicConsumeOptions::default(), FieldTable::default())
+                .basic_consume(
+                    queue.clone().into(),
+                    tag.clone().into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
                 .await?;
             consumers.push((consumer, source));
             channels.push((ch, tag, source));
@@ -472,7 +631,8 @@ impl Engine {
         let mut tasks = JoinSet::new();
         let (mut high, mut trusted, mut normal, mut low) = {
             let mut it = consumers.into_iter().map(|(c, _)| c);
-            let (Some(a), Some(b), Some(c), Some(d)) = (it.next(), it.next(), it.next(), it.next()) else {
+            let (Some(a), Some(b), Some(c), Some(d)) = (it.next(), it.next(), it.next(), it.next())
+            else {
                 anyhow::bail!("consumers missing");
             };
             (a, b, c, d)
@@ -514,14 +674,21 @@ impl Engine {
         };
         // Stop new deliveries first, then drain what we hold.
         for (ch, tag, _) in &channels {
-            let _ = ch.basic_cancel(tag.clone().into(), BasicCancelOptions::default()).await;
+            let _ = ch
+                .basic_cancel(tag.clone().into(), BasicCancelOptions::default())
+                .await;
         }
         if result.is_ok() {
             let grace = Duration::from_secs(self.cfg.engine.grace_seconds);
             tracing::info!(running = tasks.len(), ?grace, "draining");
-            let drained = tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+            let drained =
+                tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} })
+                    .await;
             if drained.is_err() {
-                tracing::warn!(abandoned = tasks.len(), "grace period over; leaving the rest to redelivery and recovery");
+                tracing::warn!(
+                    abandoned = tasks.len(),
+                    "grace period over; leaving the rest to redelivery and recovery"
+                );
                 tasks.abort_all();
             }
             let _ = conn.close(200, "engine shutting down".into()).await;
@@ -535,7 +702,13 @@ impl Engine {
 }
 
 /// The outcome message of a request just finished (the same fields as the stored record).
-fn outcome_record(env: &Envelope, status: Status, output: Option<Value>, error: Option<Value>, attempts: i32) -> Value {
+fn outcome_record(
+    env: &Envelope,
+    status: Status,
+    output: Option<&Value>,
+    error: Option<&Value>,
+    attempts: i32,
+) -> Value {
     json!({
         "id": env.id, "namespace": env.namespace, "procedure": env.procedure, "status": status,
         "output": output, "error": error, "attempts": attempts,

@@ -20,9 +20,19 @@ impl TestProvider {
         Self { pool }
     }
 
-    async fn record(&self, tx_id: uuid::Uuid, path: &str, action: &str, kind: &str, input: &Value)
-        -> Result<(), ProviderError> {
-        let client = self.pool.get().await.map_err(|e| ProviderError::retryable("unavailable", e.to_string()))?;
+    async fn record(
+        &self,
+        tx_id: uuid::Uuid,
+        path: &str,
+        action: &str,
+        kind: &str,
+        input: &Value,
+    ) -> Result<(), ProviderError> {
+        let client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| ProviderError::retryable("unavailable", e.to_string()))?;
         let stmt = client
             .prepare_cached("INSERT INTO provider_test.calls (tx_id, step_path, action, kind, input) VALUES ($1, $2, $3, $4, $5)")
             .await
@@ -35,7 +45,14 @@ impl TestProvider {
     }
 
     async fn run(&self, call: &Call) -> Result<Executed, ProviderError> {
-        self.record(call.tx_id, &call.step_path, &call.action, "execute", &call.input).await?;
+        self.record(
+            call.tx_id,
+            &call.step_path,
+            &call.action,
+            "execute",
+            &call.input,
+        )
+        .await?;
         let input = &call.input;
         match call.action.as_str() {
             "echo" => Ok(Executed {
@@ -45,18 +62,42 @@ impl TestProvider {
             "sleep" => {
                 let ms = input.get("ms").and_then(Value::as_u64).unwrap_or(0);
                 tokio::time::sleep(Duration::from_millis(ms.min(600_000))).await;
-                Ok(Executed { output: json!({"slept_ms": ms}), rollback: Some(json!({"action": "sleep"})) })
+                Ok(Executed {
+                    output: json!({"slept_ms": ms}),
+                    rollback: Some(json!({"action": "sleep"})),
+                })
             }
             "fail" => {
-                let code = input.get("code").and_then(Value::as_str).unwrap_or("test_failure");
-                let message = input.get("message").and_then(Value::as_str).unwrap_or("failed on purpose");
-                let retryable = input.get("retryable").and_then(Value::as_bool).unwrap_or(false);
-                Err(ProviderError { code: code.to_owned(), message: message.to_owned(), retryable })
+                let code = input
+                    .get("code")
+                    .and_then(Value::as_str)
+                    .unwrap_or("test_failure");
+                let message = input
+                    .get("message")
+                    .and_then(Value::as_str)
+                    .unwrap_or("failed on purpose");
+                let retryable = input
+                    .get("retryable")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false);
+                Err(ProviderError {
+                    code: code.to_owned(),
+                    message: message.to_owned(),
+                    retryable,
+                })
             }
             "fail_n_times" => {
-                let key = input.get("key").and_then(Value::as_str).unwrap_or(&call.idempotency_key).to_owned();
+                let key = input
+                    .get("key")
+                    .and_then(Value::as_str)
+                    .unwrap_or(&call.idempotency_key)
+                    .to_owned();
                 let n = input.get("n").and_then(Value::as_i64).unwrap_or(1);
-                let client = self.pool.get().await.map_err(|e| ProviderError::retryable("unavailable", e.to_string()))?;
+                let client = self
+                    .pool
+                    .get()
+                    .await
+                    .map_err(|e| ProviderError::retryable("unavailable", e.to_string()))?;
                 let row = client
                     .query_one(
                         "INSERT INTO provider_test.counters (key, calls) VALUES ($1, 1) \
@@ -67,19 +108,28 @@ impl TestProvider {
                     .map_err(|e| ProviderError::retryable("unavailable", e.to_string()))?;
                 let calls: i32 = row.get(0);
                 if i64::from(calls) <= n {
-                    Err(ProviderError::retryable("transient", format!("call {calls} of {n} planned failures")))
+                    Err(ProviderError::retryable(
+                        "transient",
+                        format!("call {calls} of {n} planned failures"),
+                    ))
                 } else {
-                    Ok(Executed { output: input.clone(), rollback: Some(json!({"action": "fail_n_times"})) })
+                    Ok(Executed {
+                        output: input.clone(),
+                        rollback: Some(json!({"action": "fail_n_times"})),
+                    })
                 }
             }
             "panic" => panic!("test provider asked to panic"),
-            other => Err(ProviderError::permanent("unknown_action", format!("test has no action `{other}`"))),
+            other => Err(ProviderError::permanent(
+                "unknown_action",
+                format!("test has no action `{other}`"),
+            )),
         }
     }
 }
 
 impl Provider for TestProvider {
-    fn name(&self) -> &str {
+    fn name(&self) -> &'static str {
         "test"
     }
 
@@ -88,6 +138,9 @@ impl Provider for TestProvider {
     }
 
     fn rollback<'a>(&'a self, rb: &'a Rollback) -> BoxFuture<'a, Result<(), ProviderError>> {
-        Box::pin(async move { self.record(rb.tx_id, &rb.step_path, &rb.action, "rollback", &rb.data).await })
+        Box::pin(async move {
+            self.record(rb.tx_id, &rb.step_path, &rb.action, "rollback", &rb.data)
+                .await
+        })
     }
 }
