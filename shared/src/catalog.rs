@@ -7,6 +7,14 @@ use crate::procedure::Catalog;
 
 /// Actions of the built-in `test` provider (fault injection; DESIGN §5).
 pub const TEST_ACTIONS: &[&str] = &["echo", "sleep", "fail", "fail_n_times", "panic"];
+/// Actions of the `directory` provider.
+pub const DIRECTORY_ACTIONS: &[&str] = &["ensure_org", "create_user", "add_to_group", "add_alias", "delete_user"];
+/// Actions of the `resource` provider (the resource manager).
+pub const RESOURCE_ACTIONS: &[&str] = &["allocate", "release", "query"];
+/// Actions of the `sql` provider.
+pub const SQL_ACTIONS: &[&str] = &["execute", "query"];
+/// Actions of the `http` provider.
+pub const HTTP_ACTIONS: &[&str] = &["request"];
 
 #[derive(Clone, Debug)]
 pub struct StandardCatalog {
@@ -24,6 +32,10 @@ impl StandardCatalog {
 impl Catalog for StandardCatalog {
     fn check_action(&self, provider: &str, action: &str) -> Result<(), String> {
         let actions: &[&str] = match provider {
+            "directory" => DIRECTORY_ACTIONS,
+            "resource" => RESOURCE_ACTIONS,
+            "sql" => SQL_ACTIONS,
+            "http" => HTTP_ACTIONS,
             "test" if self.test_enabled => TEST_ACTIONS,
             "test" => {
                 return Err(

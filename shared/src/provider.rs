@@ -19,6 +19,8 @@ pub struct Call {
     pub caller: Option<PrincipalRef>,
     /// Present only when the caller holds `execute_with_credentials`.
     pub credentials: Option<Value>,
+    /// Whether the procedure runs two-phase (providers that support it hold the effect open).
+    pub participation: Participation,
 }
 
 /// The result of an execute: what the step returns, and what undoing it needs.
@@ -65,12 +67,48 @@ impl ProviderError {
     }
 }
 
+/// How a call takes part in its transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Participation {
+    /// The call takes effect at once; undoing it is a compensating `rollback`.
+    Compensating,
+    /// The call's effect is held open until `prepare` and `commit` (two-phase participants).
+    TwoPhase,
+}
+
 pub trait Provider: Send + Sync {
     fn name(&self) -> &str;
+
+    /// Performs one call. For a two-phase transaction, `phase` is `TwoPhase` and a provider
+    /// that supports it keeps the effect pending until [`Provider::commit`].
     fn execute<'a>(&'a self, call: &'a Call) -> BoxFuture<'a, Result<Executed, ProviderError>>;
+
     /// Undoes a completed call. Must be idempotent: recovery may repeat it.
     fn rollback<'a>(&'a self, rb: &'a Rollback) -> BoxFuture<'a, Result<(), ProviderError>> {
         let _ = rb;
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Whether this provider can hold calls of a two-phase transaction open.
+    fn supports_two_phase(&self) -> bool {
+        false
+    }
+
+    /// Two-phase: makes every pending effect of `tx_id` durable but not yet visible.
+    fn prepare<'a>(&'a self, tx_id: uuid::Uuid) -> BoxFuture<'a, Result<(), ProviderError>> {
+        let _ = tx_id;
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Two-phase: makes prepared effects of `tx_id` visible. Must be idempotent.
+    fn commit<'a>(&'a self, tx_id: uuid::Uuid) -> BoxFuture<'a, Result<(), ProviderError>> {
+        let _ = tx_id;
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Two-phase: discards pending or prepared effects of `tx_id`. Must be idempotent.
+    fn abort<'a>(&'a self, tx_id: uuid::Uuid) -> BoxFuture<'a, Result<(), ProviderError>> {
+        let _ = tx_id;
         Box::pin(async { Ok(()) })
     }
 }

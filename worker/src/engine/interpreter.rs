@@ -15,7 +15,7 @@ use futures_util::future::BoxFuture;
 use provisio_shared::domain::{PrincipalRef, TxModel};
 use provisio_shared::namespaces::NamespaceCache;
 use provisio_shared::procedure::{Namespace, Procedure, Step, StepKind};
-use provisio_shared::provider::{Call, Executed, ProviderError, Rollback};
+use provisio_shared::provider::{Call, Executed, Participation, ProviderError, Rollback};
 use provisio_shared::retry::{Attempt, retry};
 use serde_json::{Map, Value, json};
 use uuid::Uuid;
@@ -493,6 +493,11 @@ impl<'a> Run<'a> {
             input: input.clone(),
             caller: self.principal.clone(),
             credentials: self.credentials.clone(),
+            participation: if self.model == TxModel::TwoPhase {
+                Participation::TwoPhase
+            } else {
+                Participation::Compensating
+            },
         };
         let started = Instant::now();
         let timeout = step.timeout;
