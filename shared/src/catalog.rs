@@ -19,12 +19,19 @@ pub const HTTP_ACTIONS: &[&str] = &["request"];
 #[derive(Clone, Debug)]
 pub struct StandardCatalog {
     test_enabled: bool,
+    remote: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 impl StandardCatalog {
     pub fn from_config(cfg: &Config) -> Self {
         Self {
             test_enabled: cfg.providers.test.enabled,
+            remote: cfg
+                .providers
+                .remote
+                .iter()
+                .map(|(k, v)| (k.clone(), v.actions.clone()))
+                .collect(),
         }
     }
 }
@@ -42,7 +49,18 @@ impl Catalog for StandardCatalog {
                     "provider `test` is disabled (providers.test.enabled = false)".to_owned(),
                 );
             }
-            other => return Err(format!("unknown provider `{other}`")),
+            other => {
+                let Some(actions) = self.remote.get(other) else {
+                    return Err(format!("unknown provider `{other}`"));
+                };
+                if actions.iter().any(|a| a == action) {
+                    return Ok(());
+                }
+                return Err(format!(
+                    "remote provider `{other}` has no action `{action}` (it has: {})",
+                    actions.join(", ")
+                ));
+            }
         };
         if actions.contains(&action) {
             Ok(())

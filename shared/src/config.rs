@@ -4,6 +4,7 @@
 //! Secrets never come from the TOML file: they are read from the environment or from a file
 //! named by a `*_file` key, so that the file can be committed and shown (`--print-config`).
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -66,6 +67,7 @@ pub struct Config {
     pub amqp: AmqpConfig,
     pub queue_manager: QueueManagerConfig,
     pub engine: EngineConfig,
+    pub auditor: AuditorConfig,
     pub security: SecurityConfig,
     pub providers: ProvidersConfig,
     pub validation: ValidationConfig,
@@ -133,6 +135,19 @@ pub struct EngineConfig {
     pub grace_seconds: u64,
 }
 
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuditorConfig {
+    /// Time between recovery passes of the active auditor.
+    pub interval_ms: u64,
+}
+
+impl Default for AuditorConfig {
+    fn default() -> Self {
+        Self { interval_ms: 2000 }
+    }
+}
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct SecurityConfig {
@@ -148,6 +163,114 @@ pub struct SecurityConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct ProvidersConfig {
     pub test: TestProviderConfig,
+    pub sql: SqlProviderConfig,
+    pub http: HttpProviderConfig,
+    pub resource: ResourceProviderConfig,
+    /// Remote providers (the remote-provider protocol), by provider name.
+    pub remote: BTreeMap<String, RemoteProviderConfig>,
+    /// Per-provider limits, enforced per engine, by provider name.
+    pub limits: BTreeMap<String, ProviderLimits>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SqlProviderConfig {
+    /// Target databases by name; a namespace names the target, never a URL.
+    pub targets: BTreeMap<String, SqlTarget>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SqlTarget {
+    pub url: Secret,
+    pub url_file: Option<PathBuf>,
+    pub pool_size: Option<usize>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpProviderConfig {
+    /// External services by name; requests name the service and a path, never a URL.
+    pub services: BTreeMap<String, HttpService>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpService {
+    pub base_url: String,
+    pub timeout_ms: u64,
+    /// Sent as `Authorization: Bearer …` when set.
+    pub token: Secret,
+}
+
+impl Default for HttpService {
+    fn default() -> Self {
+        Self {
+            base_url: String::new(),
+            timeout_ms: 5000,
+            token: Secret::default(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RemoteProviderConfig {
+    /// The service answering `POST /execute` and `POST /rollback`.
+    pub base_url: String,
+    /// Actions namespaces may call (checked at apply time).
+    pub actions: Vec<String>,
+    pub timeout_ms: u64,
+    pub token: Secret,
+}
+
+impl Default for RemoteProviderConfig {
+    fn default() -> Self {
+        Self {
+            base_url: String::new(),
+            actions: Vec::new(),
+            timeout_ms: 5000,
+            token: Secret::default(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProviderLimits {
+    /// Calls in flight at once per engine; 0 = unlimited.
+    pub concurrency: usize,
+    /// Calls started per second per engine; 0 = unlimited.
+    pub rate_per_second: f64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ResourceProviderConfig {
+    /// Pools defined (upserted) by engines at start-up.
+    pub pools: Vec<PoolConfig>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    pub name: String,
+    #[serde(default = "default_strategy")]
+    pub strategy: String,
+    pub resources: Vec<PoolResource>,
+}
+
+fn default_strategy() -> String {
+    "least_used".to_owned()
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PoolResource {
+    pub name: String,
+    pub capacity: i32,
+    #[serde(default)]
+    pub rank: i32,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
@@ -155,6 +278,9 @@ pub struct ProvidersConfig {
 pub struct TestProviderConfig {
     /// Fault injection is off unless asked for: a production fleet must not offer `panic`.
     pub enabled: bool,
+    /// Fault injection: an engine pauses this long between preparing and committing a
+    /// two-phase transaction (lets tests kill it there). Honoured only when `enabled`.
+    pub pause_after_prepare_ms: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
@@ -310,6 +436,10 @@ impl Config {
             &mut self.security.bootstrap_admin_key,
             self.security.bootstrap_admin_key_file.as_ref(),
         )?;
+        for target in self.providers.sql.targets.values_mut() {
+            let file = target.url_file.clone();
+            read(&mut target.url, file.as_ref())?;
+        }
         Ok(())
     }
 
@@ -334,6 +464,27 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "txlog.max_batch and txlog.writers must be at least 1".into(),
             ));
+        }
+        for (name, svc) in &self.providers.http.services {
+            if !(svc.base_url.starts_with("http://") || svc.base_url.starts_with("https://")) {
+                return Err(ConfigError::Invalid(format!(
+                    "providers.http.services.{name}.base_url must be an http(s) URL"
+                )));
+            }
+        }
+        for (name, remote) in &self.providers.remote {
+            if crate::domain::Name::parse(name.clone()).is_err()
+                || matches!(name.as_str(), "test" | "directory" | "resource" | "sql" | "http")
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "providers.remote.{name}: not a valid or free provider name"
+                )));
+            }
+            if !(remote.base_url.starts_with("http://") || remote.base_url.starts_with("https://")) {
+                return Err(ConfigError::Invalid(format!(
+                    "providers.remote.{name}.base_url must be an http(s) URL"
+                )));
+            }
         }
         if !matches!(self.log.format.as_str(), "json" | "text") {
             return Err(ConfigError::Invalid(format!(

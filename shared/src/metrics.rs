@@ -23,6 +23,10 @@ pub const TXLOG_POOL_IN_USE: &str = "provisio_txlog_pool_connections_in_use";
 pub const TXLOG_BAD_SERVERS: &str = "provisio_txlog_bad_servers";
 pub const IN_DOUBT: &str = "provisio_in_doubt_transactions";
 pub const PROVIDER_CALLS: &str = "provisio_provider_calls_total";
+pub const PROVIDER_INFLIGHT: &str = "provisio_provider_inflight_calls";
+pub const PROVIDER_THROTTLED: &str = "provisio_provider_throttled_total";
+pub const PROVIDER_WAIT: &str = "provisio_provider_wait_seconds";
+pub const RECOVERED: &str = "provisio_recovered_transactions_total";
 pub const AUDIT_ROWS_SWEPT: &str = "provisio_audit_rows_swept_total";
 
 /// Registers descriptions with the installed recorder; call once after installing it.

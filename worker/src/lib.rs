@@ -2,4 +2,5 @@
 
 pub mod engine;
 pub mod providers;
+pub mod recovery;
 pub mod txlog;

@@ -1,5 +1,4 @@
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,7 +11,8 @@ use provisio_shared::namespaces::NamespaceCache;
 use provisio_shared::telemetry::{self, Readiness};
 use provisio_shared::{db, shutdown};
 use provisio_worker::engine::Engine;
-use provisio_worker::providers::{Registry, test::TestProvider};
+use provisio_worker::providers;
+use provisio_worker::recovery::Recovery;
 use provisio_worker::txlog::TxLog;
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -46,10 +46,7 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     telemetry::init_tracing(&cfg.log);
-    if cli.role == Role::Auditor {
-        bail!("the auditor role is not implemented yet (see CHANGELOG.md)");
-    }
-    if cfg.security.signing_key.is_empty() {
+    if cli.role == Role::Engine && cfg.security.signing_key.is_empty() {
         bail!(
             "security.signing_key is required (set PROVISIO_SIGNING_KEY or security.signing_key_file)"
         );
@@ -75,31 +72,32 @@ async fn main() -> anyhow::Result<()> {
     let txlog_pool = db::pool(&txlog_url, cfg.txlog.pool_size).context("transaction-log pool")?;
     let txlog = TxLog::start(txlog_pool, cfg.txlog.max_batch, cfg.txlog.writers);
 
-    let mut registry = Registry::default();
-    if cfg.providers.test.enabled {
-        let mut pg =
-            tokio_postgres::Config::from_str(cfg.database.url.expose()).context("database URL")?;
-        pg.options("-c synchronous_commit=off");
-        let mgr = deadpool_postgres::Manager::new(pg, tokio_postgres::NoTls);
-        let test_pool = deadpool_postgres::Pool::builder(mgr)
-            .max_size(cfg.database.pool_size.min(8))
-            .build()
-            .context("test provider pool")?;
-        registry.register(Arc::new(TestProvider::new(test_pool)));
+    let built = providers::build(&cfg, &pool).context("building providers")?;
+    let recovery = Arc::new(Recovery {
+        pool: pool.clone(),
+        registry: built.registry.clone(),
+        sql: built.sql.clone(),
+        owner: format!("recovery-{}", uuid::Uuid::now_v7()),
+        lease_seconds: cfg.engine.lease_seconds as f64,
+    });
+    if cli.role == Role::Auditor {
+        return auditor(cfg, pool, recovery, metrics).await;
     }
 
     let topology = Topology::new(&cfg.amqp);
     let publisher = Publisher::new(cfg.amqp.url.expose(), topology, Duration::from_secs(5));
     let ready = Readiness::default();
-    let engine = Arc::new(Engine::new(
+    let mut engine = Engine::new(
         cfg.clone(),
         pool.clone(),
         txlog,
-        registry,
+        built.registry,
         NamespaceCache::new(pool, Box::new(StandardCatalog::from_config(&cfg))),
         publisher,
         ready.clone(),
-    ));
+    );
+    engine.recovery = Some(recovery);
+    let engine = Arc::new(engine);
 
     let listener = tokio::net::TcpListener::bind(cfg.engine.listen)
         .await
@@ -121,4 +119,69 @@ async fn main() -> anyhow::Result<()> {
     http.abort();
     tracing::info!("engine stopped");
     Ok(())
+}
+
+/// The auditor role: active/standby by PostgreSQL advisory lock; the active one recovers
+/// transactions whose engine died and resolves orphaned prepared transactions.
+async fn auditor(
+    cfg: Config,
+    pool: deadpool_postgres::Pool,
+    recovery: Arc<Recovery>,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+) -> anyhow::Result<()> {
+    const LEADER_LOCK: i64 = 0x7072_6f76_6175_6469; // "provaudi"
+    let ready = Readiness::default();
+    let listener = tokio::net::TcpListener::bind(cfg.engine.listen)
+        .await
+        .with_context(|| format!("binding {}", cfg.engine.listen))?;
+    let addr = listener.local_addr().context("local address")?;
+    let stop = shutdown::token_on_signal();
+    let http_stop = stop.clone();
+    let router = telemetry::ops_router(metrics, ready.clone());
+    let http = tokio::spawn(async move {
+        let _ = axum::serve(listener, router)
+            .with_graceful_shutdown(async move { http_stop.cancelled().await })
+            .await;
+    });
+    println!("listening on http://{addr}");
+    let interval = Duration::from_millis(cfg.auditor.interval_ms);
+    // The lock lives as long as this session: a dedicated connection, not a pooled one.
+    let (leader_conn, conn_task) = tokio_postgres::connect(cfg.database.url.expose(), tokio_postgres::NoTls)
+        .await
+        .context("connecting for leadership")?;
+    let conn_task = tokio::spawn(conn_task);
+    let mut leading = false;
+    while !stop.is_cancelled() {
+        if !leading {
+            leading = leader_conn
+                .query_one("SELECT pg_try_advisory_lock($1)", &[&LEADER_LOCK])
+                .await
+                .map(|r| r.get::<_, bool>(0))
+                .unwrap_or(false);
+            ready.set(true);
+            if leading {
+                tracing::info!("auditor is active");
+            }
+        }
+        if leading {
+            match recovery.run_once().await {
+                Ok(r) if r != providers_report_default() => tracing::info!(?r, "recovery pass"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "recovery pass failed"),
+            }
+        }
+        tokio::select! {
+            () = stop.cancelled() => {}
+            () = tokio::time::sleep(interval) => {}
+        }
+    }
+    drop(pool);
+    conn_task.abort();
+    http.abort();
+    tracing::info!("auditor stopped");
+    Ok(())
+}
+
+fn providers_report_default() -> provisio_worker::recovery::Report {
+    provisio_worker::recovery::Report::default()
 }

@@ -75,6 +75,8 @@ pub struct Finish {
 pub enum Record {
     Begin(Begin),
     Step(StepRecord),
+    /// A transaction's status changes (two-phase: `prepared`, then the decision `committing`).
+    Status { tx_id: Uuid, status: &'static str },
     Finish(Finish),
 }
 
@@ -186,6 +188,7 @@ const SQL_BEGIN_TX: &str = "INSERT INTO transactions (id, request_id, attempt, n
      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, now() + make_interval(secs => $11))";
 const SQL_STEP: &str = "INSERT INTO tx_steps (tx_id, seq, kind, path, provider, action, input, output, rollback_data, error) \
      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
+const SQL_STATUS: &str = "UPDATE transactions SET status = $2 WHERE id = $1";
 const SQL_FINISH_TX: &str = "UPDATE transactions SET status = $2, output = $3, error = $4, \
      finished_at = now(), lease_until = NULL WHERE id = $1";
 const SQL_FINISH_REQUEST: &str = "UPDATE requests SET status = $2, output = $3, error = $4, steps = $5, \
@@ -216,12 +219,16 @@ async fn write_together(pool: &Pool, records: &[&Record]) -> Result<Vec<Reply>, 
         .prepare_cached(SQL_FINISH_REQUEST)
         .await
         .map_err(|e| unavailable(&e))?;
+    let set_status = tx
+        .prepare_cached(SQL_STATUS)
+        .await
+        .map_err(|e| unavailable(&e))?;
 
     // Statements of different records are independent: issue them all at once so that
     // tokio-postgres pipelines them on the one connection.
     let work = records.iter().map(|r| {
-        let (tx, begin_req, begin_tx, step, fin_tx, fin_req) =
-            (&tx, &begin_req, &begin_tx, &step, &fin_tx, &fin_req);
+        let (tx, begin_req, begin_tx, step, fin_tx, fin_req, set_status) =
+            (&tx, &begin_req, &begin_tx, &step, &fin_tx, &fin_req, &set_status);
         async move {
             match r {
                 Record::Begin(b) => Ok(match open(tx, begin_req, begin_tx, b, "running").await? {
@@ -230,6 +237,10 @@ async fn write_together(pool: &Pool, records: &[&Record]) -> Result<Vec<Reply>, 
                 }),
                 Record::Step(s) => {
                     insert_step(tx, step, s).await?;
+                    Ok(Reply::Done)
+                }
+                Record::Status { tx_id, status } => {
+                    tx.execute(set_status, &[tx_id, status]).await?;
                     Ok(Reply::Done)
                 }
                 Record::Finish(f) => {

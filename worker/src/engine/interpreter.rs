@@ -97,6 +97,9 @@ pub struct Run<'a> {
     seq: i32,
     pending: Vec<StepRecord>,
     summary: Vec<Value>,
+    /// Two-phase participants of this transaction (providers holding effects open).
+    participants: std::collections::BTreeSet<String>,
+    pause_after_prepare: Option<Duration>,
 }
 
 /// Variables visible to expressions in one procedure invocation.
@@ -136,7 +139,16 @@ impl<'a> Run<'a> {
             seq: 0,
             pending: Vec::new(),
             summary: Vec::new(),
+            participants: std::collections::BTreeSet::new(),
+            pause_after_prepare: None,
         }
+    }
+
+    /// Fault injection for tests: pause between prepare and the commit decision.
+    #[must_use]
+    pub fn with_pause_after_prepare(mut self, pause: Option<Duration>) -> Self {
+        self.pause_after_prepare = pause;
+        self
     }
 
     /// Runs `procedure` with `input`; on failure rolls back everything completed.
@@ -146,13 +158,32 @@ impl<'a> Run<'a> {
         procedure: &Procedure,
         input: Value,
     ) -> Outcome {
-        let result = self.invoke(ns.clone(), procedure, input, "", 0).await;
+        let mut result = self.invoke(ns.clone(), procedure, input, "", 0).await;
         let mut rollback_failed = false;
         let mut rolled_back = 0;
+        if result.is_ok() && self.model == TxModel::TwoPhase {
+            match self.two_phase_commit().await {
+                Ok(()) => {}
+                Err((f, false)) => result = Err(f),
+                Err((f, true)) => {
+                    // The decision was logged: the transaction must commit; recovery finishes it.
+                    return Outcome {
+                        result: Err(f),
+                        rollback_failed: true,
+                        rolled_back: 0,
+                        pending: std::mem::take(&mut self.pending),
+                        summary: std::mem::take(&mut self.summary),
+                    };
+                }
+            }
+        }
         if result.is_err() && self.model != TxModel::Read {
             match self.rollback_to(0).await {
                 Ok(n) => rolled_back = n,
                 Err(_) => rollback_failed = true,
+            }
+            if self.model == TxModel::TwoPhase && !self.abort_participants().await {
+                rollback_failed = true;
             }
         }
         Outcome {
@@ -454,6 +485,64 @@ impl<'a> Run<'a> {
         Ok(())
     }
 
+    /// Prepare every participant, log the decision, commit every participant. The error says
+    /// whether the decision had been logged (then the transaction must still commit).
+    async fn two_phase_commit(&mut self) -> Result<(), (Failure, bool)> {
+        self.flush().await.map_err(|f| (f, false))?;
+        if self.participants.is_empty() {
+            return Ok(());
+        }
+        let participants: Vec<String> = self.participants.iter().cloned().collect();
+        for name in &participants {
+            let Some(p) = self.registry.get(name).cloned() else { continue };
+            if let Err(e) = p.prepare(self.tx_id).await {
+                return Err((Failure::new("prepare_failed", format!("{name}: {e}"), "prepare"), false));
+            }
+        }
+        self.txlog
+            .write(Record::Status { tx_id: self.tx_id, status: "prepared" })
+            .await
+            .map_err(|e| (Failure::from(e), false))?;
+        if let Some(pause) = self.pause_after_prepare {
+            tracing::warn!(tx_id = %self.tx_id, ?pause, "fault injection: pausing between prepare and commit");
+            tokio::time::sleep(pause).await;
+        }
+        // The decision. Once durable, every participant must commit, whatever happens.
+        self.txlog
+            .write(Record::Status { tx_id: self.tx_id, status: "committing" })
+            .await
+            .map_err(|e| (Failure::from(e), false))?;
+        for name in &participants {
+            let Some(p) = self.registry.get(name).cloned() else { continue };
+            let policy = provisio_shared::retry::Backoff::attempts(5, Duration::from_millis(50), Duration::from_secs(2));
+            let r = retry(&policy, |_| {
+                let p = p.clone();
+                let tx = self.tx_id;
+                async move { p.commit(tx).await.map_err(Attempt::Retry) }
+            })
+            .await;
+            if let Err(e) = r {
+                return Err((Failure::new("commit_failed", format!("{name}: {e}"), "commit"), true));
+            }
+        }
+        Ok(())
+    }
+
+    /// Discards every participant's pending or prepared effects; false if one could not.
+    async fn abort_participants(&mut self) -> bool {
+        let mut ok = true;
+        for name in std::mem::take(&mut self.participants) {
+            let Some(p) = self.registry.get(&name).cloned() else { continue };
+            if let Err(e) = p.abort(self.tx_id).await {
+                tracing::error!(provider = %name, error = %e, "two-phase abort failed");
+                ok = false;
+            } else {
+                self.summary.push(json!({"path": format!("abort:{name}"), "status": "rolled_back"}));
+            }
+        }
+        ok
+    }
+
     /// Makes pending step records durable (before the next provider call).
     async fn flush(&mut self) -> Result<(), Failure> {
         for rec in std::mem::take(&mut self.pending) {
@@ -485,6 +574,10 @@ impl<'a> Run<'a> {
                 path,
             )
         })?;
+        if self.model == TxModel::TwoPhase && provider.supports_two_phase() {
+            // A participant from its first call on, so that abort also cleans up a failed one.
+            self.participants.insert(provider_name.to_owned());
+        }
         let call = Call {
             tx_id: self.tx_id,
             idempotency_key: format!("{}:{path}", self.tx_id),
@@ -569,7 +662,9 @@ impl<'a> Run<'a> {
                         rollback_data: executed.rollback.clone(),
                         error: None,
                     });
-                    if let Some(data) = &executed.rollback {
+                    // Two-phase participants are undone by `abort`, not call by call.
+                    let held_open = self.model == TxModel::TwoPhase && provider.supports_two_phase();
+                    if let (false, Some(data)) = (held_open, &executed.rollback) {
                         self.completed.push(Completed {
                             path: path.to_owned(),
                             provider: provider_name.to_owned(),

@@ -65,6 +65,8 @@ pub struct Engine {
     pub ready: Readiness,
     leases: Mutex<HashSet<Uuid>>,
     amqp_users: Mutex<HashMap<String, (PrincipalRef, Instant)>>,
+    /// Recovers an earlier attempt of a redelivered request before running it again.
+    pub recovery: Option<Arc<crate::recovery::Recovery>>,
 }
 
 impl Engine {
@@ -91,6 +93,7 @@ impl Engine {
             ready,
             leases: Mutex::new(HashSet::new()),
             amqp_users: Mutex::new(HashMap::new()),
+            recovery: None,
         }
     }
 
@@ -101,6 +104,7 @@ impl Engine {
         body: &[u8],
         props: &BasicProperties,
         source: Source,
+        redelivered: bool,
     ) -> Disposition {
         let envelope = match Envelope::parse(body) {
             Ok(e) => e,
@@ -127,6 +131,20 @@ impl Engine {
             return self.dead_letter(body, props, "forbidden", &why).await;
         }
         let span = tracing::info_span!("request", request_id = %envelope.id, namespace = %envelope.namespace, procedure = %envelope.procedure);
+        if redelivered {
+            match self.settle_earlier_attempts(envelope.id.as_str()).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    // Another engine still holds a live lease on it: try again later.
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    return Disposition::Requeue;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot check earlier attempts; requeueing");
+                    return Disposition::Requeue;
+                }
+            }
+        }
         match self
             .run_request(&envelope, principal, props)
             .instrument(span)
@@ -357,6 +375,10 @@ impl Engine {
             credentials,
             request_ctx,
             self.cfg.validation.enable_schema_validation,
+        )
+        .with_pause_after_prepare(
+            (self.cfg.providers.test.enabled && self.cfg.providers.test.pause_after_prepare_ms > 0)
+                .then(|| Duration::from_millis(self.cfg.providers.test.pause_after_prepare_ms)),
         );
         let outcome = run.execute(&ns, &procedure, env.input.clone()).await;
         if let Ok(mut l) = self.leases.lock() {
@@ -415,6 +437,30 @@ impl Engine {
         )
         .await;
         Ok(())
+    }
+
+    /// A redelivered request may have an unfinished attempt from an engine that died: recover
+    /// it first so that two attempts never overlap. False: one is still live elsewhere.
+    async fn settle_earlier_attempts(&self, request_id: &str) -> anyhow::Result<bool> {
+        let client = self.pool.get().await.context("database")?;
+        let rows = client
+            .query(
+                "SELECT id, coalesce(lease_until > now(), false) FROM transactions WHERE request_id = $1 \
+                 AND status IN ('running', 'prepared', 'committing', 'rolling_back')",
+                &[&request_id],
+            )
+            .await?;
+        drop(client);
+        for row in rows {
+            let (tx_id, live): (Uuid, bool) = (row.get(0), row.get(1));
+            if live {
+                return Ok(false);
+            }
+            if let Some(r) = &self.recovery {
+                r.recover_tx(tx_id).await?;
+            }
+        }
+        Ok(true)
     }
 
     async fn is_final(&self, id: &str) -> anyhow::Result<bool> {
@@ -660,7 +706,9 @@ impl Engine {
             let me = self.clone();
             tasks.spawn(async move {
                 metrics::gauge!(provisio_shared::metrics::INFLIGHT).increment(1.0);
-                let disposition = me.handle(&delivery.data, &delivery.properties, source).await;
+                let disposition = me
+                    .handle(&delivery.data, &delivery.properties, source, delivery.redelivered)
+                    .await;
                 let r = match disposition {
                     Disposition::Ack => delivery.ack(BasicAckOptions::default()).await,
                     Disposition::Requeue => delivery.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }).await,

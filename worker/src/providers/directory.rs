@@ -1,0 +1,1403 @@
+//! The `directory` provider: organizations, users, groups and aliases, stored in the
+//! configuration database (schema `provider_directory`, DESIGN §5).
+//!
+//! Actions and their rollbacks:
+//!
+//! | action | input | output | rollback |
+//! | --- | --- | --- | --- |
+//! | `ensure_org` | `{name}` | `{id, name, created}` | deletes the organization if this call created it and it has no users |
+//! | `create_user` | `{org (name or id), user, display_name?}` | `{id, org, org_id, name, display_name, address}` | deletes the user, its aliases and memberships |
+//! | `add_to_group` | `{user (id), group (name)}` | `{group_id, group, user, group_created, added}` | removes the membership this call added, and the group if this call created it and it is empty |
+//! | `add_alias` | `{user (id), alias}` | `{alias, user, created}` | removes the alias if this call added it |
+//! | `delete_user` | `{user (id)}` | `{deleted, user}` | restores the user, its aliases and memberships with the same ids |
+//!
+//! Every execute runs in one PostgreSQL transaction together with a record of its result in
+//! `provider_directory.idempotency`, keyed by the call's idempotency key: a repeated call
+//! returns the first result and has no further effect. A rollback records
+//! `rollback:{idempotency_key}` in the same way, so repeating it does nothing, and treats
+//! "already gone" as done.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use deadpool_postgres::{Pool, Transaction};
+use futures_util::future::BoxFuture;
+use provisio_shared::provider::{Call, Executed, Provider, ProviderError, Rollback};
+use serde_json::{Map, Value, json};
+use tokio_postgres::Row;
+use tokio_postgres::types::FromSql;
+use uuid::Uuid;
+
+/// Longest organization, user, group or alias name accepted.
+const MAX_NAME: usize = 255;
+
+pub struct DirectoryProvider {
+    pool: Pool,
+}
+
+impl DirectoryProvider {
+    /// `pool`: the configuration database, migrated (schema `provider_directory`).
+    pub fn new(pool: Pool) -> Self {
+        Self { pool }
+    }
+
+    async fn run(&self, call: &Call) -> Result<Executed, ProviderError> {
+        let op = Op::parse(&call.action, &call.input)?;
+        let key = call.idempotency_key.as_str();
+        if key.is_empty() {
+            return Err(invalid("the call has an empty idempotency key"));
+        }
+        let mut client = self.pool.get().await.map_err(pool_error)?;
+        let tx = client.transaction().await.map_err(db_error)?;
+        if let Some(done) = claim(&tx, key).await? {
+            tracing::debug!(key, action = %call.action, "directory: repeated call, answering from the record");
+            return replay(&call.action, &done);
+        }
+        let executed = match op {
+            Op::EnsureOrg { name } => ensure_org(&tx, &name).await?,
+            Op::CreateUser {
+                org,
+                user,
+                display_name,
+            } => create_user(&tx, &org, &user, display_name.as_deref()).await?,
+            Op::AddToGroup { user, group } => add_to_group(&tx, user, &group).await?,
+            Op::AddAlias { user, alias } => add_alias(&tx, user, &alias).await?,
+            Op::DeleteUser { user } => delete_user(&tx, user).await?,
+        };
+        let record = json!({
+            "action": call.action,
+            "output": executed.output,
+            "rollback": executed.rollback,
+        });
+        tx.execute(
+            "UPDATE provider_directory.idempotency SET result = $2 WHERE key = $1",
+            &[&key, &record],
+        )
+        .await
+        .map_err(db_error)?;
+        tx.commit().await.map_err(db_error)?;
+        Ok(executed)
+    }
+
+    async fn undo(&self, rb: &Rollback) -> Result<(), ProviderError> {
+        let undo = Undo::parse(&rb.action, &rb.data)?;
+        if rb.idempotency_key.is_empty() {
+            return Err(invalid("the rollback has an empty idempotency key"));
+        }
+        let marker = format!("rollback:{}", rb.idempotency_key);
+        let mut client = self.pool.get().await.map_err(pool_error)?;
+        let tx = client.transaction().await.map_err(db_error)?;
+        let fresh = tx
+            .execute(
+                "INSERT INTO provider_directory.idempotency (key, result) VALUES ($1, $2) \
+                 ON CONFLICT (key) DO NOTHING",
+                &[&marker, &json!({"action": rb.action, "data": rb.data})],
+            )
+            .await
+            .map_err(db_error)?;
+        if fresh == 0 {
+            tracing::debug!(key = %rb.idempotency_key, action = %rb.action, "directory: already rolled back");
+            return Ok(());
+        }
+        match undo {
+            Undo::EnsureOrg { org_id, created } => undo_ensure_org(&tx, org_id, created).await?,
+            Undo::CreateUser { user_id } => {
+                // Aliases and memberships go with the user (ON DELETE CASCADE).
+                tx.execute(
+                    "DELETE FROM provider_directory.users WHERE id = $1",
+                    &[&user_id],
+                )
+                .await
+                .map_err(db_error)?;
+            }
+            Undo::AddToGroup {
+                group_id,
+                user_id,
+                group_created,
+                member_added,
+            } => undo_add_to_group(&tx, group_id, user_id, group_created, member_added).await?,
+            Undo::AddAlias {
+                alias,
+                user_id,
+                created,
+            } => {
+                if created {
+                    tx.execute(
+                        "DELETE FROM provider_directory.aliases WHERE alias = $1 AND user_id = $2",
+                        &[&alias, &user_id],
+                    )
+                    .await
+                    .map_err(db_error)?;
+                }
+            }
+            Undo::DeleteUser(snapshot) => restore_user(&tx, &snapshot).await?,
+        }
+        tx.commit().await.map_err(db_error)?;
+        Ok(())
+    }
+}
+
+impl Provider for DirectoryProvider {
+    fn name(&self) -> &'static str {
+        "directory"
+    }
+
+    fn execute<'a>(&'a self, call: &'a Call) -> BoxFuture<'a, Result<Executed, ProviderError>> {
+        Box::pin(self.run(call))
+    }
+
+    fn rollback<'a>(&'a self, rb: &'a Rollback) -> BoxFuture<'a, Result<(), ProviderError>> {
+        Box::pin(self.undo(rb))
+    }
+}
+
+// ------------------------------------------------------------------------------------ input
+
+/// A parsed execute.
+enum Op {
+    EnsureOrg {
+        name: String,
+    },
+    CreateUser {
+        org: String,
+        user: String,
+        display_name: Option<String>,
+    },
+    AddToGroup {
+        user: Uuid,
+        group: String,
+    },
+    AddAlias {
+        user: Uuid,
+        alias: String,
+    },
+    DeleteUser {
+        user: Uuid,
+    },
+}
+
+impl Op {
+    fn parse(action: &str, input: &Value) -> Result<Self, ProviderError> {
+        let what = format!("directory.{action} input");
+        let op = match action {
+            "ensure_org" => {
+                let m = object(input, &what)?;
+                Op::EnsureOrg {
+                    name: name(m, "name", &what, false)?,
+                }
+            }
+            "create_user" => {
+                let m = object(input, &what)?;
+                let display_name = match m.get("display_name") {
+                    None | Some(Value::Null) => None,
+                    Some(Value::String(s)) if s.chars().count() <= MAX_NAME => Some(s.clone()),
+                    Some(Value::String(_)) => {
+                        return Err(invalid(format!(
+                            "{what}: `display_name` is longer than {MAX_NAME} characters"
+                        )));
+                    }
+                    Some(other) => {
+                        return Err(invalid(format!(
+                            "{what}: `display_name` must be a string, not {}",
+                            kind(other)
+                        )));
+                    }
+                };
+                Op::CreateUser {
+                    org: name(m, "org", &what, false)?,
+                    user: name(m, "user", &what, true)?,
+                    display_name,
+                }
+            }
+            "add_to_group" => {
+                let m = object(input, &what)?;
+                Op::AddToGroup {
+                    user: uuid(m, "user", &what)?,
+                    group: name(m, "group", &what, false)?,
+                }
+            }
+            "add_alias" => {
+                let m = object(input, &what)?;
+                Op::AddAlias {
+                    user: uuid(m, "user", &what)?,
+                    alias: name(m, "alias", &what, true)?,
+                }
+            }
+            "delete_user" => {
+                let m = object(input, &what)?;
+                Op::DeleteUser {
+                    user: uuid(m, "user", &what)?,
+                }
+            }
+            other => {
+                return Err(ProviderError::permanent(
+                    "unknown_action",
+                    format!("directory has no action `{other}`"),
+                ));
+            }
+        };
+        Ok(op)
+    }
+}
+
+/// A parsed rollback: what the execute recorded as its rollback data.
+enum Undo {
+    EnsureOrg {
+        org_id: Uuid,
+        created: bool,
+    },
+    CreateUser {
+        user_id: Uuid,
+    },
+    AddToGroup {
+        group_id: Uuid,
+        user_id: Uuid,
+        group_created: bool,
+        member_added: bool,
+    },
+    AddAlias {
+        alias: String,
+        user_id: Uuid,
+        created: bool,
+    },
+    DeleteUser(Box<Snapshot>),
+}
+
+/// Everything `delete_user` removed, to put it back with the same ids.
+struct Snapshot {
+    id: Uuid,
+    org_id: Uuid,
+    name: String,
+    display_name: Option<String>,
+    created_at: DateTime<Utc>,
+    aliases: Vec<String>,
+    /// `(id, name)` of each group the user was a member of.
+    groups: Vec<(Uuid, String)>,
+}
+
+impl Snapshot {
+    fn to_json(&self) -> Value {
+        json!({
+            "user": {
+                "id": self.id,
+                "org_id": self.org_id,
+                "name": self.name,
+                "display_name": self.display_name,
+                "created_at": self.created_at.to_rfc3339_opts(SecondsFormat::Micros, true),
+            },
+            "aliases": self.aliases,
+            "groups": self.groups.iter().map(|(id, name)| json!({"id": id, "name": name})).collect::<Vec<_>>(),
+        })
+    }
+
+    fn from_json(data: &Value, what: &str) -> Result<Self, ProviderError> {
+        let m = object(data, what)?;
+        let user_what = format!("{what} `user`");
+        let user = object(m.get("user").unwrap_or(&Value::Null), &user_what)?;
+        let created_at = string(user, "created_at", &user_what)?;
+        let created_at = DateTime::parse_from_rfc3339(created_at)
+            .map_err(|e| invalid(format!("{user_what}: `created_at` is not RFC 3339: {e}")))?
+            .with_timezone(&Utc);
+        let display_name = match user.get("display_name") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(other) => {
+                return Err(invalid(format!(
+                    "{user_what}: `display_name` must be a string or null, not {}",
+                    kind(other)
+                )));
+            }
+        };
+        let aliases = array(m, "aliases", what)?
+            .iter()
+            .map(|a| {
+                a.as_str()
+                    .map(str::to_owned)
+                    .ok_or_else(|| invalid(format!("{what}: `aliases` must hold strings")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let groups = array(m, "groups", what)?
+            .iter()
+            .map(|g| {
+                let gwhat = format!("{what} `groups` item");
+                let g = object(g, &gwhat)?;
+                Ok((uuid(g, "id", &gwhat)?, string(g, "name", &gwhat)?.to_owned()))
+            })
+            .collect::<Result<Vec<_>, ProviderError>>()?;
+        Ok(Self {
+            id: uuid(user, "id", &user_what)?,
+            org_id: uuid(user, "org_id", &user_what)?,
+            name: string(user, "name", &user_what)?.to_owned(),
+            display_name,
+            created_at,
+            aliases,
+            groups,
+        })
+    }
+}
+
+impl Undo {
+    fn parse(action: &str, data: &Value) -> Result<Self, ProviderError> {
+        let what = format!("directory.{action} rollback data");
+        let m = || object(data, &what);
+        let undo = match action {
+            "ensure_org" => {
+                let m = m()?;
+                Undo::EnsureOrg {
+                    org_id: uuid(m, "org_id", &what)?,
+                    created: boolean(m, "created", &what)?,
+                }
+            }
+            "create_user" => Undo::CreateUser {
+                user_id: uuid(m()?, "user_id", &what)?,
+            },
+            "add_to_group" => {
+                let m = m()?;
+                Undo::AddToGroup {
+                    group_id: uuid(m, "group_id", &what)?,
+                    user_id: uuid(m, "user_id", &what)?,
+                    group_created: boolean(m, "group_created", &what)?,
+                    member_added: boolean(m, "member_added", &what)?,
+                }
+            }
+            "add_alias" => {
+                let m = m()?;
+                Undo::AddAlias {
+                    alias: string(m, "alias", &what)?.to_owned(),
+                    user_id: uuid(m, "user_id", &what)?,
+                    created: boolean(m, "created", &what)?,
+                }
+            }
+            "delete_user" => Undo::DeleteUser(Box::new(Snapshot::from_json(data, &what)?)),
+            other => {
+                return Err(ProviderError::permanent(
+                    "unknown_action",
+                    format!("directory has no action `{other}` to roll back"),
+                ));
+            }
+        };
+        Ok(undo)
+    }
+}
+
+fn invalid(message: impl Into<String>) -> ProviderError {
+    ProviderError::permanent("invalid_input", message)
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn object<'v>(v: &'v Value, what: &str) -> Result<&'v Map<String, Value>, ProviderError> {
+    v.as_object()
+        .ok_or_else(|| invalid(format!("{what} must be an object, not {}", kind(v))))
+}
+
+fn string<'v>(m: &'v Map<String, Value>, field: &str, what: &str) -> Result<&'v str, ProviderError> {
+    match m.get(field) {
+        None | Some(Value::Null) => Err(invalid(format!("{what}: `{field}` is required"))),
+        Some(Value::String(s)) => Ok(s),
+        Some(other) => Err(invalid(format!(
+            "{what}: `{field}` must be a string, not {}",
+            kind(other)
+        ))),
+    }
+}
+
+fn boolean(m: &Map<String, Value>, field: &str, what: &str) -> Result<bool, ProviderError> {
+    match m.get(field) {
+        None | Some(Value::Null) => Err(invalid(format!("{what}: `{field}` is required"))),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(other) => Err(invalid(format!(
+            "{what}: `{field}` must be a boolean, not {}",
+            kind(other)
+        ))),
+    }
+}
+
+fn array<'v>(m: &'v Map<String, Value>, field: &str, what: &str) -> Result<&'v Vec<Value>, ProviderError> {
+    match m.get(field) {
+        None | Some(Value::Null) => Err(invalid(format!("{what}: `{field}` is required"))),
+        Some(Value::Array(a)) => Ok(a),
+        Some(other) => Err(invalid(format!(
+            "{what}: `{field}` must be an array, not {}",
+            kind(other)
+        ))),
+    }
+}
+
+fn uuid(m: &Map<String, Value>, field: &str, what: &str) -> Result<Uuid, ProviderError> {
+    let s = string(m, field, what)?;
+    Uuid::parse_str(s).map_err(|_| invalid(format!("{what}: `{field}` is not a UUID: {s:?}")))
+}
+
+/// A name: non-empty, at most [`MAX_NAME`] characters, no surrounding blanks, no control
+/// characters; `local` (user names and aliases) also forbids blanks and `@`.
+fn name(m: &Map<String, Value>, field: &str, what: &str, local: bool) -> Result<String, ProviderError> {
+    let s = string(m, field, what)?;
+    let problem = if s.is_empty() {
+        Some("is empty")
+    } else if s.chars().count() > MAX_NAME {
+        Some("is too long")
+    } else if s.trim() != s {
+        Some("has leading or trailing blanks")
+    } else if s.chars().any(char::is_control) {
+        Some("contains control characters")
+    } else if local && s.chars().any(|c| c.is_whitespace() || c == '@') {
+        Some("may not contain blanks or `@`")
+    } else {
+        None
+    };
+    match problem {
+        Some(p) => Err(invalid(format!("{what}: `{field}` {p}: {s:?}"))),
+        None => Ok(s.to_owned()),
+    }
+}
+
+// ------------------------------------------------------------------------------------ database
+
+fn db_error(e: tokio_postgres::Error) -> ProviderError {
+    ProviderError::retryable("unavailable", format!("directory database: {e}"))
+}
+
+fn pool_error(e: deadpool_postgres::PoolError) -> ProviderError {
+    ProviderError::retryable("unavailable", format!("directory database: {e}"))
+}
+
+/// A concurrent call changed what this one just read; trying again sees the new state.
+fn raced(what: &str) -> ProviderError {
+    ProviderError::retryable("conflict", format!("{what} changed concurrently; try again"))
+}
+
+fn col<'r, T: FromSql<'r>>(row: &'r Row, idx: usize) -> Result<T, ProviderError> {
+    row.try_get(idx).map_err(db_error)
+}
+
+/// Claims `key` for this transaction. `Some(result)` when a committed call already holds it
+/// (a concurrent call with the same key makes this one wait for its outcome).
+async fn claim(tx: &Transaction<'_>, key: &str) -> Result<Option<Value>, ProviderError> {
+    let inserted = tx
+        .execute(
+            "INSERT INTO provider_directory.idempotency (key, result) VALUES ($1, 'null'::jsonb) \
+             ON CONFLICT (key) DO NOTHING",
+            &[&key],
+        )
+        .await
+        .map_err(db_error)?;
+    if inserted == 1 {
+        return Ok(None);
+    }
+    let row = tx
+        .query_opt(
+            "SELECT result FROM provider_directory.idempotency WHERE key = $1",
+            &[&key],
+        )
+        .await
+        .map_err(db_error)?;
+    match row {
+        Some(row) => Ok(Some(col(&row, 0)?)),
+        None => Err(raced("the idempotency record")),
+    }
+}
+
+/// The first result of a repeated call.
+fn replay(action: &str, done: &Value) -> Result<Executed, ProviderError> {
+    let recorded = done.get("action").and_then(Value::as_str).unwrap_or("");
+    if recorded != action {
+        return Err(ProviderError::permanent(
+            "idempotency_conflict",
+            format!("this idempotency key was already used for directory.{recorded}, not {action}"),
+        ));
+    }
+    Ok(Executed {
+        output: done.get("output").cloned().unwrap_or(Value::Null),
+        rollback: done.get("rollback").filter(|v| !v.is_null()).cloned(),
+    })
+}
+
+async fn ensure_org(tx: &Transaction<'_>, name: &str) -> Result<Executed, ProviderError> {
+    let id = Uuid::now_v7();
+    let inserted = tx
+        .execute(
+            "INSERT INTO provider_directory.organizations (id, name) VALUES ($1, $2) \
+             ON CONFLICT (name) DO NOTHING",
+            &[&id, &name],
+        )
+        .await
+        .map_err(db_error)?;
+    let (id, created) = if inserted == 1 {
+        (id, true)
+    } else {
+        let row = tx
+            .query_opt(
+                "SELECT id FROM provider_directory.organizations WHERE name = $1 FOR KEY SHARE",
+                &[&name],
+            )
+            .await
+            .map_err(db_error)?
+            .ok_or_else(|| raced("the organization"))?;
+        (col(&row, 0)?, false)
+    };
+    Ok(Executed {
+        output: json!({"id": id, "name": name, "created": created}),
+        rollback: Some(json!({"org_id": id, "name": name, "created": created})),
+    })
+}
+
+async fn undo_ensure_org(tx: &Transaction<'_>, org_id: Uuid, created: bool) -> Result<(), ProviderError> {
+    if !created {
+        return Ok(());
+    }
+    // Lock first: a user being added concurrently (FK lock on the row) commits before we look.
+    let exists = tx
+        .query_opt(
+            "SELECT 1 FROM provider_directory.organizations WHERE id = $1 FOR UPDATE",
+            &[&org_id],
+        )
+        .await
+        .map_err(db_error)?
+        .is_some();
+    if !exists {
+        return Ok(());
+    }
+    let has_users = tx
+        .query_opt(
+            "SELECT 1 FROM provider_directory.users WHERE org_id = $1 LIMIT 1",
+            &[&org_id],
+        )
+        .await
+        .map_err(db_error)?
+        .is_some();
+    if has_users {
+        tracing::warn!(%org_id, "directory: not deleting an organization that still has users");
+        return Ok(());
+    }
+    tx.execute(
+        "DELETE FROM provider_directory.organizations WHERE id = $1",
+        &[&org_id],
+    )
+    .await
+    .map_err(db_error)?;
+    Ok(())
+}
+
+/// `org` is an organization's id or name; locks the row against deletion.
+async fn find_org(tx: &Transaction<'_>, org: &str) -> Result<Option<(Uuid, String)>, ProviderError> {
+    if let Ok(id) = Uuid::parse_str(org) {
+        let row = tx
+            .query_opt(
+                "SELECT id, name FROM provider_directory.organizations WHERE id = $1 FOR KEY SHARE",
+                &[&id],
+            )
+            .await
+            .map_err(db_error)?;
+        if let Some(row) = row {
+            return Ok(Some((col(&row, 0)?, col(&row, 1)?)));
+        }
+    }
+    let row = tx
+        .query_opt(
+            "SELECT id, name FROM provider_directory.organizations WHERE name = $1 FOR KEY SHARE",
+            &[&org],
+        )
+        .await
+        .map_err(db_error)?;
+    match row {
+        Some(row) => Ok(Some((col(&row, 0)?, col(&row, 1)?))),
+        None => Ok(None),
+    }
+}
+
+async fn create_user(
+    tx: &Transaction<'_>,
+    org: &str,
+    user: &str,
+    display_name: Option<&str>,
+) -> Result<Executed, ProviderError> {
+    let (org_id, org_name) = find_org(tx, org).await?.ok_or_else(|| {
+        ProviderError::permanent("not_found", format!("no organization {org:?}"))
+    })?;
+    let id = Uuid::now_v7();
+    let inserted = tx
+        .execute(
+            "INSERT INTO provider_directory.users (id, org_id, name, display_name) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT (org_id, name) DO NOTHING",
+            &[&id, &org_id, &user, &display_name],
+        )
+        .await
+        .map_err(db_error)?;
+    if inserted == 0 {
+        return Err(ProviderError::permanent(
+            "already_exists",
+            format!("user {user:?} already exists in organization {org_name:?}"),
+        ));
+    }
+    Ok(Executed {
+        output: json!({
+            "id": id,
+            "org": org_name,
+            "org_id": org_id,
+            "name": user,
+            "display_name": display_name,
+            "address": format!("{user}@{org_name}"),
+        }),
+        rollback: Some(json!({"user_id": id})),
+    })
+}
+
+/// The organization of user `id`, locking the user against deletion.
+async fn user_org(tx: &Transaction<'_>, id: Uuid) -> Result<Uuid, ProviderError> {
+    let row = tx
+        .query_opt(
+            "SELECT org_id FROM provider_directory.users WHERE id = $1 FOR KEY SHARE",
+            &[&id],
+        )
+        .await
+        .map_err(db_error)?
+        .ok_or_else(|| ProviderError::permanent("not_found", format!("no user {id}")))?;
+    col(&row, 0)
+}
+
+async fn add_to_group(tx: &Transaction<'_>, user: Uuid, group: &str) -> Result<Executed, ProviderError> {
+    let org_id = user_org(tx, user).await?;
+    let id = Uuid::now_v7();
+    let group_created = tx
+        .execute(
+            "INSERT INTO provider_directory.groups (id, org_id, name) VALUES ($1, $2, $3) \
+             ON CONFLICT (org_id, name) DO NOTHING",
+            &[&id, &org_id, &group],
+        )
+        .await
+        .map_err(db_error)?
+        == 1;
+    let group_id = if group_created {
+        id
+    } else {
+        let row = tx
+            .query_opt(
+                "SELECT id FROM provider_directory.groups WHERE org_id = $1 AND name = $2 FOR KEY SHARE",
+                &[&org_id, &group],
+            )
+            .await
+            .map_err(db_error)?
+            .ok_or_else(|| raced("the group"))?;
+        col(&row, 0)?
+    };
+    let added = tx
+        .execute(
+            "INSERT INTO provider_directory.group_members (group_id, user_id) VALUES ($1, $2) \
+             ON CONFLICT DO NOTHING",
+            &[&group_id, &user],
+        )
+        .await
+        .map_err(db_error)?
+        == 1;
+    Ok(Executed {
+        output: json!({
+            "group_id": group_id,
+            "group": group,
+            "user": user,
+            "group_created": group_created,
+            "added": added,
+        }),
+        rollback: Some(json!({
+            "group_id": group_id,
+            "user_id": user,
+            "group_created": group_created,
+            "member_added": added,
+        })),
+    })
+}
+
+async fn undo_add_to_group(
+    tx: &Transaction<'_>,
+    group_id: Uuid,
+    user_id: Uuid,
+    group_created: bool,
+    member_added: bool,
+) -> Result<(), ProviderError> {
+    if member_added {
+        tx.execute(
+            "DELETE FROM provider_directory.group_members WHERE group_id = $1 AND user_id = $2",
+            &[&group_id, &user_id],
+        )
+        .await
+        .map_err(db_error)?;
+    }
+    if group_created {
+        // Lock first, so that a member being added concurrently is seen below.
+        let exists = tx
+            .query_opt(
+                "SELECT 1 FROM provider_directory.groups WHERE id = $1 FOR UPDATE",
+                &[&group_id],
+            )
+            .await
+            .map_err(db_error)?
+            .is_some();
+        if exists {
+            let has_members = tx
+                .query_opt(
+                    "SELECT 1 FROM provider_directory.group_members WHERE group_id = $1 LIMIT 1",
+                    &[&group_id],
+                )
+                .await
+                .map_err(db_error)?
+                .is_some();
+            if !has_members {
+                tx.execute(
+                    "DELETE FROM provider_directory.groups WHERE id = $1",
+                    &[&group_id],
+                )
+                .await
+                .map_err(db_error)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The user that owns `alias`, if any.
+async fn alias_owner(tx: &Transaction<'_>, alias: &str) -> Result<Option<Uuid>, ProviderError> {
+    let row = tx
+        .query_opt(
+            "SELECT user_id FROM provider_directory.aliases WHERE alias = $1",
+            &[&alias],
+        )
+        .await
+        .map_err(db_error)?;
+    match row {
+        Some(row) => Ok(Some(col(&row, 0)?)),
+        None => Ok(None),
+    }
+}
+
+async fn add_alias(tx: &Transaction<'_>, user: Uuid, alias: &str) -> Result<Executed, ProviderError> {
+    user_org(tx, user).await?;
+    let created = tx
+        .execute(
+            "INSERT INTO provider_directory.aliases (alias, user_id) VALUES ($1, $2) \
+             ON CONFLICT (alias) DO NOTHING",
+            &[&alias, &user],
+        )
+        .await
+        .map_err(db_error)?
+        == 1;
+    if !created {
+        match alias_owner(tx, alias).await? {
+            Some(owner) if owner == user => {}
+            Some(_) => {
+                return Err(ProviderError::permanent(
+                    "alias_taken",
+                    format!("alias {alias:?} belongs to another user"),
+                ));
+            }
+            None => return Err(raced("the alias")),
+        }
+    }
+    Ok(Executed {
+        output: json!({"alias": alias, "user": user, "created": created}),
+        rollback: Some(json!({"alias": alias, "user_id": user, "created": created})),
+    })
+}
+
+async fn delete_user(tx: &Transaction<'_>, user: Uuid) -> Result<Executed, ProviderError> {
+    // FOR UPDATE waits for calls adding aliases or memberships (they lock the row FOR KEY
+    // SHARE), so the snapshot below sees everything they committed.
+    let row = tx
+        .query_opt(
+            "SELECT id, org_id, name, display_name, created_at FROM provider_directory.users \
+             WHERE id = $1 FOR UPDATE",
+            &[&user],
+        )
+        .await
+        .map_err(db_error)?
+        .ok_or_else(|| ProviderError::permanent("not_found", format!("no user {user}")))?;
+    let aliases = tx
+        .query(
+            "SELECT alias FROM provider_directory.aliases WHERE user_id = $1 ORDER BY alias",
+            &[&user],
+        )
+        .await
+        .map_err(db_error)?
+        .iter()
+        .map(|r| col::<String>(r, 0))
+        .collect::<Result<Vec<_>, _>>()?;
+    let groups = tx
+        .query(
+            "SELECT g.id, g.name FROM provider_directory.group_members m \
+             JOIN provider_directory.groups g ON g.id = m.group_id \
+             WHERE m.user_id = $1 ORDER BY g.name",
+            &[&user],
+        )
+        .await
+        .map_err(db_error)?
+        .iter()
+        .map(|r| Ok((col::<Uuid>(r, 0)?, col::<String>(r, 1)?)))
+        .collect::<Result<Vec<_>, ProviderError>>()?;
+    let snapshot = Snapshot {
+        id: col(&row, 0)?,
+        org_id: col(&row, 1)?,
+        name: col(&row, 2)?,
+        display_name: col(&row, 3)?,
+        created_at: col(&row, 4)?,
+        aliases,
+        groups,
+    };
+    tx.execute("DELETE FROM provider_directory.users WHERE id = $1", &[&user])
+        .await
+        .map_err(db_error)?;
+    Ok(Executed {
+        output: json!({"deleted": true, "user": user}),
+        rollback: Some(snapshot.to_json()),
+    })
+}
+
+async fn restore_user(tx: &Transaction<'_>, s: &Snapshot) -> Result<(), ProviderError> {
+    let org = tx
+        .query_opt(
+            "SELECT 1 FROM provider_directory.organizations WHERE id = $1 FOR KEY SHARE",
+            &[&s.org_id],
+        )
+        .await
+        .map_err(db_error)?;
+    if org.is_none() {
+        return Err(ProviderError::permanent(
+            "not_found",
+            format!(
+                "cannot restore user {}: organization {} no longer exists",
+                s.id, s.org_id
+            ),
+        ));
+    }
+    let inserted = tx
+        .execute(
+            "INSERT INTO provider_directory.users (id, org_id, name, display_name, created_at) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+            &[&s.id, &s.org_id, &s.name, &s.display_name, &s.created_at],
+        )
+        .await
+        .map_err(db_error)?;
+    if inserted == 0 {
+        // Either the user is back already, or someone else has taken its name.
+        let same = tx
+            .query_opt(
+                "SELECT 1 FROM provider_directory.users WHERE id = $1 FOR KEY SHARE",
+                &[&s.id],
+            )
+            .await
+            .map_err(db_error)?
+            .is_some();
+        if !same {
+            return Err(ProviderError::permanent(
+                "already_exists",
+                format!(
+                    "cannot restore user {}: another user is now called {:?}",
+                    s.id, s.name
+                ),
+            ));
+        }
+    }
+    for alias in &s.aliases {
+        let added = tx
+            .execute(
+                "INSERT INTO provider_directory.aliases (alias, user_id) VALUES ($1, $2) \
+                 ON CONFLICT (alias) DO NOTHING",
+                &[alias, &s.id],
+            )
+            .await
+            .map_err(db_error)?;
+        if added == 0 && alias_owner(tx, alias).await? != Some(s.id) {
+            return Err(ProviderError::permanent(
+                "alias_taken",
+                format!(
+                    "cannot restore user {}: alias {alias:?} belongs to another user now",
+                    s.id
+                ),
+            ));
+        }
+    }
+    for (group_id, group_name) in &s.groups {
+        // The group comes back with its id if it was deleted meanwhile; if another group of
+        // that name exists now, the user joins that one.
+        tx.execute(
+            "INSERT INTO provider_directory.groups (id, org_id, name) VALUES ($1, $2, $3) \
+             ON CONFLICT DO NOTHING",
+            &[group_id, &s.org_id, group_name],
+        )
+        .await
+        .map_err(db_error)?;
+        let row = tx
+            .query_opt(
+                "SELECT id FROM provider_directory.groups \
+                 WHERE id = $1 OR (org_id = $2 AND name = $3) \
+                 ORDER BY id = $1 DESC LIMIT 1 FOR KEY SHARE",
+                &[group_id, &s.org_id, group_name],
+            )
+            .await
+            .map_err(db_error)?
+            .ok_or_else(|| raced("the group"))?;
+        let actual: Uuid = col(&row, 0)?;
+        tx.execute(
+            "INSERT INTO provider_directory.group_members (group_id, user_id) VALUES ($1, $2) \
+             ON CONFLICT DO NOTHING",
+            &[&actual, &s.id],
+        )
+        .await
+        .map_err(db_error)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use provisio_shared::config::Secret;
+    use provisio_shared::provider::Participation;
+
+    /// A fresh, migrated database of its own; dropped when the value is.
+    struct TestDb {
+        url: Secret,
+        pool: Pool,
+        provider: DirectoryProvider,
+    }
+
+    impl TestDb {
+        async fn new() -> Self {
+            let base = std::env::var("PROVISIO_TEST_PG")
+                .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+            let url = Secret::new(format!("{base}/pvdir_{}", Uuid::new_v4().simple()));
+            provisio_shared::db::create_database_if_missing(&url)
+                .await
+                .expect("test database");
+            provisio_shared::db::migrate(&url).await.expect("migrations");
+            let pool = provisio_shared::db::pool(&url, 4).expect("pool");
+            Self {
+                url,
+                provider: DirectoryProvider::new(pool.clone()),
+                pool,
+            }
+        }
+
+        async fn scalar_i64(&self, sql: &str, params: &[&(dyn tokio_postgres::types::ToSql + Sync)]) -> i64 {
+            let client = self.pool.get().await.expect("connection");
+            client
+                .query_one(sql, params)
+                .await
+                .expect("query")
+                .get(0)
+        }
+
+        async fn exec(&self, action: &str, input: Value) -> (Call, Result<Executed, ProviderError>) {
+            let c = call(action, input);
+            let r = self.provider.execute(&c).await;
+            (c, r)
+        }
+
+        async fn ok(&self, action: &str, input: Value) -> (Call, Executed) {
+            let (c, r) = self.exec(action, input).await;
+            (c, r.unwrap_or_else(|e| panic!("{action} failed: {e}")))
+        }
+
+        async fn undo(&self, c: &Call, e: &Executed) -> Result<(), ProviderError> {
+            self.provider.rollback(&rollback_of(c, e)).await
+        }
+    }
+
+    impl Drop for TestDb {
+        fn drop(&mut self) {
+            let url = self.url.clone();
+            // A runtime of its own: this may run while the test's runtime is shutting down.
+            let _ = std::thread::spawn(move || {
+                if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    let _ = rt.block_on(provisio_shared::db::drop_database(&url));
+                }
+            })
+            .join();
+        }
+    }
+
+    fn call(action: &str, input: Value) -> Call {
+        let tx_id = Uuid::new_v4();
+        Call {
+            tx_id,
+            idempotency_key: format!("{tx_id}:steps.0"),
+            step_path: "steps.0".into(),
+            action: action.into(),
+            input,
+            caller: None,
+            credentials: None,
+            participation: Participation::Compensating,
+        }
+    }
+
+    fn rollback_of(c: &Call, e: &Executed) -> Rollback {
+        Rollback {
+            tx_id: c.tx_id,
+            idempotency_key: c.idempotency_key.clone(),
+            step_path: c.step_path.clone(),
+            action: c.action.clone(),
+            data: e.rollback.clone().expect("rollback data"),
+        }
+    }
+
+    fn id_of(v: &Value, field: &str) -> Uuid {
+        Uuid::parse_str(v[field].as_str().expect("id string")).expect("uuid")
+    }
+
+    /// An organization and a user in it; returns the user's id.
+    async fn org_and_user(db: &TestDb, org: &str, user: &str) -> Uuid {
+        db.ok("ensure_org", json!({"name": org})).await;
+        let (_, e) = db.ok("create_user", json!({"org": org, "user": user})).await;
+        id_of(&e.output, "id")
+    }
+
+    #[tokio::test]
+    async fn ensure_org_creates_once_and_rollback_deletes_only_what_it_created() {
+        let db = TestDb::new().await;
+        let (c1, e1) = db.ok("ensure_org", json!({"name": "acme"})).await;
+        assert_eq!(e1.output["created"], json!(true));
+        assert_eq!(e1.output["name"], json!("acme"));
+        // Same key again: the first result, no second effect.
+        let again = db.provider.execute(&c1).await.expect("repeat");
+        assert_eq!(again, e1);
+        // Another call finds it.
+        let (c2, e2) = db.ok("ensure_org", json!({"name": "acme"})).await;
+        assert_eq!(e2.output["created"], json!(false));
+        assert_eq!(e2.output["id"], e1.output["id"]);
+        let count = "SELECT count(*) FROM provider_directory.organizations";
+        assert_eq!(db.scalar_i64(count, &[]).await, 1);
+        // Undoing the call that found it leaves it.
+        db.undo(&c2, &e2).await.expect("rollback 2");
+        assert_eq!(db.scalar_i64(count, &[]).await, 1);
+        // Undoing the call that created it deletes it; twice is once.
+        db.undo(&c1, &e1).await.expect("rollback 1");
+        db.undo(&c1, &e1).await.expect("rollback 1 again");
+        assert_eq!(db.scalar_i64(count, &[]).await, 0);
+    }
+
+    #[tokio::test]
+    async fn ensure_org_rollback_keeps_an_org_with_users() {
+        let db = TestDb::new().await;
+        let (c, e) = db.ok("ensure_org", json!({"name": "acme"})).await;
+        db.ok("create_user", json!({"org": "acme", "user": "ann"})).await;
+        db.undo(&c, &e).await.expect("rollback");
+        let count = "SELECT count(*) FROM provider_directory.organizations";
+        assert_eq!(db.scalar_i64(count, &[]).await, 1);
+    }
+
+    #[tokio::test]
+    async fn create_user_and_rollback() {
+        let db = TestDb::new().await;
+        let (_, r) = db.exec("create_user", json!({"org": "nope", "user": "ann"})).await;
+        assert_eq!(r.expect_err("no org").code, "not_found");
+
+        let (_, org) = db.ok("ensure_org", json!({"name": "acme"})).await;
+        let (c, e) = db
+            .ok(
+                "create_user",
+                json!({"org": "acme", "user": "ann", "display_name": "Ann A."}),
+            )
+            .await;
+        assert_eq!(e.output["address"], json!("ann@acme"));
+        assert_eq!(e.output["org"], json!("acme"));
+        assert_eq!(e.output["name"], json!("ann"));
+        let user = id_of(&e.output, "id");
+
+        // By organization id as well; the name is taken.
+        let (_, r) = db
+            .exec("create_user", json!({"org": org.output["id"], "user": "ann"}))
+            .await;
+        let err = r.expect_err("duplicate");
+        assert_eq!(err.code, "already_exists");
+        assert!(!err.retryable);
+        let (_, bob) = db
+            .ok("create_user", json!({"org": org.output["id"], "user": "bob"}))
+            .await;
+        assert_eq!(bob.output["address"], json!("bob@acme"));
+
+        // The rollback takes the user's aliases and memberships with it.
+        db.ok("add_alias", json!({"user": user, "alias": "a.nn"})).await;
+        db.ok("add_to_group", json!({"user": user, "group": "staff"})).await;
+        db.undo(&c, &e).await.expect("rollback");
+        db.undo(&c, &e).await.expect("rollback again");
+        let users = "SELECT count(*) FROM provider_directory.users WHERE id = $1";
+        assert_eq!(db.scalar_i64(users, &[&user]).await, 0);
+        let aliases = "SELECT count(*) FROM provider_directory.aliases";
+        assert_eq!(db.scalar_i64(aliases, &[]).await, 0);
+        let members = "SELECT count(*) FROM provider_directory.group_members";
+        assert_eq!(db.scalar_i64(members, &[]).await, 0);
+        let all = "SELECT count(*) FROM provider_directory.users";
+        assert_eq!(db.scalar_i64(all, &[]).await, 1, "bob stays");
+    }
+
+    #[tokio::test]
+    async fn same_key_twice_acts_once() {
+        let db = TestDb::new().await;
+        db.ok("ensure_org", json!({"name": "acme"})).await;
+        let (c, first) = db.ok("create_user", json!({"org": "acme", "user": "ann"})).await;
+        // A repeat would fail with already_exists if it ran again; it answers the first result.
+        let second = db.provider.execute(&c).await.expect("repeat");
+        assert_eq!(first, second);
+        let users = "SELECT count(*) FROM provider_directory.users";
+        assert_eq!(db.scalar_i64(users, &[]).await, 1);
+
+        // Concurrent repeats of one call: still once.
+        let c = call("add_alias", json!({"user": first.output["id"], "alias": "x"}));
+        let (a, b) = tokio::join!(db.provider.execute(&c), db.provider.execute(&c));
+        assert_eq!(a.expect("a"), b.expect("b"));
+
+        // The same key for another action is refused.
+        let mut other = c.clone();
+        other.action = "delete_user".into();
+        other.input = json!({"user": first.output["id"]});
+        let err = db.provider.execute(&other).await.expect_err("conflict");
+        assert_eq!(err.code, "idempotency_conflict");
+        assert_eq!(db.scalar_i64(users, &[]).await, 1);
+    }
+
+    #[tokio::test]
+    async fn add_to_group_and_rollback() {
+        let db = TestDb::new().await;
+        let ann = org_and_user(&db, "acme", "ann").await;
+        let (_, bob) = db.ok("create_user", json!({"org": "acme", "user": "bob"})).await;
+        let bob = id_of(&bob.output, "id");
+
+        let (c1, e1) = db.ok("add_to_group", json!({"user": ann, "group": "staff"})).await;
+        assert_eq!(e1.output["group"], json!("staff"));
+        assert_eq!(e1.output["user"], json!(ann));
+        assert_eq!(e1.output["group_created"], json!(true));
+        let (c2, e2) = db.ok("add_to_group", json!({"user": bob, "group": "staff"})).await;
+        assert_eq!(e2.output["group_created"], json!(false));
+        assert_eq!(e2.output["group_id"], e1.output["group_id"]);
+        let (c3, e3) = db.ok("add_to_group", json!({"user": ann, "group": "staff"})).await;
+        assert_eq!(e3.output["added"], json!(false));
+
+        let groups = "SELECT count(*) FROM provider_directory.groups";
+        let members = "SELECT count(*) FROM provider_directory.group_members";
+        assert_eq!(db.scalar_i64(groups, &[]).await, 1);
+        assert_eq!(db.scalar_i64(members, &[]).await, 2);
+
+        // The call that found ann already a member changes nothing when undone.
+        db.undo(&c3, &e3).await.expect("rollback 3");
+        assert_eq!(db.scalar_i64(members, &[]).await, 2);
+        // Undoing the creating call while bob is a member: ann leaves, the group stays.
+        db.undo(&c1, &e1).await.expect("rollback 1");
+        db.undo(&c1, &e1).await.expect("rollback 1 again");
+        assert_eq!(db.scalar_i64(members, &[]).await, 1);
+        assert_eq!(db.scalar_i64(groups, &[]).await, 1);
+        db.undo(&c2, &e2).await.expect("rollback 2");
+        assert_eq!(db.scalar_i64(members, &[]).await, 0);
+        assert_eq!(db.scalar_i64(groups, &[]).await, 1, "c2 did not create it");
+
+        // A group created by the call goes when the call is undone.
+        let (c4, e4) = db.ok("add_to_group", json!({"user": ann, "group": "ops"})).await;
+        assert_eq!(db.scalar_i64(groups, &[]).await, 2);
+        db.undo(&c4, &e4).await.expect("rollback 4");
+        db.undo(&c4, &e4).await.expect("rollback 4 again");
+        assert_eq!(db.scalar_i64(groups, &[]).await, 1);
+
+        let (_, r) = db
+            .exec("add_to_group", json!({"user": Uuid::new_v4(), "group": "staff"}))
+            .await;
+        assert_eq!(r.expect_err("no user").code, "not_found");
+    }
+
+    #[tokio::test]
+    async fn add_alias_and_rollback() {
+        let db = TestDb::new().await;
+        let ann = org_and_user(&db, "acme", "ann").await;
+        let (_, bob) = db.ok("create_user", json!({"org": "acme", "user": "bob"})).await;
+        let bob = id_of(&bob.output, "id");
+
+        let (c1, e1) = db.ok("add_alias", json!({"user": ann, "alias": "annie"})).await;
+        assert_eq!(e1.output["alias"], json!("annie"));
+        assert_eq!(e1.output["user"], json!(ann));
+        let (_, r) = db.exec("add_alias", json!({"user": bob, "alias": "annie"})).await;
+        let err = r.expect_err("taken");
+        assert_eq!(err.code, "alias_taken");
+        assert!(!err.retryable);
+        // Asking again for ann's own alias succeeds without creating anything.
+        let (c2, e2) = db.ok("add_alias", json!({"user": ann, "alias": "annie"})).await;
+        assert_eq!(e2.output["created"], json!(false));
+
+        let owner = "SELECT count(*) FROM provider_directory.aliases WHERE alias = 'annie' AND user_id = $1";
+        db.undo(&c2, &e2).await.expect("rollback 2");
+        assert_eq!(db.scalar_i64(owner, &[&ann]).await, 1);
+        db.undo(&c1, &e1).await.expect("rollback 1");
+        assert_eq!(db.scalar_i64(owner, &[&ann]).await, 0);
+        // Rolling back twice is once, even if the alias has been given to bob since.
+        db.ok("add_alias", json!({"user": bob, "alias": "annie"})).await;
+        db.undo(&c1, &e1).await.expect("rollback 1 again");
+        assert_eq!(db.scalar_i64(owner, &[&bob]).await, 1);
+    }
+
+    #[tokio::test]
+    async fn delete_user_and_rollback_restores_everything() {
+        let db = TestDb::new().await;
+        db.ok("ensure_org", json!({"name": "acme"})).await;
+        let (_, e) = db
+            .ok(
+                "create_user",
+                json!({"org": "acme", "user": "ann", "display_name": "Ann A."}),
+            )
+            .await;
+        let ann = id_of(&e.output, "id");
+        let bob = {
+            let (_, b) = db.ok("create_user", json!({"org": "acme", "user": "bob"})).await;
+            id_of(&b.output, "id")
+        };
+        db.ok("add_alias", json!({"user": ann, "alias": "annie"})).await;
+        db.ok("add_alias", json!({"user": ann, "alias": "a.a"})).await;
+        let (_, staff) = db.ok("add_to_group", json!({"user": ann, "group": "staff"})).await;
+        let (_, ops) = db.ok("add_to_group", json!({"user": ann, "group": "ops"})).await;
+        db.ok("add_to_group", json!({"user": bob, "group": "staff"})).await;
+
+        let state = || async {
+            let client = db.pool.get().await.expect("connection");
+            let user = client
+                .query_opt(
+                    "SELECT id, org_id, name, display_name, created_at::text \
+                     FROM provider_directory.users WHERE id = $1",
+                    &[&ann],
+                )
+                .await
+                .expect("user")
+                .map(|r| {
+                    (
+                        r.get::<_, Uuid>(0),
+                        r.get::<_, Uuid>(1),
+                        r.get::<_, String>(2),
+                        r.get::<_, Option<String>>(3),
+                        r.get::<_, String>(4),
+                    )
+                });
+            let aliases: Vec<String> = client
+                .query(
+                    "SELECT alias FROM provider_directory.aliases WHERE user_id = $1 ORDER BY alias",
+                    &[&ann],
+                )
+                .await
+                .expect("aliases")
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            let groups: Vec<Uuid> = client
+                .query(
+                    "SELECT group_id FROM provider_directory.group_members WHERE user_id = $1 ORDER BY group_id",
+                    &[&ann],
+                )
+                .await
+                .expect("groups")
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            (user, aliases, groups)
+        };
+        let before = state().await;
+        assert!(before.0.is_some());
+        assert_eq!(before.1.len(), 2);
+        assert_eq!(before.2.len(), 2);
+
+        let (c, d) = db.ok("delete_user", json!({"user": ann})).await;
+        assert_eq!(d.output["deleted"], json!(true));
+        let after = state().await;
+        assert_eq!(after, (None, vec![], vec![]));
+        let (_, r) = db.exec("delete_user", json!({"user": ann})).await;
+        assert_eq!(r.expect_err("gone").code, "not_found");
+
+        // The now empty group `ops` is deleted meanwhile: it comes back with its id.
+        {
+            let client = db.pool.get().await.expect("connection");
+            client
+                .execute(
+                    "DELETE FROM provider_directory.groups WHERE id = $1",
+                    &[&id_of(&ops.output, "group_id")],
+                )
+                .await
+                .expect("delete group");
+        }
+
+        db.undo(&c, &d).await.expect("rollback");
+        assert_eq!(state().await, before);
+        db.undo(&c, &d).await.expect("rollback again");
+        assert_eq!(state().await, before);
+        let staff_members = "SELECT count(*) FROM provider_directory.group_members WHERE group_id = $1";
+        assert_eq!(
+            db.scalar_i64(staff_members, &[&id_of(&staff.output, "group_id")])
+                .await,
+            2
+        );
+        // Once restored, deleting twice with the same key is once (the repeat answers the record).
+        let repeat = db.provider.execute(&c).await.expect("repeat");
+        assert_eq!(repeat, d);
+        assert_eq!(state().await, before);
+    }
+
+    #[tokio::test]
+    async fn bad_input_is_invalid_input() {
+        let db = TestDb::new().await;
+        let cases = [
+            ("ensure_org", json!({})),
+            ("ensure_org", json!({"name": 3})),
+            ("ensure_org", json!({"name": ""})),
+            ("ensure_org", json!({"name": " acme"})),
+            ("ensure_org", json!("acme")),
+            ("ensure_org", Value::Null),
+            ("create_user", json!({"org": "acme"})),
+            ("create_user", json!({"org": "acme", "user": "a b"})),
+            ("create_user", json!({"org": "acme", "user": "a@b"})),
+            ("create_user", json!({"org": "acme", "user": "ann", "display_name": 7})),
+            ("create_user", json!({"org": ["acme"], "user": "ann"})),
+            ("add_to_group", json!({"user": "not-a-uuid", "group": "g"})),
+            ("add_to_group", json!({"user": Uuid::new_v4()})),
+            ("add_alias", json!({"user": Uuid::new_v4(), "alias": true})),
+            ("add_alias", json!({"alias": "x"})),
+            ("delete_user", json!({"user": 12})),
+            ("delete_user", json!([])),
+        ];
+        for (action, input) in cases {
+            let (_, r) = db.exec(action, input.clone()).await;
+            let err = r.expect_err("invalid");
+            assert_eq!(err.code, "invalid_input", "{action} {input}: {err}");
+            assert!(!err.retryable);
+            assert!(!err.message.is_empty());
+        }
+        let (_, r) = db.exec("frobnicate", json!({})).await;
+        assert_eq!(r.expect_err("unknown").code, "unknown_action");
+
+        let c = call("delete_user", json!({"user": Uuid::new_v4()}));
+        for data in [json!({}), json!({"user": {"id": "x"}}), json!(null)] {
+            let rb = Rollback {
+                tx_id: c.tx_id,
+                idempotency_key: c.idempotency_key.clone(),
+                step_path: c.step_path.clone(),
+                action: "delete_user".into(),
+                data,
+            };
+            let err = db.provider.rollback(&rb).await.expect_err("invalid");
+            assert_eq!(err.code, "invalid_input");
+        }
+        let rb = Rollback {
+            tx_id: c.tx_id,
+            idempotency_key: c.idempotency_key.clone(),
+            step_path: c.step_path.clone(),
+            action: "add_alias".into(),
+            data: json!({"alias": "x", "user_id": Uuid::new_v4(), "created": "yes"}),
+        };
+        assert_eq!(
+            db.provider.rollback(&rb).await.expect_err("invalid").code,
+            "invalid_input"
+        );
+        // Nothing was recorded by refused calls.
+        let records = "SELECT count(*) FROM provider_directory.idempotency";
+        assert_eq!(db.scalar_i64(records, &[]).await, 0);
+    }
+}
