@@ -319,7 +319,10 @@ impl Snapshot {
             .map(|g| {
                 let gwhat = format!("{what} `groups` item");
                 let g = object(g, &gwhat)?;
-                Ok((uuid(g, "id", &gwhat)?, string(g, "name", &gwhat)?.to_owned()))
+                Ok((
+                    uuid(g, "id", &gwhat)?,
+                    string(g, "name", &gwhat)?.to_owned(),
+                ))
             })
             .collect::<Result<Vec<_>, ProviderError>>()?;
         Ok(Self {
@@ -398,7 +401,11 @@ fn object<'v>(v: &'v Value, what: &str) -> Result<&'v Map<String, Value>, Provid
         .ok_or_else(|| invalid(format!("{what} must be an object, not {}", kind(v))))
 }
 
-fn string<'v>(m: &'v Map<String, Value>, field: &str, what: &str) -> Result<&'v str, ProviderError> {
+fn string<'v>(
+    m: &'v Map<String, Value>,
+    field: &str,
+    what: &str,
+) -> Result<&'v str, ProviderError> {
     match m.get(field) {
         None | Some(Value::Null) => Err(invalid(format!("{what}: `{field}` is required"))),
         Some(Value::String(s)) => Ok(s),
@@ -420,7 +427,11 @@ fn boolean(m: &Map<String, Value>, field: &str, what: &str) -> Result<bool, Prov
     }
 }
 
-fn array<'v>(m: &'v Map<String, Value>, field: &str, what: &str) -> Result<&'v Vec<Value>, ProviderError> {
+fn array<'v>(
+    m: &'v Map<String, Value>,
+    field: &str,
+    what: &str,
+) -> Result<&'v Vec<Value>, ProviderError> {
     match m.get(field) {
         None | Some(Value::Null) => Err(invalid(format!("{what}: `{field}` is required"))),
         Some(Value::Array(a)) => Ok(a),
@@ -438,7 +449,12 @@ fn uuid(m: &Map<String, Value>, field: &str, what: &str) -> Result<Uuid, Provide
 
 /// A name: non-empty, at most [`MAX_NAME`] characters, no surrounding blanks, no control
 /// characters; `local` (user names and aliases) also forbids blanks and `@`.
-fn name(m: &Map<String, Value>, field: &str, what: &str, local: bool) -> Result<String, ProviderError> {
+fn name(
+    m: &Map<String, Value>,
+    field: &str,
+    what: &str,
+    local: bool,
+) -> Result<String, ProviderError> {
     let s = string(m, field, what)?;
     let problem = if s.is_empty() {
         Some("is empty")
@@ -471,7 +487,10 @@ fn pool_error(e: deadpool_postgres::PoolError) -> ProviderError {
 
 /// A concurrent call changed what this one just read; trying again sees the new state.
 fn raced(what: &str) -> ProviderError {
-    ProviderError::retryable("conflict", format!("{what} changed concurrently; try again"))
+    ProviderError::retryable(
+        "conflict",
+        format!("{what} changed concurrently; try again"),
+    )
 }
 
 fn col<'r, T: FromSql<'r>>(row: &'r Row, idx: usize) -> Result<T, ProviderError> {
@@ -549,7 +568,11 @@ async fn ensure_org(tx: &Transaction<'_>, name: &str) -> Result<Executed, Provid
     })
 }
 
-async fn undo_ensure_org(tx: &Transaction<'_>, org_id: Uuid, created: bool) -> Result<(), ProviderError> {
+async fn undo_ensure_org(
+    tx: &Transaction<'_>,
+    org_id: Uuid,
+    created: bool,
+) -> Result<(), ProviderError> {
     if !created {
         return Ok(());
     }
@@ -587,7 +610,10 @@ async fn undo_ensure_org(tx: &Transaction<'_>, org_id: Uuid, created: bool) -> R
 }
 
 /// `org` is an organization's id or name; locks the row against deletion.
-async fn find_org(tx: &Transaction<'_>, org: &str) -> Result<Option<(Uuid, String)>, ProviderError> {
+async fn find_org(
+    tx: &Transaction<'_>,
+    org: &str,
+) -> Result<Option<(Uuid, String)>, ProviderError> {
     if let Ok(id) = Uuid::parse_str(org) {
         let row = tx
             .query_opt(
@@ -619,9 +645,9 @@ async fn create_user(
     user: &str,
     display_name: Option<&str>,
 ) -> Result<Executed, ProviderError> {
-    let (org_id, org_name) = find_org(tx, org).await?.ok_or_else(|| {
-        ProviderError::permanent("not_found", format!("no organization {org:?}"))
-    })?;
+    let (org_id, org_name) = find_org(tx, org)
+        .await?
+        .ok_or_else(|| ProviderError::permanent("not_found", format!("no organization {org:?}")))?;
     let id = Uuid::now_v7();
     let inserted = tx
         .execute(
@@ -663,7 +689,11 @@ async fn user_org(tx: &Transaction<'_>, id: Uuid) -> Result<Uuid, ProviderError>
     col(&row, 0)
 }
 
-async fn add_to_group(tx: &Transaction<'_>, user: Uuid, group: &str) -> Result<Executed, ProviderError> {
+async fn add_to_group(
+    tx: &Transaction<'_>,
+    user: Uuid,
+    group: &str,
+) -> Result<Executed, ProviderError> {
     let org_id = user_org(tx, user).await?;
     let id = Uuid::now_v7();
     let group_created = tx
@@ -776,7 +806,11 @@ async fn alias_owner(tx: &Transaction<'_>, alias: &str) -> Result<Option<Uuid>, 
     }
 }
 
-async fn add_alias(tx: &Transaction<'_>, user: Uuid, alias: &str) -> Result<Executed, ProviderError> {
+async fn add_alias(
+    tx: &Transaction<'_>,
+    user: Uuid,
+    alias: &str,
+) -> Result<Executed, ProviderError> {
     user_org(tx, user).await?;
     let created = tx
         .execute(
@@ -848,9 +882,12 @@ async fn delete_user(tx: &Transaction<'_>, user: Uuid) -> Result<Executed, Provi
         aliases,
         groups,
     };
-    tx.execute("DELETE FROM provider_directory.users WHERE id = $1", &[&user])
-        .await
-        .map_err(db_error)?;
+    tx.execute(
+        "DELETE FROM provider_directory.users WHERE id = $1",
+        &[&user],
+    )
+    .await
+    .map_err(db_error)?;
     Ok(Executed {
         output: json!({"deleted": true, "user": user}),
         rollback: Some(snapshot.to_json()),
@@ -974,7 +1011,9 @@ mod tests {
             provisio_shared::db::create_database_if_missing(&url)
                 .await
                 .expect("test database");
-            provisio_shared::db::migrate(&url).await.expect("migrations");
+            provisio_shared::db::migrate(&url)
+                .await
+                .expect("migrations");
             let pool = provisio_shared::db::pool(&url, 4).expect("pool");
             Self {
                 url,
@@ -983,16 +1022,20 @@ mod tests {
             }
         }
 
-        async fn scalar_i64(&self, sql: &str, params: &[&(dyn tokio_postgres::types::ToSql + Sync)]) -> i64 {
+        async fn scalar_i64(
+            &self,
+            sql: &str,
+            params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+        ) -> i64 {
             let client = self.pool.get().await.expect("connection");
-            client
-                .query_one(sql, params)
-                .await
-                .expect("query")
-                .get(0)
+            client.query_one(sql, params).await.expect("query").get(0)
         }
 
-        async fn exec(&self, action: &str, input: Value) -> (Call, Result<Executed, ProviderError>) {
+        async fn exec(
+            &self,
+            action: &str,
+            input: Value,
+        ) -> (Call, Result<Executed, ProviderError>) {
             let c = call(action, input);
             let r = self.provider.execute(&c).await;
             (c, r)
@@ -1055,7 +1098,9 @@ mod tests {
     /// An organization and a user in it; returns the user's id.
     async fn org_and_user(db: &TestDb, org: &str, user: &str) -> Uuid {
         db.ok("ensure_org", json!({"name": org})).await;
-        let (_, e) = db.ok("create_user", json!({"org": org, "user": user})).await;
+        let (_, e) = db
+            .ok("create_user", json!({"org": org, "user": user}))
+            .await;
         id_of(&e.output, "id")
     }
 
@@ -1087,7 +1132,8 @@ mod tests {
     async fn ensure_org_rollback_keeps_an_org_with_users() {
         let db = TestDb::new().await;
         let (c, e) = db.ok("ensure_org", json!({"name": "acme"})).await;
-        db.ok("create_user", json!({"org": "acme", "user": "ann"})).await;
+        db.ok("create_user", json!({"org": "acme", "user": "ann"}))
+            .await;
         db.undo(&c, &e).await.expect("rollback");
         let count = "SELECT count(*) FROM provider_directory.organizations";
         assert_eq!(db.scalar_i64(count, &[]).await, 1);
@@ -1096,7 +1142,9 @@ mod tests {
     #[tokio::test]
     async fn create_user_and_rollback() {
         let db = TestDb::new().await;
-        let (_, r) = db.exec("create_user", json!({"org": "nope", "user": "ann"})).await;
+        let (_, r) = db
+            .exec("create_user", json!({"org": "nope", "user": "ann"}))
+            .await;
         assert_eq!(r.expect_err("no org").code, "not_found");
 
         let (_, org) = db.ok("ensure_org", json!({"name": "acme"})).await;
@@ -1113,19 +1161,27 @@ mod tests {
 
         // By organization id as well; the name is taken.
         let (_, r) = db
-            .exec("create_user", json!({"org": org.output["id"], "user": "ann"}))
+            .exec(
+                "create_user",
+                json!({"org": org.output["id"], "user": "ann"}),
+            )
             .await;
         let err = r.expect_err("duplicate");
         assert_eq!(err.code, "already_exists");
         assert!(!err.retryable);
         let (_, bob) = db
-            .ok("create_user", json!({"org": org.output["id"], "user": "bob"}))
+            .ok(
+                "create_user",
+                json!({"org": org.output["id"], "user": "bob"}),
+            )
             .await;
         assert_eq!(bob.output["address"], json!("bob@acme"));
 
         // The rollback takes the user's aliases and memberships with it.
-        db.ok("add_alias", json!({"user": user, "alias": "a.nn"})).await;
-        db.ok("add_to_group", json!({"user": user, "group": "staff"})).await;
+        db.ok("add_alias", json!({"user": user, "alias": "a.nn"}))
+            .await;
+        db.ok("add_to_group", json!({"user": user, "group": "staff"}))
+            .await;
         db.undo(&c, &e).await.expect("rollback");
         db.undo(&c, &e).await.expect("rollback again");
         let users = "SELECT count(*) FROM provider_directory.users WHERE id = $1";
@@ -1142,7 +1198,9 @@ mod tests {
     async fn same_key_twice_acts_once() {
         let db = TestDb::new().await;
         db.ok("ensure_org", json!({"name": "acme"})).await;
-        let (c, first) = db.ok("create_user", json!({"org": "acme", "user": "ann"})).await;
+        let (c, first) = db
+            .ok("create_user", json!({"org": "acme", "user": "ann"}))
+            .await;
         // A repeat would fail with already_exists if it ran again; it answers the first result.
         let second = db.provider.execute(&c).await.expect("repeat");
         assert_eq!(first, second);
@@ -1150,7 +1208,10 @@ mod tests {
         assert_eq!(db.scalar_i64(users, &[]).await, 1);
 
         // Concurrent repeats of one call: still once.
-        let c = call("add_alias", json!({"user": first.output["id"], "alias": "x"}));
+        let c = call(
+            "add_alias",
+            json!({"user": first.output["id"], "alias": "x"}),
+        );
         let (a, b) = tokio::join!(db.provider.execute(&c), db.provider.execute(&c));
         assert_eq!(a.expect("a"), b.expect("b"));
 
@@ -1167,17 +1228,25 @@ mod tests {
     async fn add_to_group_and_rollback() {
         let db = TestDb::new().await;
         let ann = org_and_user(&db, "acme", "ann").await;
-        let (_, bob) = db.ok("create_user", json!({"org": "acme", "user": "bob"})).await;
+        let (_, bob) = db
+            .ok("create_user", json!({"org": "acme", "user": "bob"}))
+            .await;
         let bob = id_of(&bob.output, "id");
 
-        let (c1, e1) = db.ok("add_to_group", json!({"user": ann, "group": "staff"})).await;
+        let (c1, e1) = db
+            .ok("add_to_group", json!({"user": ann, "group": "staff"}))
+            .await;
         assert_eq!(e1.output["group"], json!("staff"));
         assert_eq!(e1.output["user"], json!(ann));
         assert_eq!(e1.output["group_created"], json!(true));
-        let (c2, e2) = db.ok("add_to_group", json!({"user": bob, "group": "staff"})).await;
+        let (c2, e2) = db
+            .ok("add_to_group", json!({"user": bob, "group": "staff"}))
+            .await;
         assert_eq!(e2.output["group_created"], json!(false));
         assert_eq!(e2.output["group_id"], e1.output["group_id"]);
-        let (c3, e3) = db.ok("add_to_group", json!({"user": ann, "group": "staff"})).await;
+        let (c3, e3) = db
+            .ok("add_to_group", json!({"user": ann, "group": "staff"}))
+            .await;
         assert_eq!(e3.output["added"], json!(false));
 
         let groups = "SELECT count(*) FROM provider_directory.groups";
@@ -1198,14 +1267,19 @@ mod tests {
         assert_eq!(db.scalar_i64(groups, &[]).await, 1, "c2 did not create it");
 
         // A group created by the call goes when the call is undone.
-        let (c4, e4) = db.ok("add_to_group", json!({"user": ann, "group": "ops"})).await;
+        let (c4, e4) = db
+            .ok("add_to_group", json!({"user": ann, "group": "ops"}))
+            .await;
         assert_eq!(db.scalar_i64(groups, &[]).await, 2);
         db.undo(&c4, &e4).await.expect("rollback 4");
         db.undo(&c4, &e4).await.expect("rollback 4 again");
         assert_eq!(db.scalar_i64(groups, &[]).await, 1);
 
         let (_, r) = db
-            .exec("add_to_group", json!({"user": Uuid::new_v4(), "group": "staff"}))
+            .exec(
+                "add_to_group",
+                json!({"user": Uuid::new_v4(), "group": "staff"}),
+            )
             .await;
         assert_eq!(r.expect_err("no user").code, "not_found");
     }
@@ -1214,18 +1288,26 @@ mod tests {
     async fn add_alias_and_rollback() {
         let db = TestDb::new().await;
         let ann = org_and_user(&db, "acme", "ann").await;
-        let (_, bob) = db.ok("create_user", json!({"org": "acme", "user": "bob"})).await;
+        let (_, bob) = db
+            .ok("create_user", json!({"org": "acme", "user": "bob"}))
+            .await;
         let bob = id_of(&bob.output, "id");
 
-        let (c1, e1) = db.ok("add_alias", json!({"user": ann, "alias": "annie"})).await;
+        let (c1, e1) = db
+            .ok("add_alias", json!({"user": ann, "alias": "annie"}))
+            .await;
         assert_eq!(e1.output["alias"], json!("annie"));
         assert_eq!(e1.output["user"], json!(ann));
-        let (_, r) = db.exec("add_alias", json!({"user": bob, "alias": "annie"})).await;
+        let (_, r) = db
+            .exec("add_alias", json!({"user": bob, "alias": "annie"}))
+            .await;
         let err = r.expect_err("taken");
         assert_eq!(err.code, "alias_taken");
         assert!(!err.retryable);
         // Asking again for ann's own alias succeeds without creating anything.
-        let (c2, e2) = db.ok("add_alias", json!({"user": ann, "alias": "annie"})).await;
+        let (c2, e2) = db
+            .ok("add_alias", json!({"user": ann, "alias": "annie"}))
+            .await;
         assert_eq!(e2.output["created"], json!(false));
 
         let owner = "SELECT count(*) FROM provider_directory.aliases WHERE alias = 'annie' AND user_id = $1";
@@ -1234,7 +1316,8 @@ mod tests {
         db.undo(&c1, &e1).await.expect("rollback 1");
         assert_eq!(db.scalar_i64(owner, &[&ann]).await, 0);
         // Rolling back twice is once, even if the alias has been given to bob since.
-        db.ok("add_alias", json!({"user": bob, "alias": "annie"})).await;
+        db.ok("add_alias", json!({"user": bob, "alias": "annie"}))
+            .await;
         db.undo(&c1, &e1).await.expect("rollback 1 again");
         assert_eq!(db.scalar_i64(owner, &[&bob]).await, 1);
     }
@@ -1251,14 +1334,23 @@ mod tests {
             .await;
         let ann = id_of(&e.output, "id");
         let bob = {
-            let (_, b) = db.ok("create_user", json!({"org": "acme", "user": "bob"})).await;
+            let (_, b) = db
+                .ok("create_user", json!({"org": "acme", "user": "bob"}))
+                .await;
             id_of(&b.output, "id")
         };
-        db.ok("add_alias", json!({"user": ann, "alias": "annie"})).await;
-        db.ok("add_alias", json!({"user": ann, "alias": "a.a"})).await;
-        let (_, staff) = db.ok("add_to_group", json!({"user": ann, "group": "staff"})).await;
-        let (_, ops) = db.ok("add_to_group", json!({"user": ann, "group": "ops"})).await;
-        db.ok("add_to_group", json!({"user": bob, "group": "staff"})).await;
+        db.ok("add_alias", json!({"user": ann, "alias": "annie"}))
+            .await;
+        db.ok("add_alias", json!({"user": ann, "alias": "a.a"}))
+            .await;
+        let (_, staff) = db
+            .ok("add_to_group", json!({"user": ann, "group": "staff"}))
+            .await;
+        let (_, ops) = db
+            .ok("add_to_group", json!({"user": ann, "group": "ops"}))
+            .await;
+        db.ok("add_to_group", json!({"user": bob, "group": "staff"}))
+            .await;
 
         let state = || async {
             let client = db.pool.get().await.expect("connection");
@@ -1329,7 +1421,8 @@ mod tests {
         assert_eq!(state().await, before);
         db.undo(&c, &d).await.expect("rollback again");
         assert_eq!(state().await, before);
-        let staff_members = "SELECT count(*) FROM provider_directory.group_members WHERE group_id = $1";
+        let staff_members =
+            "SELECT count(*) FROM provider_directory.group_members WHERE group_id = $1";
         assert_eq!(
             db.scalar_i64(staff_members, &[&id_of(&staff.output, "group_id")])
                 .await,
@@ -1354,7 +1447,10 @@ mod tests {
             ("create_user", json!({"org": "acme"})),
             ("create_user", json!({"org": "acme", "user": "a b"})),
             ("create_user", json!({"org": "acme", "user": "a@b"})),
-            ("create_user", json!({"org": "acme", "user": "ann", "display_name": 7})),
+            (
+                "create_user",
+                json!({"org": "acme", "user": "ann", "display_name": 7}),
+            ),
             ("create_user", json!({"org": ["acme"], "user": "ann"})),
             ("add_to_group", json!({"user": "not-a-uuid", "group": "g"})),
             ("add_to_group", json!({"user": Uuid::new_v4()})),

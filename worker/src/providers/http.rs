@@ -46,6 +46,28 @@ async fn body_of(resp: reqwest::Response) -> Value {
     serde_json::from_str(&text).unwrap_or(Value::String(text))
 }
 
+/// Replaces `{response.FIELD}` in every string of `template` with that field of `body`.
+fn fill(template: &Value, body: &Value) -> Value {
+    match template {
+        Value::String(s) if s.contains("{response.") => {
+            let mut out = s.clone();
+            if let Some(obj) = body.as_object() {
+                for (k, v) in obj {
+                    let text = match v {
+                        Value::String(t) => t.clone(),
+                        other => other.to_string(),
+                    };
+                    out = out.replace(&format!("{{response.{k}}}"), &text);
+                }
+            }
+            Value::String(out)
+        }
+        Value::Array(a) => Value::Array(a.iter().map(|v| fill(v, body)).collect()),
+        Value::Object(o) => Value::Object(o.iter().map(|(k, v)| (k.clone(), fill(v, body))).collect()),
+        other => other.clone(),
+    }
+}
+
 pub struct HttpProvider {
     client: reqwest::Client,
     services: HashMap<String, HttpService>,
@@ -116,6 +138,8 @@ impl HttpProvider {
             }
         };
         let output = self.send(&req, &call.idempotency_key).await?;
+        // The compensating call may refer to the answer: `/accounts/{response.id}`.
+        let rollback = rollback.map(|c| fill(&c, &output["body"]));
         Ok(Executed { output, rollback })
     }
 
@@ -210,6 +234,13 @@ impl Provider for RemoteProvider {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn compensating_calls_can_use_the_answer() {
+        let c = json!({"method": "DELETE", "path": "/accounts/{response.id}", "body": {"n": "{response.n}"}});
+        let filled = fill(&c, &json!({"id": "a1", "n": 3}));
+        assert_eq!(filled, json!({"method": "DELETE", "path": "/accounts/a1", "body": {"n": "3"}}));
+    }
 
     #[test]
     fn paths_cannot_change_the_host() {

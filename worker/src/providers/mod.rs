@@ -1,7 +1,9 @@
 //! Provider implementations and the registry the interpreter looks them up in.
 
+pub mod directory;
 pub mod http;
 pub mod limits;
+pub mod resource;
 pub mod sql;
 pub mod test;
 
