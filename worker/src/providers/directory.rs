@@ -45,8 +45,8 @@ impl DirectoryProvider {
         if key.is_empty() {
             return Err(invalid("the call has an empty idempotency key"));
         }
-        let mut client = self.pool.get().await.map_err(pool_error)?;
-        let tx = client.transaction().await.map_err(db_error)?;
+        let mut client = self.pool.get().await.map_err(|e| pool_error(&e))?;
+        let tx = client.transaction().await.map_err(|e| db_error(&e))?;
         if let Some(done) = claim(&tx, key).await? {
             tracing::debug!(key, action = %call.action, "directory: repeated call, answering from the record");
             return replay(&call.action, &done);
@@ -72,8 +72,8 @@ impl DirectoryProvider {
             &[&key, &record],
         )
         .await
-        .map_err(db_error)?;
-        tx.commit().await.map_err(db_error)?;
+        .map_err(|e| db_error(&e))?;
+        tx.commit().await.map_err(|e| db_error(&e))?;
         Ok(executed)
     }
 
@@ -83,8 +83,8 @@ impl DirectoryProvider {
             return Err(invalid("the rollback has an empty idempotency key"));
         }
         let marker = format!("rollback:{}", rb.idempotency_key);
-        let mut client = self.pool.get().await.map_err(pool_error)?;
-        let tx = client.transaction().await.map_err(db_error)?;
+        let mut client = self.pool.get().await.map_err(|e| pool_error(&e))?;
+        let tx = client.transaction().await.map_err(|e| db_error(&e))?;
         let fresh = tx
             .execute(
                 "INSERT INTO provider_directory.idempotency (key, result) VALUES ($1, $2) \
@@ -92,7 +92,7 @@ impl DirectoryProvider {
                 &[&marker, &json!({"action": rb.action, "data": rb.data})],
             )
             .await
-            .map_err(db_error)?;
+            .map_err(|e| db_error(&e))?;
         if fresh == 0 {
             tracing::debug!(key = %rb.idempotency_key, action = %rb.action, "directory: already rolled back");
             return Ok(());
@@ -106,7 +106,7 @@ impl DirectoryProvider {
                     &[&user_id],
                 )
                 .await
-                .map_err(db_error)?;
+                .map_err(|e| db_error(&e))?;
             }
             Undo::AddToGroup {
                 group_id,
@@ -125,12 +125,12 @@ impl DirectoryProvider {
                         &[&alias, &user_id],
                     )
                     .await
-                    .map_err(db_error)?;
+                    .map_err(|e| db_error(&e))?;
                 }
             }
             Undo::DeleteUser(snapshot) => restore_user(&tx, &snapshot).await?,
         }
-        tx.commit().await.map_err(db_error)?;
+        tx.commit().await.map_err(|e| db_error(&e))?;
         Ok(())
     }
 }
@@ -477,11 +477,11 @@ fn name(
 
 // ------------------------------------------------------------------------------------ database
 
-fn db_error(e: tokio_postgres::Error) -> ProviderError {
+fn db_error(e: &tokio_postgres::Error) -> ProviderError {
     ProviderError::retryable("unavailable", format!("directory database: {e}"))
 }
 
-fn pool_error(e: deadpool_postgres::PoolError) -> ProviderError {
+fn pool_error(e: &deadpool_postgres::PoolError) -> ProviderError {
     ProviderError::retryable("unavailable", format!("directory database: {e}"))
 }
 
@@ -494,7 +494,7 @@ fn raced(what: &str) -> ProviderError {
 }
 
 fn col<'r, T: FromSql<'r>>(row: &'r Row, idx: usize) -> Result<T, ProviderError> {
-    row.try_get(idx).map_err(db_error)
+    row.try_get(idx).map_err(|e| db_error(&e))
 }
 
 /// Claims `key` for this transaction. `Some(result)` when a committed call already holds it
@@ -507,7 +507,7 @@ async fn claim(tx: &Transaction<'_>, key: &str) -> Result<Option<Value>, Provide
             &[&key],
         )
         .await
-        .map_err(db_error)?;
+        .map_err(|e| db_error(&e))?;
     if inserted == 1 {
         return Ok(None);
     }
@@ -517,7 +517,7 @@ async fn claim(tx: &Transaction<'_>, key: &str) -> Result<Option<Value>, Provide
             &[&key],
         )
         .await
-        .map_err(db_error)?;
+        .map_err(|e| db_error(&e))?;
     match row {
         Some(row) => Ok(Some(col(&row, 0)?)),
         None => Err(raced("the idempotency record")),
@@ -548,7 +548,7 @@ async fn ensure_org(tx: &Transaction<'_>, name: &str) -> Result<Executed, Provid
             &[&id, &name],
         )
         .await
-        .map_err(db_error)?;
+        .map_err(|e| db_error(&e))?;
     let (id, created) = if inserted == 1 {
         (id, true)
     } else {
@@ -558,7 +558,7 @@ async fn ensure_org(tx: &Transaction<'_>, name: &str) -> Result<Executed, Provid
                 &[&name],
             )
             .await
-            .map_err(db_error)?
+            .map_err(|e| db_error(&e))?
             .ok_or_else(|| raced("the organization"))?;
         (col(&row, 0)?, false)
     };
@@ -583,7 +583,7 @@ async fn undo_ensure_org(
             &[&org_id],
         )
         .await
-        .map_err(db_error)?
+        .map_err(|e| db_error(&e))?
         .is_some();
     if !exists {
         return Ok(());
@@ -594,7 +594,7 @@ async fn undo_ensure_org(
             &[&org_id],
         )
         .await
-        .map_err(db_error)?
+        .map_err(|e| db_error(&e))?
         .is_some();
     if has_users {
         tracing::warn!(%org_id, "directory: not deleting an organization that still has users");
@@ -605,7 +605,7 @@ async fn undo_ensure_org(
         &[&org_id],
     )
     .await
-    .map_err(db_error)?;
+    .map_err(|e| db_error(&e))?;
     Ok(())
 }
 
@@ -621,7 +621,7 @@ async fn find_org(
                 &[&id],
             )
             .await
-            .map_err(db_error)?;
+            .map_err(|e| db_error(&e))?;
         if let Some(row) = row {
             return Ok(Some((col(&row, 0)?, col(&row, 1)?)));
         }
@@ -632,7 +632,7 @@ async fn find_org(
             &[&org],
         )
         .await
-        .map_err(db_error)?;
+        .map_err(|e| db_error(&e))?;
     match row {
         Some(row) => Ok(Some((col(&row, 0)?, col(&row, 1)?))),
         None => Ok(None),
@@ -656,7 +656,7 @@ async fn create_user(
             &[&id, &org_id, &user, &display_name],
         )
         .await
-        .map_err(db_error)?;
+        .map_err(|e| db_error(&e))?;
     if inserted == 0 {
         return Err(ProviderError::permanent(
             "already_exists",
@@ -684,7 +684,7 @@ async fn user_org(tx: &Transaction<'_>, id: Uuid) -> Result<Uuid, ProviderError>
             &[&id],
         )
         .await
-        .map_err(db_error)?
+        .map_err(|e| db_error(&e))?
         .ok_or_else(|| ProviderError::permanent("not_found", format!("no user {id}")))?;
     col(&row, 0)
 }
@@ -703,7 +703,7 @@ async fn add_to_group(
             &[&id, &org_id, &group],
         )
         .await
-        .map_err(db_error)?
+        .map_err(|e| db_error(&e))?
         == 1;
     let group_id = if group_created {
         id
@@ -714,7 +714,7 @@ async fn add_to_group(
                 &[&org_id, &group],
             )
             .await
-            .map_err(db_error)?
+            .map_err(|e| db_error(&e))?
             .ok_or_else(|| raced("the group"))?;
         col(&row, 0)?
     };
@@ -725,7 +725,7 @@ async fn add_to_group(
             &[&group_id, &user],
         )
         .await
-        .map_err(db_error)?
+        .map_err(|e| db_error(&e))?
         == 1;
     Ok(Executed {
         output: json!({
@@ -757,7 +757,7 @@ async fn undo_add_to_group(
             &[&group_id, &user_id],
         )
         .await
-        .map_err(db_error)?;
+        .map_err(|e| db_error(&e))?;
     }
     if group_created {
         // Lock first, so that a member being added concurrently is seen below.
@@ -767,7 +767,7 @@ async fn undo_add_to_group(
                 &[&group_id],
             )
             .await
-            .map_err(db_error)?
+            .map_err(|e| db_error(&e))?
             .is_some();
         if exists {
             let has_members = tx
@@ -776,7 +776,7 @@ async fn undo_add_to_group(
                     &[&group_id],
                 )
                 .await
-                .map_err(db_error)?
+                .map_err(|e| db_error(&e))?
                 .is_some();
             if !has_members {
                 tx.execute(
@@ -784,7 +784,7 @@ async fn undo_add_to_group(
                     &[&group_id],
                 )
                 .await
-                .map_err(db_error)?;
+                .map_err(|e| db_error(&e))?;
             }
         }
     }
@@ -799,7 +799,7 @@ async fn alias_owner(tx: &Transaction<'_>, alias: &str) -> Result<Option<Uuid>, 
             &[&alias],
         )
         .await
-        .map_err(db_error)?;
+        .map_err(|e| db_error(&e))?;
     match row {
         Some(row) => Ok(Some(col(&row, 0)?)),
         None => Ok(None),
@@ -819,7 +819,7 @@ async fn add_alias(
             &[&alias, &user],
         )
         .await
-        .map_err(db_error)?
+        .map_err(|e| db_error(&e))?
         == 1;
     if !created {
         match alias_owner(tx, alias).await? {
@@ -849,7 +849,7 @@ async fn delete_user(tx: &Transaction<'_>, user: Uuid) -> Result<Executed, Provi
             &[&user],
         )
         .await
-        .map_err(db_error)?
+        .map_err(|e| db_error(&e))?
         .ok_or_else(|| ProviderError::permanent("not_found", format!("no user {user}")))?;
     let aliases = tx
         .query(
@@ -857,7 +857,7 @@ async fn delete_user(tx: &Transaction<'_>, user: Uuid) -> Result<Executed, Provi
             &[&user],
         )
         .await
-        .map_err(db_error)?
+        .map_err(|e| db_error(&e))?
         .iter()
         .map(|r| col::<String>(r, 0))
         .collect::<Result<Vec<_>, _>>()?;
@@ -869,7 +869,7 @@ async fn delete_user(tx: &Transaction<'_>, user: Uuid) -> Result<Executed, Provi
             &[&user],
         )
         .await
-        .map_err(db_error)?
+        .map_err(|e| db_error(&e))?
         .iter()
         .map(|r| Ok((col::<Uuid>(r, 0)?, col::<String>(r, 1)?)))
         .collect::<Result<Vec<_>, ProviderError>>()?;
@@ -887,7 +887,7 @@ async fn delete_user(tx: &Transaction<'_>, user: Uuid) -> Result<Executed, Provi
         &[&user],
     )
     .await
-    .map_err(db_error)?;
+    .map_err(|e| db_error(&e))?;
     Ok(Executed {
         output: json!({"deleted": true, "user": user}),
         rollback: Some(snapshot.to_json()),
@@ -901,7 +901,7 @@ async fn restore_user(tx: &Transaction<'_>, s: &Snapshot) -> Result<(), Provider
             &[&s.org_id],
         )
         .await
-        .map_err(db_error)?;
+        .map_err(|e| db_error(&e))?;
     if org.is_none() {
         return Err(ProviderError::permanent(
             "not_found",
@@ -918,7 +918,7 @@ async fn restore_user(tx: &Transaction<'_>, s: &Snapshot) -> Result<(), Provider
             &[&s.id, &s.org_id, &s.name, &s.display_name, &s.created_at],
         )
         .await
-        .map_err(db_error)?;
+        .map_err(|e| db_error(&e))?;
     if inserted == 0 {
         // Either the user is back already, or someone else has taken its name.
         let same = tx
@@ -927,7 +927,7 @@ async fn restore_user(tx: &Transaction<'_>, s: &Snapshot) -> Result<(), Provider
                 &[&s.id],
             )
             .await
-            .map_err(db_error)?
+            .map_err(|e| db_error(&e))?
             .is_some();
         if !same {
             return Err(ProviderError::permanent(
@@ -947,7 +947,7 @@ async fn restore_user(tx: &Transaction<'_>, s: &Snapshot) -> Result<(), Provider
                 &[alias, &s.id],
             )
             .await
-            .map_err(db_error)?;
+            .map_err(|e| db_error(&e))?;
         if added == 0 && alias_owner(tx, alias).await? != Some(s.id) {
             return Err(ProviderError::permanent(
                 "alias_taken",
@@ -967,7 +967,7 @@ async fn restore_user(tx: &Transaction<'_>, s: &Snapshot) -> Result<(), Provider
             &[group_id, &s.org_id, group_name],
         )
         .await
-        .map_err(db_error)?;
+        .map_err(|e| db_error(&e))?;
         let row = tx
             .query_opt(
                 "SELECT id FROM provider_directory.groups \
@@ -976,7 +976,7 @@ async fn restore_user(tx: &Transaction<'_>, s: &Snapshot) -> Result<(), Provider
                 &[group_id, &s.org_id, group_name],
             )
             .await
-            .map_err(db_error)?
+            .map_err(|e| db_error(&e))?
             .ok_or_else(|| raced("the group"))?;
         let actual: Uuid = col(&row, 0)?;
         tx.execute(
@@ -985,7 +985,7 @@ async fn restore_user(tx: &Transaction<'_>, s: &Snapshot) -> Result<(), Provider
             &[&actual, &s.id],
         )
         .await
-        .map_err(db_error)?;
+        .map_err(|e| db_error(&e))?;
     }
     Ok(())
 }

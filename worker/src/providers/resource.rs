@@ -108,8 +108,8 @@ impl ResourceProvider {
         if key.is_empty() {
             return Err(invalid("the call has an empty idempotency key"));
         }
-        let mut client = self.pool.get().await.map_err(pool_error)?;
-        let tx = client.transaction().await.map_err(db_error)?;
+        let mut client = self.pool.get().await.map_err(|e| pool_error(&e))?;
+        let tx = client.transaction().await.map_err(|e| db_error(&e))?;
         // One allocation per pool at a time: everything below sees every earlier allocation.
         let pool_row = tx
             .query_opt(
@@ -117,7 +117,7 @@ impl ResourceProvider {
                 &[&req.pool],
             )
             .await
-            .map_err(db_error)?
+            .map_err(|e| db_error(&e))?
             .ok_or_else(|| not_found_pool(&req.pool))?;
         let existing = tx
             .query_opt(
@@ -127,7 +127,7 @@ impl ResourceProvider {
                 &[&key],
             )
             .await
-            .map_err(db_error)?;
+            .map_err(|e| db_error(&e))?;
         if let Some(row) = existing {
             let (id, pool, resource, amount): (Uuid, String, String, i32) =
                 (col(&row, 0)?, col(&row, 1)?, col(&row, 2)?, col(&row, 3)?);
@@ -148,7 +148,7 @@ impl ResourceProvider {
         let pick = tx
             .query_opt(strategy.pick_sql(), &[&req.pool, &req.amount])
             .await
-            .map_err(db_error)?
+            .map_err(|e| db_error(&e))?
             .ok_or_else(|| {
                 ProviderError::permanent(
                     "pool_exhausted",
@@ -161,7 +161,7 @@ impl ResourceProvider {
             &[&resource_id, &req.amount],
         )
         .await
-        .map_err(db_error)?;
+        .map_err(|e| db_error(&e))?;
         let id = Uuid::now_v7();
         tx.execute(
             "INSERT INTO provider_resource.allocations \
@@ -169,8 +169,8 @@ impl ResourceProvider {
             &[&id, &key, &resource_id, &req.amount, &req.consumer],
         )
         .await
-        .map_err(db_error)?;
-        tx.commit().await.map_err(db_error)?;
+        .map_err(|e| db_error(&e))?;
+        tx.commit().await.map_err(|e| db_error(&e))?;
         Ok(allocated(id, &req.pool, &resource, req.amount))
     }
 
@@ -178,8 +178,8 @@ impl ResourceProvider {
         if key.is_empty() {
             return Err(invalid("the call has an empty idempotency key"));
         }
-        let mut client = self.pool.get().await.map_err(pool_error)?;
-        let tx = client.transaction().await.map_err(db_error)?;
+        let mut client = self.pool.get().await.map_err(|e| pool_error(&e))?;
+        let tx = client.transaction().await.map_err(|e| db_error(&e))?;
         if let Some(done) = claim(&tx, key).await? {
             tracing::debug!(key, "resource: repeated release, answering from the record");
             return replay("release", &done);
@@ -208,20 +208,20 @@ impl ResourceProvider {
             &[&key, &record],
         )
         .await
-        .map_err(db_error)?;
-        tx.commit().await.map_err(db_error)?;
+        .map_err(|e| db_error(&e))?;
+        tx.commit().await.map_err(|e| db_error(&e))?;
         Ok(executed)
     }
 
     async fn query(&self, pool: &str) -> Result<Executed, ProviderError> {
-        let client = self.pool.get().await.map_err(pool_error)?;
+        let client = self.pool.get().await.map_err(|e| pool_error(&e))?;
         let row = client
             .query_opt(
                 "SELECT strategy FROM provider_resource.pools WHERE name = $1",
                 &[&pool],
             )
             .await
-            .map_err(db_error)?
+            .map_err(|e| db_error(&e))?
             .ok_or_else(|| not_found_pool(pool))?;
         let strategy: String = col(&row, 0)?;
         let resources = client
@@ -231,7 +231,7 @@ impl ResourceProvider {
                 &[&pool],
             )
             .await
-            .map_err(db_error)?
+            .map_err(|e| db_error(&e))?
             .iter()
             .map(|r| {
                 let (name, capacity, used, rank): (String, i32, i32, i32) =
@@ -280,8 +280,8 @@ impl ResourceProvider {
             return Err(invalid("the rollback has an empty idempotency key"));
         }
         let marker = format!("rollback:{}", rb.idempotency_key);
-        let mut client = self.pool.get().await.map_err(pool_error)?;
-        let tx = client.transaction().await.map_err(db_error)?;
+        let mut client = self.pool.get().await.map_err(|e| pool_error(&e))?;
+        let tx = client.transaction().await.map_err(|e| db_error(&e))?;
         let fresh = tx
             .execute(
                 "INSERT INTO provider_resource.idempotency (key, result) VALUES ($1, $2) \
@@ -289,7 +289,7 @@ impl ResourceProvider {
                 &[&marker, &json!({"action": rb.action, "data": rb.data})],
             )
             .await
-            .map_err(db_error)?;
+            .map_err(|e| db_error(&e))?;
         if fresh == 0 {
             tracing::debug!(key = %rb.idempotency_key, action = %rb.action, "resource: already rolled back");
             return Ok(());
@@ -300,7 +300,7 @@ impl ResourceProvider {
             // Undoing an allocation that is not there: nothing to release.
             tracing::debug!(%allocation, "resource: rollback of an unknown allocation");
         }
-        tx.commit().await.map_err(db_error)?;
+        tx.commit().await.map_err(|e| db_error(&e))?;
         Ok(())
     }
 }
@@ -349,8 +349,8 @@ pub async fn define_pool(
             )));
         }
     }
-    let mut client = pool.get().await.map_err(pool_error)?;
-    let tx = client.transaction().await.map_err(db_error)?;
+    let mut client = pool.get().await.map_err(|e| pool_error(&e))?;
+    let tx = client.transaction().await.map_err(|e| db_error(&e))?;
     // The upsert locks the pool row, as an allocation does.
     tx.execute(
         "INSERT INTO provider_resource.pools (name, strategy) VALUES ($1, $2) \
@@ -358,7 +358,7 @@ pub async fn define_pool(
         &[&name, &strategy.as_str()],
     )
     .await
-    .map_err(db_error)?;
+    .map_err(|e| db_error(&e))?;
     for (resource, capacity, rank) in resources {
         tx.execute(
             "INSERT INTO provider_resource.resources (id, pool, name, capacity, rank) \
@@ -373,11 +373,11 @@ pub async fn define_pool(
                     "pool {name:?}: resource {resource:?} uses more than the new capacity {capacity}"
                 ))
             } else {
-                db_error(e)
+                db_error(&e)
             }
         })?;
     }
-    tx.commit().await.map_err(db_error)?;
+    tx.commit().await.map_err(|e| db_error(&e))?;
     Ok(())
 }
 
@@ -522,16 +522,16 @@ fn name(m: &Map<String, Value>, field: &str, what: &str) -> Result<String, Provi
 
 // ------------------------------------------------------------------------------------ database
 
-fn db_error(e: tokio_postgres::Error) -> ProviderError {
+fn db_error(e: &tokio_postgres::Error) -> ProviderError {
     ProviderError::retryable("unavailable", format!("resource database: {e}"))
 }
 
-fn pool_error(e: deadpool_postgres::PoolError) -> ProviderError {
+fn pool_error(e: &deadpool_postgres::PoolError) -> ProviderError {
     ProviderError::retryable("unavailable", format!("resource database: {e}"))
 }
 
 fn col<'r, T: FromSql<'r>>(row: &'r Row, idx: usize) -> Result<T, ProviderError> {
-    row.try_get(idx).map_err(db_error)
+    row.try_get(idx).map_err(|e| db_error(&e))
 }
 
 fn allocated(id: Uuid, pool: &str, resource: &str, amount: i32) -> Executed {
@@ -556,7 +556,7 @@ async fn claim(tx: &Transaction<'_>, key: &str) -> Result<Option<Value>, Provide
             &[&key],
         )
         .await
-        .map_err(db_error)?;
+        .map_err(|e| db_error(&e))?;
     if inserted == 1 {
         return Ok(None);
     }
@@ -566,7 +566,7 @@ async fn claim(tx: &Transaction<'_>, key: &str) -> Result<Option<Value>, Provide
             &[&key],
         )
         .await
-        .map_err(db_error)?;
+        .map_err(|e| db_error(&e))?;
     match row {
         Some(row) => Ok(Some(col(&row, 0)?)),
         None => Err(ProviderError::retryable(
@@ -590,7 +590,7 @@ fn replay(action: &str, done: &Value) -> Result<Executed, ProviderError> {
     })
 }
 
-struct Released {
+struct Freed {
     pool: String,
     resource: String,
     amount: i32,
@@ -603,7 +603,7 @@ struct Released {
 async fn release_in(
     tx: &Transaction<'_>,
     allocation: Uuid,
-) -> Result<Option<Released>, ProviderError> {
+) -> Result<Option<Freed>, ProviderError> {
     let Some(row) = tx
         .query_opt(
             "SELECT a.resource_id, a.amount, a.released_at IS NOT NULL, r.pool, r.name \
@@ -613,7 +613,7 @@ async fn release_in(
             &[&allocation],
         )
         .await
-        .map_err(db_error)?
+        .map_err(|e| db_error(&e))?
     else {
         return Ok(None);
     };
@@ -625,15 +625,15 @@ async fn release_in(
             &[&allocation],
         )
         .await
-        .map_err(db_error)?;
+        .map_err(|e| db_error(&e))?;
         tx.execute(
             "UPDATE provider_resource.resources SET used = used - $2 WHERE id = $1",
             &[&resource_id, &amount],
         )
         .await
-        .map_err(db_error)?;
+        .map_err(|e| db_error(&e))?;
     }
-    Ok(Some(Released {
+    Ok(Some(Freed {
         pool: col(&row, 3)?,
         resource: col(&row, 4)?,
         amount,
@@ -650,7 +650,7 @@ async fn reallocate_in(tx: &Transaction<'_>, allocation: Uuid) -> Result<(), Pro
             &[&allocation],
         )
         .await
-        .map_err(db_error)?
+        .map_err(|e| db_error(&e))?
         .ok_or_else(|| {
             ProviderError::permanent("not_found", format!("no allocation {allocation}"))
         })?;
@@ -661,7 +661,7 @@ async fn reallocate_in(tx: &Transaction<'_>, allocation: Uuid) -> Result<(), Pro
         &[&pool],
     )
     .await
-    .map_err(db_error)?;
+    .map_err(|e| db_error(&e))?;
     let row = tx
         .query_one(
             "SELECT resource_id, amount, released_at IS NOT NULL \
@@ -669,7 +669,7 @@ async fn reallocate_in(tx: &Transaction<'_>, allocation: Uuid) -> Result<(), Pro
             &[&allocation],
         )
         .await
-        .map_err(db_error)?;
+        .map_err(|e| db_error(&e))?;
     let (resource_id, amount, released): (Uuid, i32, bool) =
         (col(&row, 0)?, col(&row, 1)?, col(&row, 2)?);
     if !released {
@@ -682,7 +682,7 @@ async fn reallocate_in(tx: &Transaction<'_>, allocation: Uuid) -> Result<(), Pro
             &[&resource_id, &amount],
         )
         .await
-        .map_err(db_error)?;
+        .map_err(|e| db_error(&e))?;
     if booked == 0 {
         return Err(ProviderError::permanent(
             "pool_exhausted",
@@ -696,7 +696,7 @@ async fn reallocate_in(tx: &Transaction<'_>, allocation: Uuid) -> Result<(), Pro
         &[&allocation],
     )
     .await
-    .map_err(db_error)?;
+    .map_err(|e| db_error(&e))?;
     Ok(())
 }
 
