@@ -8,7 +8,13 @@ use crate::procedure::Catalog;
 /// Actions of the built-in `test` provider (fault injection; DESIGN §5).
 pub const TEST_ACTIONS: &[&str] = &["echo", "sleep", "fail", "fail_n_times", "panic"];
 /// Actions of the `directory` provider.
-pub const DIRECTORY_ACTIONS: &[&str] = &["ensure_org", "create_user", "add_to_group", "add_alias", "delete_user"];
+pub const DIRECTORY_ACTIONS: &[&str] = &[
+    "ensure_org",
+    "create_user",
+    "add_to_group",
+    "add_alias",
+    "delete_user",
+];
 /// Actions of the `resource` provider (the resource manager).
 pub const RESOURCE_ACTIONS: &[&str] = &["allocate", "release", "query"];
 /// Actions of the `sql` provider.

@@ -403,8 +403,27 @@ impl Config {
                 other => other.replace("__", ".").into(),
             }
         });
-        // `PROVISIO_CONFIG` names the file, it is not a setting.
-        let env = env.ignore(&["config"]);
+        // Only keys of known sections are settings: other `PROVISIO_*` variables (a client's
+        // `PROVISIO_URL`, a test's `PROVISIO_TEST_PG`) are not ours to refuse. A typo inside a
+        // known section (`PROVISIO_ENGINE__PREFECH`) is still an error.
+        let env = env.filter(|key| {
+            let k = key.as_str().to_ascii_lowercase();
+            // Keys arrive mapped: `amqp.prefix`, `security.signing_key`, …
+            let section = k.split('.').next().unwrap_or("");
+            matches!(
+                section,
+                "database"
+                    | "txlog"
+                    | "amqp"
+                    | "queue_manager"
+                    | "engine"
+                    | "auditor"
+                    | "security"
+                    | "providers"
+                    | "validation"
+                    | "log"
+            )
+        });
         fig = fig.merge(env);
         let mut cfg: Config = fig
             .extract()
@@ -474,13 +493,17 @@ impl Config {
         }
         for (name, remote) in &self.providers.remote {
             if crate::domain::Name::parse(name.clone()).is_err()
-                || matches!(name.as_str(), "test" | "directory" | "resource" | "sql" | "http")
+                || matches!(
+                    name.as_str(),
+                    "test" | "directory" | "resource" | "sql" | "http"
+                )
             {
                 return Err(ConfigError::Invalid(format!(
                     "providers.remote.{name}: not a valid or free provider name"
                 )));
             }
-            if !(remote.base_url.starts_with("http://") || remote.base_url.starts_with("https://")) {
+            if !(remote.base_url.starts_with("http://") || remote.base_url.starts_with("https://"))
+            {
                 return Err(ConfigError::Invalid(format!(
                     "providers.remote.{name}.base_url must be an http(s) URL"
                 )));
@@ -541,6 +564,18 @@ mod tests {
             assert!(!shown.contains("hunter2"), "{shown}");
             assert!(shown.contains("********"));
             assert!(!format!("{cfg:?}").contains("hunter2"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unrelated_provisio_variables_are_ignored_but_typos_in_sections_are_not() {
+        Jail::expect_with(|jail| {
+            jail.set_env("PROVISIO_TEST_PG", "postgres://x");
+            jail.set_env("PROVISIO_URL", "http://x");
+            assert!(Config::load(None).is_ok());
+            jail.set_env("PROVISIO_ENGINE__PREFECH", "3");
+            assert!(Config::load(None).is_err());
             Ok(())
         });
     }

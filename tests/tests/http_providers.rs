@@ -18,7 +18,10 @@ struct Seen {
 }
 
 fn key(h: &HeaderMap) -> String {
-    h.get("idempotency-key").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned()
+    h.get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned()
 }
 
 async fn service(seen: Arc<Seen>) -> anyhow::Result<String> {
@@ -120,9 +123,18 @@ async fn http_and_remote_providers_call_compensate_and_classify_errors() -> anyh
     let url = service(seen.clone()).await?;
     let mut env = TestEnv::new("http").await?;
     env.extra_env.extend([
-        ("PROVISIO_PROVIDERS__HTTP__SERVICES__ACCOUNTS__BASE_URL".to_owned(), url.clone()),
-        ("PROVISIO_PROVIDERS__REMOTE__BILLING__BASE_URL".to_owned(), url.clone()),
-        ("PROVISIO_PROVIDERS__REMOTE__BILLING__ACTIONS".to_owned(), "[charge,decline]".to_owned()),
+        (
+            "PROVISIO_PROVIDERS__HTTP__SERVICES__ACCOUNTS__BASE_URL".to_owned(),
+            url.clone(),
+        ),
+        (
+            "PROVISIO_PROVIDERS__REMOTE__BILLING__BASE_URL".to_owned(),
+            url.clone(),
+        ),
+        (
+            "PROVISIO_PROVIDERS__REMOTE__BILLING__ACTIONS".to_owned(),
+            "[charge,decline]".to_owned(),
+        ),
     ]);
     let (qm, engine) = tokio::try_join!(env.queue_manager(), env.engine())?;
     let (status, body) = env.apply(&qm, "shop", NS).await?;
@@ -130,21 +142,38 @@ async fn http_and_remote_providers_call_compensate_and_classify_errors() -> anyh
     let mut outcomes = env.outcomes().await?;
     let mut run = async |procedure: &str, input: Value| -> anyhow::Result<Value> {
         let (_, body) = env.submit(&qm, &request("shop", procedure, input)).await?;
-        outcomes.wait_for(body["id"].as_str().unwrap_or_default()).await
+        outcomes
+            .wait_for(body["id"].as_str().unwrap_or_default())
+            .await
     };
 
     let out = run("signup", json!({"name": "ada"})).await?;
-    assert_eq!(out["output"], json!({"account": "acc-1", "charged": 5}), "{out}");
+    assert_eq!(
+        out["output"],
+        json!({"account": "acc-1", "charged": 5}),
+        "{out}"
+    );
     let events = seen.events.lock().expect("lock").clone();
     assert_eq!(events[0].0, "create");
-    assert!(events[0].1.ends_with(":0"), "Idempotency-Key is {{tx_id}}:{{step_path}}: {}", events[0].1);
+    assert!(
+        events[0].1.ends_with(":0"),
+        "Idempotency-Key is {{tx_id}}:{{step_path}}: {}",
+        events[0].1
+    );
 
     // A later failure compensates both calls, newest first.
     let out = run("signup", json!({"name": "bo", "fail": true})).await?;
     assert_eq!(out["status"], "failed");
     let events = seen.events.lock().expect("lock").clone();
-    let tail: Vec<(&str, &str)> = events[events.len() - 2..].iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
-    assert_eq!(tail, vec![("refund", "5"), ("delete", "acc-3")], "{events:?}");
+    let tail: Vec<(&str, &str)> = events[events.len() - 2..]
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .collect();
+    assert_eq!(
+        tail,
+        vec![("refund", "5"), ("delete", "acc-3")],
+        "{events:?}"
+    );
 
     // 5xx is retried, 4xx is not.
     let out = run("flaky", json!({})).await?;
@@ -152,11 +181,21 @@ async fn http_and_remote_providers_call_compensate_and_classify_errors() -> anyh
     let before = seen.events.lock().expect("lock").len();
     let out = run("bad", json!({})).await?;
     assert_eq!(out["error"]["code"], "http_400");
-    assert_eq!(seen.events.lock().expect("lock").len(), before + 1, "a 4xx is not retried");
+    assert_eq!(
+        seen.events.lock().expect("lock").len(),
+        before + 1,
+        "a 4xx is not retried"
+    );
 
     // The remote provider's own error comes through.
     let out = run("declined", json!({})).await?;
-    assert_eq!((out["error"]["code"].clone(), out["error"]["message"].clone()), (json!("declined"), json!("card declined")));
+    assert_eq!(
+        (
+            out["error"]["code"].clone(),
+            out["error"]["message"].clone()
+        ),
+        (json!("declined"), json!("card declined"))
+    );
     drop((qm, engine));
     env.cleanup().await;
     Ok(())
@@ -166,13 +205,28 @@ async fn http_and_remote_providers_call_compensate_and_classify_errors() -> anyh
 async fn an_unknown_remote_action_is_rejected_at_apply_time() -> anyhow::Result<()> {
     let mut env = TestEnv::new("remote").await?;
     env.extra_env.extend([
-        ("PROVISIO_PROVIDERS__REMOTE__BILLING__BASE_URL".to_owned(), "http://127.0.0.1:9".to_owned()),
-        ("PROVISIO_PROVIDERS__REMOTE__BILLING__ACTIONS".to_owned(), "[charge]".to_owned()),
+        (
+            "PROVISIO_PROVIDERS__REMOTE__BILLING__BASE_URL".to_owned(),
+            "http://127.0.0.1:9".to_owned(),
+        ),
+        (
+            "PROVISIO_PROVIDERS__REMOTE__BILLING__ACTIONS".to_owned(),
+            "[charge]".to_owned(),
+        ),
     ]);
     let qm = env.queue_manager().await?;
-    let (status, body) = env.apply(&qm, "shop", "namespace: shop\nprocedures:\n  p: {steps: [{call: billing.refund}]}\n").await?;
+    let (status, body) = env
+        .apply(
+            &qm,
+            "shop",
+            "namespace: shop\nprocedures:\n  p: {steps: [{call: billing.refund}]}\n",
+        )
+        .await?;
     assert_eq!(status, 422, "{body}");
-    assert!(body.to_string().contains("has no action `refund`"), "{body}");
+    assert!(
+        body.to_string().contains("has no action `refund`"),
+        "{body}"
+    );
     drop(qm);
     env.cleanup().await;
     Ok(())

@@ -50,7 +50,10 @@ async fn targets(env: &TestEnv) -> anyhow::Result<Targets> {
         provisio_shared::db::create_database_if_missing(&Secret::new(url.clone())).await?;
         let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
         tokio::spawn(conn);
-        c.batch_execute(&format!("CREATE TABLE IF NOT EXISTS accounts (name text PRIMARY KEY{check})")).await?;
+        c.batch_execute(&format!(
+            "CREATE TABLE IF NOT EXISTS accounts (name text PRIMARY KEY{check})"
+        ))
+        .await?;
     }
     Ok(Targets { a, b })
 }
@@ -58,13 +61,26 @@ async fn targets(env: &TestEnv) -> anyhow::Result<Targets> {
 async fn count(url: &str, name: &str) -> anyhow::Result<i64> {
     let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
     tokio::spawn(conn);
-    Ok(c.query_one("SELECT count(*) FROM accounts WHERE name = $1", &[&name]).await?.get(0))
+    Ok(
+        c.query_one("SELECT count(*) FROM accounts WHERE name = $1", &[&name])
+            .await?
+            .get(0),
+    )
 }
 
 async fn prepared(env: &TestEnv, t: &Targets) -> anyhow::Result<i64> {
     let pg = env.pg().await?;
-    let names: Vec<String> = [&t.a, &t.b].iter().filter_map(|u| u.rsplit('/').next().map(str::to_owned)).collect();
-    Ok(pg.query_one("SELECT count(*) FROM pg_prepared_xacts WHERE database = ANY($1)", &[&names]).await?.get(0))
+    let names: Vec<String> = [&t.a, &t.b]
+        .iter()
+        .filter_map(|u| u.rsplit('/').next().map(str::to_owned))
+        .collect();
+    Ok(pg
+        .query_one(
+            "SELECT count(*) FROM pg_prepared_xacts WHERE database = ANY($1)",
+            &[&names],
+        )
+        .await?
+        .get(0))
 }
 
 async fn drop_targets(t: Targets) {
@@ -75,8 +91,14 @@ async fn drop_targets(t: Targets) {
 
 fn sql_env(t: &Targets) -> Vec<(String, String)> {
     vec![
-        ("PROVISIO_PROVIDERS__SQL__TARGETS__A__URL".into(), t.a.clone()),
-        ("PROVISIO_PROVIDERS__SQL__TARGETS__B__URL".into(), t.b.clone()),
+        (
+            "PROVISIO_PROVIDERS__SQL__TARGETS__A__URL".into(),
+            t.a.clone(),
+        ),
+        (
+            "PROVISIO_PROVIDERS__SQL__TARGETS__B__URL".into(),
+            t.b.clone(),
+        ),
     ]
 }
 
@@ -90,23 +112,47 @@ async fn two_phase_commits_both_databases_or_neither() -> R {
     assert_eq!(status, 201, "{body}");
     let mut outcomes = env.outcomes().await?;
 
-    let (_, body) = env.submit(&qm, &request("ledger", "both", json!({"name": "ok"}))).await?;
-    let out = outcomes.wait_for(body["id"].as_str().unwrap_or_default()).await?;
+    let (_, body) = env
+        .submit(&qm, &request("ledger", "both", json!({"name": "ok"})))
+        .await?;
+    let out = outcomes
+        .wait_for(body["id"].as_str().unwrap_or_default())
+        .await?;
     assert_eq!(out["status"], "succeeded", "{out}");
     assert_eq!(out["output"], json!({"a": "ok", "b": 1}));
     assert_eq!((count(&t.a, "ok").await?, count(&t.b, "ok").await?), (1, 1));
 
     // `b` refuses a long name after `a` accepted it: neither keeps it.
-    let (_, body) = env.submit(&qm, &request("ledger", "both", json!({"name": "much-too-long"}))).await?;
-    let out = outcomes.wait_for(body["id"].as_str().unwrap_or_default()).await?;
+    let (_, body) = env
+        .submit(
+            &qm,
+            &request("ledger", "both", json!({"name": "much-too-long"})),
+        )
+        .await?;
+    let out = outcomes
+        .wait_for(body["id"].as_str().unwrap_or_default())
+        .await?;
     assert_eq!(out["status"], "failed", "{out}");
     assert_eq!(out["error"]["code"], "sql_23514", "{out}");
-    assert_eq!((count(&t.a, "much-too-long").await?, count(&t.b, "much-too-long").await?), (0, 0));
+    assert_eq!(
+        (
+            count(&t.a, "much-too-long").await?,
+            count(&t.b, "much-too-long").await?
+        ),
+        (0, 0)
+    );
     assert_eq!(prepared(&env, &t).await?, 0);
 
     // Compensating: the declared rollback statement undoes the insert.
-    let (_, body) = env.submit(&qm, &request("ledger", "compensated", json!({"name": "comp"}))).await?;
-    let out = outcomes.wait_for(body["id"].as_str().unwrap_or_default()).await?;
+    let (_, body) = env
+        .submit(
+            &qm,
+            &request("ledger", "compensated", json!({"name": "comp"})),
+        )
+        .await?;
+    let out = outcomes
+        .wait_for(body["id"].as_str().unwrap_or_default())
+        .await?;
     assert_eq!(out["status"], "failed");
     assert_eq!(count(&t.a, "comp").await?, 0);
     drop((qm, engine));
@@ -120,11 +166,20 @@ async fn an_engine_killed_between_prepare_and_commit_leaves_nothing_prepared_aft
     let mut env = TestEnv::new("killed").await?;
     let t = targets(&env).await?;
     env.extra_env.extend(sql_env(&t));
-    env.extra_env.push(("PROVISIO_ENGINE__LEASE_SECONDS".into(), "2".into()));
+    env.extra_env
+        .push(("PROVISIO_ENGINE__LEASE_SECONDS".into(), "2".into()));
     let qm = env.queue_manager().await?;
-    let engine = env.spawn("worker", &["--role", "engine"], &[("PROVISIO_PROVIDERS__TEST__PAUSE_AFTER_PREPARE_MS", "600000")]).await?;
+    let engine = env
+        .spawn(
+            "worker",
+            &["--role", "engine"],
+            &[("PROVISIO_PROVIDERS__TEST__PAUSE_AFTER_PREPARE_MS", "600000")],
+        )
+        .await?;
     env.apply(&qm, "ledger", NS).await?;
-    let (_, body) = env.submit(&qm, &request("ledger", "both", json!({"name": "kill"}))).await?;
+    let (_, body) = env
+        .submit(&qm, &request("ledger", "both", json!({"name": "kill"})))
+        .await?;
     let id = body["id"].as_str().unwrap_or_default().to_owned();
 
     // Wait (bounded) until both participants are prepared, then kill the engine there.
@@ -138,21 +193,44 @@ async fn an_engine_killed_between_prepare_and_commit_leaves_nothing_prepared_aft
     }
     assert_eq!(seen, 2, "both participants prepared");
     engine.kill().await;
-    assert_eq!(prepared(&env, &t).await?, 2, "a killed engine leaves them prepared");
+    assert_eq!(
+        prepared(&env, &t).await?,
+        2,
+        "a killed engine leaves them prepared"
+    );
 
-    let auditor = env.spawn("worker", &["--role", "auditor"], &[("PROVISIO_AUDITOR__INTERVAL_MS", "200")]).await?;
+    let auditor = env
+        .spawn(
+            "worker",
+            &["--role", "auditor"],
+            &[("PROVISIO_AUDITOR__INTERVAL_MS", "200")],
+        )
+        .await?;
     let pg = env.pg().await?;
     let mut status = String::new();
     for _ in 0..300 {
-        status = pg.query_one("SELECT status FROM transactions WHERE request_id = $1", &[&id]).await?.get(0);
+        status = pg
+            .query_one(
+                "SELECT status FROM transactions WHERE request_id = $1",
+                &[&id],
+            )
+            .await?
+            .get(0);
         if status == "rolled_back" {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(status, "rolled_back");
-    assert_eq!(prepared(&env, &t).await?, 0, "recovery left nothing prepared");
-    assert_eq!((count(&t.a, "kill").await?, count(&t.b, "kill").await?), (0, 0));
+    assert_eq!(
+        prepared(&env, &t).await?,
+        0,
+        "recovery left nothing prepared"
+    );
+    assert_eq!(
+        (count(&t.a, "kill").await?, count(&t.b, "kill").await?),
+        (0, 0)
+    );
     let (_, rec) = env.get_request(&qm, &id).await?;
     assert_eq!(rec["status"], "failed");
     assert_eq!(rec["error"]["code"], "engine_lost");
@@ -170,13 +248,25 @@ async fn a_panicking_provider_fails_the_step_rolls_back_and_the_engine_lives() -
     let (qm, engine) = tokio::try_join!(env.queue_manager(), env.engine())?;
     env.apply(&qm, "ledger", NS).await?;
     let mut outcomes = env.outcomes().await?;
-    let (_, body) = env.submit(&qm, &request("ledger", "panics", json!({"name": "pan"}))).await?;
-    let out = outcomes.wait_for(body["id"].as_str().unwrap_or_default()).await?;
+    let (_, body) = env
+        .submit(&qm, &request("ledger", "panics", json!({"name": "pan"})))
+        .await?;
+    let out = outcomes
+        .wait_for(body["id"].as_str().unwrap_or_default())
+        .await?;
     assert_eq!(out["status"], "failed");
     assert_eq!(out["error"]["code"], "provider_panic");
-    assert_eq!(count(&t.a, "pan").await?, 0, "the completed step was rolled back");
-    let (_, body) = env.submit(&qm, &request("ledger", "both", json!({"name": "after"}))).await?;
-    let out = outcomes.wait_for(body["id"].as_str().unwrap_or_default()).await?;
+    assert_eq!(
+        count(&t.a, "pan").await?,
+        0,
+        "the completed step was rolled back"
+    );
+    let (_, body) = env
+        .submit(&qm, &request("ledger", "both", json!({"name": "after"})))
+        .await?;
+    let out = outcomes
+        .wait_for(body["id"].as_str().unwrap_or_default())
+        .await?;
     assert_eq!(out["status"], "succeeded", "the same engine goes on");
     drop((qm, engine));
     env.cleanup().await;

@@ -146,9 +146,10 @@ async fn auditor(
     println!("listening on http://{addr}");
     let interval = Duration::from_millis(cfg.auditor.interval_ms);
     // The lock lives as long as this session: a dedicated connection, not a pooled one.
-    let (leader_conn, conn_task) = tokio_postgres::connect(cfg.database.url.expose(), tokio_postgres::NoTls)
-        .await
-        .context("connecting for leadership")?;
+    let (leader_conn, conn_task) =
+        tokio_postgres::connect(cfg.database.url.expose(), tokio_postgres::NoTls)
+            .await
+            .context("connecting for leadership")?;
     let conn_task = tokio::spawn(conn_task);
     let mut leading = false;
     while !stop.is_cancelled() {

@@ -71,7 +71,10 @@ impl Recovery {
         report.prepared_resolved = self.resolve_prepared().await?;
         let client = self.pool.get().await.context("database")?;
         let in_doubt: i64 = client
-            .query_one("SELECT count(*) FROM transactions WHERE status = 'in_doubt'", &[])
+            .query_one(
+                "SELECT count(*) FROM transactions WHERE status = 'in_doubt'",
+                &[],
+            )
             .await?
             .get(0);
         metrics::gauge!(provisio_shared::metrics::IN_DOUBT).set(in_doubt as f64);
@@ -89,19 +92,33 @@ impl Recovery {
                 &[&tx_id, &self.owner, &self.lease_seconds],
             )
             .await?;
-        let Some(row) = claimed else { return Ok(Resolved::NotMine) };
+        let Some(row) = claimed else {
+            return Ok(Resolved::NotMine);
+        };
         let (request_id, status): (String, String) = (row.get(0), row.get(1));
         tracing::warn!(%tx_id, %request_id, %status, "recovering a transaction whose engine stopped");
         if status == "committing" {
             // The decision was logged: finish the commit.
             let ok = self.commit_two_phase(tx_id).await;
-            let (tx_status, req_status) = if ok { ("committed", "succeeded") } else { ("in_doubt", "in_doubt") };
+            let (tx_status, req_status) = if ok {
+                ("committed", "succeeded")
+            } else {
+                ("in_doubt", "in_doubt")
+            };
             let error = (!ok).then(|| json!({"code": "commit_failed", "message": "recovery could not commit every participant"}));
-            self.finish(&request_id, tx_id, tx_status, req_status, error.as_ref()).await?;
-            return Ok(if ok { Resolved::Committed } else { Resolved::InDoubt });
+            self.finish(&request_id, tx_id, tx_status, req_status, error.as_ref())
+                .await?;
+            return Ok(if ok {
+                Resolved::Committed
+            } else {
+                Resolved::InDoubt
+            });
         }
         client
-            .execute("UPDATE transactions SET status = 'rolling_back' WHERE id = $1", &[&tx_id])
+            .execute(
+                "UPDATE transactions SET status = 'rolling_back' WHERE id = $1",
+                &[&tx_id],
+            )
             .await?;
         drop(client);
         let ok = self.roll_back_logged(tx_id).await? && self.abort_two_phase(tx_id).await;
@@ -110,10 +127,19 @@ impl Recovery {
         } else {
             json!({"code": "rollback_failed", "message": "recovery could not roll back every step; an operator must look"})
         };
-        let (tx_status, req_status) = if ok { ("rolled_back", "failed") } else { ("in_doubt", "in_doubt") };
-        self.finish(&request_id, tx_id, tx_status, req_status, Some(&error)).await?;
+        let (tx_status, req_status) = if ok {
+            ("rolled_back", "failed")
+        } else {
+            ("in_doubt", "in_doubt")
+        };
+        self.finish(&request_id, tx_id, tx_status, req_status, Some(&error))
+            .await?;
         metrics::counter!(provisio_shared::metrics::ROLLBACKS, "namespace" => "recovery", "procedure" => "recovery").increment(1);
-        Ok(if ok { Resolved::RolledBack } else { Resolved::InDoubt })
+        Ok(if ok {
+            Resolved::RolledBack
+        } else {
+            Resolved::InDoubt
+        })
     }
 
     /// Rolls back logged executes that have no logged rollback yet, newest first, logging each.
@@ -125,7 +151,9 @@ impl Recovery {
         let mut next_seq = rows.iter().map(|r| r.get::<_, i32>(0)).max().unwrap_or(0) + 1;
         let done: Vec<String> = rows
             .iter()
-            .filter(|r| r.get::<_, String>(1) == "rollback" && r.get::<_, Option<Value>>(6).is_none())
+            .filter(|r| {
+                r.get::<_, String>(1) == "rollback" && r.get::<_, Option<Value>>(6).is_none()
+            })
             .map(|r| r.get(2))
             .collect();
         let todo: Vec<_> = rows
@@ -136,7 +164,12 @@ impl Recovery {
             .filter_map(|r| {
                 let data: Option<Value> = r.get(5);
                 let data = data.filter(|d| d.get("two_phase").is_none())?;
-                Some((r.get::<_, String>(2), r.get::<_, Option<String>>(3)?, r.get::<_, Option<String>>(4).unwrap_or_default(), data))
+                Some((
+                    r.get::<_, String>(2),
+                    r.get::<_, Option<String>>(3)?,
+                    r.get::<_, Option<String>>(4).unwrap_or_default(),
+                    data,
+                ))
             })
             .collect();
         for (path, provider_name, action, data) in todo {
@@ -144,13 +177,25 @@ impl Recovery {
                 tracing::error!(%tx_id, provider = %provider_name, "cannot roll back: provider not configured here");
                 return Ok(false);
             };
-            let rb = Rollback { tx_id, idempotency_key: format!("{tx_id}:{path}"), step_path: path.clone(), action: action.clone(), data: data.clone() };
-            let r: Result<(), ProviderError> = retry(&Backoff::attempts(5, Duration::from_millis(100), Duration::from_secs(2)), |_| {
-                let (p, rb) = (provider.clone(), &rb);
-                async move { p.rollback(rb).await.map_err(Attempt::Retry) }
-            })
+            let rb = Rollback {
+                tx_id,
+                idempotency_key: format!("{tx_id}:{path}"),
+                step_path: path.clone(),
+                action: action.clone(),
+                data: data.clone(),
+            };
+            let r: Result<(), ProviderError> = retry(
+                &Backoff::attempts(5, Duration::from_millis(100), Duration::from_secs(2)),
+                |_| {
+                    let (p, rb) = (provider.clone(), &rb);
+                    async move { p.rollback(rb).await.map_err(Attempt::Retry) }
+                },
+            )
             .await;
-            let error = r.as_ref().err().map(|e| json!({"code": e.code, "message": e.message}));
+            let error = r
+                .as_ref()
+                .err()
+                .map(|e| json!({"code": e.code, "message": e.message}));
             client
                 .execute(
                     "INSERT INTO tx_steps (tx_id, seq, kind, path, provider, action, input, error) VALUES ($1, $2, 'rollback', $3, $4, $5, $6, $7)",
@@ -185,7 +230,14 @@ impl Recovery {
         }
     }
 
-    async fn finish(&self, request_id: &str, tx_id: Uuid, tx_status: &str, req_status: &str, error: Option<&Value>) -> anyhow::Result<()> {
+    async fn finish(
+        &self,
+        request_id: &str,
+        tx_id: Uuid,
+        tx_status: &str,
+        req_status: &str,
+        error: Option<&Value>,
+    ) -> anyhow::Result<()> {
         let mut client = self.pool.get().await.context("database")?;
         let t = client.transaction().await?;
         t.execute(
@@ -225,10 +277,14 @@ impl Recovery {
                     let status: String = r.get(0);
                     let live: Option<bool> = r.get(1);
                     let code: Option<String> = r.get(2);
-                    if matches!(status.as_str(), "running" | "prepared" | "committing") && live == Some(true) {
+                    if matches!(status.as_str(), "running" | "prepared" | "committing")
+                        && live == Some(true)
+                    {
                         continue; // its engine is alive and will finish it
                     }
-                    status == "committing" || status == "committed" || (status == "in_doubt" && code.as_deref() == Some("commit_failed"))
+                    status == "committing"
+                        || status == "committed"
+                        || (status == "in_doubt" && code.as_deref() == Some("commit_failed"))
                 }
                 // A prepared transaction with no log row was never decided: roll it back.
                 None => false,

@@ -76,7 +76,10 @@ pub enum Record {
     Begin(Begin),
     Step(StepRecord),
     /// A transaction's status changes (two-phase: `prepared`, then the decision `committing`).
-    Status { tx_id: Uuid, status: &'static str },
+    Status {
+        tx_id: Uuid,
+        status: &'static str,
+    },
     Finish(Finish),
 }
 
@@ -227,8 +230,15 @@ async fn write_together(pool: &Pool, records: &[&Record]) -> Result<Vec<Reply>, 
     // Statements of different records are independent: issue them all at once so that
     // tokio-postgres pipelines them on the one connection.
     let work = records.iter().map(|r| {
-        let (tx, begin_req, begin_tx, step, fin_tx, fin_req, set_status) =
-            (&tx, &begin_req, &begin_tx, &step, &fin_tx, &fin_req, &set_status);
+        let (tx, begin_req, begin_tx, step, fin_tx, fin_req, set_status) = (
+            &tx,
+            &begin_req,
+            &begin_tx,
+            &step,
+            &fin_tx,
+            &fin_req,
+            &set_status,
+        );
         async move {
             match r {
                 Record::Begin(b) => Ok(match open(tx, begin_req, begin_tx, b, "running").await? {

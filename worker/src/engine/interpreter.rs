@@ -494,13 +494,21 @@ impl<'a> Run<'a> {
         }
         let participants: Vec<String> = self.participants.iter().cloned().collect();
         for name in &participants {
-            let Some(p) = self.registry.get(name).cloned() else { continue };
+            let Some(p) = self.registry.get(name).cloned() else {
+                continue;
+            };
             if let Err(e) = p.prepare(self.tx_id).await {
-                return Err((Failure::new("prepare_failed", format!("{name}: {e}"), "prepare"), false));
+                return Err((
+                    Failure::new("prepare_failed", format!("{name}: {e}"), "prepare"),
+                    false,
+                ));
             }
         }
         self.txlog
-            .write(Record::Status { tx_id: self.tx_id, status: "prepared" })
+            .write(Record::Status {
+                tx_id: self.tx_id,
+                status: "prepared",
+            })
             .await
             .map_err(|e| (Failure::from(e), false))?;
         if let Some(pause) = self.pause_after_prepare {
@@ -509,12 +517,21 @@ impl<'a> Run<'a> {
         }
         // The decision. Once durable, every participant must commit, whatever happens.
         self.txlog
-            .write(Record::Status { tx_id: self.tx_id, status: "committing" })
+            .write(Record::Status {
+                tx_id: self.tx_id,
+                status: "committing",
+            })
             .await
             .map_err(|e| (Failure::from(e), false))?;
         for name in &participants {
-            let Some(p) = self.registry.get(name).cloned() else { continue };
-            let policy = provisio_shared::retry::Backoff::attempts(5, Duration::from_millis(50), Duration::from_secs(2));
+            let Some(p) = self.registry.get(name).cloned() else {
+                continue;
+            };
+            let policy = provisio_shared::retry::Backoff::attempts(
+                5,
+                Duration::from_millis(50),
+                Duration::from_secs(2),
+            );
             let r = retry(&policy, |_| {
                 let p = p.clone();
                 let tx = self.tx_id;
@@ -522,7 +539,10 @@ impl<'a> Run<'a> {
             })
             .await;
             if let Err(e) = r {
-                return Err((Failure::new("commit_failed", format!("{name}: {e}"), "commit"), true));
+                return Err((
+                    Failure::new("commit_failed", format!("{name}: {e}"), "commit"),
+                    true,
+                ));
             }
         }
         Ok(())
@@ -532,12 +552,15 @@ impl<'a> Run<'a> {
     async fn abort_participants(&mut self) -> bool {
         let mut ok = true;
         for name in std::mem::take(&mut self.participants) {
-            let Some(p) = self.registry.get(&name).cloned() else { continue };
+            let Some(p) = self.registry.get(&name).cloned() else {
+                continue;
+            };
             if let Err(e) = p.abort(self.tx_id).await {
                 tracing::error!(provider = %name, error = %e, "two-phase abort failed");
                 ok = false;
             } else {
-                self.summary.push(json!({"path": format!("abort:{name}"), "status": "rolled_back"}));
+                self.summary
+                    .push(json!({"path": format!("abort:{name}"), "status": "rolled_back"}));
             }
         }
         ok
@@ -663,7 +686,8 @@ impl<'a> Run<'a> {
                         error: None,
                     });
                     // Two-phase participants are undone by `abort`, not call by call.
-                    let held_open = self.model == TxModel::TwoPhase && provider.supports_two_phase();
+                    let held_open =
+                        self.model == TxModel::TwoPhase && provider.supports_two_phase();
                     if let (false, Some(data)) = (held_open, &executed.rollback) {
                         self.completed.push(Completed {
                             path: path.to_owned(),

@@ -228,7 +228,9 @@ impl Engine {
         detail: &str,
     ) -> Disposition {
         tracing::warn!(reason, detail, "dead-lettering a message");
-        let mut headers = FieldTable::default();
+        // Keep the producer's headers (the queue manager's signature among them), so that an
+        // operator can replay the message as it was.
+        let mut headers = props.headers().clone().unwrap_or_default();
         headers.insert("x-provisio-reason".into(), long_str(reason));
         headers.insert("x-provisio-error".into(), long_str(detail));
         headers.insert("x-provisio-engine".into(), long_str(&self.engine_id));

@@ -48,7 +48,11 @@ impl DirectoryProvider {
         let mut client = self.pool.get().await.map_err(|e| pool_error(&e))?;
         let tx = client.transaction().await.map_err(|e| db_error(&e))?;
         if let Some(done) = claim(&tx, key).await? {
-            tracing::debug!(key, action = %call.action, "directory: repeated call, answering from the record");
+            tracing::debug!(
+                key,
+                action = %call.action,
+                "directory: repeated call, answering from the record"
+            );
             return replay(&call.action, &done);
         }
         let executed = match op {
@@ -94,7 +98,11 @@ impl DirectoryProvider {
             .await
             .map_err(|e| db_error(&e))?;
         if fresh == 0 {
-            tracing::debug!(key = %rb.idempotency_key, action = %rb.action, "directory: already rolled back");
+            tracing::debug!(
+                key = %rb.idempotency_key,
+                action = %rb.action,
+                "directory: already rolled back"
+            );
             return Ok(());
         }
         match undo {
@@ -284,7 +292,11 @@ impl Snapshot {
                 "created_at": self.created_at.to_rfc3339_opts(SecondsFormat::Micros, true),
             },
             "aliases": self.aliases,
-            "groups": self.groups.iter().map(|(id, name)| json!({"id": id, "name": name})).collect::<Vec<_>>(),
+            "groups": self
+                .groups
+                .iter()
+                .map(|(id, name)| json!({"id": id, "name": name}))
+                .collect::<Vec<_>>(),
         })
     }
 
@@ -478,7 +490,12 @@ fn name(
 // ------------------------------------------------------------------------------------ database
 
 fn db_error(e: &tokio_postgres::Error) -> ProviderError {
-    ProviderError::retryable("unavailable", format!("directory database: {e}"))
+    // `Display` of a server error is just "db error": show its code and message.
+    let detail = e.as_db_error().map_or_else(
+        || e.to_string(),
+        |d| format!("{} ({})", d.message(), d.code().code()),
+    );
+    ProviderError::retryable("unavailable", format!("directory database: {detail}"))
 }
 
 fn pool_error(e: &deadpool_postgres::PoolError) -> ProviderError {

@@ -35,8 +35,15 @@ fn transport(e: &reqwest::Error) -> ProviderError {
 
 /// Paths are appended to the configured base URL; they may not smuggle in another host.
 fn check_path(path: &str) -> Result<(), ProviderError> {
-    if !path.starts_with('/') || path.starts_with("//") || path.contains("://") || path.split('/').any(|s| s == "..") || path.chars().any(char::is_control) {
-        return Err(invalid(format!("path `{path}` must be an absolute path on the service (no host, no `..`)")));
+    if !path.starts_with('/')
+        || path.starts_with("//")
+        || path.contains("://")
+        || path.split('/').any(|s| s == "..")
+        || path.chars().any(char::is_control)
+    {
+        return Err(invalid(format!(
+            "path `{path}` must be an absolute path on the service (no host, no `..`)"
+        )));
     }
     Ok(())
 }
@@ -63,7 +70,9 @@ fn fill(template: &Value, body: &Value) -> Value {
             Value::String(out)
         }
         Value::Array(a) => Value::Array(a.iter().map(|v| fill(v, body)).collect()),
-        Value::Object(o) => Value::Object(o.iter().map(|(k, v)| (k.clone(), fill(v, body))).collect()),
+        Value::Object(o) => {
+            Value::Object(o.iter().map(|(k, v)| (k.clone(), fill(v, body))).collect())
+        }
         other => other.clone(),
     }
 }
@@ -81,21 +90,41 @@ struct Request {
 }
 
 fn request_of(v: &Value, what: &str) -> Result<Request, ProviderError> {
-    let service = v.get("service").and_then(Value::as_str).ok_or_else(|| invalid(format!("{what}: `service` (a configured service name) is required")))?;
+    let service = v.get("service").and_then(Value::as_str).ok_or_else(|| {
+        invalid(format!(
+            "{what}: `service` (a configured service name) is required"
+        ))
+    })?;
     let path = v.get("path").and_then(Value::as_str).unwrap_or("/");
     check_path(path)?;
-    let method = v.get("method").and_then(Value::as_str).unwrap_or("POST").to_ascii_uppercase();
-    let method = reqwest::Method::from_bytes(method.as_bytes()).map_err(|_| invalid(format!("{what}: bad method `{method}`")))?;
-    Ok(Request { service: service.to_owned(), method, path: path.to_owned(), body: v.get("body").cloned() })
+    let method = v
+        .get("method")
+        .and_then(Value::as_str)
+        .unwrap_or("POST")
+        .to_ascii_uppercase();
+    let method = reqwest::Method::from_bytes(method.as_bytes())
+        .map_err(|_| invalid(format!("{what}: bad method `{method}`")))?;
+    Ok(Request {
+        service: service.to_owned(),
+        method,
+        path: path.to_owned(),
+        body: v.get("body").cloned(),
+    })
 }
 
 impl HttpProvider {
     pub fn new(services: HashMap<String, HttpService>) -> Self {
-        Self { client: reqwest::Client::new(), services }
+        Self {
+            client: reqwest::Client::new(),
+            services,
+        }
     }
 
     async fn send(&self, req: &Request, key: &str) -> Result<Value, ProviderError> {
-        let svc = self.services.get(&req.service).ok_or_else(|| invalid(format!("no http service `{}` is configured", req.service)))?;
+        let svc = self
+            .services
+            .get(&req.service)
+            .ok_or_else(|| invalid(format!("no http service `{}` is configured", req.service)))?;
         let url = format!("{}{}", svc.base_url.trim_end_matches('/'), req.path);
         let mut rb = self
             .client
@@ -114,15 +143,24 @@ impl HttpProvider {
         if status.is_success() {
             Ok(json!({"status": status.as_u16(), "body": body}))
         } else if status.is_server_error() || status.as_u16() == 429 || status.as_u16() == 408 {
-            Err(ProviderError::retryable(format!("http_{}", status.as_u16()), format!("{} answered {status}: {body}", req.service)))
+            Err(ProviderError::retryable(
+                format!("http_{}", status.as_u16()),
+                format!("{} answered {status}: {body}", req.service),
+            ))
         } else {
-            Err(ProviderError::permanent(format!("http_{}", status.as_u16()), format!("{} answered {status}: {body}", req.service)))
+            Err(ProviderError::permanent(
+                format!("http_{}", status.as_u16()),
+                format!("{} answered {status}: {body}", req.service),
+            ))
         }
     }
 
     async fn execute_call(&self, call: &Call) -> Result<Executed, ProviderError> {
         if call.action != "request" {
-            return Err(ProviderError::permanent("unknown_action", format!("http has no action `{}`", call.action)));
+            return Err(ProviderError::permanent(
+                "unknown_action",
+                format!("http has no action `{}`", call.action),
+            ));
         }
         let req = request_of(&call.input, "input")?;
         // Validate the compensating call now, not when it is needed.
@@ -145,7 +183,10 @@ impl HttpProvider {
 
     async fn rollback_call(&self, rb: &Rollback) -> Result<(), ProviderError> {
         let req = request_of(&rb.data, "compensate")?;
-        match self.send(&req, &format!("{}:rollback", rb.idempotency_key)).await {
+        match self
+            .send(&req, &format!("{}:rollback", rb.idempotency_key))
+            .await
+        {
             Ok(_) => Ok(()),
             // Already undone (or never there) counts as undone.
             Err(e) if e.code == "http_404" || e.code == "http_410" => Ok(()),
@@ -175,12 +216,21 @@ pub struct RemoteProvider {
 
 impl RemoteProvider {
     pub fn new(name: String, cfg: RemoteProviderConfig) -> Self {
-        Self { name, cfg, client: reqwest::Client::new() }
+        Self {
+            name,
+            cfg,
+            client: reqwest::Client::new(),
+        }
     }
 
     async fn post(&self, path: &str, body: &Value, key: &str) -> Result<Value, ProviderError> {
         let url = format!("{}{path}", self.cfg.base_url.trim_end_matches('/'));
-        let mut rb = self.client.post(&url).timeout(Duration::from_millis(self.cfg.timeout_ms)).header("Idempotency-Key", key).json(body);
+        let mut rb = self
+            .client
+            .post(&url)
+            .timeout(Duration::from_millis(self.cfg.timeout_ms))
+            .header("Idempotency-Key", key)
+            .json(body);
         if !self.cfg.token.is_empty() {
             rb = rb.bearer_auth(self.cfg.token.expose());
         }
@@ -192,10 +242,23 @@ impl RemoteProvider {
         }
         // The documented error body wins; otherwise 5xx may pass and 4xx will not.
         let err = body.get("error");
-        let code = err.and_then(|e| e.get("code")).and_then(Value::as_str).map_or_else(|| format!("http_{}", status.as_u16()), str::to_owned);
-        let message = err.and_then(|e| e.get("message")).and_then(Value::as_str).map_or_else(|| format!("{} answered {status}", self.name), str::to_owned);
-        let retryable = err.and_then(|e| e.get("retryable")).and_then(Value::as_bool).unwrap_or(status.is_server_error());
-        Err(ProviderError { code, message, retryable })
+        let code = err
+            .and_then(|e| e.get("code"))
+            .and_then(Value::as_str)
+            .map_or_else(|| format!("http_{}", status.as_u16()), str::to_owned);
+        let message = err
+            .and_then(|e| e.get("message"))
+            .and_then(Value::as_str)
+            .map_or_else(|| format!("{} answered {status}", self.name), str::to_owned);
+        let retryable = err
+            .and_then(|e| e.get("retryable"))
+            .and_then(Value::as_bool)
+            .unwrap_or(status.is_server_error());
+        Err(ProviderError {
+            code,
+            message,
+            retryable,
+        })
     }
 }
 
@@ -215,7 +278,10 @@ impl Provider for RemoteProvider {
             }
             let answer = self.post("/execute", &body, &call.idempotency_key).await?;
             let Some(obj) = answer.as_object() else {
-                return Err(ProviderError::permanent("bad_answer", format!("{} did not answer with a JSON object", self.name)));
+                return Err(ProviderError::permanent(
+                    "bad_answer",
+                    format!("{} did not answer with a JSON object", self.name),
+                ));
             };
             Ok(Executed {
                 output: obj.get("output").cloned().unwrap_or(Value::Null),
@@ -226,7 +292,9 @@ impl Provider for RemoteProvider {
     fn rollback<'a>(&'a self, rb: &'a Rollback) -> BoxFuture<'a, Result<(), ProviderError>> {
         Box::pin(async move {
             let body = json!({"tx_id": rb.tx_id, "idempotency_key": rb.idempotency_key, "step_path": rb.step_path, "action": rb.action, "data": rb.data});
-            self.post("/rollback", &body, &rb.idempotency_key).await.map(|_| ())
+            self.post("/rollback", &body, &rb.idempotency_key)
+                .await
+                .map(|_| ())
         })
     }
 }
@@ -239,13 +307,22 @@ mod tests {
     fn compensating_calls_can_use_the_answer() {
         let c = json!({"method": "DELETE", "path": "/accounts/{response.id}", "body": {"n": "{response.n}"}});
         let filled = fill(&c, &json!({"id": "a1", "n": 3}));
-        assert_eq!(filled, json!({"method": "DELETE", "path": "/accounts/a1", "body": {"n": "3"}}));
+        assert_eq!(
+            filled,
+            json!({"method": "DELETE", "path": "/accounts/a1", "body": {"n": "3"}})
+        );
     }
 
     #[test]
     fn paths_cannot_change_the_host() {
         assert!(check_path("/users/1").is_ok());
-        for bad in ["users", "//evil.example/x", "/a/../b", "/x?u=http://e", "/a\nb"] {
+        for bad in [
+            "users",
+            "//evil.example/x",
+            "/a/../b",
+            "/x?u=http://e",
+            "/a\nb",
+        ] {
             assert!(check_path(bad).is_err(), "{bad}");
         }
     }

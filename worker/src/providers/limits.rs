@@ -21,7 +21,8 @@ impl Bucket {
     /// Takes a token, or says how long until one is there.
     fn take(&mut self) -> Option<Duration> {
         let now = Instant::now();
-        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(self.rate.max(1.0));
+        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate)
+            .min(self.rate.max(1.0));
         self.at = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
@@ -46,7 +47,13 @@ impl Limited {
         Arc::new(Self {
             inner,
             concurrency: (limits.concurrency > 0).then(|| Semaphore::new(limits.concurrency)),
-            bucket: (limits.rate_per_second > 0.0).then(|| Mutex::new(Bucket { rate: limits.rate_per_second, tokens: limits.rate_per_second.max(1.0), at: Instant::now() })),
+            bucket: (limits.rate_per_second > 0.0).then(|| {
+                Mutex::new(Bucket {
+                    rate: limits.rate_per_second,
+                    tokens: limits.rate_per_second.max(1.0),
+                    at: Instant::now(),
+                })
+            }),
         })
     }
 
@@ -59,13 +66,15 @@ impl Limited {
                 match wait {
                     None => break,
                     Some(d) => {
-                        metrics::counter!(m::PROVIDER_THROTTLED, "provider" => name.clone()).increment(1);
+                        metrics::counter!(m::PROVIDER_THROTTLED, "provider" => name.clone())
+                            .increment(1);
                         tokio::time::sleep(d).await;
                     }
                 }
             }
         }
-        metrics::histogram!(m::PROVIDER_WAIT, "provider" => name).record(started.elapsed().as_secs_f64());
+        metrics::histogram!(m::PROVIDER_WAIT, "provider" => name)
+            .record(started.elapsed().as_secs_f64());
     }
 }
 
@@ -76,11 +85,14 @@ impl Provider for Limited {
     fn execute<'a>(&'a self, call: &'a Call) -> BoxFuture<'a, Result<Executed, ProviderError>> {
         Box::pin(async move {
             let _permit = match &self.concurrency {
-                Some(s) => Some(s.acquire().await.map_err(|_| ProviderError::retryable("unavailable", "provider is shutting down"))?),
+                Some(s) => Some(s.acquire().await.map_err(|_| {
+                    ProviderError::retryable("unavailable", "provider is shutting down")
+                })?),
                 None => None,
             };
             self.admit().await;
-            let gauge = metrics::gauge!(m::PROVIDER_INFLIGHT, "provider" => self.inner.name().to_owned());
+            let gauge =
+                metrics::gauge!(m::PROVIDER_INFLIGHT, "provider" => self.inner.name().to_owned());
             gauge.increment(1.0);
             let r = self.inner.execute(call).await;
             gauge.decrement(1.0);
@@ -122,14 +134,20 @@ mod tests {
         fn name(&self) -> &str {
             "gauge"
         }
-        fn execute<'a>(&'a self, _call: &'a Call) -> BoxFuture<'a, Result<Executed, ProviderError>> {
+        fn execute<'a>(
+            &'a self,
+            _call: &'a Call,
+        ) -> BoxFuture<'a, Result<Executed, ProviderError>> {
             Box::pin(async move {
                 let n = self.now.fetch_add(1, Ordering::SeqCst) + 1;
                 self.max.fetch_max(n, Ordering::SeqCst);
                 tokio::task::yield_now().await;
                 tokio::time::sleep(Duration::from_millis(5)).await;
                 self.now.fetch_sub(1, Ordering::SeqCst);
-                Ok(Executed { output: serde_json::Value::Null, rollback: None })
+                Ok(Executed {
+                    output: serde_json::Value::Null,
+                    rollback: None,
+                })
             })
         }
     }
@@ -150,7 +168,13 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn concurrency_limit_bounds_calls_in_flight() {
         let inner = Arc::new(Gauge::default());
-        let limited = Limited::wrap(inner.clone(), &ProviderLimits { concurrency: 3, rate_per_second: 0.0 });
+        let limited = Limited::wrap(
+            inner.clone(),
+            &ProviderLimits {
+                concurrency: 3,
+                rate_per_second: 0.0,
+            },
+        );
         let calls: Vec<_> = (0..20)
             .map(|_| {
                 let p = limited.clone();
@@ -172,7 +196,11 @@ mod tests {
 
     #[test]
     fn bucket_allows_its_rate_then_makes_callers_wait() {
-        let mut b = Bucket { rate: 2.0, tokens: 2.0, at: Instant::now() };
+        let mut b = Bucket {
+            rate: 2.0,
+            tokens: 2.0,
+            at: Instant::now(),
+        };
         assert!(b.take().is_none());
         assert!(b.take().is_none());
         let wait = b.take().expect("must wait");

@@ -29,12 +29,16 @@ pub enum BuildError {
 
 /// Builds the registry: `test` only when enabled, `sql` when targets are configured, `http`
 /// always (it refuses services that are not configured), remote providers by configuration.
-pub fn build(cfg: &provisio_shared::config::Config, pool: &deadpool_postgres::Pool) -> Result<Built, BuildError> {
+pub fn build(
+    cfg: &provisio_shared::config::Config,
+    pool: &deadpool_postgres::Pool,
+) -> Result<Built, BuildError> {
     use std::str::FromStr;
     let mut providers: Vec<Arc<dyn Provider>> = Vec::new();
     extra_providers(pool, &mut providers);
     if cfg.providers.test.enabled {
-        let mut pg = tokio_postgres::Config::from_str(cfg.database.url.expose()).map_err(|e| BuildError::Pool(e.to_string()))?;
+        let mut pg = tokio_postgres::Config::from_str(cfg.database.url.expose())
+            .map_err(|e| BuildError::Pool(e.to_string()))?;
         pg.options("-c synchronous_commit=off");
         let mgr = deadpool_postgres::Manager::new(pg, tokio_postgres::NoTls);
         let test_pool = deadpool_postgres::Pool::builder(mgr)
@@ -45,14 +49,20 @@ pub fn build(cfg: &provisio_shared::config::Config, pool: &deadpool_postgres::Po
     }
     let mut targets = HashMap::new();
     for (name, t) in &cfg.providers.sql.targets {
-        let p = provisio_shared::db::pool(&t.url, t.pool_size.unwrap_or(8)).map_err(|e| BuildError::SqlTarget(name.clone(), e.to_string()))?;
+        let p = provisio_shared::db::pool(&t.url, t.pool_size.unwrap_or(8))
+            .map_err(|e| BuildError::SqlTarget(name.clone(), e.to_string()))?;
         targets.insert(name.clone(), p);
     }
     let sql = Arc::new(sql::SqlProvider::new(targets));
     providers.push(sql.clone());
-    providers.push(Arc::new(http::HttpProvider::new(cfg.providers.http.services.clone().into_iter().collect())));
+    providers.push(Arc::new(http::HttpProvider::new(
+        cfg.providers.http.services.clone().into_iter().collect(),
+    )));
     for (name, remote) in &cfg.providers.remote {
-        providers.push(Arc::new(http::RemoteProvider::new(name.clone(), remote.clone())));
+        providers.push(Arc::new(http::RemoteProvider::new(
+            name.clone(),
+            remote.clone(),
+        )));
     }
     let mut registry = Registry::default();
     for p in providers {
@@ -62,7 +72,10 @@ pub fn build(cfg: &provisio_shared::config::Config, pool: &deadpool_postgres::Po
         };
         registry.register(limited);
     }
-    Ok(Built { registry, sql: Some(sql) })
+    Ok(Built {
+        registry,
+        sql: Some(sql),
+    })
 }
 
 /// Providers backed by the configuration database's own schemas.

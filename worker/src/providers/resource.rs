@@ -291,7 +291,11 @@ impl ResourceProvider {
             .await
             .map_err(|e| db_error(&e))?;
         if fresh == 0 {
-            tracing::debug!(key = %rb.idempotency_key, action = %rb.action, "resource: already rolled back");
+            tracing::debug!(
+                key = %rb.idempotency_key,
+                action = %rb.action,
+                "resource: already rolled back"
+            );
             return Ok(());
         }
         if reallocate {
@@ -523,7 +527,12 @@ fn name(m: &Map<String, Value>, field: &str, what: &str) -> Result<String, Provi
 // ------------------------------------------------------------------------------------ database
 
 fn db_error(e: &tokio_postgres::Error) -> ProviderError {
-    ProviderError::retryable("unavailable", format!("resource database: {e}"))
+    // `Display` of a server error is just "db error": show its code and message.
+    let detail = e.as_db_error().map_or_else(
+        || e.to_string(),
+        |d| format!("{} ({})", d.message(), d.code().code()),
+    );
+    ProviderError::retryable("unavailable", format!("resource database: {detail}"))
 }
 
 fn pool_error(e: &deadpool_postgres::PoolError) -> ProviderError {

@@ -46,7 +46,11 @@ fn invalid(msg: impl Into<String>) -> ProviderError {
 fn db_error(e: &tokio_postgres::Error) -> ProviderError {
     match e.code() {
         // Constraint violations, syntax errors, …: trying again cannot help.
-        Some(code) if !code.code().starts_with("08") && !code.code().starts_with("40") && !code.code().starts_with("57") => {
+        Some(code)
+            if !code.code().starts_with("08")
+                && !code.code().starts_with("40")
+                && !code.code().starts_with("57") =>
+        {
             ProviderError::permanent(format!("sql_{}", code.code()), e.to_string())
         }
         _ => ProviderError::retryable("unavailable", e.to_string()),
@@ -56,24 +60,54 @@ fn db_error(e: &tokio_postgres::Error) -> ProviderError {
 fn param(ty: &Type, v: &Value) -> Result<Box<dyn ToSql + Sync + Send>, ProviderError> {
     let mismatch = || invalid(format!("parameter {v} does not fit type {ty}"));
     Ok(match *ty {
-        Type::BOOL => Box::new(if v.is_null() { None } else { Some(v.as_bool().ok_or_else(mismatch)?) }),
-        Type::INT2 => Box::new(if v.is_null() { None } else { Some(i16::try_from(v.as_i64().ok_or_else(mismatch)?).map_err(|_| mismatch())?) }),
-        Type::INT4 => Box::new(if v.is_null() { None } else { Some(i32::try_from(v.as_i64().ok_or_else(mismatch)?).map_err(|_| mismatch())?) }),
-        Type::INT8 => Box::new(if v.is_null() { None } else { Some(v.as_i64().ok_or_else(mismatch)?) }),
-        Type::FLOAT4 => Box::new(if v.is_null() { None } else { Some(v.as_f64().ok_or_else(mismatch)? as f32) }),
-        Type::FLOAT8 => Box::new(if v.is_null() { None } else { Some(v.as_f64().ok_or_else(mismatch)?) }),
-        Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME | Type::UNKNOWN => Box::new(match v {
-            Value::Null => None,
-            Value::String(s) => Some(s.clone()),
-            other => Some(other.to_string()),
+        Type::BOOL => Box::new(if v.is_null() {
+            None
+        } else {
+            Some(v.as_bool().ok_or_else(mismatch)?)
         }),
+        Type::INT2 => Box::new(if v.is_null() {
+            None
+        } else {
+            Some(i16::try_from(v.as_i64().ok_or_else(mismatch)?).map_err(|_| mismatch())?)
+        }),
+        Type::INT4 => Box::new(if v.is_null() {
+            None
+        } else {
+            Some(i32::try_from(v.as_i64().ok_or_else(mismatch)?).map_err(|_| mismatch())?)
+        }),
+        Type::INT8 => Box::new(if v.is_null() {
+            None
+        } else {
+            Some(v.as_i64().ok_or_else(mismatch)?)
+        }),
+        Type::FLOAT4 => Box::new(if v.is_null() {
+            None
+        } else {
+            Some(v.as_f64().ok_or_else(mismatch)? as f32)
+        }),
+        Type::FLOAT8 => Box::new(if v.is_null() {
+            None
+        } else {
+            Some(v.as_f64().ok_or_else(mismatch)?)
+        }),
+        Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME | Type::UNKNOWN => {
+            Box::new(match v {
+                Value::Null => None,
+                Value::String(s) => Some(s.clone()),
+                other => Some(other.to_string()),
+            })
+        }
         Type::JSON | Type::JSONB => Box::new(v.clone()),
         Type::UUID => Box::new(if v.is_null() {
             None
         } else {
             Some(Uuid::parse_str(v.as_str().ok_or_else(mismatch)?).map_err(|_| mismatch())?)
         }),
-        _ => return Err(invalid(format!("parameter type {ty} is not supported; cast it to text in the statement"))),
+        _ => {
+            return Err(invalid(format!(
+                "parameter type {ty} is not supported; cast it to text in the statement"
+            )));
+        }
     })
 }
 
@@ -84,44 +118,83 @@ struct Statement {
 }
 
 fn statement(v: &Value, what: &str) -> Result<Statement, ProviderError> {
-    let target = v.get("target").and_then(Value::as_str).ok_or_else(|| invalid(format!("{what}: `target` (a configured target name) is required")))?;
-    let sql = v.get("sql").and_then(Value::as_str).ok_or_else(|| invalid(format!("{what}: `sql` is required")))?;
+    let target = v.get("target").and_then(Value::as_str).ok_or_else(|| {
+        invalid(format!(
+            "{what}: `target` (a configured target name) is required"
+        ))
+    })?;
+    let sql = v
+        .get("sql")
+        .and_then(Value::as_str)
+        .ok_or_else(|| invalid(format!("{what}: `sql` is required")))?;
     let params = match v.get("params") {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::Array(a)) => a.clone(),
         Some(_) => return Err(invalid(format!("{what}: `params` must be an array"))),
     };
-    Ok(Statement { target: target.to_owned(), sql: sql.to_owned(), params })
+    Ok(Statement {
+        target: target.to_owned(),
+        sql: sql.to_owned(),
+        params,
+    })
 }
 
 /// Runs one statement on `client`; rows come back as JSON objects.
-async fn run(client: &tokio_postgres::Client, st: &Statement, rows_wanted: bool) -> Result<Value, ProviderError> {
+async fn run(
+    client: &tokio_postgres::Client,
+    st: &Statement,
+    rows_wanted: bool,
+) -> Result<Value, ProviderError> {
     let returns_rows = rows_wanted || st.sql.to_ascii_lowercase().contains("returning");
     let text = if returns_rows {
-        format!("WITH provisio_rows AS ({}) SELECT coalesce(json_agg(provisio_rows), '[]'::json) FROM provisio_rows", st.sql)
+        format!(
+            "WITH provisio_rows AS ({}) SELECT coalesce(json_agg(provisio_rows), '[]'::json) FROM provisio_rows",
+            st.sql
+        )
     } else {
         st.sql.clone()
     };
     let prepared = client.prepare(&text).await.map_err(|e| db_error(&e))?;
     if prepared.params().len() != st.params.len() {
-        return Err(invalid(format!("the statement takes {} parameters, {} given", prepared.params().len(), st.params.len())));
+        return Err(invalid(format!(
+            "the statement takes {} parameters, {} given",
+            prepared.params().len(),
+            st.params.len()
+        )));
     }
-    let boxed: Vec<Box<dyn ToSql + Sync + Send>> = prepared.params().iter().zip(&st.params).map(|(t, v)| param(t, v)).collect::<Result<_, _>>()?;
-    let refs: Vec<&(dyn ToSql + Sync)> = boxed.iter().map(|b| b.as_ref() as &(dyn ToSql + Sync)).collect();
+    let boxed: Vec<Box<dyn ToSql + Sync + Send>> = prepared
+        .params()
+        .iter()
+        .zip(&st.params)
+        .map(|(t, v)| param(t, v))
+        .collect::<Result<_, _>>()?;
+    let refs: Vec<&(dyn ToSql + Sync)> = boxed
+        .iter()
+        .map(|b| b.as_ref() as &(dyn ToSql + Sync))
+        .collect();
     if returns_rows {
-        let row = client.query_one(&prepared, &refs).await.map_err(|e| db_error(&e))?;
+        let row = client
+            .query_one(&prepared, &refs)
+            .await
+            .map_err(|e| db_error(&e))?;
         let rows: Value = row.get(0);
         let n = rows.as_array().map_or(0, Vec::len);
         Ok(json!({"rows": rows, "affected": n}))
     } else {
-        let n = client.execute(&prepared, &refs).await.map_err(|e| db_error(&e))?;
+        let n = client
+            .execute(&prepared, &refs)
+            .await
+            .map_err(|e| db_error(&e))?;
         Ok(json!({"rows": [], "affected": n}))
     }
 }
 
 impl SqlProvider {
     pub fn new(targets: HashMap<String, Pool>) -> Self {
-        Self { targets, open: Mutex::new(HashMap::new()) }
+        Self {
+            targets,
+            open: Mutex::new(HashMap::new()),
+        }
     }
 
     pub fn targets(&self) -> impl Iterator<Item = (&String, &Pool)> {
@@ -129,7 +202,9 @@ impl SqlProvider {
     }
 
     fn pool(&self, target: &str) -> Result<&Pool, ProviderError> {
-        self.targets.get(target).ok_or_else(|| invalid(format!("no sql target `{target}` is configured")))
+        self.targets
+            .get(target)
+            .ok_or_else(|| invalid(format!("no sql target `{target}` is configured")))
     }
 
     async fn execute_call(&self, call: &Call) -> Result<Executed, ProviderError> {
@@ -153,23 +228,43 @@ impl SqlProvider {
             let held = {
                 let mut open = self.open.lock().await;
                 let conns = open.entry(call.tx_id).or_default();
-                conns.iter().position(|(t, _)| *t == st.target).map(|i| conns.swap_remove(i).1)
+                conns
+                    .iter()
+                    .position(|(t, _)| *t == st.target)
+                    .map(|i| conns.swap_remove(i).1)
             };
             let client = match held {
                 Some(c) => c,
                 None => {
-                    let c = pool.get().await.map_err(|e| ProviderError::retryable("unavailable", e.to_string()))?;
+                    let c = pool
+                        .get()
+                        .await
+                        .map_err(|e| ProviderError::retryable("unavailable", e.to_string()))?;
                     c.batch_execute("BEGIN").await.map_err(|e| db_error(&e))?;
                     c
                 }
             };
             let out = run(&client, &st, rows_wanted).await;
-            self.open.lock().await.entry(call.tx_id).or_default().push((st.target.clone(), client));
-            return Ok(Executed { output: out?, rollback: Some(json!({"two_phase": true, "target": st.target})) });
+            self.open
+                .lock()
+                .await
+                .entry(call.tx_id)
+                .or_default()
+                .push((st.target.clone(), client));
+            return Ok(Executed {
+                output: out?,
+                rollback: Some(json!({"two_phase": true, "target": st.target})),
+            });
         }
-        let client = pool.get().await.map_err(|e| ProviderError::retryable("unavailable", e.to_string()))?;
+        let client = pool
+            .get()
+            .await
+            .map_err(|e| ProviderError::retryable("unavailable", e.to_string()))?;
         let out = run(&client, &st, rows_wanted).await?;
-        Ok(Executed { output: out, rollback: if rows_wanted { None } else { rollback } })
+        Ok(Executed {
+            output: out,
+            rollback: if rows_wanted { None } else { rollback },
+        })
     }
 
     async fn rollback_call(&self, rb: &Rollback) -> Result<(), ProviderError> {
@@ -178,7 +273,11 @@ impl SqlProvider {
             return Ok(());
         }
         let st = statement(&rb.data, "rollback")?;
-        let client = self.pool(&st.target)?.get().await.map_err(|e| ProviderError::retryable("unavailable", e.to_string()))?;
+        let client = self
+            .pool(&st.target)?
+            .get()
+            .await
+            .map_err(|e| ProviderError::retryable("unavailable", e.to_string()))?;
         run(&client, &st, false).await.map(|_| ())
     }
 
@@ -191,7 +290,10 @@ impl SqlProvider {
                 let _ = client.batch_execute("ROLLBACK").await;
                 continue;
             }
-            match client.batch_execute(&format!("PREPARE TRANSACTION '{}'", gid(tx_id, &target))).await {
+            match client
+                .batch_execute(&format!("PREPARE TRANSACTION '{}'", gid(tx_id, &target)))
+                .await
+            {
                 Ok(()) => prepared.push(target),
                 Err(e) => failed = Some(db_error(&e)),
             }
@@ -208,12 +310,26 @@ impl SqlProvider {
     }
 
     /// COMMIT PREPARED or ROLLBACK PREPARED; a gid that no longer exists counts as done.
-    pub async fn finish_prepared(&self, tx_id: Uuid, target: &str, commit: bool) -> Result<(), ProviderError> {
-        let client = self.pool(target)?.get().await.map_err(|e| ProviderError::retryable("unavailable", e.to_string()))?;
+    pub async fn finish_prepared(
+        &self,
+        tx_id: Uuid,
+        target: &str,
+        commit: bool,
+    ) -> Result<(), ProviderError> {
+        let client = self
+            .pool(target)?
+            .get()
+            .await
+            .map_err(|e| ProviderError::retryable("unavailable", e.to_string()))?;
         let verb = if commit { "COMMIT" } else { "ROLLBACK" };
-        match client.batch_execute(&format!("{verb} PREPARED '{}'", gid(tx_id, target))).await {
+        match client
+            .batch_execute(&format!("{verb} PREPARED '{}'", gid(tx_id, target)))
+            .await
+        {
             Ok(()) => Ok(()),
-            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_OBJECT) => Ok(()),
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_OBJECT) => {
+                Ok(())
+            }
             Err(e) => Err(ProviderError::retryable("unavailable", e.to_string())),
         }
     }
@@ -222,7 +338,10 @@ impl SqlProvider {
     pub async fn prepared(&self) -> Result<Vec<(Uuid, String)>, ProviderError> {
         let mut out = Vec::new();
         for (name, pool) in &self.targets {
-            let client = pool.get().await.map_err(|e| ProviderError::retryable("unavailable", e.to_string()))?;
+            let client = pool
+                .get()
+                .await
+                .map_err(|e| ProviderError::retryable("unavailable", e.to_string()))?;
             let rows = client
                 .query("SELECT gid FROM pg_prepared_xacts WHERE gid LIKE 'provisio\\_%' AND database = current_database()", &[])
                 .await
@@ -292,7 +411,10 @@ mod tests {
     #[test]
     fn gids_round_trip() {
         let id = Uuid::now_v7();
-        assert_eq!(parse_gid(&gid(id, "billing_eu")), Some((id, "billing_eu".to_owned())));
+        assert_eq!(
+            parse_gid(&gid(id, "billing_eu")),
+            Some((id, "billing_eu".to_owned()))
+        );
         assert_eq!(parse_gid("other_1"), None);
     }
 }
