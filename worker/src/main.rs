@@ -73,6 +73,10 @@ async fn main() -> anyhow::Result<()> {
     let txlog = TxLog::start(txlog_pool, cfg.txlog.max_batch, cfg.txlog.writers);
 
     let built = providers::build(&cfg, &pool).context("building providers")?;
+    providers::define_pools(&cfg, &pool)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .context("defining resource pools")?;
     let recovery = Arc::new(Recovery {
         pool: pool.clone(),
         registry: built.registry.clone(),

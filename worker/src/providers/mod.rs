@@ -10,7 +10,7 @@ pub mod test;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use provisio_shared::provider::Provider;
+use provisio_shared::provider::{Provider, ProviderError};
 
 /// Every provider this engine offers, built from configuration, with limits applied.
 pub struct Built {
@@ -80,7 +80,17 @@ pub fn build(
 
 /// Providers backed by the configuration database's own schemas.
 fn extra_providers(pool: &deadpool_postgres::Pool, out: &mut Vec<Arc<dyn Provider>>) {
-    let _ = (pool, out);
+    out.push(Arc::new(directory::DirectoryProvider::new(pool.clone())));
+    out.push(Arc::new(resource::ResourceProvider::new(pool.clone())));
+}
+
+/// Upserts the resource pools named in configuration (engines do this at start-up).
+pub async fn define_pools(cfg: &provisio_shared::config::Config, pool: &deadpool_postgres::Pool) -> Result<(), ProviderError> {
+    for p in &cfg.providers.resource.pools {
+        let resources: Vec<(String, i32, i32)> = p.resources.iter().map(|r| (r.name.clone(), r.capacity, r.rank)).collect();
+        resource::define_pool(pool, &p.name, &p.strategy, &resources).await?;
+    }
+    Ok(())
 }
 
 #[derive(Default, Clone)]
