@@ -95,19 +95,19 @@ pub trait Provider: Send + Sync {
     }
 
     /// Two-phase: makes every pending effect of `tx_id` durable but not yet visible.
-    fn prepare<'a>(&'a self, tx_id: uuid::Uuid) -> BoxFuture<'a, Result<(), ProviderError>> {
+    fn prepare(&self, tx_id: uuid::Uuid) -> BoxFuture<'_, Result<(), ProviderError>> {
         let _ = tx_id;
         Box::pin(async { Ok(()) })
     }
 
     /// Two-phase: makes prepared effects of `tx_id` visible. Must be idempotent.
-    fn commit<'a>(&'a self, tx_id: uuid::Uuid) -> BoxFuture<'a, Result<(), ProviderError>> {
+    fn commit(&self, tx_id: uuid::Uuid) -> BoxFuture<'_, Result<(), ProviderError>> {
         let _ = tx_id;
         Box::pin(async { Ok(()) })
     }
 
     /// Two-phase: discards pending or prepared effects of `tx_id`. Must be idempotent.
-    fn abort<'a>(&'a self, tx_id: uuid::Uuid) -> BoxFuture<'a, Result<(), ProviderError>> {
+    fn abort(&self, tx_id: uuid::Uuid) -> BoxFuture<'_, Result<(), ProviderError>> {
         let _ = tx_id;
         Box::pin(async { Ok(()) })
     }

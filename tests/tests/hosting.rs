@@ -25,7 +25,10 @@ async fn hosting_demo_creates_and_deletes_a_mailbox() -> anyhow::Result<()> {
         .spawn()?;
     let mut lines = BufReader::new(platform.stdout.take().expect("stdout")).lines();
     let platform_url = loop {
-        let line = lines.next_line().await?.ok_or_else(|| anyhow::anyhow!("mail platform did not start"))?;
+        let line = lines
+            .next_line()
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("mail platform did not start"))?;
         if let Some(u) = line.strip_prefix("listening on ") {
             break u.to_owned();
         }
@@ -40,39 +43,64 @@ async fn hosting_demo_creates_and_deletes_a_mailbox() -> anyhow::Result<()> {
              [[providers.resource.pools]]\nname = \"mailbox-storage\"\nresources = [{{name = \"mbx1\", capacity = 4096}}, {{name = \"mbx2\", capacity = 2048}}]\n"
         ),
     )?;
-    env.extra_env.push(("PROVISIO_CONFIG".into(), config.display().to_string()));
+    env.extra_env
+        .push(("PROVISIO_CONFIG".into(), config.display().to_string()));
     let (qm, engine) = tokio::try_join!(env.queue_manager(), env.engine())?;
     let text = std::fs::read_to_string(repo().join("schemas/examples/hosting.yaml"))?;
     let (status, body) = env.apply(&qm, "hosting", &text).await?;
     assert_eq!(status, 201, "{body}");
     let mut outcomes = env.outcomes().await?;
     let mut run = async |procedure: &str, input: Value| -> anyhow::Result<Value> {
-        let (status, body) = env.submit(&qm, &request("hosting", procedure, input)).await?;
+        let (status, body) = env
+            .submit(&qm, &request("hosting", procedure, input))
+            .await?;
         anyhow::ensure!(status == 202, "{body}");
-        outcomes.wait_for(body["id"].as_str().unwrap_or_default()).await
+        outcomes
+            .wait_for(body["id"].as_str().unwrap_or_default())
+            .await
     };
 
     let customer = run("create_customer", json!({"org": "acme"})).await?;
     assert_eq!(customer["status"], "succeeded", "{customer}");
     assert_eq!(customer["output"]["org"], "acme");
 
-    let mailbox = run("create_mailbox", json!({"org": "acme", "user": "ada", "quota_mb": 3000, "aliases": ["ada.lovelace"]})).await?;
+    let mailbox = run(
+        "create_mailbox",
+        json!({"org": "acme", "user": "ada", "quota_mb": 3000, "aliases": ["ada.lovelace"]}),
+    )
+    .await?;
     assert_eq!(mailbox["status"], "succeeded", "{mailbox}");
     let out = mailbox["output"].clone();
     assert_eq!(out["mailbox"], "ada@acme");
     assert_eq!(out["server"], "mbx1", "least used with room for 3000");
 
     let pg = env.pg().await?;
-    let used: i64 = pg.query_one("SELECT sum(used) FROM provider_resource.resources", &[]).await?.get(0);
+    let used: i64 = pg
+        .query_one("SELECT sum(used) FROM provider_resource.resources", &[])
+        .await?
+        .get(0);
     assert_eq!(used, 3000);
-    let listed: Value = reqwest::get(format!("{platform_url}/mailboxes")).await?.json().await?;
+    let listed: Value = reqwest::get(format!("{platform_url}/mailboxes"))
+        .await?
+        .json()
+        .await?;
     assert_eq!(listed.as_array().map(Vec::len), Some(1));
 
     // Too big for any server: the user created first is rolled back, nothing is left over.
-    let too_big = run("create_mailbox", json!({"org": "acme", "user": "bob", "quota_mb": 5000})).await?;
+    let too_big = run(
+        "create_mailbox",
+        json!({"org": "acme", "user": "bob", "quota_mb": 5000}),
+    )
+    .await?;
     assert_eq!(too_big["status"], "failed");
     assert_eq!(too_big["error"]["code"], "pool_exhausted", "{too_big}");
-    let bob: i64 = pg.query_one("SELECT count(*) FROM provider_directory.users WHERE name = 'bob'", &[]).await?.get(0);
+    let bob: i64 = pg
+        .query_one(
+            "SELECT count(*) FROM provider_directory.users WHERE name = 'bob'",
+            &[],
+        )
+        .await?
+        .get(0);
     assert_eq!(bob, 0);
 
     let deleted = run(
@@ -81,12 +109,27 @@ async fn hosting_demo_creates_and_deletes_a_mailbox() -> anyhow::Result<()> {
     )
     .await?;
     assert_eq!(deleted["status"], "succeeded", "{deleted}");
-    assert_eq!(deleted["output"], json!({"deleted": true, "released_mb": 3000}));
-    let used: i64 = pg.query_one("SELECT sum(used) FROM provider_resource.resources", &[]).await?.get(0);
+    assert_eq!(
+        deleted["output"],
+        json!({"deleted": true, "released_mb": 3000})
+    );
+    let used: i64 = pg
+        .query_one("SELECT sum(used) FROM provider_resource.resources", &[])
+        .await?
+        .get(0);
     assert_eq!(used, 0);
-    let ada: i64 = pg.query_one("SELECT count(*) FROM provider_directory.users WHERE name = 'ada'", &[]).await?.get(0);
+    let ada: i64 = pg
+        .query_one(
+            "SELECT count(*) FROM provider_directory.users WHERE name = 'ada'",
+            &[],
+        )
+        .await?
+        .get(0);
     assert_eq!(ada, 0);
-    let listed: Value = reqwest::get(format!("{platform_url}/mailboxes")).await?.json().await?;
+    let listed: Value = reqwest::get(format!("{platform_url}/mailboxes"))
+        .await?
+        .json()
+        .await?;
     assert_eq!(listed, json!([]));
     drop((qm, engine));
     let _ = std::fs::remove_file(config);

@@ -161,8 +161,7 @@ async fn auditor(
             leading = leader_conn
                 .query_one("SELECT pg_try_advisory_lock($1)", &[&LEADER_LOCK])
                 .await
-                .map(|r| r.get::<_, bool>(0))
-                .unwrap_or(false);
+                .is_ok_and(|r| r.get::<_, bool>(0));
             ready.set(true);
             if leading {
                 tracing::info!("auditor is active");

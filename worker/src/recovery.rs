@@ -148,7 +148,7 @@ impl Recovery {
         let rows = client
             .query("SELECT seq, kind, path, provider, action, rollback_data, error FROM tx_steps WHERE tx_id = $1 ORDER BY seq", &[&tx_id])
             .await?;
-        let mut next_seq = rows.iter().map(|r| r.get::<_, i32>(0)).max().unwrap_or(0) + 1;
+        let first_seq = rows.iter().map(|r| r.get::<_, i32>(0)).max().unwrap_or(0) + 1;
         let done: Vec<String> = rows
             .iter()
             .filter(|r| {
@@ -172,7 +172,7 @@ impl Recovery {
                 ))
             })
             .collect();
-        for (path, provider_name, action, data) in todo {
+        for (next_seq, (path, provider_name, action, data)) in (first_seq..).zip(todo) {
             let Some(provider) = self.registry.get(&provider_name).cloned() else {
                 tracing::error!(%tx_id, provider = %provider_name, "cannot roll back: provider not configured here");
                 return Ok(false);
@@ -202,7 +202,6 @@ impl Recovery {
                     &[&tx_id, &next_seq, &path, &provider_name, &action, &data, &error],
                 )
                 .await?;
-            next_seq += 1;
             if r.is_err() {
                 return Ok(false);
             }

@@ -196,7 +196,7 @@ impl HttpProvider {
 }
 
 impl Provider for HttpProvider {
-    fn name(&self) -> &str {
+    fn name(&self) -> &'static str {
         "http"
     }
     fn execute<'a>(&'a self, call: &'a Call) -> BoxFuture<'a, Result<Executed, ProviderError>> {

@@ -106,13 +106,13 @@ impl Provider for Limited {
     fn supports_two_phase(&self) -> bool {
         self.inner.supports_two_phase()
     }
-    fn prepare<'a>(&'a self, tx_id: uuid::Uuid) -> BoxFuture<'a, Result<(), ProviderError>> {
+    fn prepare(&self, tx_id: uuid::Uuid) -> BoxFuture<'_, Result<(), ProviderError>> {
         self.inner.prepare(tx_id)
     }
-    fn commit<'a>(&'a self, tx_id: uuid::Uuid) -> BoxFuture<'a, Result<(), ProviderError>> {
+    fn commit(&self, tx_id: uuid::Uuid) -> BoxFuture<'_, Result<(), ProviderError>> {
         self.inner.commit(tx_id)
     }
-    fn abort<'a>(&'a self, tx_id: uuid::Uuid) -> BoxFuture<'a, Result<(), ProviderError>> {
+    fn abort(&self, tx_id: uuid::Uuid) -> BoxFuture<'_, Result<(), ProviderError>> {
         self.inner.abort(tx_id)
     }
 }
@@ -131,7 +131,7 @@ mod tests {
     }
 
     impl Provider for Gauge {
-        fn name(&self) -> &str {
+        fn name(&self) -> &'static str {
             "gauge"
         }
         fn execute<'a>(

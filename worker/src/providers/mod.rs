@@ -85,9 +85,16 @@ fn extra_providers(pool: &deadpool_postgres::Pool, out: &mut Vec<Arc<dyn Provide
 }
 
 /// Upserts the resource pools named in configuration (engines do this at start-up).
-pub async fn define_pools(cfg: &provisio_shared::config::Config, pool: &deadpool_postgres::Pool) -> Result<(), ProviderError> {
+pub async fn define_pools(
+    cfg: &provisio_shared::config::Config,
+    pool: &deadpool_postgres::Pool,
+) -> Result<(), ProviderError> {
     for p in &cfg.providers.resource.pools {
-        let resources: Vec<(String, i32, i32)> = p.resources.iter().map(|r| (r.name.clone(), r.capacity, r.rank)).collect();
+        let resources: Vec<(String, i32, i32)> = p
+            .resources
+            .iter()
+            .map(|r| (r.name.clone(), r.capacity, r.rank))
+            .collect();
         resource::define_pool(pool, &p.name, &p.strategy, &resources).await?;
     }
     Ok(())

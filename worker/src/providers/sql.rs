@@ -233,16 +233,15 @@ impl SqlProvider {
                     .position(|(t, _)| *t == st.target)
                     .map(|i| conns.swap_remove(i).1)
             };
-            let client = match held {
-                Some(c) => c,
-                None => {
-                    let c = pool
-                        .get()
-                        .await
-                        .map_err(|e| ProviderError::retryable("unavailable", e.to_string()))?;
-                    c.batch_execute("BEGIN").await.map_err(|e| db_error(&e))?;
-                    c
-                }
+            let client = if let Some(c) = held {
+                c
+            } else {
+                let c = pool
+                    .get()
+                    .await
+                    .map_err(|e| ProviderError::retryable("unavailable", e.to_string()))?;
+                c.batch_execute("BEGIN").await.map_err(|e| db_error(&e))?;
+                c
             };
             let out = run(&client, &st, rows_wanted).await;
             self.open
@@ -347,10 +346,10 @@ impl SqlProvider {
                 .await
                 .map_err(|e| db_error(&e))?;
             for r in rows {
-                if let Some((tx, target)) = parse_gid(&r.get::<_, String>(0)) {
-                    if target == *name {
-                        out.push((tx, target));
-                    }
+                if let Some((tx, target)) = parse_gid(&r.get::<_, String>(0))
+                    && target == *name
+                {
+                    out.push((tx, target));
                 }
             }
         }
@@ -378,7 +377,7 @@ impl SqlProvider {
 }
 
 impl Provider for SqlProvider {
-    fn name(&self) -> &str {
+    fn name(&self) -> &'static str {
         "sql"
     }
     fn execute<'a>(&'a self, call: &'a Call) -> BoxFuture<'a, Result<Executed, ProviderError>> {
@@ -390,13 +389,13 @@ impl Provider for SqlProvider {
     fn supports_two_phase(&self) -> bool {
         true
     }
-    fn prepare<'a>(&'a self, tx_id: Uuid) -> BoxFuture<'a, Result<(), ProviderError>> {
+    fn prepare(&self, tx_id: Uuid) -> BoxFuture<'_, Result<(), ProviderError>> {
         Box::pin(self.prepare_tx(tx_id))
     }
-    fn commit<'a>(&'a self, tx_id: Uuid) -> BoxFuture<'a, Result<(), ProviderError>> {
+    fn commit(&self, tx_id: Uuid) -> BoxFuture<'_, Result<(), ProviderError>> {
         Box::pin(self.finish_all(tx_id, true))
     }
-    fn abort<'a>(&'a self, tx_id: Uuid) -> BoxFuture<'a, Result<(), ProviderError>> {
+    fn abort(&self, tx_id: Uuid) -> BoxFuture<'_, Result<(), ProviderError>> {
         Box::pin(self.finish_all(tx_id, false))
     }
 }
