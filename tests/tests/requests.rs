@@ -328,3 +328,21 @@ async fn every_process_serves_metrics_health_and_readiness() -> R {
     env.cleanup().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn print_config_shows_effective_values_with_secrets_masked() -> R {
+    for bin in ["queue-manager", "worker"] {
+        let out = tokio::process::Command::new(provisio_tests::binary(bin))
+            .arg("--print-config")
+            .env("PROVISIO_SIGNING_KEY", "very-secret-signing-key")
+            .env("PROVISIO_AMQP__PREFIX", "shown")
+            .output()
+            .await?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{bin}: {text}");
+        assert!(text.contains("prefix = \"shown\""), "{bin}: {text}");
+        assert!(text.contains("signing_key = \"********\""), "{bin}: {text}");
+        assert!(!text.contains("very-secret-signing-key"), "{bin}: {text}");
+    }
+    Ok(())
+}

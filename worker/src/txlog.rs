@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use deadpool_postgres::Pool;
-use futures_util::future::join_all;
 use serde_json::Value;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use uuid::Uuid;
@@ -179,177 +178,192 @@ async fn commit_batch(pool: &Pool, batch: Vec<Job>) {
     }
 }
 
-const SQL_BEGIN_REQUEST: &str = "INSERT INTO requests (id, body_hash, namespace, procedure, namespace_version, \
-     principal_id, priority, status, input, attempts, started_at) \
-     VALUES ($1, '', $2, $3, $4, $5, $6, 'running', $7, 1, now()) \
-     ON CONFLICT (id) DO UPDATE SET status = 'running', attempts = requests.attempts + 1, \
-     started_at = now(), namespace_version = EXCLUDED.namespace_version \
-     WHERE requests.status NOT IN ('succeeded', 'failed', 'in_doubt', 'dead', 'cancelled') \
-     RETURNING attempts";
-const SQL_BEGIN_TX: &str = "INSERT INTO transactions (id, request_id, attempt, namespace, procedure, \
-     namespace_version, model, status, audit, engine_id, lease_until) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, now() + make_interval(secs => $11))";
-const SQL_STEP: &str = "INSERT INTO tx_steps (tx_id, seq, kind, path, provider, action, input, output, rollback_data, error) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
-const SQL_STATUS: &str = "UPDATE transactions SET status = $2 WHERE id = $1";
-const SQL_FINISH_TX: &str = "UPDATE transactions SET status = $2, output = $3, error = $4, \
-     finished_at = now(), lease_until = NULL WHERE id = $1";
-const SQL_FINISH_REQUEST: &str = "UPDATE requests SET status = $2, output = $3, error = $4, steps = $5, \
-     finished_at = now(), started_at = coalesce(started_at, now()), \
-     attempts = greatest(attempts, 1) WHERE id = $1";
+/// All `Begin`s of a batch in one statement: upsert the requests (not those already final),
+/// then open a transaction for each request that was upserted.
+const SQL_BEGIN: &str = "WITH u AS (\
+       SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int4[], $5::uuid[], $6::text[], \
+                            $7::jsonb[], $8::uuid[], $9::text[], $10::text[], $11::bool[], $12::text[], $13::float8[]) \
+       AS u(request_id, namespace, procedure, namespace_version, principal_id, priority, input, \
+            tx_id, model, status, audit, engine_id, lease)), \
+     r AS (\
+       INSERT INTO requests (id, body_hash, namespace, procedure, namespace_version, principal_id, priority, \
+                             status, input, attempts, started_at) \
+       SELECT request_id, '', namespace, procedure, namespace_version, principal_id, priority, 'running', input, 1, now() \
+       FROM u \
+       ON CONFLICT (id) DO UPDATE SET status = 'running', attempts = requests.attempts + 1, \
+          started_at = now(), namespace_version = EXCLUDED.namespace_version \
+       WHERE requests.status NOT IN ('succeeded', 'failed', 'in_doubt', 'dead', 'cancelled') \
+       RETURNING id, attempts) \
+     INSERT INTO transactions (id, request_id, attempt, namespace, procedure, namespace_version, model, status, \
+                               audit, engine_id, lease_until) \
+     SELECT u.tx_id, u.request_id, r.attempts, u.namespace, u.procedure, u.namespace_version, u.model, u.status, \
+            u.audit, u.engine_id, now() + make_interval(secs => u.lease) \
+     FROM u JOIN r ON r.id = u.request_id \
+     RETURNING request_id, attempt";
 
+/// All step records of a batch in one statement.
+const SQL_STEPS: &str = "INSERT INTO tx_steps (tx_id, seq, kind, path, provider, action, input, output, rollback_data, error) \
+     SELECT * FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::text[], $6::text[], \
+                          $7::jsonb[], $8::jsonb[], $9::jsonb[], $10::jsonb[])";
+
+const SQL_STATUS: &str = "UPDATE transactions SET status = $2 WHERE id = $1";
+
+/// All outcomes of a batch in one statement: transactions and their requests together.
+const SQL_FINISH: &str = "WITH u AS (\
+       SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::jsonb[], $7::jsonb[]) \
+       AS u(tx_id, tx_status, request_id, request_status, output, error, summary)), \
+     t AS (\
+       UPDATE transactions SET status = u.tx_status, output = u.output, error = u.error, \
+              finished_at = now(), lease_until = NULL \
+       FROM u WHERE transactions.id = u.tx_id) \
+     UPDATE requests SET status = u.request_status, output = u.output, error = u.error, steps = u.summary, \
+            finished_at = now(), started_at = coalesce(requests.started_at, now()), \
+            attempts = greatest(requests.attempts, 1) \
+     FROM u WHERE requests.id = u.request_id";
+
+/// Commits `records` in one PostgreSQL transaction with a fixed number of statements —
+/// one per kind of record, whatever the batch size (arrays through `unnest`).
 async fn write_together(pool: &Pool, records: &[&Record]) -> Result<Vec<Reply>, LogError> {
     let unavailable = |e: &dyn std::fmt::Display| LogError::Unavailable(e.to_string());
-    let mut client = pool.get().await.map_err(|e| unavailable(&e))?;
-    let tx = client.transaction().await.map_err(|e| unavailable(&e))?;
-    let begin_req = tx
-        .prepare_cached(SQL_BEGIN_REQUEST)
-        .await
-        .map_err(|e| unavailable(&e))?;
-    let begin_tx = tx
-        .prepare_cached(SQL_BEGIN_TX)
-        .await
-        .map_err(|e| unavailable(&e))?;
-    let step = tx
-        .prepare_cached(SQL_STEP)
-        .await
-        .map_err(|e| unavailable(&e))?;
-    let fin_tx = tx
-        .prepare_cached(SQL_FINISH_TX)
-        .await
-        .map_err(|e| unavailable(&e))?;
-    let fin_req = tx
-        .prepare_cached(SQL_FINISH_REQUEST)
-        .await
-        .map_err(|e| unavailable(&e))?;
-    let set_status = tx
-        .prepare_cached(SQL_STATUS)
-        .await
-        .map_err(|e| unavailable(&e))?;
-
-    // Statements of different records are independent: issue them all at once so that
-    // tokio-postgres pipelines them on the one connection.
-    let work = records.iter().map(|r| {
-        let (tx, begin_req, begin_tx, step, fin_tx, fin_req, set_status) = (
-            &tx,
-            &begin_req,
-            &begin_tx,
-            &step,
-            &fin_tx,
-            &fin_req,
-            &set_status,
-        );
-        async move {
-            match r {
-                Record::Begin(b) => Ok(match open(tx, begin_req, begin_tx, b, "running").await? {
-                    Some(attempt) => Reply::Began { attempt },
-                    None => Reply::AlreadyFinished,
-                }),
-                Record::Step(s) => {
-                    insert_step(tx, step, s).await?;
-                    Ok(Reply::Done)
+    let mut begins: Vec<(Option<usize>, &Begin, &str)> = Vec::new();
+    let mut steps: Vec<&StepRecord> = Vec::new();
+    let mut statuses: Vec<(Uuid, &str)> = Vec::new();
+    let mut finishes: Vec<&Finish> = Vec::new();
+    for (i, r) in records.iter().enumerate() {
+        match r {
+            Record::Begin(b) => begins.push((Some(i), b, "running")),
+            Record::Step(s) => steps.push(s),
+            Record::Status { tx_id, status } => statuses.push((*tx_id, status)),
+            Record::Finish(f) => {
+                if let Some(b) = &f.open {
+                    begins.push((None, b, f.tx_status));
                 }
-                Record::Status { tx_id, status } => {
-                    tx.execute(set_status, &[tx_id, status]).await?;
-                    Ok(Reply::Done)
-                }
-                Record::Finish(f) => {
-                    if let Some(b) = &f.open {
-                        open(tx, begin_req, begin_tx, b, f.tx_status).await?;
-                    }
-                    for s in &f.steps {
-                        insert_step(tx, step, s).await?;
-                    }
-                    tx.execute(fin_tx, &[&f.tx_id, &f.tx_status, &f.output, &f.error])
-                        .await?;
-                    tx.execute(
-                        fin_req,
-                        &[
-                            &f.request_id,
-                            &f.request_status,
-                            &f.output,
-                            &f.error,
-                            &f.summary,
-                        ],
-                    )
-                    .await?;
-                    Ok(Reply::Done)
-                }
+                steps.extend(f.steps.iter());
+                finishes.push(f);
             }
         }
-    });
-    let results: Vec<Result<Reply, tokio_postgres::Error>> = join_all(work).await;
-    let mut replies = Vec::with_capacity(results.len());
-    for r in results {
-        replies.push(r.map_err(|e| unavailable(&e))?);
+    }
+    let mut replies = vec![Reply::Done; records.len()];
+
+    let mut client = pool.get().await.map_err(|e| unavailable(&e))?;
+    let tx = client.transaction().await.map_err(|e| unavailable(&e))?;
+    if !begins.is_empty() {
+        let stmt = tx
+            .prepare_cached(SQL_BEGIN)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let col = |f: &dyn Fn(&Begin) -> String| {
+            begins.iter().map(|(_, b, _)| f(b)).collect::<Vec<String>>()
+        };
+        let request_ids = col(&|b| b.request_id.clone());
+        let namespaces = col(&|b| b.namespace.clone());
+        let procedures = col(&|b| b.procedure.clone());
+        let versions: Vec<i32> = begins.iter().map(|(_, b, _)| b.namespace_version).collect();
+        let principals: Vec<Option<Uuid>> = begins.iter().map(|(_, b, _)| b.principal_id).collect();
+        let priorities: Vec<&str> = begins.iter().map(|(_, b, _)| b.priority).collect();
+        let inputs: Vec<&Value> = begins.iter().map(|(_, b, _)| &b.input).collect();
+        let tx_ids: Vec<Uuid> = begins.iter().map(|(_, b, _)| b.tx_id).collect();
+        let models: Vec<&str> = begins.iter().map(|(_, b, _)| b.model).collect();
+        let status: Vec<&str> = begins.iter().map(|(_, _, s)| *s).collect();
+        let audits: Vec<bool> = begins.iter().map(|(_, b, _)| b.audit).collect();
+        let engines = col(&|b| b.engine_id.clone());
+        let leases: Vec<f64> = begins.iter().map(|(_, b, _)| b.lease_seconds).collect();
+        let rows = tx
+            .query(
+                &stmt,
+                &[
+                    &request_ids,
+                    &namespaces,
+                    &procedures,
+                    &versions,
+                    &principals,
+                    &priorities,
+                    &inputs,
+                    &tx_ids,
+                    &models,
+                    &status,
+                    &audits,
+                    &engines,
+                    &leases,
+                ],
+            )
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let opened: std::collections::HashMap<String, i32> = rows
+            .iter()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, i32>(1)))
+            .collect();
+        for (i, b, _) in &begins {
+            if let Some(i) = i {
+                replies[*i] = match opened.get(&b.request_id) {
+                    Some(attempt) => Reply::Began { attempt: *attempt },
+                    None => Reply::AlreadyFinished,
+                };
+            }
+        }
+    }
+    if !steps.is_empty() {
+        let stmt = tx
+            .prepare_cached(SQL_STEPS)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let tx_ids: Vec<Uuid> = steps.iter().map(|s| s.tx_id).collect();
+        let seqs: Vec<i32> = steps.iter().map(|s| s.seq).collect();
+        let kinds: Vec<&str> = steps.iter().map(|s| s.kind).collect();
+        let paths: Vec<&str> = steps.iter().map(|s| s.path.as_str()).collect();
+        let providers: Vec<Option<&str>> = steps.iter().map(|s| s.provider.as_deref()).collect();
+        let actions: Vec<Option<&str>> = steps.iter().map(|s| s.action.as_deref()).collect();
+        let inputs: Vec<Option<&Value>> = steps.iter().map(|s| s.input.as_ref()).collect();
+        let outputs: Vec<Option<&Value>> = steps.iter().map(|s| s.output.as_ref()).collect();
+        let rollbacks: Vec<Option<&Value>> =
+            steps.iter().map(|s| s.rollback_data.as_ref()).collect();
+        let errors: Vec<Option<&Value>> = steps.iter().map(|s| s.error.as_ref()).collect();
+        tx.execute(
+            &stmt,
+            &[
+                &tx_ids, &seqs, &kinds, &paths, &providers, &actions, &inputs, &outputs,
+                &rollbacks, &errors,
+            ],
+        )
+        .await
+        .map_err(|e| unavailable(&e))?;
+    }
+    for (tx_id, status) in &statuses {
+        let stmt = tx
+            .prepare_cached(SQL_STATUS)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        tx.execute(&stmt, &[tx_id, status])
+            .await
+            .map_err(|e| unavailable(&e))?;
+    }
+    if !finishes.is_empty() {
+        let stmt = tx
+            .prepare_cached(SQL_FINISH)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let tx_ids: Vec<Uuid> = finishes.iter().map(|f| f.tx_id).collect();
+        let tx_status: Vec<&str> = finishes.iter().map(|f| f.tx_status).collect();
+        let request_ids: Vec<&str> = finishes.iter().map(|f| f.request_id.as_str()).collect();
+        let request_status: Vec<&str> = finishes.iter().map(|f| f.request_status).collect();
+        let outputs: Vec<Option<&Value>> = finishes.iter().map(|f| f.output.as_ref()).collect();
+        let errors: Vec<Option<&Value>> = finishes.iter().map(|f| f.error.as_ref()).collect();
+        let summaries: Vec<&Value> = finishes.iter().map(|f| &f.summary).collect();
+        tx.execute(
+            &stmt,
+            &[
+                &tx_ids,
+                &tx_status,
+                &request_ids,
+                &request_status,
+                &outputs,
+                &errors,
+                &summaries,
+            ],
+        )
+        .await
+        .map_err(|e| unavailable(&e))?;
     }
     tx.commit().await.map_err(|e| unavailable(&e))?;
     Ok(replies)
-}
-
-async fn open(
-    tx: &deadpool_postgres::Transaction<'_>,
-    begin_req: &tokio_postgres::Statement,
-    begin_tx: &tokio_postgres::Statement,
-    b: &Begin,
-    status: &str,
-) -> Result<Option<i32>, tokio_postgres::Error> {
-    let row = tx
-        .query_opt(
-            begin_req,
-            &[
-                &b.request_id,
-                &b.namespace,
-                &b.procedure,
-                &b.namespace_version,
-                &b.principal_id,
-                &b.priority,
-                &b.input,
-            ],
-        )
-        .await?;
-    // No row: the request already has a final status (a duplicate or a redelivery).
-    let Some(row) = row else { return Ok(None) };
-    let attempt: i32 = row.get(0);
-    tx.execute(
-        begin_tx,
-        &[
-            &b.tx_id,
-            &b.request_id,
-            &attempt,
-            &b.namespace,
-            &b.procedure,
-            &b.namespace_version,
-            &b.model,
-            &status,
-            &b.audit,
-            &b.engine_id,
-            &b.lease_seconds,
-        ],
-    )
-    .await?;
-    Ok(Some(attempt))
-}
-
-async fn insert_step(
-    tx: &deadpool_postgres::Transaction<'_>,
-    stmt: &tokio_postgres::Statement,
-    s: &StepRecord,
-) -> Result<u64, tokio_postgres::Error> {
-    tx.execute(
-        stmt,
-        &[
-            &s.tx_id,
-            &s.seq,
-            &s.kind,
-            &s.path,
-            &s.provider,
-            &s.action,
-            &s.input,
-            &s.output,
-            &s.rollback_data,
-            &s.error,
-        ],
-    )
-    .await
 }

@@ -7,9 +7,60 @@ use deadpool_postgres::Pool;
 use futures_util::future::BoxFuture;
 use provisio_shared::provider::{Call, Executed, Provider, ProviderError, Rollback};
 use serde_json::{Value, json};
+use tokio::sync::{mpsc, oneshot};
 
 pub struct TestProvider {
     pool: Pool,
+    recorder: mpsc::Sender<(CallRecord, oneshot::Sender<Result<(), String>>)>,
+}
+
+struct CallRecord {
+    tx_id: uuid::Uuid,
+    path: String,
+    action: String,
+    kind: &'static str,
+    input: Value,
+}
+
+/// Writes call records in batches (one multi-row insert for whatever is waiting), in the
+/// order they arrive; each caller waits for the insert that carries its record.
+async fn recorder(
+    pool: Pool,
+    mut rx: mpsc::Receiver<(CallRecord, oneshot::Sender<Result<(), String>>)>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < 256 {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        let result = async {
+            let client = pool.get().await.map_err(|e| e.to_string())?;
+            let stmt = client
+                .prepare_cached(
+                    "INSERT INTO provider_test.calls (tx_id, step_path, action, kind, input) \
+                     SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[])",
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            let tx_ids: Vec<uuid::Uuid> = batch.iter().map(|(r, _)| r.tx_id).collect();
+            let paths: Vec<&str> = batch.iter().map(|(r, _)| r.path.as_str()).collect();
+            let actions: Vec<&str> = batch.iter().map(|(r, _)| r.action.as_str()).collect();
+            let kinds: Vec<&str> = batch.iter().map(|(r, _)| r.kind).collect();
+            let inputs: Vec<&Value> = batch.iter().map(|(r, _)| &r.input).collect();
+            client
+                .execute(&stmt, &[&tx_ids, &paths, &actions, &kinds, &inputs])
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<(), String>(())
+        }
+        .await;
+        for (_, done) in batch {
+            let _ = done.send(result.clone());
+        }
+    }
 }
 
 impl TestProvider {
@@ -17,7 +68,9 @@ impl TestProvider {
     /// not state anyone depends on after a crash, and the benchmark should not pay an fsync
     /// per call for them.
     pub fn new(pool: Pool) -> Self {
-        Self { pool }
+        let (tx, rx) = mpsc::channel(1024);
+        tokio::spawn(recorder(pool.clone(), rx));
+        Self { pool, recorder: tx }
     }
 
     async fn record(
@@ -25,23 +78,23 @@ impl TestProvider {
         tx_id: uuid::Uuid,
         path: &str,
         action: &str,
-        kind: &str,
+        kind: &'static str,
         input: &Value,
     ) -> Result<(), ProviderError> {
-        let client = self
-            .pool
-            .get()
-            .await
-            .map_err(|e| ProviderError::retryable("unavailable", e.to_string()))?;
-        let stmt = client
-            .prepare_cached("INSERT INTO provider_test.calls (tx_id, step_path, action, kind, input) VALUES ($1, $2, $3, $4, $5)")
-            .await
-            .map_err(|e| ProviderError::retryable("unavailable", e.to_string()))?;
-        client
-            .execute(&stmt, &[&tx_id, &path, &action, &kind, input])
-            .await
-            .map_err(|e| ProviderError::retryable("unavailable", e.to_string()))?;
-        Ok(())
+        let (done, wait) = oneshot::channel();
+        let rec = CallRecord {
+            tx_id,
+            path: path.to_owned(),
+            action: action.to_owned(),
+            kind,
+            input: input.clone(),
+        };
+        let gone =
+            || ProviderError::retryable("unavailable", "the test provider's recorder stopped");
+        self.recorder.send((rec, done)).await.map_err(|_| gone())?;
+        wait.await
+            .map_err(|_| gone())?
+            .map_err(|e| ProviderError::retryable("unavailable", e))
     }
 
     async fn run(&self, call: &Call) -> Result<Executed, ProviderError> {
