@@ -13,7 +13,7 @@ pub struct App {
     pub pool: Pool,
     pub publisher: Publisher,
     pub keys: KeyStore,
-    pub namespaces: NamespaceCache,
+    pub namespaces: std::sync::Arc<NamespaceCache>,
     /// `/readyz`: false while the broker is unreachable.
     pub ready: Readiness,
 }

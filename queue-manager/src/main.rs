@@ -68,12 +68,17 @@ async fn main() -> anyhow::Result<()> {
         Err(e) => tracing::warn!(error = %e, "broker not reachable at start-up"),
     }
 
+    let namespaces = Arc::new(NamespaceCache::new(
+        pool.clone(),
+        Box::new(StandardCatalog::from_config(&cfg)),
+    ));
+    namespaces.listen(&cfg.database.url);
     let app = Arc::new(App {
         keys: KeyStore::new(
             pool.clone(),
             Duration::from_secs(cfg.queue_manager.key_cache_seconds),
         ),
-        namespaces: NamespaceCache::new(pool.clone(), Box::new(StandardCatalog::from_config(&cfg))),
+        namespaces: namespaces.clone(),
         publisher: publisher.clone(),
         ready: ready.clone(),
         pool,

@@ -3,6 +3,7 @@
 //! one replica is seen by the next request on every other.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use deadpool_postgres::Pool;
@@ -25,7 +26,15 @@ pub struct NamespaceCache {
     pool: Pool,
     catalog: Box<dyn Catalog + Send + Sync>,
     compiled: RwLock<HashMap<(String, i32), Arc<Namespace>>>,
+    /// Current version by name, trusted only while `listening` (see [`NamespaceCache::listen`]).
+    current: RwLock<HashMap<String, i32>>,
+    listening: AtomicBool,
+    /// Bumped by every invalidation: a version read before a bump is not cached after it.
+    epoch: AtomicU64,
 }
+
+/// The channel a new namespace version is announced on (`pg_notify`, payload: the name).
+pub const CHANNEL: &str = "provisio_namespaces";
 
 impl NamespaceCache {
     pub fn new(pool: Pool, catalog: Box<dyn Catalog + Send + Sync>) -> Self {
@@ -33,6 +42,70 @@ impl NamespaceCache {
             pool,
             catalog,
             compiled: RwLock::new(HashMap::new()),
+            current: RwLock::new(HashMap::new()),
+            listening: AtomicBool::new(false),
+            epoch: AtomicU64::new(0),
+        }
+    }
+
+    /// Follows new versions through PostgreSQL notifications, so that `current` needs no query
+    /// per request. Until the listener is up (and whenever it is down) every `current` asks
+    /// the database, so a missed notification can never serve a stale version for long: the
+    /// cache is emptied on every reconnect.
+    pub fn listen(self: &Arc<Self>, url: &crate::config::Secret) {
+        let me = Arc::downgrade(self);
+        let url = url.clone();
+        tokio::spawn(async move {
+            loop {
+                let Some(cache) = me.upgrade() else { return };
+                if let Err(e) = cache.listen_once(&url).await {
+                    tracing::debug!(error = %e, "namespace listener stopped; reconnecting");
+                }
+                cache.listening.store(false, Ordering::SeqCst);
+                drop(cache);
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        });
+    }
+
+    async fn listen_once(&self, url: &crate::config::Secret) -> Result<(), tokio_postgres::Error> {
+        use futures_util::StreamExt;
+        let (client, mut conn) =
+            tokio_postgres::connect(url.expose(), tokio_postgres::NoTls).await?;
+        let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let pump = tokio::spawn(async move {
+            while let Some(m) = messages.next().await {
+                match m {
+                    Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                        if tx.send(Some(n.payload().to_owned())).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+            let _ = tx.send(None);
+        });
+        client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        if let Ok(mut c) = self.current.write() {
+            c.clear();
+        }
+        self.listening.store(true, Ordering::SeqCst);
+        while let Some(Some(name)) = rx.recv().await {
+            self.invalidate(&name);
+        }
+        pump.abort();
+        Ok(())
+    }
+
+    /// Forgets the cached current version of `name` (after applying one here).
+    pub fn invalidate(&self, name: &str) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        if let Ok(mut c) = self.current.write() {
+            c.remove(name);
         }
     }
 
@@ -42,6 +115,13 @@ impl NamespaceCache {
 
     /// The current version, or `None` when the namespace does not exist.
     pub async fn current(&self, name: &str) -> Result<Option<Arc<Namespace>>, NamespaceError> {
+        if self.listening.load(Ordering::SeqCst) {
+            let cached = self.current.read().ok().and_then(|c| c.get(name).copied());
+            if let Some(version) = cached {
+                return self.get(name, version).await;
+            }
+        }
+        let epoch = self.epoch.load(Ordering::SeqCst);
         let client = self
             .pool
             .get()
@@ -59,6 +139,14 @@ impl NamespaceCache {
             return Ok(None);
         };
         drop(client);
+        if self.listening.load(Ordering::SeqCst) && self.epoch.load(Ordering::SeqCst) == epoch {
+            if let Ok(mut c) = self.current.write() {
+                // Re-checked under the lock: an invalidation may have come in between.
+                if self.epoch.load(Ordering::SeqCst) == epoch {
+                    c.insert(name.to_owned(), version);
+                }
+            }
+        }
         self.get(name, version).await
     }
 

@@ -184,8 +184,16 @@ async fn a_new_version_is_used_by_the_next_request_without_restarting_engines() 
     assert_eq!((status, body["version"].clone()), (201, json!(2)));
     let rec = run(&env, &qm, "hi", json!({})).await?;
     assert_eq!(rec["output"], "v2");
+    // Another queue manager that already cached version 2 also runs version 3 at once after
+    // it is applied elsewhere: the version is read again inside the accepting transaction.
+    let other = env.queue_manager().await?;
+    assert_eq!(run(&env, &other, "hi", json!({})).await?["output"], "v2");
+    let v3 = v1.replace("\"v1\"", "\"v3\"");
+    assert_eq!(env.apply(&qm, "kinds", &v3).await?.0, 201);
+    assert_eq!(run(&env, &other, "hi", json!({})).await?["output"], "v3");
+    drop(other);
     // Applying the same document again changes nothing.
-    let (status, body) = env.apply(&qm, "kinds", &v2).await?;
+    let (status, body) = env.apply(&qm, "kinds", &v3).await?;
     assert_eq!((status, body["changed"].clone()), (200, json!(false)));
     // Each transaction records the version it ran.
     let pg = env.pg().await?;
@@ -196,7 +204,7 @@ async fn a_new_version_is_used_by_the_next_request_without_restarting_engines() 
         )
         .await?;
     let versions: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
-    assert_eq!(versions, vec![1, 2]);
+    assert_eq!(versions, vec![1, 2, 2, 3]);
     drop((qm, engine));
     env.cleanup().await;
     Ok(())

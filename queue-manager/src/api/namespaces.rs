@@ -104,7 +104,15 @@ pub async fn apply(
     )
     .await
     .map_err(ApiError::db)?;
+    // Delivered at commit to every queue manager and engine following versions.
+    tx.execute(
+        "SELECT pg_notify($1, $2)",
+        &[&provisio_shared::namespaces::CHANNEL, &name],
+    )
+    .await
+    .map_err(ApiError::db)?;
     tx.commit().await.map_err(ApiError::db)?;
+    app.namespaces.invalidate(&name);
     tracing::info!(namespace = %name, version, by = %caller.0.name, "namespace applied");
     Ok((
         StatusCode::CREATED,

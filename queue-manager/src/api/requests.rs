@@ -74,37 +74,16 @@ pub async fn submit(
         .map_err(|e| ApiError::NotFound(format!("namespace: {e}")))?;
     let procedure_name = Name::parse(body.procedure.clone())
         .map_err(|e| ApiError::NotFound(format!("procedure: {e}")))?;
+    // The version from the cache (kept warm by notifications); the insert below reads the
+    // current one inside the transaction and, if a newer one was applied meanwhile, the
+    // request is validated again against that one.
     let ns = app
         .namespaces
         .current(namespace.as_str())
         .await
         .map_err(ApiError::db)?
         .ok_or_else(|| ApiError::NotFound(format!("namespace `{namespace}` does not exist")))?;
-    let procedure = ns.procedures.get(procedure_name.as_str()).ok_or_else(|| {
-        ApiError::NotFound(format!(
-            "procedure `{procedure_name}` does not exist in namespace `{namespace}` v{}",
-            ns.version
-        ))
-    })?;
-    if procedure.access == Access::Private && !caller.0.has("execute_private") {
-        return Err(ApiError::Forbidden(format!(
-            "procedure `{procedure_name}` is private; naming it needs `execute_private`"
-        )));
-    }
-    if app.cfg.validation.enable_schema_validation
-        && let Some(schema) = &procedure.input_schema
-    {
-        let details: Vec<Value> = schema
-            .iter_errors(&body.input)
-            .map(|e| json!({"path": e.instance_path().to_string(), "message": e.to_string()}))
-            .collect();
-        if !details.is_empty() {
-            return Err(ApiError::Invalid {
-                message: "input does not match the procedure's input schema".into(),
-                details: Value::Array(details),
-            });
-        }
-    }
+    check_procedure(&app, &caller, &ns, &procedure_name, &body.input)?;
 
     let body_hash = hash_of(&json!({
         "namespace": body.namespace, "procedure": body.procedure, "input": body.input,
@@ -132,8 +111,10 @@ pub async fn submit(
         .query_opt(
             "INSERT INTO requests (id, body_hash, namespace, procedure, namespace_version, kind, \
              principal_id, priority, status, input, submitted_at) \
-             VALUES ($1, $2, $3, $4, $5, 'queued', $6, $7, 'queued', $8, $9) \
-             ON CONFLICT (id) DO NOTHING RETURNING id",
+             VALUES ($1, $2, $3, $4, \
+                     coalesce((SELECT max(version) FROM namespaces WHERE name = $3), $5), \
+                     'queued', $6, $7, 'queued', $8, $9) \
+             ON CONFLICT (id) DO NOTHING RETURNING namespace_version",
             &[
                 &id.as_str(),
                 &body_hash,
@@ -170,6 +151,24 @@ pub async fn submit(
         ));
     }
 
+    let mut envelope = envelope;
+    if let Some(row) = &inserted {
+        let current: Option<i32> = row.get(0);
+        if let Some(v) = current.filter(|v| *v != ns.version) {
+            // A version applied since the cache was filled: it is the one that runs.
+            let newer = app
+                .namespaces
+                .get(namespace.as_str(), v)
+                .await
+                .map_err(ApiError::db)?
+                .ok_or_else(|| {
+                    ApiError::NotFound(format!("namespace `{namespace}` does not exist"))
+                })?;
+            check_procedure(&app, &caller, &newer, &procedure_name, &body.input)?;
+            app.namespaces.invalidate(namespace.as_str());
+            envelope.namespace_version = Some(v);
+        }
+    }
     let bytes = envelope.to_bytes();
     let mut headers = lapin::types::FieldTable::default();
     headers.insert(
@@ -263,6 +262,42 @@ pub async fn get(
         rec["finished_at"] = json!(t);
     }
     Ok(Json(rec))
+}
+
+/// The request may name this procedure of this namespace version with this input.
+fn check_procedure(
+    app: &App,
+    caller: &Caller,
+    ns: &provisio_shared::procedure::Namespace,
+    procedure_name: &Name,
+    input: &Value,
+) -> Result<(), ApiError> {
+    let procedure = ns.procedures.get(procedure_name.as_str()).ok_or_else(|| {
+        ApiError::NotFound(format!(
+            "procedure `{procedure_name}` does not exist in namespace `{}` v{}",
+            ns.name, ns.version
+        ))
+    })?;
+    if procedure.access == Access::Private && !caller.0.has("execute_private") {
+        return Err(ApiError::Forbidden(format!(
+            "procedure `{procedure_name}` is private; naming it needs `execute_private`"
+        )));
+    }
+    if app.cfg.validation.enable_schema_validation
+        && let Some(schema) = &procedure.input_schema
+    {
+        let details: Vec<Value> = schema
+            .iter_errors(input)
+            .map(|e| json!({"path": e.instance_path().to_string(), "message": e.to_string()}))
+            .collect();
+        if !details.is_empty() {
+            return Err(ApiError::Invalid {
+                message: "input does not match the procedure's input schema".into(),
+                details: Value::Array(details),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// SHA-256 of the value with object keys sorted, so that key order does not make two equal
