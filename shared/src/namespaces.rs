@@ -139,13 +139,13 @@ impl NamespaceCache {
             return Ok(None);
         };
         drop(client);
-        if self.listening.load(Ordering::SeqCst) && self.epoch.load(Ordering::SeqCst) == epoch {
-            if let Ok(mut c) = self.current.write() {
-                // Re-checked under the lock: an invalidation may have come in between.
-                if self.epoch.load(Ordering::SeqCst) == epoch {
-                    c.insert(name.to_owned(), version);
-                }
-            }
+        if self.listening.load(Ordering::SeqCst)
+            && self.epoch.load(Ordering::SeqCst) == epoch
+            && let Ok(mut c) = self.current.write()
+            // Re-checked under the lock: an invalidation may have come in between.
+            && self.epoch.load(Ordering::SeqCst) == epoch
+        {
+            c.insert(name.to_owned(), version);
         }
         self.get(name, version).await
     }
