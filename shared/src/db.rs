@@ -36,7 +36,19 @@ pub fn pg_config(url: &Secret) -> Result<tokio_postgres::Config, DbError> {
 
 /// A pool whose connections are checked cheaply on reuse. Creating it does not connect.
 pub fn pool(url: &Secret, size: usize) -> Result<Pool, DbError> {
+    pool_with_options(url, size, None)
+}
+
+/// A pool whose sessions start with `options` (e.g. `-c enable_seqscan=off`).
+pub fn pool_with_options(
+    url: &Secret,
+    size: usize,
+    options: Option<&str>,
+) -> Result<Pool, DbError> {
     let mut cfg = pg_config(url)?;
+    if let Some(o) = options {
+        cfg.options(o);
+    }
     cfg.connect_timeout(Duration::from_secs(5));
     cfg.application_name("provisio");
     let mgr = Manager::from_config(

@@ -69,7 +69,14 @@ async fn main() -> anyhow::Result<()> {
         .first()
         .cloned()
         .context("no transaction-log server")?;
-    let txlog_pool = db::pool(&txlog_url, cfg.txlog.pool_size).context("transaction-log pool")?;
+    // The log writer's statements join `unnest`ed arrays to rows by primary key. A generic
+    // plan may estimate a scan of the whole table cheaper; on these sessions it never is.
+    let txlog_pool = db::pool_with_options(
+        &txlog_url,
+        cfg.txlog.pool_size,
+        Some("-c enable_seqscan=off -c enable_hashjoin=off -c enable_mergejoin=off"),
+    )
+    .context("transaction-log pool")?;
     let txlog = TxLog::start(txlog_pool, cfg.txlog.max_batch, cfg.txlog.writers);
 
     let built = providers::build(&cfg, &pool).context("building providers")?;

@@ -208,18 +208,20 @@ const SQL_STEPS: &str = "INSERT INTO tx_steps (tx_id, seq, kind, path, provider,
 
 const SQL_STATUS: &str = "UPDATE transactions SET status = $2 WHERE id = $1";
 
-/// All outcomes of a batch in one statement: transactions and their requests together.
+/// All outcomes of a batch in one statement: transactions and their requests together. The
+/// `= ANY(array)` conditions make the planner look rows up by primary key; joined with
+/// `unnest` alone it may choose to scan the whole table.
 const SQL_FINISH: &str = "WITH u AS (\
        SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::jsonb[], $7::jsonb[]) \
        AS u(tx_id, tx_status, request_id, request_status, output, error, summary)), \
      t AS (\
        UPDATE transactions SET status = u.tx_status, output = u.output, error = u.error, \
               finished_at = now(), lease_until = NULL \
-       FROM u WHERE transactions.id = u.tx_id) \
+       FROM u WHERE transactions.id = ANY($1::uuid[]) AND transactions.id = u.tx_id) \
      UPDATE requests SET status = u.request_status, output = u.output, error = u.error, steps = u.summary, \
             finished_at = now(), started_at = coalesce(requests.started_at, now()), \
             attempts = greatest(requests.attempts, 1) \
-     FROM u WHERE requests.id = u.request_id";
+     FROM u WHERE requests.id = ANY($3::text[]) AND requests.id = u.request_id";
 
 /// Commits `records` in one PostgreSQL transaction with a fixed number of statements —
 /// one per kind of record, whatever the batch size (arrays through `unnest`).

@@ -107,14 +107,11 @@ pub async fn submit(
 
     let mut client = app.pool.get().await.map_err(ApiError::db)?;
     let tx = client.transaction().await.map_err(ApiError::db)?;
+    // Prepared once per connection: parsing and planning per request is waste.
+    let insert = tx.prepare_cached(SQL_INSERT).await.map_err(ApiError::db)?;
     let inserted = tx
         .query_opt(
-            "INSERT INTO requests (id, body_hash, namespace, procedure, namespace_version, kind, \
-             principal_id, priority, status, input, submitted_at) \
-             VALUES ($1, $2, $3, $4, \
-                     coalesce((SELECT max(version) FROM namespaces WHERE name = $3), $5), \
-                     'queued', $6, $7, 'queued', $8, $9) \
-             ON CONFLICT (id) DO NOTHING RETURNING namespace_version",
+            &insert,
             &[
                 &id.as_str(),
                 &body_hash,
@@ -263,6 +260,13 @@ pub async fn get(
     }
     Ok(Json(rec))
 }
+
+const SQL_INSERT: &str = "INSERT INTO requests (id, body_hash, namespace, procedure, namespace_version, kind, \
+             principal_id, priority, status, input, submitted_at) \
+             VALUES ($1, $2, $3, $4, \
+                     coalesce((SELECT max(version) FROM namespaces WHERE name = $3), $5), \
+                     'queued', $6, $7, 'queued', $8, $9) \
+             ON CONFLICT (id) DO NOTHING RETURNING namespace_version";
 
 /// The request may name this procedure of this namespace version with this input.
 fn check_procedure(
