@@ -62,6 +62,9 @@ async fn service(seen: Arc<Seen>) -> anyhow::Result<String> {
             "/execute",
             post(|State(s): State<Arc<Seen>>, Json(b): Json<Value>| async move {
                 s.events.lock().expect("lock").push(("charge".into(), b["idempotency_key"].as_str().unwrap_or("").to_owned()));
+                if let Some(c) = b.get("credentials") {
+                    s.events.lock().expect("lock").push(("credentials".into(), c.to_string()));
+                }
                 match b["action"].as_str() {
                     Some("charge") => (StatusCode::OK, Json(json!({"output": {"charged": b["input"]["amount"]}, "rollback": {"refund": b["input"]["amount"]}}))),
                     _ => (StatusCode::PAYMENT_REQUIRED, Json(json!({"error": {"code": "declined", "message": "card declined", "retryable": false}}))),
@@ -115,6 +118,12 @@ procedures:
     access: public
     steps:
       - call: billing.decline
+  flaky_test:
+    access: public
+    steps:
+      - call: test.fail_n_times
+        input: '{key: ("ftn-" + .request.id), n: 2}'
+        retry: {max_attempts: 3, initial_ms: 5, max_ms: 10}
 "#;
 
 #[tokio::test]
@@ -140,14 +149,14 @@ async fn http_and_remote_providers_call_compensate_and_classify_errors() -> anyh
     let (status, body) = env.apply(&qm, "shop", NS).await?;
     assert_eq!(status, 201, "{body}");
     let mut outcomes = env.outcomes().await?;
-    let mut run = async |procedure: &str, input: Value| -> anyhow::Result<Value> {
-        let (_, body) = env.submit(&qm, &request("shop", procedure, input)).await?;
+    let mut run = async |body: Value| -> anyhow::Result<Value> {
+        let (_, answer) = env.submit(&qm, &body).await?;
         outcomes
-            .wait_for(body["id"].as_str().unwrap_or_default())
+            .wait_for(answer["id"].as_str().unwrap_or_default())
             .await
     };
 
-    let out = run("signup", json!({"name": "ada"})).await?;
+    let out = run(request("shop", "signup", json!({"name": "ada"}))).await?;
     assert_eq!(
         out["output"],
         json!({"account": "acc-1", "charged": 5}),
@@ -162,7 +171,12 @@ async fn http_and_remote_providers_call_compensate_and_classify_errors() -> anyh
     );
 
     // A later failure compensates both calls, newest first.
-    let out = run("signup", json!({"name": "bo", "fail": true})).await?;
+    let out = run(request(
+        "shop",
+        "signup",
+        json!({"name": "bo", "fail": true}),
+    ))
+    .await?;
     assert_eq!(out["status"], "failed");
     let events = seen.events.lock().expect("lock").clone();
     let tail: Vec<(&str, &str)> = events[events.len() - 2..]
@@ -176,10 +190,10 @@ async fn http_and_remote_providers_call_compensate_and_classify_errors() -> anyh
     );
 
     // 5xx is retried, 4xx is not.
-    let out = run("flaky", json!({})).await?;
+    let out = run(request("shop", "flaky", json!({}))).await?;
     assert_eq!(out["output"], json!({"after": 3}), "{out}");
     let before = seen.events.lock().expect("lock").len();
-    let out = run("bad", json!({})).await?;
+    let out = run(request("shop", "bad", json!({}))).await?;
     assert_eq!(out["error"]["code"], "http_400");
     assert_eq!(
         seen.events.lock().expect("lock").len(),
@@ -187,8 +201,24 @@ async fn http_and_remote_providers_call_compensate_and_classify_errors() -> anyh
         "a 4xx is not retried"
     );
 
+    // Credentials reach the provider for a caller allowed to pass them (admins are).
+    let mut with_creds = request("shop", "signup", json!({"name": "cy"}));
+    with_creds["credentials"] = json!({"token": "s3cret"});
+    run(with_creds).await?;
+    assert!(
+        seen.events
+            .lock()
+            .expect("lock")
+            .iter()
+            .any(|(k, v)| k == "credentials" && v.contains("s3cret")),
+        "the remote provider saw the credentials"
+    );
+    // The test provider's fail_n_times: two retryable failures, then success under `retry`.
+    let out = run(request("shop", "flaky_test", json!({}))).await?;
+    assert_eq!(out["status"], "succeeded", "{out}");
+
     // The remote provider's own error comes through.
-    let out = run("declined", json!({})).await?;
+    let out = run(request("shop", "declined", json!({}))).await?;
     assert_eq!(
         (
             out["error"]["code"].clone(),

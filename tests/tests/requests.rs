@@ -242,6 +242,53 @@ async fn api_errors_are_json_with_the_right_status() -> R {
         .await?;
     assert_eq!(r.status().as_u16(), 403);
     assert_eq!(r.json::<Value>().await?["error"]["code"], "forbidden");
+    // A producer may execute, but not pass credentials.
+    let producer = uuid::Uuid::now_v7();
+    pg.execute(
+        "INSERT INTO principals (id, name) VALUES ($1, 'portal')",
+        &[&producer],
+    )
+    .await?;
+    pg.execute(
+        "INSERT INTO group_members (group_name, principal_id) VALUES ('producers', $1)",
+        &[&producer],
+    )
+    .await?;
+    let pkey = "portal-key-123";
+    pg.execute(
+        "INSERT INTO api_keys (id, principal_id, lookup, hash) VALUES ($1, $2, $3, $4)",
+        &[
+            &uuid::Uuid::now_v7(),
+            &producer,
+            &provisio_queue_manager::auth::lookup_of(pkey),
+            &provisio_queue_manager::auth::hash_key(pkey)?,
+        ],
+    )
+    .await?;
+    let mut with_creds = body.clone();
+    with_creds["credentials"] = json!({"token": "x"});
+    let r = env
+        .http
+        .post(&url)
+        .bearer_auth(pkey)
+        .json(&with_creds)
+        .send()
+        .await?;
+    assert_eq!(r.status().as_u16(), 403);
+    let msg = r.json::<Value>().await?["error"]["message"].to_string();
+    assert!(msg.contains("execute_with_credentials"), "{msg}");
+    let r = env
+        .http
+        .post(&url)
+        .bearer_auth(pkey)
+        .json(&body)
+        .send()
+        .await?;
+    assert_eq!(
+        r.status().as_u16(),
+        202,
+        "without credentials a producer may execute"
+    );
     drop(qm);
     env.cleanup().await;
     Ok(())
