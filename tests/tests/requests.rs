@@ -393,3 +393,39 @@ async fn print_config_shows_effective_values_with_secrets_masked() -> R {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn sigterm_drains_the_engine_which_finishes_what_it_holds_and_exits_0() -> R {
+    let env = TestEnv::new("drain").await?;
+    let (qm, engine) = tokio::try_join!(env.queue_manager(), env.engine())?;
+    let ns = "namespace: slow\nprocedures:\n  nap:\n    access: public\n    steps:\n      - id: z\n        call: test.sleep\n        input: '{ms: 1500}'\n    output: '.steps.z'\n";
+    assert_eq!(env.apply(&qm, "slow", ns).await?.0, 201);
+    let pg = env.pg().await?;
+    let (_, body) = env.submit(&qm, &request("slow", "nap", json!({}))).await?;
+    let id = body["id"].as_str().expect("id").to_owned();
+    // Wait (bounded) until the engine has started it, then ask it to stop.
+    let mut running = false;
+    for _ in 0..200 {
+        let s: Option<String> = pg
+            .query_opt("SELECT status FROM requests WHERE id = $1", &[&id])
+            .await?
+            .map(|r| r.get(0));
+        if s.as_deref() == Some("running") {
+            running = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert!(running, "the engine picked the request up");
+    let status = engine.terminate().await?;
+    assert!(status.success(), "exit status {status:?}");
+    let (_, rec) = env.get_request(&qm, &id).await?;
+    assert_eq!(
+        rec["status"], "succeeded",
+        "finished within the grace period: {rec}"
+    );
+    assert_eq!(rec["output"], json!({"slept_ms": 1500}));
+    drop(qm);
+    env.cleanup().await;
+    Ok(())
+}
