@@ -327,7 +327,9 @@ impl Default for AmqpConfig {
             url: Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f"),
             url_file: None,
             prefix: "provisio".to_owned(),
-            delivery_limit: 5,
+            // With the engines' 2 s requeue pause, about 40 s of database outage before a
+            // message is dead-lettered.
+            delivery_limit: 20,
         }
     }
 }

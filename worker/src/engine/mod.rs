@@ -37,6 +37,9 @@ use crate::providers::Registry;
 use crate::txlog::{Begin, Finish, Record, Reply, TxLog};
 use interpreter::Run;
 
+/// Pause before a delivery that could not be made durable goes back to the queue.
+const REQUEUE_DELAY: Duration = Duration::from_secs(2);
+
 /// What the loop does with a delivery once `handle` is done with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Disposition {
@@ -136,7 +139,6 @@ impl Engine {
                 Ok(true) => {}
                 Ok(false) => {
                     // Another engine still holds a live lease on it: try again later.
-                    tokio::time::sleep(Duration::from_secs(1)).await;
                     return Disposition::Requeue;
                 }
                 Err(e) => {
@@ -713,7 +715,13 @@ impl Engine {
                     .await;
                 let r = match disposition {
                     Disposition::Ack => delivery.ack(BasicAckOptions::default()).await,
-                    Disposition::Requeue => delivery.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }).await,
+                    Disposition::Requeue => {
+                        // Whatever made it undurable (the database, usually) will not be back
+                        // in a millisecond: do not spin the message through the broker, whose
+                        // delivery limit would dead-letter it.
+                        tokio::time::sleep(REQUEUE_DELAY).await;
+                        delivery.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }).await
+                    }
                 };
                 if let Err(e) = r {
                     tracing::warn!(error = %e, "cannot settle a delivery; the broker will redeliver it");
