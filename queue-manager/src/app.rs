@@ -16,4 +16,5 @@ pub struct App {
     pub namespaces: std::sync::Arc<NamespaceCache>,
     /// `/readyz`: false while the broker is unreachable.
     pub ready: Readiness,
+    pub acceptor: crate::accept::Acceptor,
 }

@@ -2,6 +2,7 @@
 //! requests against the current namespace version, and makes them durable (broker confirm +
 //! PostgreSQL commit) before answering `2xx`.
 
+pub mod accept;
 pub mod api;
 pub mod app;
 pub mod auth;

@@ -78,7 +78,16 @@ async fn main() -> anyhow::Result<()> {
         Box::new(StandardCatalog::from_config(&cfg)),
     ));
     namespaces.listen(&cfg.database.url);
+    let acceptor = provisio_queue_manager::accept::Acceptor::start(
+        pool.clone(),
+        publisher.clone(),
+        namespaces.clone(),
+        cfg.validation.enable_schema_validation,
+        cfg.security.signing_key.clone(),
+        ready.clone(),
+    );
     let app = Arc::new(App {
+        acceptor,
         keys: KeyStore::new(
             pool.clone(),
             Duration::from_secs(cfg.queue_manager.key_cache_seconds),

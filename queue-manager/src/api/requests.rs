@@ -1,8 +1,8 @@
 //! `POST /v1/requests` and `GET /v1/requests/{id}`.
 //!
-//! Durability contract: the request row is inserted in a PostgreSQL transaction that commits
-//! only after the broker confirmed the message, so a `2xx` means both are durable, and any
-//! failure before that leaves neither (`503`, nothing accepted).
+//! Durability contract (kept by [`crate::accept`]): the request row is inserted in a PostgreSQL
+//! transaction that commits only after the broker confirmed the message, so a `2xx` means both
+//! are durable, and any failure before that leaves neither (`503`, nothing accepted).
 
 use std::sync::Arc;
 
@@ -10,12 +10,7 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
-use provisio_shared::amqp::Outgoing;
-use provisio_shared::domain::{
-    Envelope, Name, Priority, RequestId, RequestKind, RetryPolicy, Status,
-};
-use provisio_shared::procedure::Access;
-use provisio_shared::signing;
+use provisio_shared::domain::{Envelope, Name, Priority, RequestId, RequestKind, RetryPolicy};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -83,7 +78,13 @@ pub async fn submit(
         .await
         .map_err(ApiError::db)?
         .ok_or_else(|| ApiError::NotFound(format!("namespace `{namespace}` does not exist")))?;
-    check_procedure(&app, &caller, &ns, &procedure_name, &body.input)?;
+    crate::accept::check_procedure(
+        &ns,
+        &caller.0,
+        &procedure_name,
+        &body.input,
+        app.cfg.validation.enable_schema_validation,
+    )?;
 
     let body_hash = hash_of(&json!({
         "namespace": body.namespace, "procedure": body.procedure, "input": body.input,
@@ -105,111 +106,17 @@ pub async fn submit(
         submitted_at: Some(Utc::now()),
     };
 
-    let mut client = app.pool.get().await.map_err(ApiError::db)?;
-    let tx = client.transaction().await.map_err(ApiError::db)?;
-    // Prepared once per connection: parsing and planning per request is waste.
-    let insert = tx.prepare_cached(SQL_INSERT).await.map_err(ApiError::db)?;
-    let inserted = tx
-        .query_opt(
-            &insert,
-            &[
-                &id.as_str(),
-                &body_hash,
-                &namespace.as_str(),
-                &procedure_name.as_str(),
-                &ns.version,
-                &caller.0.id,
-                &priority.as_str(),
-                &body.input,
-                &envelope.submitted_at,
-            ],
-        )
-        .await
-        .map_err(ApiError::db)?;
-    if inserted.is_none() {
-        drop(tx);
-        let row = client
-            .query_one(
-                "SELECT body_hash, status FROM requests WHERE id = $1",
-                &[&id.as_str()],
-            )
-            .await
-            .map_err(ApiError::db)?;
-        let existing_hash: String = row.get(0);
-        if existing_hash != body_hash {
-            return Err(ApiError::Conflict(format!(
-                "request id `{id}` was already used for a different request"
-            )));
-        }
-        let status: String = row.get(1);
-        return Ok((
-            StatusCode::ACCEPTED,
-            Json(json!({"id": id, "status": status})),
-        ));
-    }
-
-    let mut envelope = envelope;
-    if let Some(row) = &inserted {
-        let current: Option<i32> = row.get(0);
-        if let Some(v) = current.filter(|v| *v != ns.version) {
-            // A version applied since the cache was filled: it is the one that runs.
-            let newer = app
-                .namespaces
-                .get(namespace.as_str(), v)
-                .await
-                .map_err(ApiError::db)?
-                .ok_or_else(|| {
-                    ApiError::NotFound(format!("namespace `{namespace}` does not exist"))
-                })?;
-            check_procedure(&app, &caller, &newer, &procedure_name, &body.input)?;
-            app.namespaces.invalidate(namespace.as_str());
-            envelope.namespace_version = Some(v);
-        }
-    }
-    let bytes = envelope.to_bytes();
-    let mut headers = lapin::types::FieldTable::default();
-    headers.insert(
-        signing::SIGNATURE_HEADER.into(),
-        provisio_shared::amqp::long_str(&signing::sign(
-            app.cfg.security.signing_key.expose().as_bytes(),
-            &bytes,
-        )),
-    );
-    let props = lapin::BasicProperties::default()
-        .with_message_id(id.as_str().into())
-        .with_content_type("application/json".into())
-        .with_headers(headers);
-    let exchange = app.publisher.topology().requests_exchange();
-    let started = std::time::Instant::now();
-    let published = app
-        .publisher
-        .publish(Outgoing {
-            exchange: &exchange,
-            routing_key: priority.as_str(),
-            body: &bytes,
-            properties: props,
+    let status = app
+        .acceptor
+        .accept(crate::accept::Submission {
+            body_hash,
+            checked_version: ns.version,
+            envelope,
         })
-        .await;
-    metrics::histogram!(provisio_shared::metrics::PUBLISH_DURATION)
-        .record(started.elapsed().as_secs_f64());
-    if let Err(e) = published {
-        metrics::gauge!(provisio_shared::metrics::BROKER_UP).set(0.0);
-        app.ready.set(false);
-        drop(tx.rollback().await);
-        return Err(ApiError::Unavailable(format!(
-            "broker unavailable, nothing was accepted: {e}"
-        )));
-    }
-    metrics::gauge!(provisio_shared::metrics::BROKER_UP).set(1.0);
-    app.ready.set(true);
-    tx.commit().await.map_err(ApiError::db)?;
-    metrics::counter!(provisio_shared::metrics::REQUESTS_ACCEPTED,
-        "namespace" => namespace.to_string(), "procedure" => procedure_name.to_string(),
-        "lane" => priority.as_str())
-    .increment(1);
+        .await?;
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({"id": id, "status": Status::Queued})),
+        Json(json!({"id": id, "status": status})),
     ))
 }
 
@@ -259,49 +166,6 @@ pub async fn get(
         rec["finished_at"] = json!(t);
     }
     Ok(Json(rec))
-}
-
-const SQL_INSERT: &str = "INSERT INTO requests (id, body_hash, namespace, procedure, namespace_version, kind, \
-             principal_id, priority, status, input, submitted_at) \
-             VALUES ($1, $2, $3, $4, \
-                     coalesce((SELECT max(version) FROM namespaces WHERE name = $3), $5), \
-                     'queued', $6, $7, 'queued', $8, $9) \
-             ON CONFLICT (id) DO NOTHING RETURNING namespace_version";
-
-/// The request may name this procedure of this namespace version with this input.
-fn check_procedure(
-    app: &App,
-    caller: &Caller,
-    ns: &provisio_shared::procedure::Namespace,
-    procedure_name: &Name,
-    input: &Value,
-) -> Result<(), ApiError> {
-    let procedure = ns.procedures.get(procedure_name.as_str()).ok_or_else(|| {
-        ApiError::NotFound(format!(
-            "procedure `{procedure_name}` does not exist in namespace `{}` v{}",
-            ns.name, ns.version
-        ))
-    })?;
-    if procedure.access == Access::Private && !caller.0.has("execute_private") {
-        return Err(ApiError::Forbidden(format!(
-            "procedure `{procedure_name}` is private; naming it needs `execute_private`"
-        )));
-    }
-    if app.cfg.validation.enable_schema_validation
-        && let Some(schema) = &procedure.input_schema
-    {
-        let details: Vec<Value> = schema
-            .iter_errors(input)
-            .map(|e| json!({"path": e.instance_path().to_string(), "message": e.to_string()}))
-            .collect();
-        if !details.is_empty() {
-            return Err(ApiError::Invalid {
-                message: "input does not match the procedure's input schema".into(),
-                details: Value::Array(details),
-            });
-        }
-    }
-    Ok(())
 }
 
 /// SHA-256 of the value with object keys sorted, so that key order does not make two equal

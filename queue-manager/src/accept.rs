@@ -1,0 +1,385 @@
+//! Accepting requests in groups (DESIGN §10, on the queue manager's side).
+//!
+//! Every accepted request costs a row insert, a confirmed publish and a commit. Handlers hand
+//! their validated submissions to the [`Acceptor`], which takes whatever is waiting and, in
+//! one PostgreSQL transaction: inserts all rows with one statement, publishes every new one
+//! (confirms awaited concurrently), deletes the rows whose publish failed, and commits. Each
+//! handler waits only for the batch that carries its request. Under light load a batch is one
+//! request; the durability contract is unchanged: a `2xx` only after confirm and commit.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::Pool;
+use futures_util::future::join_all;
+use provisio_shared::amqp::{Outgoing, Publisher, long_str};
+use provisio_shared::config::Secret;
+use provisio_shared::domain::{Envelope, Name, PrincipalRef};
+use provisio_shared::namespaces::NamespaceCache;
+use provisio_shared::procedure::{Access, Namespace};
+use provisio_shared::signing;
+use provisio_shared::telemetry::Readiness;
+use serde_json::{Value, json};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use crate::api::ApiError;
+
+/// A validated request, ready to be made durable.
+pub struct Submission {
+    pub body_hash: String,
+    /// The namespace version it was validated against (from the cache).
+    pub checked_version: i32,
+    pub envelope: Envelope,
+}
+
+/// The answer for one submission: its status (`queued`, or an earlier request's status).
+pub type Accepted = Result<String, ApiError>;
+
+struct Job {
+    sub: Submission,
+    done: oneshot::Sender<Accepted>,
+}
+
+#[derive(Clone)]
+pub struct Acceptor {
+    tx: mpsc::Sender<Job>,
+}
+
+struct Ctx {
+    pool: Pool,
+    publisher: Publisher,
+    namespaces: Arc<NamespaceCache>,
+    validate: bool,
+    signing_key: Secret,
+    ready: Readiness,
+}
+
+/// Rows inserted with one statement; the version is read inside the transaction, so a
+/// version applied a moment ago is the one the request runs.
+const SQL_INSERT: &str = "INSERT INTO requests (id, body_hash, namespace, procedure, namespace_version, kind, \
+     principal_id, priority, status, input, submitted_at) \
+     SELECT u.id, u.body_hash, u.namespace, u.procedure, \
+            coalesce((SELECT max(version) FROM namespaces n WHERE n.name = u.namespace), u.version), \
+            'queued', u.principal_id, u.priority, 'queued', u.input, u.submitted_at \
+     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::uuid[], $7::text[], \
+                 $8::jsonb[], $9::timestamptz[]) \
+          AS u(id, body_hash, namespace, procedure, version, principal_id, priority, input, submitted_at) \
+     ON CONFLICT (id) DO NOTHING \
+     RETURNING id, namespace_version";
+
+impl Acceptor {
+    pub fn start(
+        pool: Pool,
+        publisher: Publisher,
+        namespaces: Arc<NamespaceCache>,
+        validate: bool,
+        signing_key: Secret,
+        ready: Readiness,
+    ) -> Self {
+        let (tx, rx) = mpsc::channel(4096);
+        let ctx = Arc::new(Ctx {
+            pool,
+            publisher,
+            namespaces,
+            validate,
+            signing_key,
+            ready,
+        });
+        tokio::spawn(collector(ctx, rx));
+        Self { tx }
+    }
+
+    pub async fn accept(&self, sub: Submission) -> Accepted {
+        let (done, wait) = oneshot::channel();
+        let stopped = || ApiError::Unavailable("the queue manager is shutting down".into());
+        self.tx
+            .send(Job { sub, done })
+            .await
+            .map_err(|_| stopped())?;
+        wait.await.map_err(|_| stopped())?
+    }
+}
+
+async fn collector(ctx: Arc<Ctx>, mut rx: mpsc::Receiver<Job>) {
+    let permits = Arc::new(Semaphore::new(4));
+    loop {
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        let Some(first) = rx.recv().await else { return };
+        let mut batch = vec![first];
+        while batch.len() < 128 {
+            match rx.try_recv() {
+                Ok(j) => batch.push(j),
+                Err(_) => break,
+            }
+        }
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            accept_batch(&ctx, batch).await;
+            drop(permit);
+        });
+    }
+}
+
+/// The request may name this procedure of this namespace version with this input.
+pub fn check_procedure(
+    ns: &Namespace,
+    principal: &PrincipalRef,
+    procedure_name: &Name,
+    input: &Value,
+    validate: bool,
+) -> Result<(), ApiError> {
+    let procedure = ns.procedures.get(procedure_name.as_str()).ok_or_else(|| {
+        ApiError::NotFound(format!(
+            "procedure `{procedure_name}` does not exist in namespace `{}` v{}",
+            ns.name, ns.version
+        ))
+    })?;
+    if procedure.access == Access::Private && !principal.has("execute_private") {
+        return Err(ApiError::Forbidden(format!(
+            "procedure `{procedure_name}` is private; naming it needs `execute_private`"
+        )));
+    }
+    if validate && let Some(schema) = &procedure.input_schema {
+        let details: Vec<Value> = schema
+            .iter_errors(input)
+            .map(|e| json!({"path": e.instance_path().to_string(), "message": e.to_string()}))
+            .collect();
+        if !details.is_empty() {
+            return Err(ApiError::Invalid {
+                message: "input does not match the procedure's input schema".into(),
+                details: Value::Array(details),
+            });
+        }
+    }
+    Ok(())
+}
+
+async fn accept_batch(ctx: &Ctx, batch: Vec<Job>) {
+    let (subs, dones): (Vec<Submission>, Vec<oneshot::Sender<Accepted>>) =
+        batch.into_iter().map(|j| (j.sub, j.done)).unzip();
+    let answers = match run_batch(ctx, subs).await {
+        Ok(a) => a,
+        Err(e) => {
+            let msg = e.to_string();
+            (0..dones.len())
+                .map(|_| Err(ApiError::Unavailable(msg.clone())))
+                .collect()
+        }
+    };
+    for (done, answer) in dones.into_iter().zip(answers) {
+        let _ = done.send(answer);
+    }
+}
+
+async fn run_batch(ctx: &Ctx, mut subs: Vec<Submission>) -> Result<Vec<Accepted>, ApiError> {
+    let mut client = ctx.pool.get().await.map_err(ApiError::db)?;
+    let tx = client.transaction().await.map_err(ApiError::db)?;
+    let stmt = tx.prepare_cached(SQL_INSERT).await.map_err(ApiError::db)?;
+    let ids: Vec<&str> = subs.iter().map(|s| s.envelope.id.as_str()).collect();
+    let hashes: Vec<&str> = subs.iter().map(|s| s.body_hash.as_str()).collect();
+    let namespaces: Vec<&str> = subs.iter().map(|s| s.envelope.namespace.as_str()).collect();
+    let procedures: Vec<&str> = subs.iter().map(|s| s.envelope.procedure.as_str()).collect();
+    let versions: Vec<i32> = subs.iter().map(|s| s.checked_version).collect();
+    let principals: Vec<Option<uuid::Uuid>> = subs
+        .iter()
+        .map(|s| s.envelope.principal.as_ref().map(|p| p.id))
+        .collect();
+    let priorities: Vec<&str> = subs.iter().map(|s| s.envelope.priority.as_str()).collect();
+    let inputs: Vec<&Value> = subs.iter().map(|s| &s.envelope.input).collect();
+    let submitted: Vec<Option<DateTime<Utc>>> =
+        subs.iter().map(|s| s.envelope.submitted_at).collect();
+    let rows = tx
+        .query(
+            &stmt,
+            &[
+                &ids,
+                &hashes,
+                &namespaces,
+                &procedures,
+                &versions,
+                &principals,
+                &priorities,
+                &inputs,
+                &submitted,
+            ],
+        )
+        .await
+        .map_err(ApiError::db)?;
+    let mut inserted: HashMap<String, Option<i32>> = rows
+        .iter()
+        .map(|r| (r.get::<_, String>(0), r.get::<_, Option<i32>>(1)))
+        .collect();
+
+    // Ids that were not inserted belong to earlier requests (or to an earlier one in this batch).
+    let mut answers: Vec<Option<Accepted>> = (0..subs.len()).map(|_| None).collect();
+    let mut is_new = vec![false; subs.len()];
+    for (i, s) in subs.iter().enumerate() {
+        // Only the first of several submissions with one id inserted its row.
+        is_new[i] = inserted.remove(s.envelope.id.as_str()).is_some();
+    }
+    // Re-read versions for the new rows (the map was consumed above for duplicate detection).
+    let versions_now: HashMap<String, Option<i32>> = rows
+        .iter()
+        .map(|r| (r.get::<_, String>(0), r.get::<_, Option<i32>>(1)))
+        .collect();
+    let dup_ids: Vec<&str> = subs
+        .iter()
+        .zip(&is_new)
+        .filter(|(_, n)| !**n)
+        .map(|(s, _)| s.envelope.id.as_str())
+        .collect();
+    if !dup_ids.is_empty() {
+        let existing = tx
+            .query(
+                "SELECT id, body_hash, status FROM requests WHERE id = ANY($1)",
+                &[&dup_ids],
+            )
+            .await
+            .map_err(ApiError::db)?;
+        let existing: HashMap<String, (String, String)> = existing
+            .iter()
+            .map(|r| {
+                (
+                    r.get::<_, String>(0),
+                    (r.get::<_, String>(1), r.get::<_, String>(2)),
+                )
+            })
+            .collect();
+        for (i, s) in subs.iter().enumerate() {
+            if is_new[i] {
+                continue;
+            }
+            answers[i] = Some(match existing.get(s.envelope.id.as_str()) {
+                Some((hash, _)) if *hash != s.body_hash => Err(ApiError::Conflict(format!(
+                    "request id `{}` was already used for a different request",
+                    s.envelope.id
+                ))),
+                Some((_, status)) => Ok(status.clone()),
+                None => Err(ApiError::Unavailable(
+                    "a concurrent request with the same id did not complete; retry".into(),
+                )),
+            });
+        }
+    }
+
+    // A version applied since validation is the one that runs: validate against it.
+    for (i, s) in subs.iter_mut().enumerate() {
+        if !is_new[i] {
+            continue;
+        }
+        let now = versions_now.get(s.envelope.id.as_str()).copied().flatten();
+        if let Some(v) = now.filter(|v| *v != s.checked_version) {
+            let checked = match ctx.namespaces.get(s.envelope.namespace.as_str(), v).await {
+                Ok(Some(ns)) => {
+                    let principal = s.envelope.principal.clone().unwrap_or(PrincipalRef {
+                        id: uuid::Uuid::nil(),
+                        name: String::new(),
+                        permissions: Vec::new(),
+                    });
+                    check_procedure(
+                        &ns,
+                        &principal,
+                        &s.envelope.procedure,
+                        &s.envelope.input,
+                        ctx.validate,
+                    )
+                }
+                Ok(None) => Err(ApiError::NotFound(format!(
+                    "namespace `{}` does not exist",
+                    s.envelope.namespace
+                ))),
+                Err(e) => Err(ApiError::db(e)),
+            };
+            ctx.namespaces.invalidate(s.envelope.namespace.as_str());
+            match checked {
+                Ok(()) => s.envelope.namespace_version = Some(v),
+                Err(e) => answers[i] = Some(Err(e)),
+            }
+        }
+    }
+
+    // Publish every new, still valid request; confirms are awaited concurrently.
+    let exchange = ctx.publisher.topology().requests_exchange();
+    let key = ctx.signing_key.expose().as_bytes();
+    let started = Instant::now();
+    let publishes = subs
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| is_new[*i] && answers[*i].is_none())
+        .map(|(i, s)| {
+            let bytes = s.envelope.to_bytes();
+            let mut headers = lapin::types::FieldTable::default();
+            headers.insert(
+                signing::SIGNATURE_HEADER.into(),
+                long_str(&signing::sign(key, &bytes)),
+            );
+            let props = lapin::BasicProperties::default()
+                .with_message_id(s.envelope.id.as_str().into())
+                .with_content_type("application/json".into())
+                .with_headers(headers);
+            let (publisher, exchange) = (&ctx.publisher, &exchange);
+            let lane = s.envelope.priority.as_str();
+            async move {
+                let r = publisher
+                    .publish(Outgoing {
+                        exchange,
+                        routing_key: lane,
+                        body: &bytes,
+                        properties: props,
+                    })
+                    .await;
+                (i, r)
+            }
+        });
+    let results = join_all(publishes).await;
+    metrics::histogram!(provisio_shared::metrics::PUBLISH_DURATION)
+        .record(started.elapsed().as_secs_f64());
+    let mut failed: Vec<&str> = Vec::new();
+    for (i, r) in results {
+        match r {
+            Ok(()) => answers[i] = Some(Ok("queued".to_owned())),
+            Err(e) => {
+                failed.push(subs[i].envelope.id.as_str());
+                answers[i] = Some(Err(ApiError::Unavailable(format!(
+                    "broker unavailable, nothing was accepted: {e}"
+                ))));
+            }
+        }
+    }
+    // Rows whose message is not in the broker (publish failed, or a newer version refused
+    // the request) must not outlive this transaction.
+    let mut remove: Vec<&str> = failed.clone();
+    for (i, s) in subs.iter().enumerate() {
+        if is_new[i]
+            && matches!(answers[i], Some(Err(_)))
+            && !remove.contains(&s.envelope.id.as_str())
+        {
+            remove.push(s.envelope.id.as_str());
+        }
+    }
+    if !remove.is_empty() {
+        tx.execute("DELETE FROM requests WHERE id = ANY($1)", &[&remove])
+            .await
+            .map_err(ApiError::db)?;
+    }
+    let broker_up = failed.is_empty();
+    metrics::gauge!(provisio_shared::metrics::BROKER_UP).set(if broker_up { 1.0 } else { 0.0 });
+    ctx.ready.set(broker_up);
+    tx.commit().await.map_err(ApiError::db)?;
+    for (i, s) in subs.iter().enumerate() {
+        if is_new[i] && matches!(answers[i], Some(Ok(_))) {
+            metrics::counter!(provisio_shared::metrics::REQUESTS_ACCEPTED,
+                "namespace" => s.envelope.namespace.to_string(), "procedure" => s.envelope.procedure.to_string(),
+                "lane" => s.envelope.priority.as_str())
+            .increment(1);
+        }
+    }
+    Ok(answers
+        .into_iter()
+        .map(|a| a.unwrap_or_else(|| Err(ApiError::Internal("request was not answered".into()))))
+        .collect())
+}
