@@ -429,3 +429,45 @@ async fn sigterm_drains_the_engine_which_finishes_what_it_holds_and_exits_0() ->
     env.cleanup().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn concurrent_submissions_of_one_id_make_one_request() -> R {
+    let env = TestEnv::new("sameid").await?;
+    let qm = env.queue_manager().await?;
+    env.apply(&qm, "demo", &demo_namespace()).await?;
+    let mut body = request("demo", "hello", json!({"name": "Eve"}));
+    body["id"] = json!("dup-1");
+    // Twenty identical submissions at once (they may share one accepting batch).
+    let same: Vec<_> = (0..20).map(|_| env.submit(&qm, &body)).collect();
+    for r in futures_util::future::join_all(same).await {
+        let (status, b) = r?;
+        assert_eq!(status, 202, "{b}");
+    }
+    // And ten with a different body at once: all conflict.
+    let mut other = body.clone();
+    other["input"] = json!({"name": "Mallory"});
+    let diff: Vec<_> = (0..10).map(|_| env.submit(&qm, &other)).collect();
+    for r in futures_util::future::join_all(diff).await {
+        assert_eq!(r?.0, 409);
+    }
+    let pg = env.pg().await?;
+    let n: i64 = pg
+        .query_one("SELECT count(*) FROM requests WHERE id = 'dup-1'", &[])
+        .await?
+        .get(0);
+    assert_eq!(n, 1);
+    let depth = provisio_shared::amqp::Publisher::new(
+        &env.amqp_url,
+        env.topology(),
+        std::time::Duration::from_secs(5),
+    )
+    .queue_depth(
+        &env.topology()
+            .lane_queue(provisio_shared::domain::Priority::Normal),
+    )
+    .await?;
+    assert_eq!(depth, 1, "published once");
+    drop(qm);
+    env.cleanup().await;
+    Ok(())
+}
