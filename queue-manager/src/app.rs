@@ -17,4 +17,5 @@ pub struct App {
     /// `/readyz`: false while the broker is unreachable.
     pub ready: Readiness,
     pub acceptor: crate::accept::Acceptor,
+    pub waiters: std::sync::Arc<crate::wait::Waiters>,
 }

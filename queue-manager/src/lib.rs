@@ -6,3 +6,4 @@ pub mod accept;
 pub mod api;
 pub mod app;
 pub mod auth;
+pub mod wait;

@@ -86,8 +86,11 @@ async fn main() -> anyhow::Result<()> {
         cfg.security.signing_key.clone(),
         ready.clone(),
     );
+    let waiters = Arc::new(provisio_queue_manager::wait::Waiters::default());
+    waiters.follow(cfg.amqp.url.expose().to_owned(), Topology::new(&cfg.amqp));
     let app = Arc::new(App {
         acceptor,
+        waiters,
         keys: KeyStore::new(
             pool.clone(),
             Duration::from_secs(cfg.queue_manager.key_cache_seconds),

@@ -120,6 +120,8 @@ pub struct QueueManagerConfig {
     pub publish_timeout_ms: u64,
     /// How long a verified API key stays cached (argon2 is deliberately slow).
     pub key_cache_seconds: u64,
+    /// Upper bound of `?wait=SECONDS`.
+    pub max_wait_seconds: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -340,6 +342,7 @@ impl Default for QueueManagerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             max_body_bytes: 256 * 1024,
             publish_timeout_ms: 3000,
+            max_wait_seconds: 60,
             key_cache_seconds: 60,
         }
     }

@@ -471,3 +471,32 @@ async fn concurrent_submissions_of_one_id_make_one_request() -> R {
     env.cleanup().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn wait_answers_200_with_the_outcome_or_202_when_it_is_not_done_in_time() -> R {
+    let env = TestEnv::new("wait").await?;
+    let (qm, engine) = tokio::try_join!(env.queue_manager(), env.engine())?;
+    env.apply(&qm, "demo", &demo_namespace()).await?;
+    let slow = "namespace: slow\nprocedures:\n  nap:\n    access: public\n    steps:\n      - call: test.sleep\n        input: '{ms: 3000}'\n";
+    env.apply(&qm, "slow", slow).await?;
+    let post = |query: &str, body: Value| {
+        env.http
+            .post(format!("{}/v1/requests{query}", qm.url))
+            .bearer_auth(&env.admin_key)
+            .json(&body)
+            .send()
+    };
+    let r = post("?wait=30", request("demo", "hello", json!({"name": "Wu"}))).await?;
+    assert_eq!(r.status().as_u16(), 200);
+    let rec: Value = r.json().await?;
+    assert_eq!(rec["status"], "succeeded");
+    assert_eq!(rec["output"]["message"], "hello, Wu");
+    let r = post("?wait=1", request("slow", "nap", json!({}))).await?;
+    assert_eq!(r.status().as_u16(), 202);
+    assert_eq!(r.json::<Value>().await?["status"], "queued");
+    let r = post("?wait=soon", request("demo", "hello", json!({"name": "x"}))).await?;
+    assert_eq!(r.status().as_u16(), 400);
+    drop((qm, engine));
+    env.cleanup().await;
+    Ok(())
+}

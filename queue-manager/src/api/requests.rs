@@ -5,12 +5,16 @@
 //! are durable, and any failure before that leaves neither (`503`, nothing accepted).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
-use provisio_shared::domain::{Envelope, Name, Priority, RequestId, RequestKind, RetryPolicy};
+use provisio_shared::domain::{
+    Envelope, Name, Priority, RequestId, RequestKind, RetryPolicy, Status,
+};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -38,11 +42,24 @@ pub struct SubmitBody {
     retry: Option<RetryPolicy>,
 }
 
+#[derive(Debug, Deserialize)]
+pub struct SubmitQuery {
+    /// Seconds to wait for the outcome: `200` with the record when it finished, else `202`.
+    #[serde(default)]
+    wait: Option<u64>,
+}
+
 pub async fn submit(
     State(app): State<Arc<App>>,
     caller: Caller,
+    query: Result<Query<SubmitQuery>, QueryRejection>,
     JsonBody(body): JsonBody<SubmitBody>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let Query(query) =
+        query.map_err(|e| ApiError::Malformed(format!("query: {}", e.body_text())))?;
+    let wait = query
+        .wait
+        .map(|w| Duration::from_secs(w.min(app.cfg.queue_manager.max_wait_seconds)));
     caller.require("execute")?;
     if body.credentials.is_some() {
         caller.require("execute_with_credentials")?;
@@ -106,6 +123,7 @@ pub async fn submit(
         submitted_at: Some(Utc::now()),
     };
 
+    let registration = wait.map(|_| app.waiters.register(id.as_str()));
     let status = app
         .acceptor
         .accept(crate::accept::Submission {
@@ -114,10 +132,32 @@ pub async fn submit(
             envelope,
         })
         .await?;
+    if let (Some(wait), Some(mut reg)) = (wait, registration) {
+        let finished = status.parse::<Status>().is_ok_and(Status::is_final)
+            || tokio::time::timeout(wait, &mut reg.woken)
+                .await
+                .is_ok_and(|r| r.is_ok());
+        if finished
+            && let Some(rec) = record(&app, id.as_str()).await?
+            && rec["status"]
+                .as_str()
+                .and_then(|s| s.parse::<Status>().ok())
+                .is_some_and(Status::is_final)
+        {
+            return Ok((StatusCode::OK, Json(strip_owner(rec))));
+        }
+    }
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({"id": id, "status": status})),
     ))
+}
+
+fn strip_owner(mut rec: Value) -> Value {
+    if let Some(m) = rec.as_object_mut() {
+        m.remove("principal_id");
+    }
+    rec
 }
 
 pub async fn get(
@@ -125,6 +165,20 @@ pub async fn get(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
+    let not_found = || ApiError::NotFound(format!("request `{id}` does not exist"));
+    let rec = record(&app, &id).await?.ok_or_else(not_found)?;
+    // Only the submitter and admins may see a request; others are told it does not exist.
+    let owner = rec["principal_id"]
+        .as_str()
+        .and_then(|s| uuid::Uuid::parse_str(s).ok());
+    if owner != Some(caller.0.id) && !caller.0.has("admin") {
+        return Err(not_found());
+    }
+    Ok(Json(strip_owner(rec)))
+}
+
+/// A request's record as the API shows it (plus `principal_id`, for the owner check).
+async fn record(app: &App, id: &str) -> Result<Option<Value>, ApiError> {
     let client = app.pool.get().await.map_err(ApiError::db)?;
     let row = client
         .query_opt(
@@ -134,13 +188,7 @@ pub async fn get(
         )
         .await
         .map_err(ApiError::db)?;
-    let not_found = || ApiError::NotFound(format!("request `{id}` does not exist"));
-    let row = row.ok_or_else(not_found)?;
-    let owner: Option<uuid::Uuid> = row.get(11);
-    // Only the submitter and admins may see a request; others are told it does not exist.
-    if owner != Some(caller.0.id) && !caller.0.has("admin") {
-        return Err(not_found());
-    }
+    let Some(row) = row else { return Ok(None) };
     let mut rec = json!({
         "id": row.get::<_, String>(0),
         "namespace": row.get::<_, String>(1),
@@ -148,6 +196,7 @@ pub async fn get(
         "status": row.get::<_, String>(3),
         "attempts": row.get::<_, i32>(6),
         "submitted_at": row.get::<_, DateTime<Utc>>(7),
+        "principal_id": row.get::<_, Option<uuid::Uuid>>(11),
     });
     let optional = [
         ("output", row.get::<_, Option<Value>>(4)),
@@ -165,7 +214,7 @@ pub async fn get(
     if let Some(t) = row.get::<_, Option<DateTime<Utc>>>(9) {
         rec["finished_at"] = json!(t);
     }
-    Ok(Json(rec))
+    Ok(Some(rec))
 }
 
 /// SHA-256 of the value with object keys sorted, so that key order does not make two equal
