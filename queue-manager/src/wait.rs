@@ -29,12 +29,14 @@ pub struct Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        if let Ok(mut m) = self.waiters.map.lock() {
-            if let Some(v) = m.get_mut(&self.id) {
-                v.retain(|s| !s.is_closed());
-                if v.is_empty() {
-                    m.remove(&self.id);
-                }
+        // Close our end first, so that our sender counts as closed below.
+        self.woken.close();
+        if let Ok(mut m) = self.waiters.map.lock()
+            && let Some(v) = m.get_mut(&self.id)
+        {
+            v.retain(|s| !s.is_closed());
+            if v.is_empty() {
+                m.remove(&self.id);
             }
         }
     }
@@ -118,5 +120,26 @@ impl Waiters {
             }
         }
         anyhow::bail!("outcome stream ended")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn wakes_registered_waiters_and_forgets_abandoned_ones() {
+        let w = Arc::new(Waiters::default());
+        let mut a = w.register("r1");
+        let mut b = w.register("r1");
+        w.wake("r1");
+        assert!((&mut a.woken).await.is_ok());
+        assert!((&mut b.woken).await.is_ok());
+        let c = w.register("r2");
+        drop(c);
+        assert!(
+            w.map.lock().expect("lock").is_empty(),
+            "an abandoned wait leaves nothing behind"
+        );
     }
 }
