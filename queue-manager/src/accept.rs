@@ -22,7 +22,7 @@ use provisio_shared::procedure::{Access, Namespace};
 use provisio_shared::signing;
 use provisio_shared::telemetry::Readiness;
 use serde_json::{Value, json};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::api::ApiError;
 
@@ -102,26 +102,12 @@ impl Acceptor {
     }
 }
 
-async fn collector(ctx: Arc<Ctx>, mut rx: mpsc::Receiver<Job>) {
-    let permits = Arc::new(Semaphore::new(4));
-    loop {
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            return;
-        };
-        let Some(first) = rx.recv().await else { return };
-        let mut batch = vec![first];
-        while batch.len() < 128 {
-            match rx.try_recv() {
-                Ok(j) => batch.push(j),
-                Err(_) => break,
-            }
-        }
+async fn collector(ctx: Arc<Ctx>, rx: mpsc::Receiver<Job>) {
+    provisio_shared::batch::run(rx, 128, 4, move |batch| {
         let ctx = ctx.clone();
-        tokio::spawn(async move {
-            accept_batch(&ctx, batch).await;
-            drop(permit);
-        });
-    }
+        async move { accept_batch(&ctx, batch).await }
+    })
+    .await;
 }
 
 /// The request may name this procedure of this namespace version with this input.

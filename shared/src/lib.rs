@@ -4,6 +4,7 @@
 //! AMQP names, SQL schema) are defined here once so that a producer and a consumer cannot drift.
 
 pub mod amqp;
+pub mod batch;
 pub mod catalog;
 pub mod config;
 pub mod db;

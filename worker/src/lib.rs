@@ -4,3 +4,6 @@ pub mod engine;
 pub mod providers;
 pub mod recovery;
 pub mod txlog;
+
+#[cfg(test)]
+pub(crate) mod testing;

@@ -6,12 +6,11 @@
 //! request in flight. Several batches may commit concurrently (`writers`), so a slow commit
 //! does not stall the next batch from forming.
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use deadpool_postgres::Pool;
 use serde_json::Value;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -123,29 +122,12 @@ impl TxLog {
     }
 }
 
-async fn collector(pool: Pool, mut rx: mpsc::Receiver<Job>, max_batch: usize, writers: usize) {
-    let permits = Arc::new(Semaphore::new(writers));
-    loop {
-        // Wait for a free writer first, so records keep accumulating while all are busy.
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            return;
-        };
-        let Some(first) = rx.recv().await else {
-            return;
-        };
-        let mut batch = vec![first];
-        while batch.len() < max_batch {
-            match rx.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
+async fn collector(pool: Pool, rx: mpsc::Receiver<Job>, max_batch: usize, writers: usize) {
+    provisio_shared::batch::run(rx, max_batch, writers, move |batch| {
         let pool = pool.clone();
-        tokio::spawn(async move {
-            commit_batch(&pool, batch).await;
-            drop(permit);
-        });
-    }
+        async move { commit_batch(&pool, batch).await }
+    })
+    .await;
 }
 
 async fn commit_batch(pool: &Pool, batch: Vec<Job>) {

@@ -93,34 +93,25 @@ struct World {
     registry: Registry,
     txlog: TxLog,
     cache: NamespaceCache,
-    db: Option<Secret>,
+    _db: Option<crate::testing::TempDb>,
 }
 
 impl World {
     /// `logged`: give the transaction log a real database (compensating model).
     async fn new(logged: bool) -> Self {
         let db = if logged {
-            let base = std::env::var("PROVISIO_TEST_PG")
-                .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
-            let url = Secret::new(format!(
-                "{base}/pvunit_{}",
-                &Uuid::new_v4().simple().to_string()[..12]
-            ));
-            provisio_shared::db::create_database_if_missing(&url)
-                .await
-                .expect("test database");
-            provisio_shared::db::migrate(&url)
-                .await
-                .expect("migrations");
-            Some(url)
+            Some(crate::testing::TempDb::new(4).await)
         } else {
             None
         };
         // Without a database the pool points nowhere; `read` runs never touch it.
-        let url = db
-            .clone()
-            .unwrap_or_else(|| Secret::new("postgres://nobody@127.0.0.1:1/none"));
-        let pool = provisio_shared::db::pool(&url, 4).expect("pool");
+        let pool = match &db {
+            Some(d) => d.pool.clone(),
+            None => {
+                provisio_shared::db::pool(&Secret::new("postgres://nobody@127.0.0.1:1/none"), 4)
+                    .expect("pool")
+            }
+        };
         let mem = Arc::new(Mem::default());
         let mut registry = Registry::default();
         registry.register(mem.clone());
@@ -129,7 +120,7 @@ impl World {
             registry,
             txlog: TxLog::start(pool.clone(), 16, 2),
             cache: NamespaceCache::new(pool, Box::new(MemCatalog)),
-            db,
+            _db: db,
         }
     }
 
@@ -191,11 +182,6 @@ impl World {
             .collect()
     }
 
-    async fn done(self) {
-        if let Some(db) = self.db {
-            let _ = provisio_shared::db::drop_database(&db).await;
-        }
-    }
 }
 
 fn pairs(v: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -216,7 +202,6 @@ async fn call_input_save_and_output() {
         out.result,
         Ok(json!({"a": {"doubled": 42}, "b": {"n": 21}, "req": "r"}))
     );
-    w.done().await;
 }
 
 #[tokio::test]
@@ -235,7 +220,6 @@ async fn when_skips_and_set_writes_vars() {
         )
     );
     assert_eq!(w.calls(), pairs(&[("execute", "2")]));
-    w.done().await;
 }
 
 #[tokio::test]
@@ -264,7 +248,6 @@ async fn for_each_runs_per_item_and_records_each_iteration() {
         bad.result.expect_err("not an array").code,
         "expression_failed"
     );
-    w.done().await;
 }
 
 #[tokio::test]
@@ -294,7 +277,6 @@ async fn switch_picks_a_case_or_the_default() {
             .result,
         Ok(json!(10))
     );
-    w.done().await;
 }
 
 #[tokio::test]
@@ -313,7 +295,6 @@ async fn fail_raises_a_coded_error_with_its_step() {
         (f.code.as_str(), f.message.as_str(), f.step.as_deref()),
         ("no_quota", "user bo has no quota", Some("1"))
     );
-    w.done().await;
 }
 
 #[tokio::test]
@@ -328,7 +309,6 @@ async fn nested_procedures_see_their_own_input_and_return_output() {
         .await;
     assert_eq!(out.result, Ok(json!("Cy")));
     assert_eq!(w.calls(), pairs(&[("execute", "0>inner.0")]));
-    w.done().await;
 }
 
 #[tokio::test]
@@ -361,7 +341,6 @@ async fn retries_only_retryable_errors_up_to_max_attempts() {
         before + 1,
         "a permanent error is not retried"
     );
-    w.done().await;
 }
 
 #[tokio::test]
@@ -386,7 +365,6 @@ async fn expression_errors_fail_the_step_without_panicking() {
         1,
         "only the step before the bad output ran"
     );
-    w.done().await;
 }
 
 #[tokio::test]
@@ -401,7 +379,6 @@ async fn a_panicking_provider_fails_the_step() {
         .result
         .expect_err("fails");
     assert_eq!(f.code, "provider_panic");
-    w.done().await;
 }
 
 #[tokio::test]
@@ -431,7 +408,6 @@ async fn compensating_failure_rolls_back_completed_steps_in_reverse_including_ne
             ("rollback", "0"),
         ])
     );
-    w.done().await;
 }
 
 #[tokio::test]
@@ -458,7 +434,6 @@ async fn try_rolls_back_its_own_steps_then_catch_sees_the_error() {
             ("execute", "1.catch.0")
         ])
     );
-    w.done().await;
 }
 
 #[tokio::test]
@@ -473,7 +448,6 @@ async fn read_procedures_are_not_rolled_back() {
     assert!(out.result.is_err());
     assert_eq!(w.calls(), pairs(&[("execute", "0"), ("execute", "1")]));
     assert!(out.pending.is_empty(), "read logs nothing step by step");
-    w.done().await;
 }
 
 #[tokio::test]
@@ -488,5 +462,4 @@ async fn output_schema_is_enforced_when_validation_is_on() {
         .result
         .expect_err("fails");
     assert_eq!(f.code, "output_invalid");
-    w.done().await;
 }

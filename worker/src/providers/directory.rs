@@ -1010,30 +1010,21 @@ async fn restore_user(tx: &Transaction<'_>, s: &Snapshot) -> Result<(), Provider
 #[cfg(test)]
 mod tests {
     use super::*;
-    use provisio_shared::config::Secret;
-    use provisio_shared::provider::Participation;
+    use crate::testing::{call, rollback_of};
 
     /// A fresh, migrated database of its own; dropped when the value is.
     struct TestDb {
-        url: Secret,
+        temp: crate::testing::TempDb,
         pool: Pool,
         provider: DirectoryProvider,
     }
 
     impl TestDb {
         async fn new() -> Self {
-            let base = std::env::var("PROVISIO_TEST_PG")
-                .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
-            let url = Secret::new(format!("{base}/pvdir_{}", Uuid::new_v4().simple()));
-            provisio_shared::db::create_database_if_missing(&url)
-                .await
-                .expect("test database");
-            provisio_shared::db::migrate(&url)
-                .await
-                .expect("migrations");
-            let pool = provisio_shared::db::pool(&url, 4).expect("pool");
+            let temp = crate::testing::TempDb::new(4).await;
+            let pool = temp.pool.clone();
             Self {
-                url,
+                temp,
                 provider: DirectoryProvider::new(pool.clone()),
                 pool,
             }
@@ -1044,8 +1035,7 @@ mod tests {
             sql: &str,
             params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
         ) -> i64 {
-            let client = self.pool.get().await.expect("connection");
-            client.query_one(sql, params).await.expect("query").get(0)
+            self.temp.scalar_i64(sql, params).await
         }
 
         async fn exec(
@@ -1065,46 +1055,6 @@ mod tests {
 
         async fn undo(&self, c: &Call, e: &Executed) -> Result<(), ProviderError> {
             self.provider.rollback(&rollback_of(c, e)).await
-        }
-    }
-
-    impl Drop for TestDb {
-        fn drop(&mut self) {
-            let url = self.url.clone();
-            // A runtime of its own: this may run while the test's runtime is shutting down.
-            let _ = std::thread::spawn(move || {
-                if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    let _ = rt.block_on(provisio_shared::db::drop_database(&url));
-                }
-            })
-            .join();
-        }
-    }
-
-    fn call(action: &str, input: Value) -> Call {
-        let tx_id = Uuid::new_v4();
-        Call {
-            tx_id,
-            idempotency_key: format!("{tx_id}:steps.0"),
-            step_path: "steps.0".into(),
-            action: action.into(),
-            input,
-            caller: None,
-            credentials: None,
-            participation: Participation::Compensating,
-        }
-    }
-
-    fn rollback_of(c: &Call, e: &Executed) -> Rollback {
-        Rollback {
-            tx_id: c.tx_id,
-            idempotency_key: c.idempotency_key.clone(),
-            step_path: c.step_path.clone(),
-            action: c.action.clone(),
-            data: e.rollback.clone().expect("rollback data"),
         }
     }
 

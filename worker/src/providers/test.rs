@@ -24,19 +24,20 @@ struct CallRecord {
 
 /// Writes call records in batches (one multi-row insert for whatever is waiting), in the
 /// order they arrive; each caller waits for the insert that carries its record.
+/// Records arrive in order and are written in that order (one batch at a time).
 async fn recorder(
     pool: Pool,
-    mut rx: mpsc::Receiver<(CallRecord, oneshot::Sender<Result<(), String>>)>,
+    rx: mpsc::Receiver<(CallRecord, oneshot::Sender<Result<(), String>>)>,
 ) {
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < 256 {
-            match rx.try_recv() {
-                Ok(r) => batch.push(r),
-                Err(_) => break,
-            }
-        }
-        let result = async {
+    provisio_shared::batch::run(rx, 256, 1, move |batch| {
+        let pool = pool.clone();
+        async move { write_records(&pool, batch).await }
+    })
+    .await;
+}
+
+async fn write_records(pool: &Pool, batch: Vec<(CallRecord, oneshot::Sender<Result<(), String>>)>) {
+    let result = async {
             let client = pool.get().await.map_err(|e| e.to_string())?;
             let stmt = client
                 .prepare_cached(
@@ -57,9 +58,8 @@ async fn recorder(
             Ok::<(), String>(())
         }
         .await;
-        for (_, done) in batch {
-            let _ = done.send(result.clone());
-        }
+    for (_, done) in batch {
+        let _ = done.send(result.clone());
     }
 }
 
