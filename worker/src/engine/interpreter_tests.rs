@@ -181,7 +181,6 @@ impl World {
             .map(|(k, p, _)| (k.clone(), p.clone()))
             .collect()
     }
-
 }
 
 fn pairs(v: &[(&str, &str)]) -> Vec<(String, String)> {

@@ -17,6 +17,7 @@
 //! `rollback:{idempotency_key}` in the same way, so repeating it does nothing, and treats
 //! "already gone" as done.
 
+use super::input::{boolean, invalid, kind, object, string, uuid};
 use chrono::{DateTime, SecondsFormat, Utc};
 use deadpool_postgres::{Pool, Transaction};
 use futures_util::future::BoxFuture;
@@ -393,52 +394,6 @@ impl Undo {
     }
 }
 
-fn invalid(message: impl Into<String>) -> ProviderError {
-    ProviderError::permanent("invalid_input", message)
-}
-
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
-
-fn object<'v>(v: &'v Value, what: &str) -> Result<&'v Map<String, Value>, ProviderError> {
-    v.as_object()
-        .ok_or_else(|| invalid(format!("{what} must be an object, not {}", kind(v))))
-}
-
-fn string<'v>(
-    m: &'v Map<String, Value>,
-    field: &str,
-    what: &str,
-) -> Result<&'v str, ProviderError> {
-    match m.get(field) {
-        None | Some(Value::Null) => Err(invalid(format!("{what}: `{field}` is required"))),
-        Some(Value::String(s)) => Ok(s),
-        Some(other) => Err(invalid(format!(
-            "{what}: `{field}` must be a string, not {}",
-            kind(other)
-        ))),
-    }
-}
-
-fn boolean(m: &Map<String, Value>, field: &str, what: &str) -> Result<bool, ProviderError> {
-    match m.get(field) {
-        None | Some(Value::Null) => Err(invalid(format!("{what}: `{field}` is required"))),
-        Some(Value::Bool(b)) => Ok(*b),
-        Some(other) => Err(invalid(format!(
-            "{what}: `{field}` must be a boolean, not {}",
-            kind(other)
-        ))),
-    }
-}
-
 fn array<'v>(
     m: &'v Map<String, Value>,
     field: &str,
@@ -452,11 +407,6 @@ fn array<'v>(
             kind(other)
         ))),
     }
-}
-
-fn uuid(m: &Map<String, Value>, field: &str, what: &str) -> Result<Uuid, ProviderError> {
-    let s = string(m, field, what)?;
-    Uuid::parse_str(s).map_err(|_| invalid(format!("{what}: `{field}` is not a UUID: {s:?}")))
 }
 
 /// A name: non-empty, at most [`MAX_NAME`] characters, no surrounding blanks, no control
@@ -508,10 +458,6 @@ fn raced(what: &str) -> ProviderError {
         "conflict",
         format!("{what} changed concurrently; try again"),
     )
-}
-
-fn col<'r, T: FromSql<'r>>(row: &'r Row, idx: usize) -> Result<T, ProviderError> {
-    row.try_get(idx).map_err(|e| db_error(&e))
 }
 
 /// Claims `key` for this transaction. `Some(result)` when a committed call already holds it
@@ -1005,6 +951,10 @@ async fn restore_user(tx: &Transaction<'_>, s: &Snapshot) -> Result<(), Provider
         .map_err(|e| db_error(&e))?;
     }
     Ok(())
+}
+
+fn col<'r, T: FromSql<'r>>(row: &'r Row, idx: usize) -> Result<T, ProviderError> {
+    row.try_get(idx).map_err(|e| db_error(&e))
 }
 
 #[cfg(test)]

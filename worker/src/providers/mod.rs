@@ -2,6 +2,7 @@
 
 pub mod directory;
 pub mod http;
+pub(crate) mod input;
 pub mod limits;
 pub mod resource;
 pub mod sql;

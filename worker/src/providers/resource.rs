@@ -18,6 +18,7 @@
 //! same allocation); a release records its result in `provider_resource.idempotency`; a
 //! rollback records `rollback:{idempotency_key}` there, so that repeating it does nothing.
 
+use super::input::{boolean, invalid, kind, object, string, uuid};
 use deadpool_postgres::{Pool, Transaction};
 use futures_util::future::BoxFuture;
 use provisio_shared::provider::{Call, Executed, Provider, ProviderError, Rollback};
@@ -448,59 +449,8 @@ impl AllocateReq {
     }
 }
 
-fn invalid(message: impl Into<String>) -> ProviderError {
-    ProviderError::permanent("invalid_input", message)
-}
-
 fn not_found_pool(pool: &str) -> ProviderError {
     ProviderError::permanent("not_found", format!("no resource pool {pool:?}"))
-}
-
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
-
-fn object<'v>(v: &'v Value, what: &str) -> Result<&'v Map<String, Value>, ProviderError> {
-    v.as_object()
-        .ok_or_else(|| invalid(format!("{what} must be an object, not {}", kind(v))))
-}
-
-fn string<'v>(
-    m: &'v Map<String, Value>,
-    field: &str,
-    what: &str,
-) -> Result<&'v str, ProviderError> {
-    match m.get(field) {
-        None | Some(Value::Null) => Err(invalid(format!("{what}: `{field}` is required"))),
-        Some(Value::String(s)) => Ok(s),
-        Some(other) => Err(invalid(format!(
-            "{what}: `{field}` must be a string, not {}",
-            kind(other)
-        ))),
-    }
-}
-
-fn boolean(m: &Map<String, Value>, field: &str, what: &str) -> Result<bool, ProviderError> {
-    match m.get(field) {
-        None | Some(Value::Null) => Err(invalid(format!("{what}: `{field}` is required"))),
-        Some(Value::Bool(b)) => Ok(*b),
-        Some(other) => Err(invalid(format!(
-            "{what}: `{field}` must be a boolean, not {}",
-            kind(other)
-        ))),
-    }
-}
-
-fn uuid(m: &Map<String, Value>, field: &str, what: &str) -> Result<Uuid, ProviderError> {
-    let s = string(m, field, what)?;
-    Uuid::parse_str(s).map_err(|_| invalid(format!("{what}: `{field}` is not a UUID: {s:?}")))
 }
 
 fn check_name(what: &str, s: &str) -> Result<(), ProviderError> {
@@ -537,10 +487,6 @@ fn db_error(e: &tokio_postgres::Error) -> ProviderError {
 
 fn pool_error(e: &deadpool_postgres::PoolError) -> ProviderError {
     ProviderError::retryable("unavailable", format!("resource database: {e}"))
-}
-
-fn col<'r, T: FromSql<'r>>(row: &'r Row, idx: usize) -> Result<T, ProviderError> {
-    row.try_get(idx).map_err(|e| db_error(&e))
 }
 
 fn allocated(id: Uuid, pool: &str, resource: &str, amount: i32) -> Executed {
@@ -707,6 +653,10 @@ async fn reallocate_in(tx: &Transaction<'_>, allocation: Uuid) -> Result<(), Pro
     .await
     .map_err(|e| db_error(&e))?;
     Ok(())
+}
+
+fn col<'r, T: FromSql<'r>>(row: &'r Row, idx: usize) -> Result<T, ProviderError> {
+    row.try_get(idx).map_err(|e| db_error(&e))
 }
 
 #[cfg(test)]
