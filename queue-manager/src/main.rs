@@ -1,4 +1,3 @@
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,7 +8,7 @@ use provisio_queue_manager::app::App;
 use provisio_queue_manager::auth::{KeyStore, bootstrap_admin};
 use provisio_shared::amqp::{Publisher, Topology};
 use provisio_shared::catalog::StandardCatalog;
-use provisio_shared::config::Config;
+use provisio_shared::config::ConfigArgs;
 use provisio_shared::namespaces::NamespaceCache;
 use provisio_shared::telemetry::{self, Readiness};
 use provisio_shared::{db, shutdown};
@@ -18,12 +17,8 @@ use provisio_shared::{db, shutdown};
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Cli {
-    /// TOML configuration file (environment variables `PROVISIO_*` override it).
-    #[arg(long, env = "PROVISIO_CONFIG")]
-    config: Option<PathBuf>,
-    /// Print the effective configuration (secrets masked) and exit.
-    #[arg(long)]
-    print_config: bool,
+    #[command(flatten)]
+    config: ConfigArgs,
 }
 
 /// mimalloc: the engine and the queue manager allocate many small JSON values per request,
@@ -34,11 +29,13 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let cfg = Config::load(cli.config.as_deref()).context("loading configuration")?;
-    if cli.print_config {
-        print!("{}", cfg.to_masked_toml());
+    let Some(cfg) = cli
+        .config
+        .load_or_print()
+        .context("loading configuration")?
+    else {
         return Ok(());
-    }
+    };
     telemetry::init_tracing(&cfg.log);
     if cfg.security.signing_key.is_empty() {
         bail!(

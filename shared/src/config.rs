@@ -368,6 +368,29 @@ impl Default for LogConfig {
     }
 }
 
+/// The configuration flags every binary takes, so that they layer configuration alike.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConfigArgs {
+    /// TOML configuration file (environment variables `PROVISIO_*` override it).
+    #[arg(long, env = "PROVISIO_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Print the effective configuration (secrets masked) and exit.
+    #[arg(long)]
+    pub print_config: bool,
+}
+
+impl ConfigArgs {
+    /// Loads the configuration; with `--print-config`, prints it and returns `None`.
+    pub fn load_or_print(&self) -> Result<Option<Config>, ConfigError> {
+        let cfg = Config::load(self.config.as_deref())?;
+        if self.print_config {
+            print!("{}", cfg.to_masked_toml());
+            return Ok(None);
+        }
+        Ok(Some(cfg))
+    }
+}
+
 /// Keys that hold secrets; the TOML file may not set them.
 const SECRET_KEYS: &[&str] = &[
     "database.url",

@@ -1,4 +1,3 @@
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -6,7 +5,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
 use provisio_shared::amqp::{Publisher, Topology};
 use provisio_shared::catalog::StandardCatalog;
-use provisio_shared::config::Config;
+use provisio_shared::config::{Config, ConfigArgs};
 use provisio_shared::namespaces::NamespaceCache;
 use provisio_shared::telemetry::{self, Readiness};
 use provisio_shared::{db, shutdown};
@@ -29,12 +28,8 @@ enum Role {
 struct Cli {
     #[arg(long, value_enum, default_value = "engine")]
     role: Role,
-    /// TOML configuration file (environment variables `PROVISIO_*` override it).
-    #[arg(long, env = "PROVISIO_CONFIG")]
-    config: Option<PathBuf>,
-    /// Print the effective configuration (secrets masked) and exit.
-    #[arg(long)]
-    print_config: bool,
+    #[command(flatten)]
+    config: ConfigArgs,
 }
 
 /// mimalloc: the engine and the queue manager allocate many small JSON values per request,
@@ -45,11 +40,13 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let cfg = Config::load(cli.config.as_deref()).context("loading configuration")?;
-    if cli.print_config {
-        print!("{}", cfg.to_masked_toml());
+    let Some(cfg) = cli
+        .config
+        .load_or_print()
+        .context("loading configuration")?
+    else {
         return Ok(());
-    }
+    };
     telemetry::init_tracing(&cfg.log);
     if cli.role == Role::Engine && cfg.security.signing_key.is_empty() {
         bail!(
