@@ -500,3 +500,84 @@ async fn wait_answers_200_with_the_outcome_or_202_when_it_is_not_done_in_time() 
     env.cleanup().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn batch_answers_each_request_and_list_pages_newest_first() -> R {
+    let env = TestEnv::new("batch").await?;
+    let qm = env.queue_manager().await?;
+    env.apply(&qm, "demo", &demo_namespace()).await?;
+    let mut items: Vec<Value> = (0..5)
+        .map(|i| {
+            let mut b = request("demo", "hello", json!({"name": format!("n{i}")}));
+            b["id"] = json!(format!("b-{i}"));
+            b
+        })
+        .collect();
+    items.push(request("demo", "nosuch", json!({})));
+    items.push(json!({"namespace": "demo"}));
+    let r = env
+        .http
+        .post(format!("{}/v1/requests:batch", qm.url))
+        .bearer_auth(&env.admin_key)
+        .json(&items)
+        .send()
+        .await?;
+    assert_eq!(r.status().as_u16(), 200);
+    let body: Value = r.json().await?;
+    let codes: Vec<i64> = body["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .map(|r| r["status"].as_i64().unwrap_or(0))
+        .collect();
+    assert_eq!(codes, vec![202, 202, 202, 202, 202, 404, 400]);
+    assert_eq!(body["results"][0]["id"], "b-0");
+
+    // Newest first, two at a time, following `next`.
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let url = match &after {
+            Some(a) => format!("{}/v1/requests?limit=2&namespace=demo&after={a}", qm.url),
+            None => format!("{}/v1/requests?limit=2&namespace=demo", qm.url),
+        };
+        let page: Value = env
+            .http
+            .get(url)
+            .bearer_auth(&env.admin_key)
+            .send()
+            .await?
+            .json()
+            .await?;
+        for item in page["requests"].as_array().expect("requests") {
+            seen.push(item["id"].as_str().unwrap_or_default().to_owned());
+        }
+        match page["next"].as_str() {
+            Some(n) => after = Some(n.to_owned()),
+            None => break,
+        }
+    }
+    let mut expected: Vec<String> = (0..5).map(|i| format!("b-{i}")).collect();
+    seen.sort();
+    expected.sort();
+    assert_eq!(seen, expected, "every request exactly once");
+    let r = env
+        .http
+        .get(format!("{}/v1/requests?status=bogus", qm.url))
+        .bearer_auth(&env.admin_key)
+        .send()
+        .await?;
+    assert_eq!(r.status().as_u16(), 400);
+    let queued: Value = env
+        .http
+        .get(format!("{}/v1/requests?status=queued", qm.url))
+        .bearer_auth(&env.admin_key)
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(queued["requests"].as_array().map(Vec::len), Some(5));
+    drop(qm);
+    env.cleanup().await;
+    Ok(())
+}

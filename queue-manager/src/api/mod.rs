@@ -18,7 +18,8 @@ pub use error::ApiError;
 
 pub fn router(app: Arc<App>) -> Router {
     Router::new()
-        .route("/v1/requests", post(requests::submit))
+        .route("/v1/requests", post(requests::submit).get(requests::list))
+        .route("/v1/requests:batch", post(requests::submit_batch))
         .route("/v1/requests/{id}", get(requests::get))
         .route("/v1/namespaces", get(namespaces::list))
         .route(

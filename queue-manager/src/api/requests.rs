@@ -60,14 +60,82 @@ pub async fn submit(
     let wait = query
         .wait
         .map(|w| Duration::from_secs(w.min(app.cfg.queue_manager.max_wait_seconds)));
-    caller.require("execute")?;
-    if body.credentials.is_some() {
-        caller.require("execute_with_credentials")?;
-    }
     let id = match &body.id {
         Some(id) => RequestId::parse(id.clone()).map_err(|e| ApiError::Malformed(e.to_string()))?,
         None => RequestId::generate(),
     };
+    let registration = wait.map(|_| app.waiters.register(id.as_str()));
+    let status = accept_one(&app, &caller, body, id.clone()).await?;
+    if let (Some(wait), Some(mut reg)) = (wait, registration) {
+        let finished = status.parse::<Status>().is_ok_and(Status::is_final)
+            || tokio::time::timeout(wait, &mut reg.woken)
+                .await
+                .is_ok_and(|r| r.is_ok());
+        if finished
+            && let Some(rec) = record(&app, id.as_str()).await?
+            && rec["status"]
+                .as_str()
+                .and_then(|s| s.parse::<Status>().ok())
+                .is_some_and(Status::is_final)
+        {
+            return Ok((StatusCode::OK, Json(strip_owner(rec))));
+        }
+    }
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"id": id, "status": status})),
+    ))
+}
+
+/// `POST /v1/requests:batch`: each element is accepted (or refused) on its own; the answer
+/// lists one result per element, in order, with the status code it would have had alone.
+pub async fn submit_batch(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    JsonBody(items): JsonBody<Vec<Value>>,
+) -> Result<Json<Value>, ApiError> {
+    const MAX_ITEMS: usize = 1000;
+    if items.len() > MAX_ITEMS {
+        return Err(ApiError::Malformed(format!(
+            "a batch holds at most {MAX_ITEMS} requests, this one {}",
+            items.len()
+        )));
+    }
+    let work = items.into_iter().map(|item| {
+        let (app, caller) = (&app, &caller);
+        async move {
+            let outcome = async {
+                let body: SubmitBody = serde_json::from_value(item)
+                    .map_err(|e| ApiError::Malformed(format!("request: {e}")))?;
+                let id = match &body.id {
+                    Some(id) => RequestId::parse(id.clone())
+                        .map_err(|e| ApiError::Malformed(e.to_string()))?,
+                    None => RequestId::generate(),
+                };
+                let status = accept_one(app, caller, body, id.clone()).await?;
+                Ok::<_, ApiError>(json!({"status": 202, "id": id, "request_status": status}))
+            }
+            .await;
+            outcome.unwrap_or_else(|e| {
+                json!({"status": e.status().as_u16(), "error": {"code": e.code(), "message": e.to_string()}})
+            })
+        }
+    });
+    let results = futures_util::future::join_all(work).await;
+    Ok(Json(json!({"results": results})))
+}
+
+/// Validates one request and makes it durable; returns its status.
+async fn accept_one(
+    app: &App,
+    caller: &Caller,
+    body: SubmitBody,
+    id: RequestId,
+) -> Result<String, ApiError> {
+    caller.require("execute")?;
+    if body.credentials.is_some() {
+        caller.require("execute_with_credentials")?;
+    }
     let priority = match body.priority.as_deref() {
         None => Priority::Normal,
         Some(p) => p
@@ -123,34 +191,13 @@ pub async fn submit(
         submitted_at: Some(Utc::now()),
     };
 
-    let registration = wait.map(|_| app.waiters.register(id.as_str()));
-    let status = app
-        .acceptor
+    app.acceptor
         .accept(crate::accept::Submission {
             body_hash,
             checked_version: ns.version,
             envelope,
         })
-        .await?;
-    if let (Some(wait), Some(mut reg)) = (wait, registration) {
-        let finished = status.parse::<Status>().is_ok_and(Status::is_final)
-            || tokio::time::timeout(wait, &mut reg.woken)
-                .await
-                .is_ok_and(|r| r.is_ok());
-        if finished
-            && let Some(rec) = record(&app, id.as_str()).await?
-            && rec["status"]
-                .as_str()
-                .and_then(|s| s.parse::<Status>().ok())
-                .is_some_and(Status::is_final)
-        {
-            return Ok((StatusCode::OK, Json(strip_owner(rec))));
-        }
-    }
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(json!({"id": id, "status": status})),
-    ))
+        .await
 }
 
 fn strip_owner(mut rec: Value) -> Value {
@@ -175,6 +222,80 @@ pub async fn get(
         return Err(not_found());
     }
     Ok(Json(strip_owner(rec)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    #[serde(default)]
+    status: Option<String>,
+    #[serde(default)]
+    namespace: Option<String>,
+    #[serde(default)]
+    limit: Option<i64>,
+    /// The `next` of the previous page: the id of its last request.
+    #[serde(default)]
+    after: Option<String>,
+}
+
+/// `GET /v1/requests`: newest first, keyset-paginated; admins see every request, others their
+/// own.
+pub async fn list(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::Malformed(format!("query: {}", e.body_text())))?;
+    if let Some(st) = &q.status {
+        st.parse::<Status>()
+            .map_err(|e| ApiError::Malformed(e.to_string()))?;
+    }
+    let limit = q.limit.unwrap_or(50);
+    if !(1..=500).contains(&limit) {
+        return Err(ApiError::Malformed(
+            "limit must be between 1 and 500".into(),
+        ));
+    }
+    let owner: Option<uuid::Uuid> = (!caller.0.has("admin")).then_some(caller.0.id);
+    let client = app.pool.get().await.map_err(ApiError::db)?;
+    if let Some(after) = &q.after {
+        let known = client
+            .query_opt("SELECT 1 FROM requests WHERE id = $1", &[after])
+            .await
+            .map_err(ApiError::db)?;
+        if known.is_none() {
+            return Err(ApiError::Malformed(format!(
+                "`after`: no request `{after}`"
+            )));
+        }
+    }
+    let rows = client
+        .query(
+            "SELECT id, namespace, procedure, status, attempts, submitted_at, finished_at FROM requests r \
+             WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR namespace = $2) \
+               AND ($3::uuid IS NULL OR principal_id = $3) \
+               AND ($4::text IS NULL OR (submitted_at, id) < \
+                    (SELECT submitted_at, id FROM requests WHERE id = $4)) \
+             ORDER BY submitted_at DESC, id DESC LIMIT $5",
+            &[&q.status, &q.namespace, &owner, &q.after, &limit],
+        )
+        .await
+        .map_err(ApiError::db)?;
+    let items: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            json!({
+                "id": r.get::<_, String>(0), "namespace": r.get::<_, String>(1),
+                "procedure": r.get::<_, String>(2), "status": r.get::<_, String>(3),
+                "attempts": r.get::<_, i32>(4), "submitted_at": r.get::<_, DateTime<Utc>>(5),
+                "finished_at": r.get::<_, Option<DateTime<Utc>>>(6),
+            })
+        })
+        .collect();
+    let next = (items.len() as i64 == limit)
+        .then(|| items.last().map(|v| v["id"].clone()))
+        .flatten();
+    Ok(Json(json!({"requests": items, "next": next})))
 }
 
 /// A request's record as the API shows it (plus `principal_id`, for the owner check).
