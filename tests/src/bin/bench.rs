@@ -373,6 +373,18 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // On Ctrl-C or SIGTERM the run is dropped, and with it the fleet it started
+    // (`kill_on_drop`): an interrupted benchmark leaves no processes behind.
+    tokio::select! {
+        r = run() => r,
+        () = provisio_shared::shutdown::signal() => {
+            eprintln!("interrupted; stopping the fleet");
+            Ok(())
+        }
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     println!(
         "provisio-bench: {} requests of demo.hello (3 compensating steps), concurrency {}, {} engines, prefetch {}, schema validation {}",
