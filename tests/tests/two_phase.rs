@@ -231,8 +231,9 @@ async fn an_engine_killed_between_prepare_and_commit_leaves_nothing_prepared_aft
         (count(&t.a, "kill").await?, count(&t.b, "kill").await?),
         (0, 0)
     );
+    // The request is queued again (its message was never acked) and says what happened.
     let (_, rec) = env.get_request(&qm, &id).await?;
-    assert_eq!(rec["status"], "failed");
+    assert_eq!(rec["status"], "queued");
     assert_eq!(rec["error"]["code"], "engine_lost");
     drop((qm, auditor));
     env.cleanup().await;
@@ -271,5 +272,69 @@ async fn a_panicking_provider_fails_the_step_rolls_back_and_the_engine_lives() -
     drop((qm, engine));
     env.cleanup().await;
     drop_targets(t).await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_killed_engine_loses_nothing_the_request_is_recovered_and_run_again() -> R {
+    let mut env = TestEnv::new("killed2").await?;
+    env.extra_env
+        .push(("PROVISIO_ENGINE__LEASE_SECONDS".into(), "2".into()));
+    let qm = env.queue_manager().await?;
+    let first = env.engine().await?;
+    // The first attempt hangs in its second step; later attempts do not.
+    let ns = "namespace: crash\nprocedures:\n  p:\n    access: public\n    steps:\n      - call: test.echo\n        input: '{n: .request.attempt}'\n      - when: '.request.attempt == 1'\n        call: test.sleep\n        input: '{ms: 600000}'\n    output: '.request.attempt'\n";
+    assert_eq!(env.apply(&qm, "crash", ns).await?.0, 201);
+    let mut outcomes = env.outcomes().await?;
+    let (_, body) = env.submit(&qm, &request("crash", "p", json!({}))).await?;
+    let id = body["id"].as_str().unwrap_or_default().to_owned();
+    let pg = env.pg().await?;
+    let mut hanging = false;
+    for _ in 0..300 {
+        let n: i64 = pg
+            .query_one(
+                "SELECT count(*) FROM provider_test.calls WHERE action = 'sleep'",
+                &[],
+            )
+            .await?
+            .get(0);
+        if n == 1 {
+            hanging = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(hanging, "the first attempt reached its second step");
+    first.kill().await;
+
+    // Another engine gets the redelivery, recovers the dead attempt once its lease expired,
+    // then runs the request again.
+    let second = env.engine().await?;
+    let out = outcomes.wait_for(&id).await?;
+    assert_eq!(out["status"], "succeeded", "{out}");
+    assert_eq!(out["output"], 2);
+    let rows = pg
+        .query(
+            "SELECT attempt, status FROM transactions WHERE request_id = $1 ORDER BY attempt",
+            &[&id],
+        )
+        .await?;
+    let attempts: Vec<(i32, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(
+        attempts,
+        vec![(1, "rolled_back".to_owned()), (2, "committed".to_owned())]
+    );
+    // The first attempt's completed step was undone.
+    let undone: i64 = pg
+        .query_one(
+            "SELECT count(*) FROM provider_test.calls c JOIN transactions t ON t.id = c.tx_id \
+             WHERE t.request_id = $1 AND t.attempt = 1 AND c.kind = 'rollback' AND c.step_path = '0'",
+            &[&id],
+        )
+        .await?
+        .get(0);
+    assert_eq!(undone, 1);
+    drop((qm, second));
+    env.cleanup().await;
     Ok(())
 }

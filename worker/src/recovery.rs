@@ -127,8 +127,11 @@ impl Recovery {
         } else {
             json!({"code": "rollback_failed", "message": "recovery could not roll back every step; an operator must look"})
         };
+        // The request's message comes back to an engine (it was never acked), which runs
+        // the request again: so the request is queued again, not finished. Its error field
+        // says what happened to the lost attempt until the next one finishes.
         let (tx_status, req_status) = if ok {
-            ("rolled_back", "failed")
+            ("rolled_back", "queued")
         } else {
             ("in_doubt", "in_doubt")
         };
@@ -246,7 +249,8 @@ impl Recovery {
         .await?;
         // The request follows its latest attempt only.
         t.execute(
-            "UPDATE requests SET status = $2, error = $3, finished_at = now() WHERE id = $1 \
+            "UPDATE requests SET status = $2, error = $3, \
+             finished_at = CASE WHEN $2 = 'queued' THEN NULL ELSE now() END WHERE id = $1 \
              AND NOT EXISTS (SELECT 1 FROM transactions t WHERE t.request_id = $1 AND t.id <> $4 AND t.started_at > (SELECT started_at FROM transactions WHERE id = $4))",
             &[&request_id, &req_status, &error, &tx_id],
         )
