@@ -140,13 +140,73 @@ pub struct EngineConfig {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuditorConfig {
-    /// Time between recovery passes of the active auditor.
+    /// Time between passes (recovery, then sweep) of the active auditor.
     pub interval_ms: u64,
+    /// Transactions finished more recently than this stay in the log (for operators).
+    pub sweep_min_age_seconds: u64,
+    /// Transactions moved per sweep batch (one PostgreSQL transaction each).
+    pub sweep_batch: i64,
+    /// Audit rows older than this are deleted; 0 keeps them forever.
+    pub retention_days: u32,
+    pub audit_level: AuditLevel,
 }
 
 impl Default for AuditorConfig {
     fn default() -> Self {
-        Self { interval_ms: 2000 }
+        Self {
+            interval_ms: 2000,
+            sweep_min_age_seconds: 60,
+            sweep_batch: 500,
+            retention_days: 90,
+            audit_level: AuditLevel::default(),
+        }
+    }
+}
+
+/// MPF's Audit Level: which finished transactions are written to the audit tables, and with
+/// which data. Transactions not selected are deleted from the log without an audit row.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuditLevel {
+    // Which transactions.
+    pub with_errors: bool,
+    pub marked_for_audit: bool,
+    pub aborted: bool,
+    pub in_doubt: bool,
+    pub successful: bool,
+    /// Overrides the others.
+    pub all: bool,
+    // Which data.
+    pub errors: bool,
+    pub audit_data: bool,
+    pub all_transaction_data: bool,
+    pub procedures_marked: bool,
+    pub procedures_aborted: bool,
+    pub procedures_in_doubt: bool,
+    pub procedures_successful: bool,
+    pub procedures_failed: bool,
+    pub procedures_all: bool,
+}
+
+impl Default for AuditLevel {
+    fn default() -> Self {
+        Self {
+            with_errors: true,
+            marked_for_audit: true,
+            aborted: true,
+            in_doubt: true,
+            successful: false,
+            all: false,
+            errors: true,
+            audit_data: true,
+            all_transaction_data: true,
+            procedures_marked: true,
+            procedures_aborted: true,
+            procedures_in_doubt: true,
+            procedures_successful: false,
+            procedures_failed: true,
+            procedures_all: false,
+        }
     }
 }
 

@@ -1,5 +1,6 @@
 //! The worker: `--role engine` runs procedures; `--role auditor` (later) sweeps the log.
 
+pub mod audit;
 pub mod engine;
 pub mod providers;
 pub mod recovery;

@@ -135,7 +135,8 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// The auditor role: active/standby by PostgreSQL advisory lock; the active one recovers
-/// transactions whose engine died and resolves orphaned prepared transactions.
+/// transactions whose engine died, resolves orphaned prepared transactions, and sweeps
+/// finished transactions into the audit tables.
 async fn auditor(
     cfg: Config,
     pool: deadpool_postgres::Pool,
@@ -182,13 +183,17 @@ async fn auditor(
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "recovery pass failed"),
             }
+            match provisio_worker::audit::sweep(&pool, &cfg.auditor, 20).await {
+                Ok(r) if r.swept > 0 || r.expired > 0 => tracing::info!(?r, "audit sweep"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "audit sweep failed"),
+            }
         }
         tokio::select! {
             () = stop.cancelled() => {}
             () = tokio::time::sleep(interval) => {}
         }
     }
-    drop(pool);
     conn_task.abort();
     http.abort();
     tracing::info!("auditor stopped");

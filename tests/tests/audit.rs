@@ -1,0 +1,105 @@
+//! End-to-end: the auditor sweeps finished transactions into the audit tables per the audit
+//! level, and deletes the rest from the log; request records stay.
+
+use std::time::Duration;
+
+use provisio_tests::{TestEnv, request};
+use serde_json::json;
+
+const NS: &str = r#"
+namespace: aud
+procedures:
+  plain:
+    access: public
+    steps: [{call: test.echo}]
+  marked:
+    access: public
+    audit: true
+    steps: [{call: test.echo}, {call: test.echo}]
+  broken:
+    access: public
+    steps:
+      - call: test.echo
+      - call: test.fail
+        input: '{code: "quota_exceeded", message: "no room"}'
+"#;
+
+#[tokio::test]
+async fn the_sweep_audits_what_the_level_selects_and_empties_the_log() -> anyhow::Result<()> {
+    let env = TestEnv::new("audit").await?;
+    let (qm, engine) = tokio::try_join!(env.queue_manager(), env.engine())?;
+    assert_eq!(env.apply(&qm, "aud", NS).await?.0, 201);
+    let mut outcomes = env.outcomes().await?;
+    let mut ids = Vec::new();
+    for p in ["plain", "marked", "broken"] {
+        let (_, body) = env.submit(&qm, &request("aud", p, json!({}))).await?;
+        let id = body["id"].as_str().unwrap_or_default().to_owned();
+        outcomes.wait_for(&id).await?;
+        ids.push(id);
+    }
+    let auditor = env
+        .spawn(
+            "worker",
+            &["--role", "auditor"],
+            &[
+                ("PROVISIO_AUDITOR__INTERVAL_MS", "200"),
+                ("PROVISIO_AUDITOR__SWEEP_MIN_AGE_SECONDS", "0"),
+            ],
+        )
+        .await?;
+    let pg = env.pg().await?;
+    let mut left: i64 = -1;
+    for _ in 0..300 {
+        left = pg
+            .query_one("SELECT count(*) FROM transactions", &[])
+            .await?
+            .get(0);
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(left, 0, "the log was swept");
+    let audited: Vec<String> = pg
+        .query(
+            "SELECT request_id FROM audit_transactions ORDER BY request_id",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut expected = vec![ids[1].clone(), ids[2].clone()];
+    expected.sort();
+    assert_eq!(
+        audited, expected,
+        "marked and failed are audited, plain success is not"
+    );
+    let error: (String, String) = pg
+        .query_one(
+            "SELECT e.code, e.description FROM audit_errors e JOIN audit_transactions t ON t.tx_id = e.tx_id \
+             WHERE t.request_id = $1 AND e.source = 'transaction'",
+            &[&ids[2]],
+        )
+        .await
+        .map(|r| (r.get(0), r.get(1)))?;
+    assert_eq!(error, ("quota_exceeded".to_owned(), "no room".to_owned()));
+    let procedures: i64 = pg
+        .query_one(
+            "SELECT count(*) FROM audit_procedures p JOIN audit_transactions t ON t.tx_id = p.tx_id WHERE t.request_id = $1",
+            &[&ids[1]],
+        )
+        .await?
+        .get(0);
+    assert_eq!(
+        procedures, 2,
+        "one procedure row per executed step of the marked procedure"
+    );
+    for id in &ids {
+        let (status, _) = env.get_request(&qm, id).await?;
+        assert_eq!(status, 200, "request records outlive the log");
+    }
+    drop((qm, engine, auditor));
+    env.cleanup().await;
+    Ok(())
+}
