@@ -1,0 +1,312 @@
+//! The OpenAPI document (`schemas/openapi.yaml`) is checked against the running service: every
+//! answer below must be documented for its path, method and status, and its body must match
+//! the documented schema; every documented operation must be exercised here.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use provisio_tests::{TestEnv, demo_namespace, request};
+use serde_json::{Value, json};
+
+struct Spec {
+    doc: Value,
+    seen: BTreeSet<(String, String, String)>,
+}
+
+impl Spec {
+    fn load() -> anyhow::Result<Self> {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../schemas/openapi.yaml");
+        let doc: Value = serde_norway::from_str(&std::fs::read_to_string(path)?)?;
+        Ok(Self {
+            doc,
+            seen: BTreeSet::new(),
+        })
+    }
+
+    /// Follows one `$ref` inside the document.
+    fn deref<'a>(&'a self, v: &'a Value) -> &'a Value {
+        match v
+            .get("$ref")
+            .and_then(Value::as_str)
+            .and_then(|r| r.strip_prefix('#'))
+        {
+            Some(pointer) => self.doc.pointer(pointer).unwrap_or(&Value::Null),
+            None => v,
+        }
+    }
+
+    fn check(&mut self, path: &str, method: &str, status: u16, body: &str) {
+        let key = (path.to_owned(), method.to_owned(), status.to_string());
+        let op = &self.doc["paths"][path][method];
+        assert!(op.is_object(), "{method} {path} is not documented");
+        let response = self.deref(&op["responses"][status.to_string()]);
+        assert!(
+            response.is_object(),
+            "{method} {path} → {status} is not documented"
+        );
+        if let Some(schema) = response.pointer("/content/application~1json/schema") {
+            // The response schema, with the document's components beside it for `$ref`s.
+            let mut root = schema.clone();
+            root["components"] = self.doc["components"].clone();
+            let validator = jsonschema::validator_for(&root).expect("the schema compiles");
+            let value: Value = serde_json::from_str(body)
+                .unwrap_or_else(|e| panic!("{method} {path} → {status}: not JSON ({e}): {body}"));
+            let errors: Vec<String> = validator
+                .iter_errors(&value)
+                .map(|e| format!("{}: {e}", e.instance_path()))
+                .collect();
+            assert!(
+                errors.is_empty(),
+                "{method} {path} → {status} does not match the document: {errors:?}\n{body}"
+            );
+        }
+        self.seen.insert(key);
+    }
+
+    fn operations(&self) -> BTreeSet<(String, String)> {
+        let mut out = BTreeSet::new();
+        for (path, item) in self.doc["paths"].as_object().into_iter().flatten() {
+            for method in item.as_object().into_iter().flatten().map(|(m, _)| m) {
+                out.insert((path.clone(), method.clone()));
+            }
+        }
+        out
+    }
+}
+
+#[tokio::test]
+async fn the_running_service_matches_its_openapi_document() -> anyhow::Result<()> {
+    let mut spec = Spec::load()?;
+    let env = TestEnv::new("openapi").await?;
+    let (qm, engine) = tokio::try_join!(env.queue_manager(), env.engine())?;
+    let base = qm.url.clone();
+    let http = &env.http;
+    let key = env.admin_key.clone();
+    macro_rules! call {
+        ($path:expr, $method:expr, $req:expr) => {{
+            let r = $req.send().await?;
+            let status = r.status().as_u16();
+            let text = r.text().await?;
+            spec.check($path, $method, status, &text);
+            (status, text)
+        }};
+    }
+
+    let ns = demo_namespace();
+    let url_ns = format!("{base}/v1/namespaces/demo");
+    assert_eq!(
+        call!(
+            "/v1/namespaces/{name}",
+            "put",
+            http.put(&url_ns).bearer_auth(&key).body(ns.clone())
+        )
+        .0,
+        201
+    );
+    assert_eq!(
+        call!(
+            "/v1/namespaces/{name}",
+            "put",
+            http.put(&url_ns).bearer_auth(&key).body(ns)
+        )
+        .0,
+        200
+    );
+    assert_eq!(
+        call!(
+            "/v1/namespaces/{name}",
+            "put",
+            http.put(&url_ns)
+                .bearer_auth(&key)
+                .body("namespace: demo\nprocedures: {}\n")
+        )
+        .0,
+        422
+    );
+    assert_eq!(
+        call!(
+            "/v1/namespaces/{name}",
+            "get",
+            http.get(&url_ns).bearer_auth(&key)
+        )
+        .0,
+        200
+    );
+    assert_eq!(
+        call!(
+            "/v1/namespaces/{name}",
+            "get",
+            http.get(format!("{base}/v1/namespaces/none"))
+                .bearer_auth(&key)
+        )
+        .0,
+        404
+    );
+    assert_eq!(
+        call!(
+            "/v1/namespaces",
+            "get",
+            http.get(format!("{base}/v1/namespaces")).bearer_auth(&key)
+        )
+        .0,
+        200
+    );
+    assert_eq!(
+        call!(
+            "/v1/namespaces",
+            "get",
+            http.get(format!("{base}/v1/namespaces"))
+        )
+        .0,
+        401
+    );
+
+    let submit = format!("{base}/v1/requests");
+    let mut body = request("demo", "hello", json!({"name": "Oa"}));
+    body["id"] = json!("oa-1");
+    assert_eq!(
+        call!(
+            "/v1/requests",
+            "post",
+            http.post(&submit).bearer_auth(&key).json(&body)
+        )
+        .0,
+        202
+    );
+    let waited = request("demo", "hello", json!({"name": "Ob"}));
+    assert_eq!(
+        call!(
+            "/v1/requests",
+            "post",
+            http.post(format!("{submit}?wait=30"))
+                .bearer_auth(&key)
+                .json(&waited)
+        )
+        .0,
+        200
+    );
+    assert_eq!(
+        call!("/v1/requests", "post", http.post(&submit).json(&body)).0,
+        401
+    );
+    assert_eq!(
+        call!(
+            "/v1/requests",
+            "post",
+            http.post(&submit).bearer_auth(&key).body("{")
+        )
+        .0,
+        400
+    );
+    assert_eq!(
+        call!(
+            "/v1/requests",
+            "post",
+            http.post(&submit)
+                .bearer_auth(&key)
+                .json(&request("demo", "none", json!({})))
+        )
+        .0,
+        404
+    );
+    let mut other = body.clone();
+    other["input"] = json!({"name": "changed"});
+    assert_eq!(
+        call!(
+            "/v1/requests",
+            "post",
+            http.post(&submit).bearer_auth(&key).json(&other)
+        )
+        .0,
+        409
+    );
+    let big = request("demo", "hello", json!({"pad": "x".repeat(300 * 1024)}));
+    assert_eq!(
+        call!(
+            "/v1/requests",
+            "post",
+            http.post(&submit).bearer_auth(&key).json(&big)
+        )
+        .0,
+        413
+    );
+    let scheduled =
+        json!({"namespace": "demo", "procedure": "hello", "not_before": "2999-01-01T00:00:00Z"});
+    assert_eq!(
+        call!(
+            "/v1/requests",
+            "post",
+            http.post(&submit).bearer_auth(&key).json(&scheduled)
+        )
+        .0,
+        422
+    );
+
+    let batch = json!([request("demo", "hello", json!({"name": "Oc"})), {"namespace": "demo"}]);
+    assert_eq!(
+        call!(
+            "/v1/requests:batch",
+            "post",
+            http.post(format!("{base}/v1/requests:batch"))
+                .bearer_auth(&key)
+                .json(&batch)
+        )
+        .0,
+        200
+    );
+    assert_eq!(
+        call!(
+            "/v1/requests",
+            "get",
+            http.get(format!("{submit}?limit=2")).bearer_auth(&key)
+        )
+        .0,
+        200
+    );
+    assert_eq!(
+        call!(
+            "/v1/requests",
+            "get",
+            http.get(format!("{submit}?limit=0")).bearer_auth(&key)
+        )
+        .0,
+        400
+    );
+    assert_eq!(
+        call!(
+            "/v1/requests/{id}",
+            "get",
+            http.get(format!("{submit}/oa-1")).bearer_auth(&key)
+        )
+        .0,
+        200
+    );
+    assert_eq!(
+        call!(
+            "/v1/requests/{id}",
+            "get",
+            http.get(format!("{submit}/nope")).bearer_auth(&key)
+        )
+        .0,
+        404
+    );
+
+    for p in ["/healthz", "/readyz", "/metrics"] {
+        assert_eq!(call!(p, "get", http.get(format!("{base}{p}"))).0, 200);
+    }
+
+    // Every documented operation was exercised.
+    let exercised: BTreeSet<(String, String)> = spec
+        .seen
+        .iter()
+        .map(|(p, m, _)| (p.clone(), m.clone()))
+        .collect();
+    let missing: Vec<_> = spec.operations().difference(&exercised).cloned().collect();
+    assert!(
+        missing.is_empty(),
+        "documented but not exercised: {missing:?}"
+    );
+    drop((qm, engine));
+    env.cleanup().await;
+    Ok(())
+}
