@@ -32,6 +32,8 @@ pub struct Submission {
     /// The namespace version it was validated against (from the cache).
     pub checked_version: i32,
     pub envelope: Envelope,
+    /// In the future: the request waits in PostgreSQL until then (the scheduler publishes it).
+    pub not_before: Option<DateTime<Utc>>,
 }
 
 /// The answer for one submission: its status (`queued`, or an earlier request's status).
@@ -59,13 +61,16 @@ struct Ctx {
 /// Rows inserted with one statement; the version is read inside the transaction, so a
 /// version applied a moment ago is the one the request runs.
 const SQL_INSERT: &str = "INSERT INTO requests (id, body_hash, namespace, procedure, namespace_version, kind, \
-     principal_id, priority, status, input, submitted_at) \
+     principal_id, priority, status, input, submitted_at, not_before, envelope) \
      SELECT u.id, u.body_hash, u.namespace, u.procedure, \
             coalesce((SELECT max(version) FROM namespaces n WHERE n.name = u.namespace), u.version), \
-            'queued', u.principal_id, u.priority, 'queued', u.input, u.submitted_at \
+            'queued', u.principal_id, u.priority, \
+            CASE WHEN u.not_before IS NULL THEN 'queued' ELSE 'scheduled' END, \
+            u.input, u.submitted_at, u.not_before, u.envelope \
      FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::uuid[], $7::text[], \
-                 $8::jsonb[], $9::timestamptz[]) \
-          AS u(id, body_hash, namespace, procedure, version, principal_id, priority, input, submitted_at) \
+                 $8::jsonb[], $9::timestamptz[], $10::timestamptz[], $11::jsonb[]) \
+          AS u(id, body_hash, namespace, procedure, version, principal_id, priority, input, submitted_at, \
+               not_before, envelope) \
      ON CONFLICT (id) DO NOTHING \
      RETURNING id, namespace_version";
 
@@ -178,6 +183,15 @@ async fn run_batch(ctx: &Ctx, mut subs: Vec<Submission>) -> Result<Vec<Accepted>
     let inputs: Vec<&Value> = subs.iter().map(|s| &s.envelope.input).collect();
     let submitted: Vec<Option<DateTime<Utc>>> =
         subs.iter().map(|s| s.envelope.submitted_at).collect();
+    let not_before: Vec<Option<DateTime<Utc>>> = subs.iter().map(|s| s.not_before).collect();
+    // Scheduled requests keep their envelope until the scheduler publishes it.
+    let envelopes: Vec<Option<Value>> = subs
+        .iter()
+        .map(|s| {
+            s.not_before
+                .and_then(|_| serde_json::to_value(&s.envelope).ok())
+        })
+        .collect();
     let rows = tx
         .query(
             &stmt,
@@ -191,6 +205,8 @@ async fn run_batch(ctx: &Ctx, mut subs: Vec<Submission>) -> Result<Vec<Accepted>
                 &priorities,
                 &inputs,
                 &submitted,
+                &not_before,
+                &envelopes,
             ],
         )
         .await
@@ -292,6 +308,11 @@ async fn run_batch(ctx: &Ctx, mut subs: Vec<Submission>) -> Result<Vec<Accepted>
     let exchange = ctx.publisher.topology().requests_exchange();
     let key = ctx.signing_key.expose().as_bytes();
     let started = Instant::now();
+    for (i, s) in subs.iter().enumerate() {
+        if is_new[i] && answers[i].is_none() && s.not_before.is_some() {
+            answers[i] = Some(Ok("scheduled".to_owned()));
+        }
+    }
     let publishes = subs
         .iter()
         .enumerate()

@@ -6,4 +6,5 @@ pub mod accept;
 pub mod api;
 pub mod app;
 pub mod auth;
+pub mod scheduler;
 pub mod wait;

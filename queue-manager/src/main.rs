@@ -95,7 +95,7 @@ async fn main() -> anyhow::Result<()> {
         namespaces: namespaces.clone(),
         publisher: publisher.clone(),
         ready: ready.clone(),
-        pool,
+        pool: pool.clone(),
         cfg: cfg.clone(),
     });
 
@@ -116,6 +116,14 @@ async fn main() -> anyhow::Result<()> {
         })
     };
 
+    let scheduler_stop = tokio_util::sync::CancellationToken::new();
+    let scheduler = tokio::spawn(provisio_queue_manager::scheduler::run(
+        pool.clone(),
+        publisher.clone(),
+        cfg.security.signing_key.clone(),
+        Duration::from_millis(500),
+        scheduler_stop.clone(),
+    ));
     let router = api::router(app).merge(telemetry::ops_router(metrics, ready));
     let listener = tokio::net::TcpListener::bind(cfg.queue_manager.listen)
         .await
@@ -129,6 +137,8 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("serving HTTP")?;
     watch.abort();
+    scheduler_stop.cancel();
+    let _ = scheduler.await;
     tracing::info!("queue manager stopped");
     Ok(())
 }

@@ -230,8 +230,7 @@ async fn the_running_service_matches_its_openapi_document() -> anyhow::Result<()
         .0,
         413
     );
-    let scheduled =
-        json!({"namespace": "demo", "procedure": "hello", "not_before": "2999-01-01T00:00:00Z"});
+    let scheduled = json!({"namespace": "demo", "procedure": "hello", "retry": {"count": 1, "interval_ms": 10}});
     assert_eq!(
         call!(
             "/v1/requests",
@@ -286,6 +285,47 @@ async fn the_running_service_matches_its_openapi_document() -> anyhow::Result<()
             "/v1/requests/{id}",
             "get",
             http.get(format!("{submit}/nope")).bearer_auth(&key)
+        )
+        .0,
+        404
+    );
+
+    let mut later = request("demo", "hello", json!({"name": "Od"}));
+    later["id"] = json!("oa-later");
+    later["not_before"] = json!("2999-01-01T00:00:00Z");
+    assert_eq!(
+        call!(
+            "/v1/requests",
+            "post",
+            http.post(&submit).bearer_auth(&key).json(&later)
+        )
+        .0,
+        202
+    );
+    let del = format!("{submit}/oa-later");
+    assert_eq!(
+        call!(
+            "/v1/requests/{id}",
+            "delete",
+            http.delete(&del).bearer_auth(&key)
+        )
+        .0,
+        200
+    );
+    assert_eq!(
+        call!(
+            "/v1/requests/{id}",
+            "delete",
+            http.delete(&del).bearer_auth(&key)
+        )
+        .0,
+        409
+    );
+    assert_eq!(
+        call!(
+            "/v1/requests/{id}",
+            "delete",
+            http.delete(format!("{submit}/nope")).bearer_auth(&key)
         )
         .0,
         404

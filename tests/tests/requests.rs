@@ -581,3 +581,72 @@ async fn batch_answers_each_request_and_list_pages_newest_first() -> R {
     env.cleanup().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn scheduled_requests_wait_in_postgres_run_when_due_and_can_be_cancelled() -> R {
+    let env = TestEnv::new("sched").await?;
+    let (qm, engine) = tokio::try_join!(env.queue_manager(), env.engine())?;
+    env.apply(&qm, "demo", &demo_namespace()).await?;
+    let mut outcomes = env.outcomes().await?;
+    let soon = (chrono::Utc::now() + chrono::Duration::seconds(2)).to_rfc3339();
+    let mut body = request("demo", "hello", json!({"name": "Later"}));
+    body["id"] = json!("s-1");
+    body["not_before"] = json!(soon);
+    let (status, b) = env.submit(&qm, &body).await?;
+    assert_eq!(
+        (status, b["status"].clone()),
+        (202, json!("scheduled")),
+        "{b}"
+    );
+    let depth = provisio_shared::amqp::Publisher::new(
+        &env.amqp_url,
+        env.topology(),
+        std::time::Duration::from_secs(5),
+    )
+    .queue_depth(
+        &env.topology()
+            .lane_queue(provisio_shared::domain::Priority::Normal),
+    )
+    .await?;
+    assert_eq!(depth, 0, "nothing is in the broker before it is due");
+    let out = outcomes.wait_for("s-1").await?;
+    assert_eq!(out["status"], "succeeded");
+    let pg = env.pg().await?;
+    let started: chrono::DateTime<chrono::Utc> = pg
+        .query_one("SELECT started_at FROM requests WHERE id = 's-1'", &[])
+        .await?
+        .get(0);
+    assert!(
+        started.to_rfc3339() >= soon,
+        "it did not run before `not_before`"
+    );
+
+    // Far in the future: cancel it; cancelling twice is a conflict.
+    let mut later = request("demo", "hello", json!({"name": "Never"}));
+    later["id"] = json!("s-2");
+    later["not_before"] = json!("2999-01-01T00:00:00Z");
+    assert_eq!(env.submit(&qm, &later).await?.0, 202);
+    let del = |id: &str| {
+        env.http
+            .delete(format!("{}/v1/requests/{id}", qm.url))
+            .bearer_auth(&env.admin_key)
+            .send()
+    };
+    let r = del("s-2").await?;
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(r.json::<Value>().await?["status"], "cancelled");
+    assert_eq!(del("s-2").await?.status().as_u16(), 409);
+    assert_eq!(
+        del("s-1").await?.status().as_u16(),
+        409,
+        "a finished request cannot be cancelled"
+    );
+    // Credentials are never stored, so a scheduled request cannot carry them.
+    let mut with_creds = later.clone();
+    with_creds["id"] = json!("s-3");
+    with_creds["credentials"] = json!({"k": "v"});
+    assert_eq!(env.submit(&qm, &with_creds).await?.0, 422);
+    drop((qm, engine));
+    env.cleanup().await;
+    Ok(())
+}

@@ -55,8 +55,11 @@ impl ApiError {
         }
     }
 
-    pub fn db(e: impl std::fmt::Display) -> Self {
-        Self::Unavailable(format!("database unavailable: {e}"))
+    /// A database failure: the whole cause goes to the log, the client learns only that the
+    /// database is unavailable (its messages may name tables and values).
+    pub fn db(e: impl std::fmt::Debug) -> Self {
+        tracing::warn!(error = ?e, "database error");
+        Self::Unavailable("database unavailable; nothing was accepted".into())
     }
 }
 

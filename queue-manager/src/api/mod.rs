@@ -20,7 +20,10 @@ pub fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/v1/requests", post(requests::submit).get(requests::list))
         .route("/v1/requests:batch", post(requests::submit_batch))
-        .route("/v1/requests/{id}", get(requests::get))
+        .route(
+            "/v1/requests/{id}",
+            get(requests::get).delete(requests::cancel),
+        )
         .route("/v1/namespaces", get(namespaces::list))
         .route(
             "/v1/namespaces/{name}",

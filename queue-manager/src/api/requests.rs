@@ -142,12 +142,17 @@ async fn accept_one(
             .parse::<Priority>()
             .map_err(|e| ApiError::Malformed(format!("{e}: use high, normal or low")))?,
     };
-    if body.not_before.is_some_and(|t| t > Utc::now()) || body.retry.is_some() {
+    if body.retry.is_some() {
         return Err(ApiError::Invalid {
-            message:
-                "scheduled requests (`not_before`) and request-level `retry` are not supported yet"
-                    .into(),
+            message: "request-level `retry` is not supported yet".into(),
             details: json!([]),
+        });
+    }
+    let not_before = body.not_before.filter(|t| *t > Utc::now());
+    if not_before.is_some() && body.credentials.is_some() {
+        return Err(ApiError::Invalid {
+            message: "a scheduled request cannot carry credentials: they are never stored".into(),
+            details: json!([{"path": "/credentials"}]),
         });
     }
     let namespace = Name::parse(body.namespace.clone())
@@ -173,7 +178,7 @@ async fn accept_one(
 
     let body_hash = hash_of(&json!({
         "namespace": body.namespace, "procedure": body.procedure, "input": body.input,
-        "priority": priority.as_str(), "credentials": body.credentials,
+        "priority": priority.as_str(), "credentials": body.credentials, "not_before": not_before,
     }));
     let envelope = Envelope {
         id: id.clone(),
@@ -196,6 +201,7 @@ async fn accept_one(
             body_hash,
             checked_version: ns.version,
             envelope,
+            not_before,
         })
         .await
 }
@@ -221,6 +227,40 @@ pub async fn get(
     if owner != Some(caller.0.id) && !caller.0.has("admin") {
         return Err(not_found());
     }
+    Ok(Json(strip_owner(rec)))
+}
+
+/// `DELETE /v1/requests/{id}`: cancels a request that has not been handed to an engine yet
+/// (scheduled or parked); anything else is `409`.
+pub async fn cancel(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let not_found = || ApiError::NotFound(format!("request `{id}` does not exist"));
+    let rec = record(&app, &id).await?.ok_or_else(not_found)?;
+    let owner = rec["principal_id"]
+        .as_str()
+        .and_then(|s| uuid::Uuid::parse_str(s).ok());
+    if owner != Some(caller.0.id) && !caller.0.has("admin") {
+        return Err(not_found());
+    }
+    let client = app.pool.get().await.map_err(ApiError::db)?;
+    let n = client
+        .execute(
+            "UPDATE requests SET status = 'cancelled', finished_at = now() \
+             WHERE id = $1 AND status IN ('scheduled', 'parked')",
+            &[&id],
+        )
+        .await
+        .map_err(ApiError::db)?;
+    if n == 0 {
+        return Err(ApiError::Conflict(format!(
+            "request `{id}` is {}; only scheduled or parked requests can be cancelled",
+            rec["status"].as_str().unwrap_or("?")
+        )));
+    }
+    let rec = record(&app, &id).await?.ok_or_else(not_found)?;
     Ok(Json(strip_owner(rec)))
 }
 

@@ -1,0 +1,104 @@
+//! Publishes scheduled requests when they are due (DESIGN §3). Several queue managers may run
+//! it at once: `FOR UPDATE SKIP LOCKED` hands each due request to exactly one of them, and a
+//! request turns `queued` in the same transaction that waited for its publish confirm.
+
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use futures_util::future::join_all;
+use provisio_shared::amqp::{Outgoing, Publisher, long_str};
+use provisio_shared::config::Secret;
+use provisio_shared::domain::Envelope;
+use provisio_shared::signing;
+use tokio_util::sync::CancellationToken;
+
+/// One pass: publishes what is due (at most `limit`), returns how many.
+pub async fn publish_due(
+    pool: &Pool,
+    publisher: &Publisher,
+    signing_key: &Secret,
+    limit: i64,
+) -> anyhow::Result<usize> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let rows = tx
+        .query(
+            "SELECT id, envelope, namespace_version FROM requests \
+             WHERE status = 'scheduled' AND not_before <= now() \
+             ORDER BY not_before LIMIT $1 FOR UPDATE SKIP LOCKED",
+            &[&limit],
+        )
+        .await?;
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let exchange = publisher.topology().requests_exchange();
+    let work = rows.iter().filter_map(|r| {
+        let id: String = r.get(0);
+        let mut envelope: Envelope = serde_json::from_value(r.get(1)).ok()?;
+        // The version current when the request was accepted (the row has the final word).
+        envelope.namespace_version = r.get::<_, Option<i32>>(2).or(envelope.namespace_version);
+        let bytes = envelope.to_bytes();
+        let mut headers = lapin::types::FieldTable::default();
+        headers.insert(
+            signing::SIGNATURE_HEADER.into(),
+            long_str(&signing::sign(signing_key.expose().as_bytes(), &bytes)),
+        );
+        let props = lapin::BasicProperties::default()
+            .with_message_id(id.as_str().into())
+            .with_content_type("application/json".into())
+            .with_headers(headers);
+        let exchange = &exchange;
+        Some(async move {
+            let lane = envelope.priority.as_str();
+            let r = publisher
+                .publish(Outgoing {
+                    exchange,
+                    routing_key: lane,
+                    body: &bytes,
+                    properties: props,
+                })
+                .await;
+            (id, r)
+        })
+    });
+    let results = join_all(work).await;
+    let published: Vec<String> = results
+        .into_iter()
+        .filter_map(|(id, r)| match r {
+            Ok(()) => Some(id),
+            Err(e) => {
+                tracing::warn!(request_id = %id, error = %e, "cannot publish a due request; will retry");
+                None
+            }
+        })
+        .collect();
+    tx.execute(
+        "UPDATE requests SET status = 'queued', envelope = NULL WHERE id = ANY($1)",
+        &[&published],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(published.len())
+}
+
+/// Runs passes every `every` until `stop`.
+pub async fn run(
+    pool: Pool,
+    publisher: Publisher,
+    signing_key: Secret,
+    every: Duration,
+    stop: CancellationToken,
+) {
+    loop {
+        match publish_due(&pool, &publisher, &signing_key, 500).await {
+            Ok(n) if n > 0 => tracing::info!(published = n, "scheduled requests published"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "scheduler pass failed"),
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+    }
+}
