@@ -34,6 +34,8 @@ pub struct Submission {
     pub envelope: Envelope,
     /// In the future: the request waits in PostgreSQL until then (the scheduler publishes it).
     pub not_before: Option<DateTime<Utc>>,
+    /// Published to the trusted queue instead of a lane.
+    pub trusted: bool,
 }
 
 /// The answer for one submission: its status (`queued`, or an earlier request's status).
@@ -306,6 +308,7 @@ async fn run_batch(ctx: &Ctx, mut subs: Vec<Submission>) -> Result<Vec<Accepted>
 
     // Publish every new, still valid request; confirms are awaited concurrently.
     let exchange = ctx.publisher.topology().requests_exchange();
+    let trusted_exchange = ctx.publisher.topology().trusted_exchange();
     let key = ctx.signing_key.expose().as_bytes();
     let started = Instant::now();
     for (i, s) in subs.iter().enumerate() {
@@ -328,8 +331,12 @@ async fn run_batch(ctx: &Ctx, mut subs: Vec<Submission>) -> Result<Vec<Accepted>
                 .with_message_id(s.envelope.id.as_str().into())
                 .with_content_type("application/json".into())
                 .with_headers(headers);
-            let (publisher, exchange) = (&ctx.publisher, &exchange);
-            let lane = s.envelope.priority.as_str();
+            let publisher = &ctx.publisher;
+            let (exchange, lane) = if s.trusted {
+                (&trusted_exchange, "")
+            } else {
+                (&exchange, s.envelope.priority.as_str())
+            };
             async move {
                 let r = publisher
                     .publish(Outgoing {

@@ -33,6 +33,7 @@ pub async fn publish_due(
         return Ok(0);
     }
     let exchange = publisher.topology().requests_exchange();
+    let trusted_exchange = publisher.topology().trusted_exchange();
     let work = rows.iter().filter_map(|r| {
         let id: String = r.get(0);
         let mut envelope: Envelope = serde_json::from_value(r.get(1)).ok()?;
@@ -48,9 +49,18 @@ pub async fn publish_due(
             .with_message_id(id.as_str().into())
             .with_content_type("application/json".into())
             .with_headers(headers);
-        let exchange = &exchange;
+        let trusted = envelope.kind == provisio_shared::domain::RequestKind::Trusted;
+        let exchange = if trusted {
+            &trusted_exchange
+        } else {
+            &exchange
+        };
         Some(async move {
-            let lane = envelope.priority.as_str();
+            let lane = if trusted {
+                ""
+            } else {
+                envelope.priority.as_str()
+            };
             let r = publisher
                 .publish(Outgoing {
                     exchange,

@@ -150,6 +150,27 @@ impl NamespaceCache {
         self.get(name, version).await
     }
 
+    /// The stored document of a version (for inline procedures compiled in its context).
+    pub async fn document(
+        &self,
+        name: &str,
+        version: i32,
+    ) -> Result<Option<serde_json::Value>, NamespaceError> {
+        let client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| NamespaceError::Db(e.to_string()))?;
+        let row = client
+            .query_opt(
+                "SELECT document FROM namespaces WHERE name = $1 AND version = $2",
+                &[&name, &version],
+            )
+            .await
+            .map_err(|e| NamespaceError::Db(e.to_string()))?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
     /// A given version (engines run the version the request was accepted under).
     pub async fn get(
         &self,

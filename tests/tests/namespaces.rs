@@ -354,3 +354,99 @@ async fn provisioctl_apply_uploads_a_folder_and_prints_what_changed() -> R {
     env.cleanup().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn trusted_requests_run_inline_steps_as_another_principal() -> R {
+    let env = TestEnv::new("trusted").await?;
+    let (qm, engine) = tokio::try_join!(env.queue_manager(), env.engine())?;
+    assert_eq!(env.apply(&qm, "kinds", EVERY_KIND).await?.0, 201);
+    let pg = env.pg().await?;
+    let alice = uuid::Uuid::now_v7();
+    pg.execute(
+        "INSERT INTO principals (id, name) VALUES ($1, 'alice')",
+        &[&alice],
+    )
+    .await?;
+    pg.execute(
+        "INSERT INTO group_members (group_name, principal_id) VALUES ('producers', $1)",
+        &[&alice],
+    )
+    .await?;
+    let key = "alice-key-1";
+    pg.execute(
+        "INSERT INTO api_keys (id, principal_id, lookup, hash) VALUES ($1, $2, $3, $4)",
+        &[
+            &uuid::Uuid::now_v7(),
+            &alice,
+            &provisio_queue_manager::auth::lookup_of(key),
+            &provisio_queue_manager::auth::hash_key(key)?,
+        ],
+    )
+    .await?;
+    let url = format!("{}/v1/requests/trusted?wait=30", qm.url);
+    let body = json!({
+        "namespace": "kinds", "procedure": "adhoc", "input": {"user": "zed"}, "run_as": "alice",
+        "steps": [
+            {"id": "who", "call": "test.echo", "input": "{caller: .caller.name}"},
+            {"id": "made", "procedure": "make_user", "input": "{org: \"acme\", user: .input.user}"}
+        ],
+        "output": "{caller: .steps.who.caller, user: .steps.made}"
+    });
+    let r = env
+        .http
+        .post(&url)
+        .bearer_auth(&env.admin_key)
+        .json(&body)
+        .send()
+        .await?;
+    assert_eq!(r.status().as_u16(), 200);
+    let rec: Value = r.json().await?;
+    assert_eq!(
+        rec["output"],
+        json!({"caller": "alice", "user": "zed@acme"}),
+        "{rec}"
+    );
+    // The inline procedure is checked like a namespace: every problem, with its path.
+    let bad = json!({"namespace": "kinds", "procedure": "adhoc", "steps": [{"call": "nosuch.x"}, {"call": "test.echo", "input": "{"}]});
+    let r = env
+        .http
+        .post(&url)
+        .bearer_auth(&env.admin_key)
+        .json(&bad)
+        .send()
+        .await?;
+    assert_eq!(r.status().as_u16(), 422);
+    let details = r.json::<Value>().await?["error"]["details"].to_string();
+    assert!(
+        details.contains("inline.steps[0].call") && details.contains("inline.steps[1].input"),
+        "{details}"
+    );
+    let r = env
+        .http
+        .post(&url)
+        .bearer_auth(&env.admin_key)
+        .json(&json!({"namespace": "kinds", "procedure": "refuse", "run_as": "nobody"}))
+        .send()
+        .await?;
+    assert_eq!(r.status().as_u16(), 422, "run_as must name a principal");
+    // A producer may not send trusted requests, nor trusted fields to the queued endpoint.
+    let r = env
+        .http
+        .post(&url)
+        .bearer_auth(key)
+        .json(&body)
+        .send()
+        .await?;
+    assert_eq!(r.status().as_u16(), 403);
+    let r = env
+        .http
+        .post(format!("{}/v1/requests", qm.url))
+        .bearer_auth(&env.admin_key)
+        .json(&body)
+        .send()
+        .await?;
+    assert_eq!(r.status().as_u16(), 400);
+    drop((qm, engine));
+    env.cleanup().await;
+    Ok(())
+}

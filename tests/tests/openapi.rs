@@ -331,6 +331,29 @@ async fn the_running_service_matches_its_openapi_document() -> anyhow::Result<()
         404
     );
 
+    let trusted = format!("{base}/v1/requests/trusted?wait=30");
+    let inline =
+        json!({"namespace": "demo", "procedure": "adhoc", "steps": [{"call": "test.echo"}]});
+    assert_eq!(
+        call!(
+            "/v1/requests/trusted",
+            "post",
+            http.post(&trusted).bearer_auth(&key).json(&inline)
+        )
+        .0,
+        200
+    );
+    let bad = json!({"namespace": "demo", "procedure": "adhoc", "steps": [{"call": "no.such"}]});
+    assert_eq!(
+        call!(
+            "/v1/requests/trusted",
+            "post",
+            http.post(&trusted).bearer_auth(&key).json(&bad)
+        )
+        .0,
+        422
+    );
+
     for p in ["/healthz", "/readyz", "/metrics"] {
         assert_eq!(call!(p, "get", http.get(format!("{base}{p}"))).0, 200);
     }

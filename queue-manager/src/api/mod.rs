@@ -20,6 +20,7 @@ pub fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/v1/requests", post(requests::submit).get(requests::list))
         .route("/v1/requests:batch", post(requests::submit_batch))
+        .route("/v1/requests/trusted", post(requests::submit_trusted))
         .route(
             "/v1/requests/{id}",
             get(requests::get).delete(requests::cancel),

@@ -40,6 +40,26 @@ pub struct SubmitBody {
     credentials: Option<Value>,
     #[serde(default)]
     retry: Option<RetryPolicy>,
+    // Trusted requests only (`POST /v1/requests/trusted`).
+    /// Run as this principal (by name) instead of the caller.
+    #[serde(default)]
+    run_as: Option<String>,
+    /// An inline, ad-hoc procedure named `procedure`, compiled in the namespace's context.
+    #[serde(default)]
+    steps: Option<Value>,
+    #[serde(default)]
+    output: Option<String>,
+    #[serde(default)]
+    transaction: Option<provisio_shared::domain::TxModel>,
+}
+
+impl SubmitBody {
+    fn has_trusted_fields(&self) -> bool {
+        self.run_as.is_some()
+            || self.steps.is_some()
+            || self.output.is_some()
+            || self.transaction.is_some()
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -55,6 +75,27 @@ pub async fn submit(
     query: Result<Query<SubmitQuery>, QueryRejection>,
     JsonBody(body): JsonBody<SubmitBody>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
+    submit_any(app, caller, query, body, false).await
+}
+
+/// `POST /v1/requests/trusted`: as a queued request, plus `run_as` and inline `steps`; needs
+/// `execute_trusted`, and goes through the trusted queue.
+pub async fn submit_trusted(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    query: Result<Query<SubmitQuery>, QueryRejection>,
+    JsonBody(body): JsonBody<SubmitBody>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    submit_any(app, caller, query, body, true).await
+}
+
+async fn submit_any(
+    app: Arc<App>,
+    caller: Caller,
+    query: Result<Query<SubmitQuery>, QueryRejection>,
+    body: SubmitBody,
+    trusted: bool,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
     let Query(query) =
         query.map_err(|e| ApiError::Malformed(format!("query: {}", e.body_text())))?;
     let wait = query
@@ -65,7 +106,7 @@ pub async fn submit(
         None => RequestId::generate(),
     };
     let registration = wait.map(|_| app.waiters.register(id.as_str()));
-    let status = accept_one(&app, &caller, body, id.clone()).await?;
+    let status = accept_one(&app, &caller, body, id.clone(), trusted).await?;
     if let (Some(wait), Some(mut reg)) = (wait, registration) {
         let finished = status.parse::<Status>().is_ok_and(Status::is_final)
             || tokio::time::timeout(wait, &mut reg.woken)
@@ -112,7 +153,7 @@ pub async fn submit_batch(
                         .map_err(|e| ApiError::Malformed(e.to_string()))?,
                     None => RequestId::generate(),
                 };
-                let status = accept_one(app, caller, body, id.clone()).await?;
+                let status = accept_one(app, caller, body, id.clone(), false).await?;
                 Ok::<_, ApiError>(json!({"status": 202, "id": id, "request_status": status}))
             }
             .await;
@@ -131,10 +172,21 @@ async fn accept_one(
     caller: &Caller,
     body: SubmitBody,
     id: RequestId,
+    trusted: bool,
 ) -> Result<String, ApiError> {
-    caller.require("execute")?;
-    if body.credentials.is_some() {
-        caller.require("execute_with_credentials")?;
+    if trusted {
+        caller.require("execute_trusted")?;
+    } else {
+        caller.require("execute")?;
+        if body.has_trusted_fields() {
+            return Err(ApiError::Malformed(
+                "`run_as`, `steps`, `output` and `transaction` belong to POST /v1/requests/trusted"
+                    .into(),
+            ));
+        }
+        if body.credentials.is_some() {
+            caller.require("execute_with_credentials")?;
+        }
     }
     let priority = match body.priority.as_deref() {
         None => Priority::Normal,
@@ -168,17 +220,32 @@ async fn accept_one(
         .await
         .map_err(ApiError::db)?
         .ok_or_else(|| ApiError::NotFound(format!("namespace `{namespace}` does not exist")))?;
-    crate::accept::check_procedure(
-        &ns,
-        &caller.0,
-        &procedure_name,
-        &body.input,
-        app.cfg.validation.enable_schema_validation,
-    )?;
+    if let Some(run_as) = &body.run_as {
+        principal_named(app, run_as).await?;
+    }
+    let inline = if let Some(steps) = &body.steps {
+        let inline = json!({
+            "transaction": body.transaction.unwrap_or_default(),
+            "steps": steps,
+            "output": body.output,
+        });
+        compile_inline(app, &ns, procedure_name.as_str(), &inline).await?;
+        Some(inline)
+    } else {
+        crate::accept::check_procedure(
+            &ns,
+            &caller.0,
+            &procedure_name,
+            &body.input,
+            app.cfg.validation.enable_schema_validation,
+        )?;
+        None
+    };
 
     let body_hash = hash_of(&json!({
         "namespace": body.namespace, "procedure": body.procedure, "input": body.input,
         "priority": priority.as_str(), "credentials": body.credentials, "not_before": not_before,
+        "trusted": trusted, "run_as": body.run_as, "inline": inline,
     }));
     let envelope = Envelope {
         id: id.clone(),
@@ -186,11 +253,15 @@ async fn accept_one(
         procedure: procedure_name.clone(),
         input: body.input.clone(),
         priority,
-        kind: RequestKind::Queued,
+        kind: if trusted {
+            RequestKind::Trusted
+        } else {
+            RequestKind::Queued
+        },
         namespace_version: Some(ns.version),
         principal: Some(caller.0.clone()),
-        run_as: None,
-        steps: None,
+        run_as: body.run_as.clone(),
+        steps: inline,
         credentials: body.credentials.clone(),
         retry: None,
         submitted_at: Some(Utc::now()),
@@ -202,6 +273,7 @@ async fn accept_one(
             checked_version: ns.version,
             envelope,
             not_before,
+            trusted,
         })
         .await
 }
@@ -228,6 +300,49 @@ pub async fn get(
         return Err(not_found());
     }
     Ok(Json(strip_owner(rec)))
+}
+
+/// The principal a trusted request runs as; it must exist and be enabled.
+async fn principal_named(app: &App, name: &str) -> Result<(), ApiError> {
+    let client = app.pool.get().await.map_err(ApiError::db)?;
+    let found = client
+        .query_opt(
+            "SELECT 1 FROM principals WHERE name = $1 AND NOT disabled",
+            &[&name],
+        )
+        .await
+        .map_err(ApiError::db)?;
+    if found.is_none() {
+        return Err(ApiError::Invalid {
+            message: format!("`run_as`: no enabled principal `{name}`"),
+            details: json!([{"path": "/run_as"}]),
+        });
+    }
+    Ok(())
+}
+
+/// Compiles an inline procedure in its namespace's context, reporting every problem.
+async fn compile_inline(
+    app: &App,
+    ns: &provisio_shared::procedure::Namespace,
+    name: &str,
+    inline: &Value,
+) -> Result<(), ApiError> {
+    let doc = app
+        .namespaces
+        .document(ns.name.as_str(), ns.version)
+        .await
+        .map_err(ApiError::db)?
+        .ok_or_else(|| ApiError::NotFound(format!("namespace `{}` does not exist", ns.name)))?;
+    provisio_shared::procedure::with_inline(&doc, name, inline, app.namespaces.catalog())
+        .map(|_| ())
+        .map_err(|problems| ApiError::Invalid {
+            message: format!(
+                "the inline procedure is invalid ({} problems)",
+                problems.len()
+            ),
+            details: serde_json::to_value(problems).unwrap_or(Value::Null),
+        })
 }
 
 /// `DELETE /v1/requests/{id}`: cancels a request that has not been handed to an engine yet

@@ -138,6 +138,49 @@ impl ExternalProcedures for NoExternal {
     }
 }
 
+/// Compiles `doc` with an extra (or replaced) procedure `name` made of `inline`
+/// (`{transaction, steps, output}`): a trusted request's ad-hoc procedure, which may call the
+/// namespace's procedures. Problems are reported with paths under `inline`.
+pub fn with_inline(
+    doc: &serde_json::Value,
+    name: &str,
+    inline: &serde_json::Value,
+    catalog: &dyn Catalog,
+) -> Result<Namespace, Vec<Problem>> {
+    let mut doc = doc.clone();
+    let mut proc_doc = serde_json::Map::new();
+    proc_doc.insert("access".into(), "private".into());
+    for key in ["transaction", "steps", "output"] {
+        if let Some(v) = inline.get(key).filter(|v| !v.is_null()) {
+            proc_doc.insert(key.into(), v.clone());
+        }
+    }
+    match doc
+        .get_mut("procedures")
+        .and_then(serde_json::Value::as_object_mut)
+    {
+        Some(p) => {
+            p.insert(name.to_owned(), serde_json::Value::Object(proc_doc));
+        }
+        None => {
+            return Err(vec![Problem {
+                path: String::new(),
+                message: "the namespace has no procedures".into(),
+            }]);
+        }
+    }
+    let prefix = format!("procedures.{name}");
+    compile(&doc, 0, catalog, &NoExternal).map_err(|problems| {
+        problems
+            .into_iter()
+            .map(|p| Problem {
+                path: p.path.replacen(&prefix, "inline", 1),
+                message: p.message,
+            })
+            .collect()
+    })
+}
+
 /// Parses YAML or JSON text into a document; YAML is a superset, so one parser serves both.
 pub fn parse_document(text: &str) -> Result<serde_json::Value, Problem> {
     serde_norway::from_str::<serde_json::Value>(text).map_err(|e| Problem {

@@ -270,14 +270,46 @@ impl Engine {
     ) -> anyhow::Result<()> {
         let started = Instant::now();
         let tx_id = Uuid::now_v7();
-        let lookup = match env.namespace_version {
+        let mut lookup = match env.namespace_version {
             Some(v) => self.namespaces.get(env.namespace.as_str(), v).await,
             None => self.namespaces.current(env.namespace.as_str()).await,
         }
         .context("loading the namespace")?;
+        // A trusted request may bring its own procedure, compiled in the namespace's context.
+        let inline = match (&env.steps, env.kind, &lookup) {
+            (Some(steps), RequestKind::Trusted, Some(ns)) => {
+                let doc = self
+                    .namespaces
+                    .document(ns.name.as_str(), ns.version)
+                    .await
+                    .context("loading the namespace document")?
+                    .unwrap_or(Value::Null);
+                Some(
+                    provisio_shared::procedure::with_inline(
+                        &doc,
+                        env.procedure.as_str(),
+                        steps,
+                        self.namespaces.catalog(),
+                    )
+                    .map(Arc::new),
+                )
+            }
+            _ => None,
+        };
+        let mut inline_problems = None;
+        match inline {
+            Some(Ok(ns)) => lookup = Some(ns),
+            Some(Err(problems)) => inline_problems = Some(problems),
+            None => {}
+        }
         let procedure = lookup
             .as_ref()
             .and_then(|ns| ns.procedures.get(env.procedure.as_str()).cloned());
+        // `run_as`: the procedure acts for that principal (the submitter stays on record).
+        let acting = match &env.run_as {
+            Some(name) if env.kind == RequestKind::Trusted => self.principal_named(name).await?,
+            _ => Some(principal.clone()),
+        };
         let model = procedure.as_ref().map_or(TxModel::Read, |p| p.model);
         let begin = Begin {
             tx_id,
@@ -320,8 +352,26 @@ impl Engine {
         }
         let refuse = |code: &str, message: String| Some(json!({"code": code, "message": message}));
         let refusal = match (&lookup, &procedure) {
+            _ if inline_problems.is_some() => refuse(
+                "invalid_inline",
+                format!(
+                    "the inline procedure is invalid: {:?}",
+                    inline_problems
+                        .as_ref()
+                        .map(|p| p.iter().map(ToString::to_string).collect::<Vec<_>>())
+                ),
+            ),
+            _ if acting.is_none() => refuse(
+                "unknown_principal",
+                format!(
+                    "`run_as`: no enabled principal `{}`",
+                    env.run_as.clone().unwrap_or_default()
+                ),
+            ),
             (Some(_), Some(p))
-                if p.access == Access::Private && !principal.has("execute_private") =>
+                if p.access == Access::Private
+                    && !principal.has("execute_private")
+                    && env.steps.is_none() =>
             {
                 refuse(
                     "forbidden",
@@ -375,7 +425,7 @@ impl Engine {
             &self.registry,
             &self.txlog,
             &self.namespaces,
-            Some(principal),
+            acting,
             credentials,
             request_ctx,
             self.cfg.validation.enable_schema_validation,
@@ -465,6 +515,33 @@ impl Engine {
             }
         }
         Ok(true)
+    }
+
+    /// The enabled principal `name` with its permissions, or `None`.
+    async fn principal_named(&self, name: &str) -> anyhow::Result<Option<PrincipalRef>> {
+        let client = self.pool.get().await.context("database")?;
+        let Some(row) = client
+            .query_opt(
+                "SELECT id, name FROM principals WHERE name = $1 AND NOT disabled",
+                &[&name],
+            )
+            .await?
+        else {
+            return Ok(None);
+        };
+        let id: Uuid = row.get(0);
+        let perms = client
+            .query(
+                "SELECT DISTINCT g.permission FROM grants g LEFT JOIN group_members m ON m.group_name = g.group_name \
+                 WHERE g.principal_id = $1 OR m.principal_id = $1",
+                &[&id],
+            )
+            .await?;
+        Ok(Some(PrincipalRef {
+            id,
+            name: row.get(1),
+            permissions: perms.iter().map(|r| r.get(0)).collect(),
+        }))
     }
 
     async fn is_final(&self, id: &str) -> anyhow::Result<bool> {
