@@ -388,7 +388,7 @@ async fn run_batch(ctx: &Ctx, mut subs: Vec<Submission>) -> Result<Vec<Accepted>
         if is_new[i] && matches!(answers[i], Some(Ok(_))) {
             metrics::counter!(provisio_shared::metrics::REQUESTS_ACCEPTED,
                 "namespace" => s.envelope.namespace.to_string(), "procedure" => s.envelope.procedure.to_string(),
-                "lane" => s.envelope.priority.as_str())
+                "lane" => if s.trusted { "trusted" } else { s.envelope.priority.as_str() })
             .increment(1);
         }
     }
