@@ -230,7 +230,7 @@ async fn the_running_service_matches_its_openapi_document() -> anyhow::Result<()
         .0,
         413
     );
-    let scheduled = json!({"namespace": "demo", "procedure": "hello", "retry": {"count": 1, "interval_ms": 10}});
+    let scheduled = json!({"namespace": "demo", "procedure": "hello", "retry": {"count": 1, "interval_ms": 10, "on_exhausted": "never"}});
     assert_eq!(
         call!(
             "/v1/requests",

@@ -650,3 +650,51 @@ async fn scheduled_requests_wait_in_postgres_run_when_due_and_can_be_cancelled()
     env.cleanup().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn request_level_retries_run_failed_requests_again_then_park_them() -> R {
+    let env = TestEnv::new("retry").await?;
+    let (qm, engine) = tokio::try_join!(env.queue_manager(), env.engine())?;
+    let ns = "namespace: flaky\nprocedures:\n  twice:\n    access: public\n    steps:\n      - call: test.fail_n_times\n        input: '{key: .request.id, n: 2}'\n    output: '.request.attempt'\n  never:\n    access: public\n    steps:\n      - call: test.fail\n";
+    assert_eq!(env.apply(&qm, "flaky", ns).await?.0, 201);
+    let mut outcomes = env.outcomes().await?;
+    // Follows the outcomes of `id` until a final one.
+    async fn settle(outcomes: &mut provisio_tests::Outcomes, id: &str) -> anyhow::Result<Value> {
+        loop {
+            let o = outcomes.wait_for(id).await?;
+            if !matches!(o["status"].as_str(), Some("scheduled")) {
+                return Ok(o);
+            }
+        }
+    }
+    let mut body = request("flaky", "twice", json!({}));
+    body["id"] = json!("r-twice");
+    body["retry"] = json!({"count": 3, "interval_ms": 100});
+    assert_eq!(env.submit(&qm, &body).await?.0, 202);
+    let out = settle(&mut outcomes, "r-twice").await?;
+    assert_eq!(out["status"], "succeeded", "{out}");
+    assert_eq!(out["output"], 3, "two failures, then the third attempt");
+
+    let mut body = request("flaky", "never", json!({}));
+    body["id"] = json!("r-never");
+    body["retry"] = json!({"count": 1, "interval_ms": 50, "on_exhausted": "park"});
+    assert_eq!(env.submit(&qm, &body).await?.0, 202);
+    let out = settle(&mut outcomes, "r-never").await?;
+    assert_eq!(out["status"], "parked", "{out}");
+    let (_, rec) = env.get_request(&qm, "r-never").await?;
+    assert_eq!(rec["attempts"], 2);
+    let r = env
+        .http
+        .delete(format!("{}/v1/requests/r-never", qm.url))
+        .bearer_auth(&env.admin_key)
+        .send()
+        .await?;
+    assert_eq!(
+        r.status().as_u16(),
+        200,
+        "a parked request can be cancelled"
+    );
+    drop((qm, engine));
+    env.cleanup().await;
+    Ok(())
+}

@@ -67,6 +67,8 @@ pub struct Finish {
     pub output: Option<Value>,
     pub error: Option<Value>,
     pub summary: Value,
+    /// Request-level retry: run again at this time from this envelope (status `scheduled`).
+    pub retry_at: Option<(chrono::DateTime<chrono::Utc>, Value)>,
 }
 
 #[derive(Debug, Clone)]
@@ -78,7 +80,7 @@ pub enum Record {
         tx_id: Uuid,
         status: &'static str,
     },
-    Finish(Finish),
+    Finish(Box<Finish>),
 }
 
 /// What a committed record reports back.
@@ -194,14 +196,18 @@ const SQL_STATUS: &str = "UPDATE transactions SET status = $2 WHERE id = $1";
 /// `= ANY(array)` conditions make the planner look rows up by primary key; joined with
 /// `unnest` alone it may choose to scan the whole table.
 const SQL_FINISH: &str = "WITH u AS (\
-       SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::jsonb[], $7::jsonb[]) \
-       AS u(tx_id, tx_status, request_id, request_status, output, error, summary)), \
+       SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::jsonb[], $7::jsonb[], \
+                            $8::timestamptz[], $9::jsonb[]) \
+       AS u(tx_id, tx_status, request_id, request_status, output, error, summary, retry_at, envelope)), \
      t AS (\
        UPDATE transactions SET status = u.tx_status, output = u.output, error = u.error, \
               finished_at = now(), lease_until = NULL \
        FROM u WHERE transactions.id = ANY($1::uuid[]) AND transactions.id = u.tx_id) \
      UPDATE requests SET status = u.request_status, output = u.output, error = u.error, steps = u.summary, \
-            finished_at = now(), started_at = coalesce(requests.started_at, now()), \
+            finished_at = CASE WHEN u.retry_at IS NULL THEN now() END, \
+            not_before = coalesce(u.retry_at, requests.not_before), \
+            envelope = coalesce(u.envelope, requests.envelope), \
+            started_at = coalesce(requests.started_at, now()), \
             attempts = greatest(requests.attempts, 1) \
      FROM u WHERE requests.id = ANY($3::text[]) AND requests.id = u.request_id";
 
@@ -223,7 +229,7 @@ async fn write_together(pool: &Pool, records: &[&Record]) -> Result<Vec<Reply>, 
                     begins.push((None, b, f.tx_status));
                 }
                 steps.extend(f.steps.iter());
-                finishes.push(f);
+                finishes.push(&**f);
             }
         }
     }
@@ -333,6 +339,14 @@ async fn write_together(pool: &Pool, records: &[&Record]) -> Result<Vec<Reply>, 
         let outputs: Vec<Option<&Value>> = finishes.iter().map(|f| f.output.as_ref()).collect();
         let errors: Vec<Option<&Value>> = finishes.iter().map(|f| f.error.as_ref()).collect();
         let summaries: Vec<&Value> = finishes.iter().map(|f| &f.summary).collect();
+        let retry_at: Vec<Option<chrono::DateTime<chrono::Utc>>> = finishes
+            .iter()
+            .map(|f| f.retry_at.as_ref().map(|(t, _)| *t))
+            .collect();
+        let envelopes: Vec<Option<&Value>> = finishes
+            .iter()
+            .map(|f| f.retry_at.as_ref().map(|(_, e)| e))
+            .collect();
         tx.execute(
             &stmt,
             &[
@@ -343,6 +357,8 @@ async fn write_together(pool: &Pool, records: &[&Record]) -> Result<Vec<Reply>, 
                 &outputs,
                 &errors,
                 &summaries,
+                &retry_at,
+                &envelopes,
             ],
         )
         .await

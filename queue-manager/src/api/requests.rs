@@ -194,16 +194,20 @@ async fn accept_one(
             .parse::<Priority>()
             .map_err(|e| ApiError::Malformed(format!("{e}: use high, normal or low")))?,
     };
-    if body.retry.is_some() {
+    if let Some(r) = &body.retry
+        && (r.count > 100 || !matches!(r.on_exhausted.as_str(), "fail" | "park"))
+    {
         return Err(ApiError::Invalid {
-            message: "request-level `retry` is not supported yet".into(),
-            details: json!([]),
+            message: "`retry`: count at most 100, on_exhausted `fail` or `park`".into(),
+            details: json!([{"path": "/retry"}]),
         });
     }
     let not_before = body.not_before.filter(|t| *t > Utc::now());
-    if not_before.is_some() && body.credentials.is_some() {
+    if (not_before.is_some() || body.retry.is_some()) && body.credentials.is_some() {
         return Err(ApiError::Invalid {
-            message: "a scheduled request cannot carry credentials: they are never stored".into(),
+            message:
+                "a scheduled or retried request cannot carry credentials: they are never stored"
+                    .into(),
             details: json!([{"path": "/credentials"}]),
         });
     }
@@ -245,7 +249,7 @@ async fn accept_one(
     let body_hash = hash_of(&json!({
         "namespace": body.namespace, "procedure": body.procedure, "input": body.input,
         "priority": priority.as_str(), "credentials": body.credentials, "not_before": not_before,
-        "trusted": trusted, "run_as": body.run_as, "inline": inline,
+        "trusted": trusted, "run_as": body.run_as, "inline": inline, "retry": body.retry,
     }));
     let envelope = Envelope {
         id: id.clone(),
@@ -263,7 +267,7 @@ async fn accept_one(
         run_as: body.run_as.clone(),
         steps: inline,
         credentials: body.credentials.clone(),
-        retry: None,
+        retry: body.retry.clone(),
         submitted_at: Some(Utc::now()),
     };
 

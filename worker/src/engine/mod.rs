@@ -397,6 +397,7 @@ impl Engine {
                 None,
                 refusal.clone(),
                 json!([]),
+                None,
             )
             .await?;
             self.publish_outcome(
@@ -460,6 +461,30 @@ impl Engine {
         if status == Status::InDoubt {
             metrics::gauge!(provisio_shared::metrics::IN_DOUBT).increment(1.0);
         }
+        // Request-level retry: a cleanly failed attempt runs again later (from PostgreSQL,
+        // via the scheduler), or parks for an operator once the retries are spent.
+        let (status, retry_at) = match (&env.retry, status) {
+            (Some(policy), Status::Failed)
+                if model != TxModel::Read && i64::from(attempt) <= i64::from(policy.count) =>
+            {
+                let at = Utc::now()
+                    + chrono::Duration::milliseconds(
+                        i64::try_from(policy.interval_ms).unwrap_or(i64::MAX),
+                    );
+                let mut again = env.clone();
+                again.credentials = None;
+                (
+                    Status::Scheduled,
+                    serde_json::to_value(&again).ok().map(|e| (at, e)),
+                )
+            }
+            (Some(policy), Status::Failed)
+                if model != TxModel::Read && policy.on_exhausted == "park" =>
+            {
+                (Status::Parked, None)
+            }
+            (_, s) => (s, None),
+        };
         self.finish(
             begin,
             model == TxModel::Read,
@@ -469,6 +494,7 @@ impl Engine {
             output.clone(),
             error.clone(),
             Value::Array(outcome.summary),
+            retry_at,
         )
         .await?;
         let labels = [
@@ -568,9 +594,10 @@ impl Engine {
         output: Option<Value>,
         error: Option<Value>,
         summary: Value,
+        retry_at: Option<(chrono::DateTime<Utc>, Value)>,
     ) -> anyhow::Result<()> {
         self.txlog
-            .write(Record::Finish(Finish {
+            .write(Record::Finish(Box::new(Finish {
                 tx_id: begin.tx_id,
                 request_id: begin.request_id.clone(),
                 open: open_now.then_some(begin),
@@ -580,7 +607,8 @@ impl Engine {
                 output,
                 error,
                 summary,
-            }))
+                retry_at,
+            })))
             .await
             .context("committing the outcome")?;
         Ok(())
