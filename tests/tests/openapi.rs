@@ -354,6 +354,69 @@ async fn the_running_service_matches_its_openapi_document() -> anyhow::Result<()
         422
     );
 
+    let principals = format!("{base}/v1/principals");
+    let who = json!({"name": "svc", "groups": ["producers"]});
+    assert_eq!(
+        call!(
+            "/v1/principals",
+            "post",
+            http.post(&principals).bearer_auth(&key).json(&who)
+        )
+        .0,
+        201
+    );
+    assert_eq!(
+        call!(
+            "/v1/principals",
+            "post",
+            http.post(&principals).bearer_auth(&key).json(&who)
+        )
+        .0,
+        409
+    );
+    let groups = json!({"groups": ["producers", "trusted-users"]});
+    assert_eq!(
+        call!(
+            "/v1/principals/{name}/groups",
+            "put",
+            http.put(format!("{principals}/svc/groups"))
+                .bearer_auth(&key)
+                .json(&groups)
+        )
+        .0,
+        200
+    );
+    let (status, text) = call!(
+        "/v1/principals/{name}/keys",
+        "post",
+        http.post(format!("{principals}/svc/keys"))
+            .bearer_auth(&key)
+    );
+    assert_eq!(status, 201);
+    let key_id = serde_json::from_str::<Value>(&text)?["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let revoke = format!("{principals}/svc/keys/{key_id}");
+    assert_eq!(
+        call!(
+            "/v1/principals/{name}/keys/{key_id}",
+            "delete",
+            http.delete(&revoke).bearer_auth(&key)
+        )
+        .0,
+        200
+    );
+    assert_eq!(
+        call!(
+            "/v1/principals/{name}/keys/{key_id}",
+            "delete",
+            http.delete(&revoke).bearer_auth(&key)
+        )
+        .0,
+        404
+    );
+
     for p in ["/healthz", "/readyz", "/metrics"] {
         assert_eq!(call!(p, "get", http.get(format!("{base}{p}"))).0, 200);
     }

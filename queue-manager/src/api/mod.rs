@@ -3,6 +3,7 @@
 mod body;
 pub mod error;
 mod namespaces;
+mod principals;
 mod requests;
 
 use std::sync::Arc;
@@ -10,7 +11,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use provisio_shared::domain::PrincipalRef;
 
 use crate::app::App;
@@ -24,6 +25,13 @@ pub fn router(app: Arc<App>) -> Router {
         .route(
             "/v1/requests/{id}",
             get(requests::get).delete(requests::cancel),
+        )
+        .route("/v1/principals", post(principals::create))
+        .route("/v1/principals/{name}/groups", put(principals::put_groups))
+        .route("/v1/principals/{name}/keys", post(principals::create_key))
+        .route(
+            "/v1/principals/{name}/keys/{key_id}",
+            delete(principals::revoke_key),
         )
         .route("/v1/namespaces", get(namespaces::list))
         .route(
