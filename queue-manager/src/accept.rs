@@ -14,7 +14,7 @@ use std::time::Instant;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
 use futures_util::future::join_all;
-use provisio_shared::amqp::{Outgoing, Publisher, long_str};
+use provisio_shared::amqp::{Outgoing, Publisher};
 use provisio_shared::config::Secret;
 use provisio_shared::domain::{Envelope, Name, PrincipalRef};
 use provisio_shared::namespaces::NamespaceCache;
@@ -321,16 +321,7 @@ async fn run_batch(ctx: &Ctx, mut subs: Vec<Submission>) -> Result<Vec<Accepted>
         .enumerate()
         .filter(|(i, _)| is_new[*i] && answers[*i].is_none())
         .map(|(i, s)| {
-            let bytes = s.envelope.to_bytes();
-            let mut headers = lapin::types::FieldTable::default();
-            headers.insert(
-                signing::SIGNATURE_HEADER.into(),
-                long_str(&signing::sign(key, &bytes)),
-            );
-            let props = lapin::BasicProperties::default()
-                .with_message_id(s.envelope.id.as_str().into())
-                .with_content_type("application/json".into())
-                .with_headers(headers);
+            let (bytes, props) = signing::signed_envelope(&s.envelope, key);
             let publisher = &ctx.publisher;
             let (exchange, lane) = if s.trusted {
                 (&trusted_exchange, "")

@@ -115,23 +115,9 @@ pub async fn permissions_of(
     client: &tokio_postgres::Client,
     principal: uuid::Uuid,
 ) -> Result<Vec<String>, AuthError> {
-    let rows = client
-        .query(
-            "SELECT DISTINCT g.permission FROM grants g \
-             LEFT JOIN group_members m ON m.group_name = g.group_name \
-             WHERE g.principal_id = $1 OR m.principal_id = $1 ORDER BY 1",
-            &[&principal],
-        )
+    provisio_shared::security::permissions_of(client, principal)
         .await
-        .map_err(|e| AuthError::Db(e.to_string()))?;
-    let mut perms: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
-    // execute_trusted implies execute_with_credentials (DESIGN §8).
-    if perms.iter().any(|p| p == "execute_trusted")
-        && !perms.iter().any(|p| p == "execute_with_credentials")
-    {
-        perms.push("execute_with_credentials".to_owned());
-    }
-    Ok(perms)
+        .map_err(|e| AuthError::Db(e.to_string()))
 }
 
 /// Makes `key` the first admin's key when no admin has a key yet. Idempotent and safe when

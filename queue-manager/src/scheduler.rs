@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use deadpool_postgres::Pool;
 use futures_util::future::join_all;
-use provisio_shared::amqp::{Outgoing, Publisher, long_str};
+use provisio_shared::amqp::{Outgoing, Publisher};
 use provisio_shared::config::Secret;
 use provisio_shared::domain::Envelope;
 use provisio_shared::signing;
@@ -39,16 +39,7 @@ pub async fn publish_due(
         let mut envelope: Envelope = serde_json::from_value(r.get(1)).ok()?;
         // The version current when the request was accepted (the row has the final word).
         envelope.namespace_version = r.get::<_, Option<i32>>(2).or(envelope.namespace_version);
-        let bytes = envelope.to_bytes();
-        let mut headers = lapin::types::FieldTable::default();
-        headers.insert(
-            signing::SIGNATURE_HEADER.into(),
-            long_str(&signing::sign(signing_key.expose().as_bytes(), &bytes)),
-        );
-        let props = lapin::BasicProperties::default()
-            .with_message_id(id.as_str().into())
-            .with_content_type("application/json".into())
-            .with_headers(headers);
+        let (bytes, props) = signing::signed_envelope(&envelope, signing_key.expose().as_bytes());
         let trusted = envelope.kind == provisio_shared::domain::RequestKind::Trusted;
         let exchange = if trusted {
             &trusted_exchange

@@ -15,6 +15,7 @@ pub mod namespaces;
 pub mod procedure;
 pub mod provider;
 pub mod retry;
+pub mod security;
 pub mod shutdown;
 pub mod signing;
 pub mod telemetry;

@@ -30,6 +30,25 @@ pub fn verify(key: &[u8], body: &[u8], signature: &str) -> bool {
     mac.verify_slice(&sig).is_ok()
 }
 
+/// An envelope as the queue manager publishes it: its bytes, and properties carrying the
+/// message id and the signature of exactly those bytes.
+pub fn signed_envelope(
+    envelope: &crate::domain::Envelope,
+    key: &[u8],
+) -> (Vec<u8>, lapin::BasicProperties) {
+    let bytes = envelope.to_bytes();
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert(
+        SIGNATURE_HEADER.into(),
+        crate::amqp::long_str(&sign(key, &bytes)),
+    );
+    let props = lapin::BasicProperties::default()
+        .with_message_id(envelope.id.as_str().into())
+        .with_content_type("application/json".into())
+        .with_headers(headers);
+    (bytes, props)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

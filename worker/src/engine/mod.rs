@@ -24,6 +24,7 @@ use provisio_shared::config::Config;
 use provisio_shared::domain::{Envelope, PrincipalRef, Priority, RequestKind, Status, TxModel};
 use provisio_shared::namespaces::NamespaceCache;
 use provisio_shared::procedure::Access;
+use provisio_shared::security::PrincipalBy;
 use provisio_shared::signing;
 use provisio_shared::telemetry::Readiness;
 use serde_json::{Value, json};
@@ -194,28 +195,10 @@ impl Engine {
             .get()
             .await
             .map_err(|e| format!("database: {e}"))?;
-        let row = client
-            .query_opt(
-                "SELECT id, name FROM principals WHERE amqp_user = $1 AND NOT disabled",
-                &[&user],
-            )
+        let p = provisio_shared::security::principal(&client, PrincipalBy::AmqpUser, &user)
             .await
             .map_err(|e| format!("database: {e}"))?
             .ok_or_else(|| format!("AMQP user `{user}` is not mapped to a principal"))?;
-        let id: Uuid = row.get(0);
-        let perms = client
-            .query(
-                "SELECT DISTINCT g.permission FROM grants g LEFT JOIN group_members m ON m.group_name = g.group_name \
-                 WHERE g.principal_id = $1 OR m.principal_id = $1",
-                &[&id],
-            )
-            .await
-            .map_err(|e| format!("database: {e}"))?;
-        let p = PrincipalRef {
-            id,
-            name: row.get(1),
-            permissions: perms.iter().map(|r| r.get(0)).collect(),
-        };
         if let Ok(mut cache) = self.amqp_users.lock() {
             cache.insert(user, (p.clone(), Instant::now()));
         }
@@ -546,28 +529,7 @@ impl Engine {
     /// The enabled principal `name` with its permissions, or `None`.
     async fn principal_named(&self, name: &str) -> anyhow::Result<Option<PrincipalRef>> {
         let client = self.pool.get().await.context("database")?;
-        let Some(row) = client
-            .query_opt(
-                "SELECT id, name FROM principals WHERE name = $1 AND NOT disabled",
-                &[&name],
-            )
-            .await?
-        else {
-            return Ok(None);
-        };
-        let id: Uuid = row.get(0);
-        let perms = client
-            .query(
-                "SELECT DISTINCT g.permission FROM grants g LEFT JOIN group_members m ON m.group_name = g.group_name \
-                 WHERE g.principal_id = $1 OR m.principal_id = $1",
-                &[&id],
-            )
-            .await?;
-        Ok(Some(PrincipalRef {
-            id,
-            name: row.get(1),
-            permissions: perms.iter().map(|r| r.get(0)).collect(),
-        }))
+        Ok(provisio_shared::security::principal(&client, PrincipalBy::Name, name).await?)
     }
 
     async fn is_final(&self, id: &str) -> anyhow::Result<bool> {
