@@ -28,6 +28,7 @@ pub const PROVIDER_THROTTLED: &str = "provisio_provider_throttled_total";
 pub const PROVIDER_WAIT: &str = "provisio_provider_wait_seconds";
 pub const RECOVERED: &str = "provisio_recovered_transactions_total";
 pub const AUDIT_ROWS_SWEPT: &str = "provisio_audit_rows_swept_total";
+pub const FENCED: &str = "provisio_fenced_transactions_total";
 
 /// Registers descriptions with the installed recorder; call once after installing it.
 pub fn describe() {
@@ -125,6 +126,11 @@ pub fn describe() {
         PROVIDER_CALLS,
         Unit::Count,
         "Provider calls, by provider, action and outcome."
+    );
+    describe_counter!(
+        FENCED,
+        Unit::Count,
+        "Transactions an engine lost to recovery (lease expired while it stalled): it stopped and wrote nothing more."
     );
     describe_counter!(
         AUDIT_ROWS_SWEPT,

@@ -89,6 +89,25 @@ pub trait Provider: Send + Sync {
         Box::pin(async { Ok(()) })
     }
 
+    /// Undoes a call whose outcome is unknown: its engine died during the call, so the log has
+    /// its intent (`rb.data` = `{"input": ...}`) but no result. The call may or may not have
+    /// happened, and `rb.idempotency_key` is the key it was made with. Must be idempotent, and
+    /// a no-op when the call never happened. Providers that cannot tell leave the default,
+    /// which reports a permanent failure: the transaction then ends `in_doubt` for an operator
+    /// rather than being silently assumed clean.
+    fn rollback_unknown<'a>(
+        &'a self,
+        rb: &'a Rollback,
+    ) -> BoxFuture<'a, Result<(), ProviderError>> {
+        let _ = rb;
+        Box::pin(async {
+            Err(ProviderError::permanent(
+                "unknown_outcome",
+                "the provider cannot undo a call whose outcome is unknown",
+            ))
+        })
+    }
+
     /// Whether this provider can hold calls of a two-phase transaction open.
     fn supports_two_phase(&self) -> bool {
         false

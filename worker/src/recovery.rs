@@ -54,7 +54,7 @@ impl Recovery {
         let client = self.pool.get().await.context("database")?;
         let rows = client
             .query(
-                "SELECT id FROM transactions WHERE status IN ('running', 'prepared', 'committing', 'rolling_back') \
+                "SELECT id FROM transactions WHERE finished_at IS NULL \
                  AND lease_until < now() ORDER BY lease_until LIMIT 100",
                 &[],
             )
@@ -84,10 +84,12 @@ impl Recovery {
     /// Claims transaction `tx_id` if its lease expired, then resolves it.
     pub async fn recover_tx(&self, tx_id: Uuid) -> anyhow::Result<Resolved> {
         let client = self.pool.get().await.context("database")?;
+        // The claim is the fence: from here on, the stalled engine's writes (conditional on
+        // `engine_id`) fail, and so do those of any other recoverer.
         let claimed = client
             .query_opt(
                 "UPDATE transactions SET engine_id = $2, lease_until = now() + make_interval(secs => $3) \
-                 WHERE id = $1 AND status IN ('running', 'prepared', 'committing', 'rolling_back') AND lease_until < now() \
+                 WHERE id = $1 AND finished_at IS NULL AND lease_until < now() \
                  RETURNING request_id, status",
                 &[&tx_id, &self.owner, &self.lease_seconds],
             )
@@ -116,16 +118,17 @@ impl Recovery {
         }
         client
             .execute(
-                "UPDATE transactions SET status = 'rolling_back' WHERE id = $1",
-                &[&tx_id],
+                "UPDATE transactions SET status = 'rolling_back' WHERE id = $1 AND engine_id = $2",
+                &[&tx_id, &self.owner],
             )
             .await?;
         drop(client);
-        let ok = self.roll_back_logged(tx_id).await? && self.abort_two_phase(tx_id).await;
+        let not_undone = self.roll_back_logged(tx_id).await?;
+        let ok = not_undone.is_empty() && self.abort_two_phase(tx_id).await;
         let error = if ok {
             json!({"code": "engine_lost", "message": "the engine running this request stopped; its transaction was rolled back by recovery"})
         } else {
-            json!({"code": "rollback_failed", "message": "recovery could not roll back every step; an operator must look"})
+            json!({"code": "rollback_failed", "message": "recovery could not roll back every step; an operator must look", "not_undone": not_undone})
         };
         // The request's message comes back to an engine (it was never acked), which runs
         // the request again: so the request is queued again, not finished. Its error field
@@ -145,71 +148,146 @@ impl Recovery {
         })
     }
 
-    /// Rolls back logged executes that have no logged rollback yet, newest first, logging each.
-    async fn roll_back_logged(&self, tx_id: Uuid) -> anyhow::Result<bool> {
+    /// Makes a request whose current attempt `tx` never finished runnable again: recovers the
+    /// attempt if its lease expired, or, when there is no unfinished attempt to recover (it was
+    /// finished meanwhile, or never logged), puts a request still marked `running` by it back
+    /// to `queued`.
+    pub async fn settle_request(
+        &self,
+        request_id: &str,
+        tx: Option<Uuid>,
+    ) -> anyhow::Result<Resolved> {
+        if let Some(tx_id) = tx {
+            let r = self.recover_tx(tx_id).await?;
+            if r != Resolved::NotMine {
+                return Ok(r);
+            }
+        }
+        let client = self.pool.get().await.context("database")?;
+        client
+            .execute(
+                "UPDATE requests SET status = 'queued' WHERE id = $1 AND status = 'running' \
+                 AND current_tx IS NOT DISTINCT FROM $2 \
+                 AND NOT EXISTS (SELECT 1 FROM transactions t WHERE t.id = $2 AND t.finished_at IS NULL)",
+                &[&request_id, &tx],
+            )
+            .await?;
+        Ok(Resolved::NotMine)
+    }
+
+    /// Rolls back, newest first, every logged call that has no successful logged rollback yet
+    /// (so a rollback interrupted by a crash resumes where it stopped, and nothing is undone
+    /// twice): completed calls from their rollback data, and calls whose outcome was never
+    /// logged (an intent without completion: the engine died during the call) through the
+    /// provider's `rollback_unknown`. A failed rollback does not stop the walk. Each rollback
+    /// is logged, and renews the claim, while recovery still owns the transaction. Returns
+    /// what could not be undone.
+    async fn roll_back_logged(&self, tx_id: Uuid) -> anyhow::Result<Vec<Value>> {
         let client = self.pool.get().await.context("database")?;
         let rows = client
-            .query("SELECT seq, kind, path, provider, action, rollback_data, error FROM tx_steps WHERE tx_id = $1 ORDER BY seq", &[&tx_id])
+            .query("SELECT seq, kind, path, provider, action, input, rollback_data, error FROM tx_steps WHERE tx_id = $1 ORDER BY seq", &[&tx_id])
             .await?;
         let first_seq = rows.iter().map(|r| r.get::<_, i32>(0)).max().unwrap_or(0) + 1;
-        let done: Vec<String> = rows
+        let kind = |r: &tokio_postgres::Row| r.get::<_, String>(1);
+        let path = |r: &tokio_postgres::Row| r.get::<_, String>(2);
+        let undone: Vec<String> = rows
             .iter()
-            .filter(|r| {
-                r.get::<_, String>(1) == "rollback" && r.get::<_, Option<Value>>(6).is_none()
-            })
-            .map(|r| r.get(2))
+            .filter(|r| kind(r) == "rollback" && r.get::<_, Option<Value>>(7).is_none())
+            .map(path)
             .collect();
-        let todo: Vec<_> = rows
+        let settled: Vec<String> = rows
             .iter()
-            .rev()
-            .filter(|r| r.get::<_, String>(1) == "execute")
-            .filter(|r| !done.contains(&r.get::<_, String>(2)))
-            .filter_map(|r| {
-                let data: Option<Value> = r.get(5);
-                let data = data.filter(|d| d.get("two_phase").is_none())?;
-                Some((
-                    r.get::<_, String>(2),
-                    r.get::<_, Option<String>>(3)?,
-                    r.get::<_, Option<String>>(4).unwrap_or_default(),
-                    data,
-                ))
-            })
+            .filter(|r| matches!(kind(r).as_str(), "execute" | "error"))
+            .map(path)
             .collect();
-        for (next_seq, (path, provider_name, action, data)) in (first_seq..).zip(todo) {
-            let Some(provider) = self.registry.get(&provider_name).cloned() else {
-                tracing::error!(%tx_id, provider = %provider_name, "cannot roll back: provider not configured here");
-                return Ok(false);
+        let mut todo = Vec::new();
+        for r in rows.iter().rev() {
+            let p = path(r);
+            if undone.contains(&p) {
+                continue;
+            }
+            let Some(provider) = r.get::<_, Option<String>>(3) else {
+                continue;
             };
-            let rb = Rollback {
-                tx_id,
-                idempotency_key: format!("{tx_id}:{path}"),
-                step_path: path.clone(),
-                action: action.clone(),
-                data: data.clone(),
+            let action = r.get::<_, Option<String>>(4).unwrap_or_default();
+            match kind(r).as_str() {
+                "execute" => {
+                    let Some(data) = r.get::<_, Option<Value>>(6) else {
+                        continue; // nothing to undo
+                    };
+                    if data.get("two_phase").is_some() {
+                        continue; // undone by the participant's abort
+                    }
+                    todo.push((p, provider, action, data, false));
+                }
+                "intent" if !settled.contains(&p) => {
+                    let input = r.get::<_, Option<Value>>(5).unwrap_or(Value::Null);
+                    todo.push((p, provider, action, json!({"input": input}), true));
+                }
+                _ => {}
+            }
+        }
+        let mut not_undone = Vec::new();
+        for (next_seq, (path, provider_name, action, data, unknown)) in (first_seq..).zip(todo) {
+            let r: Result<(), ProviderError> = match self.registry.get(&provider_name).cloned() {
+                None => Err(ProviderError::permanent(
+                    "unknown_provider",
+                    format!("provider `{provider_name}` is not configured on this recoverer"),
+                )),
+                Some(provider) => {
+                    let rb = Rollback {
+                        tx_id,
+                        idempotency_key: format!("{tx_id}:{path}"),
+                        step_path: path.clone(),
+                        action: action.clone(),
+                        data: data.clone(),
+                    };
+                    retry(
+                        &Backoff::attempts(5, Duration::from_millis(100), Duration::from_secs(2)),
+                        |_| {
+                            let (p, rb) = (provider.clone(), &rb);
+                            async move {
+                                let r = if unknown {
+                                    p.rollback_unknown(rb).await
+                                } else {
+                                    p.rollback(rb).await
+                                };
+                                r.map_err(|e| {
+                                    if e.retryable {
+                                        Attempt::Retry(e)
+                                    } else {
+                                        Attempt::Stop(e)
+                                    }
+                                })
+                            }
+                        },
+                    )
+                    .await
+                }
             };
-            let r: Result<(), ProviderError> = retry(
-                &Backoff::attempts(5, Duration::from_millis(100), Duration::from_secs(2)),
-                |_| {
-                    let (p, rb) = (provider.clone(), &rb);
-                    async move { p.rollback(rb).await.map_err(Attempt::Retry) }
-                },
-            )
-            .await;
             let error = r
                 .as_ref()
                 .err()
                 .map(|e| json!({"code": e.code, "message": e.message}));
-            client
-                .execute(
-                    "INSERT INTO tx_steps (tx_id, seq, kind, path, provider, action, input, error) VALUES ($1, $2, 'rollback', $3, $4, $5, $6, $7)",
-                    &[&tx_id, &next_seq, &path, &provider_name, &action, &data, &error],
+            // Fenced like the engine's writes: only while this recoverer still owns it.
+            let written = client
+                .query_opt(
+                    "WITH t AS (UPDATE transactions SET lease_until = now() + make_interval(secs => $8) \
+                       WHERE id = $1 AND engine_id = $9 AND finished_at IS NULL RETURNING id) \
+                     INSERT INTO tx_steps (tx_id, seq, kind, path, provider, action, input, error) \
+                     SELECT t.id, $2, 'rollback', $3, $4, $5, $6, $7 FROM t RETURNING seq",
+                    &[&tx_id, &next_seq, &path, &provider_name, &action, &data, &error, &self.lease_seconds, &self.owner],
                 )
                 .await?;
-            if r.is_err() {
-                return Ok(false);
+            if written.is_none() {
+                anyhow::bail!("transaction {tx_id} was taken over during its recovery");
+            }
+            if let Err(e) = r {
+                tracing::error!(%tx_id, %path, error = %e, "recovery could not undo a step; going on with the older ones");
+                not_undone.push(json!({"path": path, "provider": provider_name, "action": action, "error": error}));
             }
         }
-        Ok(true)
+        Ok(not_undone)
     }
 
     async fn abort_two_phase(&self, tx_id: Uuid) -> bool {
@@ -242,16 +320,20 @@ impl Recovery {
     ) -> anyhow::Result<()> {
         let mut client = self.pool.get().await.context("database")?;
         let t = client.transaction().await?;
-        t.execute(
-            "UPDATE transactions SET status = $2, error = coalesce($3, error), finished_at = now(), lease_until = NULL WHERE id = $1",
-            &[&tx_id, &tx_status, &error],
-        )
-        .await?;
-        // The request follows its latest attempt only.
+        let n = t
+            .execute(
+                "UPDATE transactions SET status = $2, error = coalesce($3, error), finished_at = now(), lease_until = NULL \
+                 WHERE id = $1 AND engine_id = $4 AND finished_at IS NULL",
+                &[&tx_id, &tx_status, &error, &self.owner],
+            )
+            .await?;
+        if n == 0 {
+            anyhow::bail!("transaction {tx_id} was taken over during its recovery");
+        }
+        // The request follows its current attempt only.
         t.execute(
             "UPDATE requests SET status = $2, error = $3, \
-             finished_at = CASE WHEN $2 = 'queued' THEN NULL ELSE now() END WHERE id = $1 \
-             AND NOT EXISTS (SELECT 1 FROM transactions t WHERE t.request_id = $1 AND t.id <> $4 AND t.started_at > (SELECT started_at FROM transactions WHERE id = $4))",
+             finished_at = CASE WHEN $2 = 'queued' THEN NULL ELSE now() END WHERE id = $1 AND current_tx = $4",
             &[&request_id, &req_status, &error, &tx_id],
         )
         .await?;

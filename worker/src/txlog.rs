@@ -6,6 +6,8 @@
 //! request in flight. Several batches may commit concurrently (`writers`), so a slow commit
 //! does not stall the next batch from forming.
 
+use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Instant;
 
 use deadpool_postgres::Pool;
@@ -19,6 +21,10 @@ pub enum LogError {
     Unavailable(String),
     #[error("transaction log writer stopped")]
     Stopped,
+    /// The transaction is no longer this engine's: its lease expired and recovery (or another
+    /// owner) took it over, or it is already finished. Nothing was written.
+    #[error("transaction {0} is no longer owned by this engine")]
+    Fenced(Uuid),
 }
 
 /// A transaction's opening: the row recovery looks for, and the request marked running.
@@ -51,6 +57,8 @@ pub struct StepRecord {
     pub output: Option<Value>,
     pub rollback_data: Option<Value>,
     pub error: Option<Value>,
+    /// The engine that must still own the transaction for this record to be written.
+    pub owner: Arc<str>,
 }
 
 /// The outcome: transaction and request rows updated together, plus any step records not yet
@@ -69,16 +77,20 @@ pub struct Finish {
     pub summary: Value,
     /// Request-level retry: run again at this time from this envelope (status `scheduled`).
     pub retry_at: Option<(chrono::DateTime<chrono::Utc>, Value)>,
+    /// The engine that must still own the transaction for the outcome to be written.
+    pub owner: Arc<str>,
 }
 
 #[derive(Debug, Clone)]
 pub enum Record {
     Begin(Begin),
-    Step(StepRecord),
+    /// Step records written together, in one commit (a completion and the next intent).
+    Steps(Vec<StepRecord>),
     /// A transaction's status changes (two-phase: `prepared`, then the decision `committing`).
     Status {
         tx_id: Uuid,
         status: &'static str,
+        owner: Arc<str>,
     },
     Finish(Box<Finish>),
 }
@@ -93,6 +105,14 @@ pub enum Reply {
     },
     /// `Begin` only: the request already has a final status; nothing was opened.
     AlreadyFinished,
+    /// `Begin` only: another attempt of the request runs under a live lease; nothing was
+    /// opened (a duplicate delivery must wait, never run concurrently).
+    Busy,
+    /// `Begin` only: the request's last attempt never finished and its lease expired: it must
+    /// be recovered (`tx`) before the request can run again; nothing was opened.
+    Unsettled {
+        tx: Option<Uuid>,
+    },
 }
 
 struct Job {
@@ -141,16 +161,17 @@ async fn commit_batch(pool: &Pool, batch: Vec<Job>) {
             metrics::histogram!(provisio_shared::metrics::TXLOG_COMMIT_DURATION)
                 .record(started.elapsed().as_secs_f64());
             for (job, reply) in batch.into_iter().zip(replies) {
-                let _ = job.done.send(Ok(reply));
+                let _ = job.done.send(reply);
             }
         }
         Err(e) if batch.len() > 1 => {
             // One bad record must not fail its neighbours: retry each on its own.
             tracing::debug!(error = %e, size = batch.len(), "batch failed, isolating records");
             for job in batch {
-                let r = write_together(pool, &[&job.record])
-                    .await
-                    .map(|mut v| v.pop().unwrap_or(Reply::Done));
+                let r = match write_together(pool, &[&job.record]).await {
+                    Ok(mut v) => v.pop().unwrap_or(Ok(Reply::Done)),
+                    Err(e) => Err(e),
+                };
                 let _ = job.done.send(r);
             }
         }
@@ -162,8 +183,9 @@ async fn commit_batch(pool: &Pool, batch: Vec<Job>) {
     }
 }
 
-/// All `Begin`s of a batch in one statement: upsert the requests (not those already final),
-/// then open a transaction for each request that was upserted.
+/// All `Begin`s of a batch in one statement: upsert the requests (not those already final,
+/// and not those whose previous attempt is still `running`: one attempt at a time), then open
+/// a transaction for each request that was upserted and make it the request's current one.
 const SQL_BEGIN: &str = "WITH u AS (\
        SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int4[], $5::uuid[], $6::text[], \
                             $7::jsonb[], $8::uuid[], $9::text[], $10::text[], $11::bool[], $12::text[], $13::float8[]) \
@@ -171,12 +193,12 @@ const SQL_BEGIN: &str = "WITH u AS (\
             tx_id, model, status, audit, engine_id, lease)), \
      r AS (\
        INSERT INTO requests (id, body_hash, namespace, procedure, namespace_version, principal_id, priority, \
-                             status, input, attempts, started_at) \
-       SELECT request_id, '', namespace, procedure, namespace_version, principal_id, priority, 'running', input, 1, now() \
+                             status, input, attempts, started_at, current_tx) \
+       SELECT request_id, '', namespace, procedure, namespace_version, principal_id, priority, 'running', input, 1, now(), tx_id \
        FROM u \
        ON CONFLICT (id) DO UPDATE SET status = 'running', attempts = requests.attempts + 1, \
-          started_at = now(), namespace_version = EXCLUDED.namespace_version \
-       WHERE requests.status NOT IN ('succeeded', 'failed', 'in_doubt', 'dead', 'cancelled') \
+          started_at = now(), namespace_version = EXCLUDED.namespace_version, current_tx = EXCLUDED.current_tx \
+       WHERE requests.status NOT IN ('succeeded', 'failed', 'in_doubt', 'dead', 'cancelled', 'running') \
        RETURNING id, attempts) \
      INSERT INTO transactions (id, request_id, attempt, namespace, procedure, namespace_version, model, status, \
                                audit, engine_id, lease_until) \
@@ -185,55 +207,84 @@ const SQL_BEGIN: &str = "WITH u AS (\
      FROM u JOIN r ON r.id = u.request_id \
      RETURNING request_id, attempt";
 
-/// All step records of a batch in one statement.
+/// Why a `Begin` opened nothing: the request's status, and whether its current attempt is
+/// unfinished and still leased.
+const SQL_NOT_OPENED: &str = "SELECT r.id, r.status, r.current_tx, t.id IS NOT NULL, coalesce(t.lease_until > now(), false) \
+     FROM requests r LEFT JOIN transactions t ON t.id = r.current_tx AND t.finished_at IS NULL \
+     WHERE r.id = ANY($1)";
+
+/// All step records of a batch in one statement, each written only while its transaction is
+/// unfinished and still owned by the writer (fencing).
 const SQL_STEPS: &str = "INSERT INTO tx_steps (tx_id, seq, kind, path, provider, action, input, output, rollback_data, error) \
-     SELECT * FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::text[], $6::text[], \
-                          $7::jsonb[], $8::jsonb[], $9::jsonb[], $10::jsonb[])";
+     SELECT u.tx_id, u.seq, u.kind, u.path, u.provider, u.action, u.input, u.output, u.rollback_data, u.error \
+     FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::text[], $6::text[], \
+                 $7::jsonb[], $8::jsonb[], $9::jsonb[], $10::jsonb[], $11::text[]) \
+          AS u(tx_id, seq, kind, path, provider, action, input, output, rollback_data, error, owner) \
+     WHERE EXISTS (SELECT 1 FROM transactions t WHERE t.id = u.tx_id AND t.engine_id = u.owner AND t.finished_at IS NULL) \
+     RETURNING tx_id, seq";
 
-const SQL_STATUS: &str = "UPDATE transactions SET status = $2 WHERE id = $1";
+const SQL_STATUS: &str =
+    "UPDATE transactions SET status = $2 WHERE id = $1 AND engine_id = $3 AND finished_at IS NULL";
 
-/// All outcomes of a batch in one statement: transactions and their requests together. The
-/// `= ANY(array)` conditions make the planner look rows up by primary key; joined with
-/// `unnest` alone it may choose to scan the whole table.
+/// All outcomes of a batch in one statement: transactions and their requests together, each
+/// only while the writer still owns the transaction, and the request only while that
+/// transaction is its current attempt (fencing). The `= ANY(array)` conditions make the
+/// planner look rows up by primary key; joined with `unnest` alone it may choose to scan the
+/// whole table.
 const SQL_FINISH: &str = "WITH u AS (\
        SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::jsonb[], $7::jsonb[], \
-                            $8::timestamptz[], $9::jsonb[]) \
-       AS u(tx_id, tx_status, request_id, request_status, output, error, summary, retry_at, envelope)), \
+                            $8::timestamptz[], $9::jsonb[], $10::text[]) \
+       AS u(tx_id, tx_status, request_id, request_status, output, error, summary, retry_at, envelope, owner)), \
      t AS (\
        UPDATE transactions SET status = u.tx_status, output = u.output, error = u.error, \
               finished_at = now(), lease_until = NULL \
-       FROM u WHERE transactions.id = ANY($1::uuid[]) AND transactions.id = u.tx_id) \
-     UPDATE requests SET status = u.request_status, output = u.output, error = u.error, steps = u.summary, \
+       FROM u WHERE transactions.id = ANY($1::uuid[]) AND transactions.id = u.tx_id \
+         AND transactions.engine_id = u.owner AND transactions.finished_at IS NULL \
+       RETURNING transactions.id), \
+     r AS (\
+       UPDATE requests SET status = u.request_status, output = u.output, error = u.error, steps = u.summary, \
             finished_at = CASE WHEN u.retry_at IS NULL THEN now() END, \
             not_before = coalesce(u.retry_at, requests.not_before), \
             envelope = coalesce(u.envelope, requests.envelope), \
             started_at = coalesce(requests.started_at, now()), \
             attempts = greatest(requests.attempts, 1) \
-     FROM u WHERE requests.id = ANY($3::text[]) AND requests.id = u.request_id";
+       FROM u JOIN t ON t.id = u.tx_id \
+       WHERE requests.id = ANY($3::text[]) AND requests.id = u.request_id AND requests.current_tx = u.tx_id) \
+     SELECT id FROM t";
 
 /// Commits `records` in one PostgreSQL transaction with a fixed number of statements —
-/// one per kind of record, whatever the batch size (arrays through `unnest`).
-async fn write_together(pool: &Pool, records: &[&Record]) -> Result<Vec<Reply>, LogError> {
+/// one per kind of record, whatever the batch size (arrays through `unnest`). Each record
+/// gets its own answer: a fenced record fails alone, its neighbours commit.
+async fn write_together(
+    pool: &Pool,
+    records: &[&Record],
+) -> Result<Vec<Result<Reply, LogError>>, LogError> {
     let unavailable = |e: &dyn std::fmt::Display| LogError::Unavailable(e.to_string());
+    // (index of the record it answers, if any; the begin; the transaction's status)
     let mut begins: Vec<(Option<usize>, &Begin, &str)> = Vec::new();
-    let mut steps: Vec<&StepRecord> = Vec::new();
-    let mut statuses: Vec<(Uuid, &str)> = Vec::new();
-    let mut finishes: Vec<&Finish> = Vec::new();
+    // (index of the record it belongs to, the step)
+    let mut steps: Vec<(usize, &StepRecord)> = Vec::new();
+    let mut statuses: Vec<(usize, Uuid, &str, &str)> = Vec::new();
+    let mut finishes: Vec<(usize, &Finish)> = Vec::new();
     for (i, r) in records.iter().enumerate() {
         match r {
             Record::Begin(b) => begins.push((Some(i), b, "running")),
-            Record::Step(s) => steps.push(s),
-            Record::Status { tx_id, status } => statuses.push((*tx_id, status)),
+            Record::Steps(list) => steps.extend(list.iter().map(|s| (i, s))),
+            Record::Status {
+                tx_id,
+                status,
+                owner,
+            } => statuses.push((i, *tx_id, status, owner)),
             Record::Finish(f) => {
                 if let Some(b) = &f.open {
                     begins.push((None, b, f.tx_status));
                 }
-                steps.extend(f.steps.iter());
-                finishes.push(&**f);
+                steps.extend(f.steps.iter().map(|s| (i, s)));
+                finishes.push((i, &**f));
             }
         }
     }
-    let mut replies = vec![Reply::Done; records.len()];
+    let mut replies: Vec<Result<Reply, LogError>> = vec![Ok(Reply::Done); records.len()];
 
     let mut client = pool.get().await.map_err(|e| unavailable(&e))?;
     let tx = client.transaction().await.map_err(|e| unavailable(&e))?;
@@ -283,12 +334,40 @@ async fn write_together(pool: &Pool, records: &[&Record]) -> Result<Vec<Reply>, 
             .iter()
             .map(|r| (r.get::<_, String>(0), r.get::<_, i32>(1)))
             .collect();
+        let not_opened: Vec<&str> = begins
+            .iter()
+            .filter(|(i, b, _)| i.is_some() && !opened.contains_key(&b.request_id))
+            .map(|(_, b, _)| b.request_id.as_str())
+            .collect();
+        let mut why = std::collections::HashMap::new();
+        if !not_opened.is_empty() {
+            for r in tx
+                .query(SQL_NOT_OPENED, &[&not_opened])
+                .await
+                .map_err(|e| unavailable(&e))?
+            {
+                let status: String = r.get(1);
+                let reply = if matches!(
+                    status.as_str(),
+                    "succeeded" | "failed" | "in_doubt" | "dead" | "cancelled"
+                ) {
+                    Reply::AlreadyFinished
+                } else if r.get::<_, bool>(4) {
+                    Reply::Busy
+                } else {
+                    Reply::Unsettled {
+                        tx: r.get::<_, Option<Uuid>>(2),
+                    }
+                };
+                why.insert(r.get::<_, String>(0), reply);
+            }
+        }
         for (i, b, _) in &begins {
             if let Some(i) = i {
-                replies[*i] = match opened.get(&b.request_id) {
+                replies[*i] = Ok(match opened.get(&b.request_id) {
                     Some(attempt) => Reply::Began { attempt: *attempt },
-                    None => Reply::AlreadyFinished,
-                };
+                    None => why.remove(&b.request_id).unwrap_or(Reply::Busy),
+                });
             }
         }
     }
@@ -297,72 +376,104 @@ async fn write_together(pool: &Pool, records: &[&Record]) -> Result<Vec<Reply>, 
             .prepare_cached(SQL_STEPS)
             .await
             .map_err(|e| unavailable(&e))?;
-        let tx_ids: Vec<Uuid> = steps.iter().map(|s| s.tx_id).collect();
-        let seqs: Vec<i32> = steps.iter().map(|s| s.seq).collect();
-        let kinds: Vec<&str> = steps.iter().map(|s| s.kind).collect();
-        let paths: Vec<&str> = steps.iter().map(|s| s.path.as_str()).collect();
-        let providers: Vec<Option<&str>> = steps.iter().map(|s| s.provider.as_deref()).collect();
-        let actions: Vec<Option<&str>> = steps.iter().map(|s| s.action.as_deref()).collect();
-        let inputs: Vec<Option<&Value>> = steps.iter().map(|s| s.input.as_ref()).collect();
-        let outputs: Vec<Option<&Value>> = steps.iter().map(|s| s.output.as_ref()).collect();
-        let rollbacks: Vec<Option<&Value>> =
-            steps.iter().map(|s| s.rollback_data.as_ref()).collect();
-        let errors: Vec<Option<&Value>> = steps.iter().map(|s| s.error.as_ref()).collect();
-        tx.execute(
-            &stmt,
-            &[
-                &tx_ids, &seqs, &kinds, &paths, &providers, &actions, &inputs, &outputs,
-                &rollbacks, &errors,
-            ],
-        )
-        .await
-        .map_err(|e| unavailable(&e))?;
+        let tx_ids: Vec<Uuid> = steps.iter().map(|(_, s)| s.tx_id).collect();
+        let seqs: Vec<i32> = steps.iter().map(|(_, s)| s.seq).collect();
+        let kinds: Vec<&str> = steps.iter().map(|(_, s)| s.kind).collect();
+        let paths: Vec<&str> = steps.iter().map(|(_, s)| s.path.as_str()).collect();
+        let providers: Vec<Option<&str>> =
+            steps.iter().map(|(_, s)| s.provider.as_deref()).collect();
+        let actions: Vec<Option<&str>> = steps.iter().map(|(_, s)| s.action.as_deref()).collect();
+        let inputs: Vec<Option<&Value>> = steps.iter().map(|(_, s)| s.input.as_ref()).collect();
+        let outputs: Vec<Option<&Value>> = steps.iter().map(|(_, s)| s.output.as_ref()).collect();
+        let rollbacks: Vec<Option<&Value>> = steps
+            .iter()
+            .map(|(_, s)| s.rollback_data.as_ref())
+            .collect();
+        let errors: Vec<Option<&Value>> = steps.iter().map(|(_, s)| s.error.as_ref()).collect();
+        let owners: Vec<&str> = steps.iter().map(|(_, s)| &*s.owner).collect();
+        let written: HashSet<(Uuid, i32)> = tx
+            .query(
+                &stmt,
+                &[
+                    &tx_ids, &seqs, &kinds, &paths, &providers, &actions, &inputs, &outputs,
+                    &rollbacks, &errors, &owners,
+                ],
+            )
+            .await
+            .map_err(|e| unavailable(&e))?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        for (i, s) in &steps {
+            if !written.contains(&(s.tx_id, s.seq)) {
+                replies[*i] = Err(LogError::Fenced(s.tx_id));
+            }
+        }
     }
-    for (tx_id, status) in &statuses {
+    for (i, tx_id, status, owner) in &statuses {
         let stmt = tx
             .prepare_cached(SQL_STATUS)
             .await
             .map_err(|e| unavailable(&e))?;
-        tx.execute(&stmt, &[tx_id, status])
+        let n = tx
+            .execute(&stmt, &[tx_id, status, owner])
             .await
             .map_err(|e| unavailable(&e))?;
+        if n == 0 {
+            replies[*i] = Err(LogError::Fenced(*tx_id));
+        }
     }
     if !finishes.is_empty() {
         let stmt = tx
             .prepare_cached(SQL_FINISH)
             .await
             .map_err(|e| unavailable(&e))?;
-        let tx_ids: Vec<Uuid> = finishes.iter().map(|f| f.tx_id).collect();
-        let tx_status: Vec<&str> = finishes.iter().map(|f| f.tx_status).collect();
-        let request_ids: Vec<&str> = finishes.iter().map(|f| f.request_id.as_str()).collect();
-        let request_status: Vec<&str> = finishes.iter().map(|f| f.request_status).collect();
-        let outputs: Vec<Option<&Value>> = finishes.iter().map(|f| f.output.as_ref()).collect();
-        let errors: Vec<Option<&Value>> = finishes.iter().map(|f| f.error.as_ref()).collect();
-        let summaries: Vec<&Value> = finishes.iter().map(|f| &f.summary).collect();
+        let tx_ids: Vec<Uuid> = finishes.iter().map(|(_, f)| f.tx_id).collect();
+        let tx_status: Vec<&str> = finishes.iter().map(|(_, f)| f.tx_status).collect();
+        let request_ids: Vec<&str> = finishes
+            .iter()
+            .map(|(_, f)| f.request_id.as_str())
+            .collect();
+        let request_status: Vec<&str> = finishes.iter().map(|(_, f)| f.request_status).collect();
+        let outputs: Vec<Option<&Value>> =
+            finishes.iter().map(|(_, f)| f.output.as_ref()).collect();
+        let errors: Vec<Option<&Value>> = finishes.iter().map(|(_, f)| f.error.as_ref()).collect();
+        let summaries: Vec<&Value> = finishes.iter().map(|(_, f)| &f.summary).collect();
         let retry_at: Vec<Option<chrono::DateTime<chrono::Utc>>> = finishes
             .iter()
-            .map(|f| f.retry_at.as_ref().map(|(t, _)| *t))
+            .map(|(_, f)| f.retry_at.as_ref().map(|(t, _)| *t))
             .collect();
         let envelopes: Vec<Option<&Value>> = finishes
             .iter()
-            .map(|f| f.retry_at.as_ref().map(|(_, e)| e))
+            .map(|(_, f)| f.retry_at.as_ref().map(|(_, e)| e))
             .collect();
-        tx.execute(
-            &stmt,
-            &[
-                &tx_ids,
-                &tx_status,
-                &request_ids,
-                &request_status,
-                &outputs,
-                &errors,
-                &summaries,
-                &retry_at,
-                &envelopes,
-            ],
-        )
-        .await
-        .map_err(|e| unavailable(&e))?;
+        let owners: Vec<&str> = finishes.iter().map(|(_, f)| &*f.owner).collect();
+        let finished: HashSet<Uuid> = tx
+            .query(
+                &stmt,
+                &[
+                    &tx_ids,
+                    &tx_status,
+                    &request_ids,
+                    &request_status,
+                    &outputs,
+                    &errors,
+                    &summaries,
+                    &retry_at,
+                    &envelopes,
+                    &owners,
+                ],
+            )
+            .await
+            .map_err(|e| unavailable(&e))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        for (i, f) in &finishes {
+            if !finished.contains(&f.tx_id) {
+                replies[*i] = Err(LogError::Fenced(f.tx_id));
+            }
+        }
     }
     tx.commit().await.map_err(|e| unavailable(&e))?;
     Ok(replies)

@@ -8,6 +8,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
@@ -54,21 +55,87 @@ impl Failure {
 
 impl From<LogError> for Failure {
     fn from(e: LogError) -> Self {
+        let code = match e {
+            LogError::Fenced(_) => FENCED,
+            LogError::Unavailable(_) | LogError::Stopped => "txlog_unavailable",
+        };
         Self {
-            code: "txlog_unavailable".into(),
+            code: code.into(),
             message: e.to_string(),
             step: None,
         }
     }
 }
 
+/// The failure code of a run that lost its transaction (lease expired, recovery took over):
+/// it must stop at once, roll back nothing that is logged, and write no outcome.
+pub const FENCED: &str = "fenced";
+
 /// A completed call that rollback may have to undo.
 #[derive(Debug, Clone)]
-struct Completed {
+pub struct Completed {
     path: String,
     provider: String,
     action: String,
     data: Value,
+}
+
+/// Undoes calls whose completion never became durable, newest first, without logging (the
+/// log is no longer ours to write). Used when a run is fenced: recovery undoes what the log
+/// shows, and only this engine knows about these. Returns the paths it could not undo.
+pub async fn compensate_unlogged(
+    registry: &Registry,
+    tx_id: Uuid,
+    unlogged: &[Completed],
+) -> Vec<String> {
+    let mut failed = Vec::new();
+    for c in unlogged.iter().rev() {
+        let Some(provider) = registry.get(&c.provider).cloned() else {
+            failed.push(c.path.clone());
+            continue;
+        };
+        let rb = Rollback {
+            tx_id,
+            idempotency_key: format!("{tx_id}:{}", c.path),
+            step_path: c.path.clone(),
+            action: c.action.clone(),
+            data: c.data.clone(),
+        };
+        if let Err(e) = rollback_with_retry(&provider, &rb).await {
+            tracing::error!(%tx_id, path = %c.path, error = %e, "cannot undo an unlogged call of a fenced transaction");
+            failed.push(c.path.clone());
+        } else {
+            tracing::warn!(%tx_id, path = %c.path, "undid an unlogged call of a fenced transaction");
+        }
+    }
+    failed
+}
+
+/// One rollback call, retried with back-off; a panic counts as a permanent failure.
+async fn rollback_with_retry(
+    provider: &Arc<dyn provisio_shared::provider::Provider>,
+    rb: &Rollback,
+) -> Result<(), ProviderError> {
+    let policy = provisio_shared::retry::Backoff::attempts(
+        5,
+        Duration::from_millis(50),
+        Duration::from_secs(2),
+    );
+    retry(&policy, |_| {
+        let (provider, rb) = (provider.clone(), rb);
+        async move {
+            match AssertUnwindSafe(provider.rollback(rb)).catch_unwind().await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) if e.retryable => Err(Attempt::Retry(e)),
+                Ok(Err(e)) => Err(Attempt::Stop(e)),
+                Err(_) => Err(Attempt::Stop(ProviderError::permanent(
+                    "provider_panic",
+                    "provider panicked in rollback",
+                ))),
+            }
+        }
+    })
+    .await
 }
 
 /// The outcome of a run, before it is committed.
@@ -78,8 +145,14 @@ pub struct Outcome {
     /// Rollback could not complete: the transaction is in doubt.
     pub rollback_failed: bool,
     pub rolled_back: usize,
+    /// Steps whose rollback failed (path, provider, action, error): what an operator must undo.
+    pub not_undone: Vec<Value>,
+    /// The transaction was taken from this engine: write no outcome; the request runs again.
+    pub fenced: bool,
     /// Step records not yet written; they go into the outcome's commit.
     pub pending: Vec<StepRecord>,
+    /// Completed calls whose records are only in `pending`: to undo if the outcome is fenced.
+    pub unlogged: Vec<Completed>,
     pub summary: Vec<Value>,
 }
 
@@ -94,6 +167,10 @@ pub struct Run<'a> {
     pub request: Value,
     pub validate_schemas: bool,
     completed: Vec<Completed>,
+    /// `completed[..logged]` are durable in the log.
+    logged: usize,
+    owner: Arc<str>,
+    lease_lost: Option<Arc<AtomicBool>>,
     seq: i32,
     pending: Vec<StepRecord>,
     summary: Vec<Value>,
@@ -116,6 +193,7 @@ impl<'a> Run<'a> {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         tx_id: Uuid,
+        owner: Arc<str>,
         model: TxModel,
         registry: &'a Registry,
         txlog: &'a TxLog,
@@ -136,12 +214,34 @@ impl<'a> Run<'a> {
             request,
             validate_schemas,
             completed: Vec::new(),
+            logged: 0,
+            owner,
+            lease_lost: None,
             seq: 0,
             pending: Vec::new(),
             summary: Vec::new(),
             participants: std::collections::BTreeSet::new(),
             pause_after_prepare: None,
         }
+    }
+
+    /// The flag the lease keeper raises when this transaction's lease could not be renewed
+    /// (taken over): the run then starts no further call.
+    #[must_use]
+    pub fn with_lease_flag(mut self, lost: Arc<AtomicBool>) -> Self {
+        self.lease_lost = Some(lost);
+        self
+    }
+
+    fn check_lease(&self) -> Result<(), Failure> {
+        if self
+            .lease_lost
+            .as_ref()
+            .is_some_and(|l| l.load(Ordering::Relaxed))
+        {
+            return Err(Failure::from(LogError::Fenced(self.tx_id)));
+        }
+        Ok(())
     }
 
     /// Fault injection for tests: pause between prepare and the commit decision.
@@ -161,36 +261,71 @@ impl<'a> Run<'a> {
         let mut result = self.invoke(ns.clone(), procedure, input, "", 0).await;
         let mut rollback_failed = false;
         let mut rolled_back = 0;
+        let mut not_undone = Vec::new();
         if result.is_ok() && self.model == TxModel::TwoPhase {
             match self.two_phase_commit().await {
                 Ok(()) => {}
                 Err((f, false)) => result = Err(f),
                 Err((f, true)) => {
                     // The decision was logged: the transaction must commit; recovery finishes it.
-                    return Outcome {
-                        result: Err(f),
-                        rollback_failed: true,
-                        rolled_back: 0,
-                        pending: std::mem::take(&mut self.pending),
-                        summary: std::mem::take(&mut self.summary),
-                    };
+                    return self.outcome(Err(f), true, 0, Vec::new(), false);
                 }
             }
         }
-        if result.is_err() && self.model != TxModel::Read {
+        let fenced = |r: &Result<Value, Failure>| r.as_ref().is_err_and(|f| f.code == FENCED);
+        if result.is_err() && self.model != TxModel::Read && !fenced(&result) {
             match self.rollback_to(0).await {
-                Ok(n) => rolled_back = n,
+                Ok((n, failed)) => {
+                    rolled_back = n;
+                    if !failed.is_empty() {
+                        rollback_failed = true;
+                        not_undone = failed;
+                    }
+                }
+                Err(f) if f.code == FENCED => result = Err(f),
                 Err(_) => rollback_failed = true,
             }
-            if self.model == TxModel::TwoPhase && !self.abort_participants().await {
+            if self.model == TxModel::TwoPhase
+                && !fenced(&result)
+                && !self.abort_participants().await
+            {
                 rollback_failed = true;
             }
         }
+        if fenced(&result) {
+            // Recovery owns the transaction now and undoes what the log shows; what only this
+            // engine knows about (completed calls not yet logged) it undoes itself.
+            let unlogged = self
+                .completed
+                .split_off(self.logged.min(self.completed.len()));
+            let failed = compensate_unlogged(self.registry, self.tx_id, &unlogged).await;
+            if !failed.is_empty() {
+                tracing::error!(tx_id = %self.tx_id, ?failed, "a fenced transaction left calls that could not be undone");
+            }
+            return self.outcome(result, false, 0, Vec::new(), true);
+        }
+        self.outcome(result, rollback_failed, rolled_back, not_undone, false)
+    }
+
+    fn outcome(
+        &mut self,
+        result: Result<Value, Failure>,
+        rollback_failed: bool,
+        rolled_back: usize,
+        not_undone: Vec<Value>,
+        fenced: bool,
+    ) -> Outcome {
+        let unlogged = self
+            .completed
+            .split_off(self.logged.min(self.completed.len()));
         Outcome {
             result,
             rollback_failed,
             rolled_back,
+            not_undone,
+            fenced,
             pending: std::mem::take(&mut self.pending),
+            unlogged,
             summary: std::mem::take(&mut self.summary),
         }
     }
@@ -450,14 +585,21 @@ impl<'a> Run<'a> {
                     .run_steps(ns, body, scope, &format!("{path}.try"), depth)
                     .await;
                 if let Err(failure) = r {
+                    if failure.code == FENCED {
+                        return Err(failure);
+                    }
                     if self.model != TxModel::Read {
-                        self.rollback_to(mark).await.map_err(|_| {
-                            Failure::new(
-                                "rollback_failed",
-                                "rolling back the try block failed",
-                                path,
-                            )
-                        })?;
+                        let (_, failed) = self.rollback_to(mark).await?;
+                        if !failed.is_empty() {
+                            return Err(Failure {
+                                code: "rollback_failed".into(),
+                                message: format!(
+                                    "rolling back the try block failed: {}",
+                                    Value::Array(failed)
+                                ),
+                                step: Some(path.to_owned()),
+                            });
+                        }
                     }
                     let saved = scope.error.replace(failure.to_json());
                     let r = self
@@ -508,6 +650,7 @@ impl<'a> Run<'a> {
             .write(Record::Status {
                 tx_id: self.tx_id,
                 status: "prepared",
+                owner: self.owner.clone(),
             })
             .await
             .map_err(|e| (Failure::from(e), false))?;
@@ -520,6 +663,7 @@ impl<'a> Run<'a> {
             .write(Record::Status {
                 tx_id: self.tx_id,
                 status: "committing",
+                owner: self.owner.clone(),
             })
             .await
             .map_err(|e| (Failure::from(e), false))?;
@@ -566,12 +710,38 @@ impl<'a> Run<'a> {
         ok
     }
 
-    /// Makes pending step records durable (before the next provider call).
+    /// Makes pending step records durable (before the next provider call), all in one commit.
     async fn flush(&mut self) -> Result<(), Failure> {
-        for rec in std::mem::take(&mut self.pending) {
-            self.txlog.write(Record::Step(rec)).await?;
+        if self.pending.is_empty() {
+            return Ok(());
         }
+        let records = std::mem::take(&mut self.pending);
+        self.txlog.write(Record::Steps(records)).await?;
+        self.logged = self.completed.len();
         Ok(())
+    }
+
+    fn step_record(
+        &mut self,
+        kind: &'static str,
+        path: &str,
+        provider: &str,
+        action: &str,
+    ) -> StepRecord {
+        let seq = self.next_seq();
+        StepRecord {
+            tx_id: self.tx_id,
+            seq,
+            kind,
+            path: path.to_owned(),
+            provider: Some(provider.to_owned()),
+            action: Some(action.to_owned()),
+            input: None,
+            output: None,
+            rollback_data: None,
+            error: None,
+            owner: self.owner.clone(),
+        }
     }
 
     fn next_seq(&mut self) -> i32 {
@@ -587,9 +757,6 @@ impl<'a> Run<'a> {
         step: &Step,
         path: &str,
     ) -> Result<Executed, Failure> {
-        if self.model != TxModel::Read {
-            self.flush().await?;
-        }
         let provider = self.registry.get(provider_name).cloned().ok_or_else(|| {
             Failure::new(
                 "unknown_provider",
@@ -597,6 +764,15 @@ impl<'a> Run<'a> {
                 path,
             )
         })?;
+        if self.model != TxModel::Read {
+            // The intent goes into the same commit as the previous step's completion: if this
+            // engine dies during the call, recovery knows a call may have happened and undoes it.
+            let mut intent = self.step_record("intent", path, provider_name, action);
+            intent.input = Some(input.clone());
+            self.pending.push(intent);
+            self.flush().await?;
+            self.check_lease()?;
+        }
         if self.model == TxModel::TwoPhase && provider.supports_two_phase() {
             // A participant from its first call on, so that abort also cleans up a failed one.
             self.participants.insert(provider_name.to_owned());
@@ -672,19 +848,11 @@ impl<'a> Run<'a> {
             Ok(executed) => {
                 self.summary.push(json!({"path": path, "id": step.id, "call": format!("{provider_name}.{action}"), "status": "done"}));
                 if self.model != TxModel::Read {
-                    let seq = self.next_seq();
-                    self.pending.push(StepRecord {
-                        tx_id: self.tx_id,
-                        seq,
-                        kind: "execute",
-                        path: path.to_owned(),
-                        provider: Some(provider_name.to_owned()),
-                        action: Some(action.to_owned()),
-                        input: Some(input),
-                        output: Some(executed.output.clone()),
-                        rollback_data: executed.rollback.clone(),
-                        error: None,
-                    });
+                    let mut rec = self.step_record("execute", path, provider_name, action);
+                    rec.input = Some(input);
+                    rec.output = Some(executed.output.clone());
+                    rec.rollback_data.clone_from(&executed.rollback);
+                    self.pending.push(rec);
                     // Two-phase participants are undone by `abort`, not call by call.
                     let held_open =
                         self.model == TxModel::TwoPhase && provider.supports_two_phase();
@@ -701,79 +869,65 @@ impl<'a> Run<'a> {
             }
             Err(e) => {
                 self.summary.push(json!({"path": path, "id": step.id, "call": format!("{provider_name}.{action}"), "status": "failed", "error": e.code}));
+                if self.model != TxModel::Read {
+                    // The intent is settled: the call failed and cleaned up after itself.
+                    let mut rec = self.step_record("error", path, provider_name, action);
+                    rec.error = Some(json!({"code": e.code, "message": e.message}));
+                    self.pending.push(rec);
+                }
                 Err(Failure::new(&e.code, e.message, path))
             }
         }
     }
 
-    /// Rolls back completed calls after `mark`, newest first, each rollback logged. Returns how
-    /// many were rolled back, or an error if one could not be (the transaction is in doubt).
-    async fn rollback_to(&mut self, mark: usize) -> Result<usize, Failure> {
+    /// Rolls back completed calls after `mark`, newest first, each rollback logged. A rollback
+    /// that fails does not stop the walk: older steps are still undone. Returns how many were
+    /// undone and what could not be (the transaction is then in doubt); `Err` only when the log
+    /// cannot be written (or the transaction is no longer ours).
+    async fn rollback_to(&mut self, mark: usize) -> Result<(usize, Vec<Value>), Failure> {
         self.flush().await?;
         let mut n = 0;
+        let mut failed = Vec::new();
         while self.completed.len() > mark {
+            self.check_lease()?;
             let Some(c) = self.completed.pop() else { break };
-            let provider = self.registry.get(&c.provider).cloned().ok_or_else(|| {
-                Failure::new(
+            self.logged = self.logged.min(self.completed.len());
+            let r = match self.registry.get(&c.provider).cloned() {
+                Some(provider) => {
+                    let rb = Rollback {
+                        tx_id: self.tx_id,
+                        idempotency_key: format!("{}:{}", self.tx_id, c.path),
+                        step_path: c.path.clone(),
+                        action: c.action.clone(),
+                        data: c.data.clone(),
+                    };
+                    rollback_with_retry(&provider, &rb).await
+                }
+                None => Err(ProviderError::permanent(
                     "unknown_provider",
                     format!("cannot roll back: provider `{}` missing", c.provider),
-                    &c.path,
-                )
-            })?;
-            let rb = Rollback {
-                tx_id: self.tx_id,
-                idempotency_key: format!("{}:{}", self.tx_id, c.path),
-                step_path: c.path.clone(),
-                action: c.action.clone(),
-                data: c.data.clone(),
+                )),
             };
-            let policy = provisio_shared::retry::Backoff::attempts(
-                5,
-                Duration::from_millis(50),
-                Duration::from_secs(2),
-            );
-            let r = retry(&policy, |_| {
-                let (provider, rb) = (provider.clone(), &rb);
-                async move {
-                    match AssertUnwindSafe(provider.rollback(rb)).catch_unwind().await {
-                        Ok(Ok(())) => Ok(()),
-                        Ok(Err(e)) => Err(Attempt::Retry(e)),
-                        Err(_) => Err(Attempt::Stop(ProviderError::permanent(
-                            "provider_panic",
-                            "provider panicked in rollback",
-                        ))),
-                    }
-                }
-            })
-            .await;
-            let seq = self.next_seq();
             let error = r
                 .as_ref()
                 .err()
                 .map(|e| json!({"code": e.code, "message": e.message}));
-            self.txlog
-                .write(Record::Step(StepRecord {
-                    tx_id: self.tx_id,
-                    seq,
-                    kind: "rollback",
-                    path: c.path.clone(),
-                    provider: Some(c.provider.clone()),
-                    action: Some(c.action.clone()),
-                    input: Some(c.data.clone()),
-                    output: None,
-                    rollback_data: None,
-                    error,
-                }))
-                .await?;
+            let mut rec = self.step_record("rollback", &c.path, &c.provider, &c.action);
+            rec.input = Some(c.data.clone());
+            rec.error.clone_from(&error);
+            self.txlog.write(Record::Steps(vec![rec])).await?;
             if let Err(e) = r {
-                tracing::error!(path = %c.path, error = %e, "rollback failed");
-                return Err(Failure::new("rollback_failed", e.to_string(), &c.path));
+                tracing::error!(path = %c.path, error = %e, "rollback failed; going on with the older steps");
+                failed.push(json!({"path": c.path, "provider": c.provider, "action": c.action, "error": error}));
+                self.summary
+                    .push(json!({"path": c.path, "status": "rollback_failed"}));
+                continue;
             }
             self.summary
                 .push(json!({"path": c.path, "status": "rolled_back"}));
             n += 1;
         }
-        Ok(n)
+        Ok((n, failed))
     }
 }
 

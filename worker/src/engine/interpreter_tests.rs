@@ -159,6 +159,7 @@ impl World {
         }
         let run = Run::new(
             tx_id,
+            std::sync::Arc::from("unit"),
             model,
             &self.registry,
             &self.txlog,

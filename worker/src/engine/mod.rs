@@ -6,7 +6,8 @@
 
 pub mod interpreter;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -35,7 +36,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::providers::Registry;
-use crate::txlog::{Begin, Finish, Record, Reply, TxLog};
+use crate::txlog::{Begin, Finish, LogError, Record, Reply, TxLog};
 use interpreter::Run;
 
 /// Pause before a delivery that could not be made durable goes back to the queue.
@@ -48,6 +49,14 @@ pub enum Disposition {
     Ack,
     /// Could not be made durable (database down): let the broker deliver it again.
     Requeue,
+}
+
+/// What opening a transaction for a delivery came to.
+enum Opened {
+    Began(i32),
+    AlreadyFinished,
+    /// Another attempt is running (or being recovered): try again later.
+    Busy,
 }
 
 /// Where a delivery came from, which decides the permission it needs.
@@ -66,8 +75,11 @@ pub struct Engine {
     pub publisher: Publisher,
     pub topology: Topology,
     pub engine_id: String,
+    /// `engine_id` as every log record of this engine carries it (the fencing token).
+    owner: Arc<str>,
     pub ready: Readiness,
-    leases: Mutex<HashSet<Uuid>>,
+    /// Transactions this engine runs, each with the flag raised when its lease is lost.
+    leases: Mutex<HashMap<Uuid, Arc<AtomicBool>>>,
     amqp_users: Mutex<HashMap<String, (PrincipalRef, Instant)>>,
     /// Recovers an earlier attempt of a redelivered request before running it again.
     pub recovery: Option<Arc<crate::recovery::Recovery>>,
@@ -85,6 +97,7 @@ impl Engine {
         ready: Readiness,
     ) -> Self {
         let topology = Topology::new(&cfg.amqp);
+        let engine_id = format!("engine-{}", Uuid::now_v7());
         Self {
             cfg,
             pool,
@@ -93,9 +106,10 @@ impl Engine {
             namespaces,
             publisher,
             topology,
-            engine_id: format!("engine-{}", Uuid::now_v7()),
+            owner: Arc::from(engine_id.as_str()),
+            engine_id,
             ready,
-            leases: Mutex::new(HashSet::new()),
+            leases: Mutex::new(HashMap::new()),
             amqp_users: Mutex::new(HashMap::new()),
             recovery: None,
         }
@@ -134,26 +148,13 @@ impl Engine {
             let why = format!("principal `{}` lacks `{needed}`", principal.name);
             return self.dead_letter(body, props, "forbidden", &why).await;
         }
-        let span = tracing::info_span!("request", request_id = %envelope.id, namespace = %envelope.namespace, procedure = %envelope.procedure);
-        if redelivered {
-            match self.settle_earlier_attempts(envelope.id.as_str()).await {
-                Ok(true) => {}
-                Ok(false) => {
-                    // Another engine still holds a live lease on it: try again later.
-                    return Disposition::Requeue;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot check earlier attempts; requeueing");
-                    return Disposition::Requeue;
-                }
-            }
-        }
+        let span = tracing::info_span!("request", request_id = %envelope.id, namespace = %envelope.namespace, procedure = %envelope.procedure, redelivered);
         match self
             .run_request(&envelope, principal, props)
             .instrument(span)
             .await
         {
-            Ok(()) => Disposition::Ack,
+            Ok(d) => d,
             Err(e) => {
                 tracing::warn!(request_id = %envelope.id, error = %e, "outcome not durable; requeueing");
                 Disposition::Requeue
@@ -250,7 +251,7 @@ impl Engine {
         env: &Envelope,
         principal: PrincipalRef,
         props: &BasicProperties,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<Disposition> {
         let started = Instant::now();
         let tx_id = Uuid::now_v7();
         let mut lookup = match env.namespace_version {
@@ -315,22 +316,17 @@ impl Engine {
         if model == TxModel::Read {
             if self.is_final(env.id.as_str()).await? {
                 self.publish_stored_outcome(env, props).await;
-                return Ok(());
+                return Ok(Disposition::Ack);
             }
         } else {
-            match self
-                .txlog
-                .write(Record::Begin(begin.clone()))
-                .await
-                .context("opening the transaction")?
-            {
-                Reply::AlreadyFinished => {
+            match self.open(&begin).await? {
+                Opened::Began(a) => attempt = a,
+                Opened::AlreadyFinished => {
                     tracing::info!(request_id = %env.id, "already finished; answering from the record");
                     self.publish_stored_outcome(env, props).await;
-                    return Ok(());
+                    return Ok(Disposition::Ack);
                 }
-                Reply::Began { attempt: a } => attempt = a,
-                Reply::Done => {}
+                Opened::Busy => return Ok(Disposition::Requeue),
             }
         }
         let refuse = |code: &str, message: String| Some(json!({"code": code, "message": message}));
@@ -371,31 +367,36 @@ impl Engine {
             ),
         };
         let (Some(ns), Some(procedure), None) = (lookup, procedure, refusal.clone()) else {
-            self.finish(
-                begin,
-                model == TxModel::Read,
-                Vec::new(),
-                "failed",
-                Status::Failed,
-                None,
-                refusal.clone(),
-                json!([]),
-                None,
-            )
-            .await?;
+            let written = self
+                .finish(
+                    begin,
+                    model == TxModel::Read,
+                    Vec::new(),
+                    "failed",
+                    Status::Failed,
+                    None,
+                    refusal.clone(),
+                    json!([]),
+                    None,
+                )
+                .await?;
+            if !written {
+                return Ok(Disposition::Requeue);
+            }
             self.publish_outcome(
                 env,
                 props,
                 &outcome_record(env, Status::Failed, None, refusal.as_ref(), attempt),
             )
             .await;
-            return Ok(());
+            return Ok(Disposition::Ack);
         };
 
+        let lease_lost = Arc::new(AtomicBool::new(false));
         if model != TxModel::Read
             && let Ok(mut l) = self.leases.lock()
         {
-            l.insert(tx_id);
+            l.insert(tx_id, lease_lost.clone());
         }
         let credentials = if principal.has("execute_with_credentials") {
             env.credentials.clone()
@@ -405,6 +406,7 @@ impl Engine {
         let request_ctx = json!({"id": env.id, "namespace": env.namespace, "procedure": env.procedure, "priority": env.priority, "attempt": attempt});
         let run = Run::new(
             tx_id,
+            self.owner.clone(),
             model,
             &self.registry,
             &self.txlog,
@@ -414,18 +416,24 @@ impl Engine {
             request_ctx,
             self.cfg.validation.enable_schema_validation,
         )
+        .with_lease_flag(lease_lost)
         .with_pause_after_prepare(
             (self.cfg.providers.test.enabled && self.cfg.providers.test.pause_after_prepare_ms > 0)
                 .then(|| Duration::from_millis(self.cfg.providers.test.pause_after_prepare_ms)),
         );
         let outcome = run.execute(&ns, &procedure, env.input.clone()).await;
-        if let Ok(mut l) = self.leases.lock() {
-            l.remove(&tx_id);
+        if outcome.fenced {
+            self.release_lease(tx_id);
+            metrics::counter!(provisio_shared::metrics::FENCED).increment(1);
+            tracing::warn!(%tx_id, "the transaction was taken over (lease lost); leaving the request to recovery and redelivery");
+            return Ok(Disposition::Requeue);
         }
         let (tx_status, status, output, error) = match &outcome.result {
             Ok(out) => ("committed", Status::Succeeded, Some(out.clone()), None),
             Err(f) if outcome.rollback_failed => {
-                ("in_doubt", Status::InDoubt, None, Some(f.to_json()))
+                let mut e = f.to_json();
+                e["not_undone"] = Value::Array(outcome.not_undone.clone());
+                ("in_doubt", Status::InDoubt, None, Some(e))
             }
             Err(f) => (
                 if model == TxModel::Read {
@@ -468,18 +476,27 @@ impl Engine {
             }
             (_, s) => (s, None),
         };
-        self.finish(
-            begin,
-            model == TxModel::Read,
-            outcome.pending,
-            tx_status,
-            status,
-            output.clone(),
-            error.clone(),
-            Value::Array(outcome.summary),
-            retry_at,
-        )
-        .await?;
+        let finished = self
+            .finish(
+                begin,
+                model == TxModel::Read,
+                outcome.pending,
+                tx_status,
+                status,
+                output.clone(),
+                error.clone(),
+                Value::Array(outcome.summary),
+                retry_at,
+            )
+            .await;
+        self.release_lease(tx_id);
+        if !finished? {
+            // Taken over between the last step and the outcome: undo what only we know of.
+            interpreter::compensate_unlogged(&self.registry, tx_id, &outcome.unlogged).await;
+            metrics::counter!(provisio_shared::metrics::FENCED).increment(1);
+            tracing::warn!(%tx_id, "the outcome was fenced (lease lost); leaving the request to recovery and redelivery");
+            return Ok(Disposition::Requeue);
+        }
         let labels = [
             ("namespace", env.namespace.to_string()),
             ("procedure", env.procedure.to_string()),
@@ -499,31 +516,47 @@ impl Engine {
             &outcome_record(env, status, output.as_ref(), error.as_ref(), attempt),
         )
         .await;
-        Ok(())
+        Ok(Disposition::Ack)
     }
 
-    /// A redelivered request may have an unfinished attempt from an engine that died: recover
-    /// it first so that two attempts never overlap. False: one is still live elsewhere.
-    async fn settle_earlier_attempts(&self, request_id: &str) -> anyhow::Result<bool> {
-        let client = self.pool.get().await.context("database")?;
-        let rows = client
-            .query(
-                "SELECT id, coalesce(lease_until > now(), false) FROM transactions WHERE request_id = $1 \
-                 AND status IN ('running', 'prepared', 'committing', 'rolling_back')",
-                &[&request_id],
-            )
-            .await?;
-        drop(client);
-        for row in rows {
-            let (tx_id, live): (Uuid, bool) = (row.get(0), row.get(1));
-            if live {
-                return Ok(false);
-            }
-            if let Some(r) = &self.recovery {
-                r.recover_tx(tx_id).await?;
+    /// Opens the transaction of `begin`. One attempt at a time, whatever the delivery: a
+    /// request whose current attempt still runs under a live lease elsewhere is `Busy` (the
+    /// delivery goes back to the queue); one whose attempt's engine died is recovered first
+    /// (rolled back from the log), then opened.
+    async fn open(&self, begin: &Begin) -> anyhow::Result<Opened> {
+        for _ in 0..2 {
+            match self
+                .txlog
+                .write(Record::Begin(begin.clone()))
+                .await
+                .context("opening the transaction")?
+            {
+                Reply::Began { attempt } => return Ok(Opened::Began(attempt)),
+                Reply::AlreadyFinished => return Ok(Opened::AlreadyFinished),
+                Reply::Busy | Reply::Done => {
+                    tracing::info!(request_id = %begin.request_id, "another attempt runs under a live lease; requeueing");
+                    return Ok(Opened::Busy);
+                }
+                Reply::Unsettled { tx } => {
+                    let Some(r) = &self.recovery else {
+                        return Ok(Opened::Busy);
+                    };
+                    let resolved = r
+                        .settle_request(&begin.request_id, tx)
+                        .await
+                        .context("recovering the earlier attempt")?;
+                    tracing::info!(request_id = %begin.request_id, ?tx, ?resolved, "recovered an earlier attempt whose engine stopped");
+                }
             }
         }
-        Ok(true)
+        Ok(Opened::Busy)
+    }
+
+    /// Stops renewing `tx_id`'s lease.
+    fn release_lease(&self, tx_id: Uuid) {
+        if let Ok(mut l) = self.leases.lock() {
+            l.remove(&tx_id);
+        }
     }
 
     /// The enabled principal `name` with its permissions, or `None`.
@@ -557,8 +590,9 @@ impl Engine {
         error: Option<Value>,
         summary: Value,
         retry_at: Option<(chrono::DateTime<Utc>, Value)>,
-    ) -> anyhow::Result<()> {
-        self.txlog
+    ) -> anyhow::Result<bool> {
+        let r = self
+            .txlog
             .write(Record::Finish(Box::new(Finish {
                 tx_id: begin.tx_id,
                 request_id: begin.request_id.clone(),
@@ -570,10 +604,14 @@ impl Engine {
                 error,
                 summary,
                 retry_at,
+                owner: self.owner.clone(),
             })))
-            .await
-            .context("committing the outcome")?;
-        Ok(())
+            .await;
+        match r {
+            Ok(_) => Ok(true),
+            Err(LogError::Fenced(_)) => Ok(false),
+            Err(e) => Err(e).context("committing the outcome"),
+        }
     }
 
     /// Publishes the stored record of a request that finished earlier.
@@ -646,23 +684,41 @@ impl Engine {
         }))
     }
 
-    /// Renews the leases of every transaction this engine is running, in one statement.
+    /// Renews the leases of every transaction this engine is running, in one statement, and
+    /// raises the lost flag of each one that is no longer ours (taken over by recovery after
+    /// this engine stalled), so that its run starts no further call.
     pub async fn renew_leases(&self) -> anyhow::Result<()> {
         let ids: Vec<Uuid> = self
             .leases
             .lock()
-            .map(|l| l.iter().copied().collect())
+            .map(|l| l.keys().copied().collect())
             .unwrap_or_default();
         if ids.is_empty() {
             return Ok(());
         }
         let client = self.pool.get().await.context("database")?;
-        client
-            .execute(
-                "UPDATE transactions SET lease_until = now() + make_interval(secs => $2) WHERE id = ANY($1) AND status = 'running'",
-                &[&ids, &(self.cfg.engine.lease_seconds as f64)],
+        let renewed: std::collections::HashSet<Uuid> = client
+            .query(
+                "UPDATE transactions SET lease_until = now() + make_interval(secs => $2) \
+                 WHERE id = ANY($1) AND engine_id = $3 AND finished_at IS NULL RETURNING id",
+                &[
+                    &ids,
+                    &(self.cfg.engine.lease_seconds as f64),
+                    &self.engine_id,
+                ],
             )
-            .await?;
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if let Ok(l) = self.leases.lock() {
+            for (id, lost) in l.iter() {
+                // Ids added since the query started are simply not renewed yet.
+                if ids.contains(id) && !renewed.contains(id) {
+                    lost.store(true, Ordering::Relaxed);
+                }
+            }
+        }
         Ok(())
     }
 

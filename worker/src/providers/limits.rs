@@ -103,6 +103,12 @@ impl Provider for Limited {
         // Rollbacks are not throttled: undoing must not wait behind new work.
         self.inner.rollback(rb)
     }
+    fn rollback_unknown<'a>(
+        &'a self,
+        rb: &'a Rollback,
+    ) -> BoxFuture<'a, Result<(), ProviderError>> {
+        self.inner.rollback_unknown(rb)
+    }
     fn supports_two_phase(&self) -> bool {
         self.inner.supports_two_phase()
     }

@@ -190,10 +190,34 @@ impl Provider for TestProvider {
         Box::pin(self.run(call))
     }
 
+    /// Records the rollback, then honours the faults the call's input asked for (echo keeps
+    /// its input in the rollback data): `rollback_sleep_ms` (a slow rollback, to crash an
+    /// engine in the middle of one) and `fail_rollback: true` (a rollback that always fails,
+    /// permanently, to produce `in_doubt` transactions).
     fn rollback<'a>(&'a self, rb: &'a Rollback) -> BoxFuture<'a, Result<(), ProviderError>> {
         Box::pin(async move {
             self.record(rb.tx_id, &rb.step_path, &rb.action, "rollback", &rb.data)
-                .await
+                .await?;
+            let input = rb.data.get("input").unwrap_or(&Value::Null);
+            if let Some(ms) = input.get("rollback_sleep_ms").and_then(Value::as_u64) {
+                tokio::time::sleep(Duration::from_millis(ms.min(600_000))).await;
+            }
+            if input.get("fail_rollback").and_then(Value::as_bool) == Some(true) {
+                return Err(ProviderError::permanent(
+                    "rollback_refused",
+                    "the test provider was asked to fail this rollback",
+                ));
+            }
+            Ok(())
         })
+    }
+
+    /// The test provider's calls have no effect beyond their record, so undoing a call of
+    /// unknown outcome is recording the rollback (kind `rollback`, data `{"input": ...}`).
+    fn rollback_unknown<'a>(
+        &'a self,
+        rb: &'a Rollback,
+    ) -> BoxFuture<'a, Result<(), ProviderError>> {
+        self.rollback(rb)
     }
 }
