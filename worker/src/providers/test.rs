@@ -1,5 +1,7 @@
 //! The `test` provider: fault injection for tests and demos. Every execute and rollback is
-//! recorded in `provider_test.calls`, so tests can see what ran and in which order.
+//! recorded in `provider_test.calls`, so tests can see what ran and in which order. Faults:
+//! `fail`, `fail_n_times`, `panic`, `sleep`; on `echo`'s input, `fail_rollback` and
+//! `rollback_sleep_ms` act on its rollback.
 
 use std::time::Duration;
 
@@ -95,6 +97,25 @@ impl TestProvider {
         wait.await
             .map_err(|_| gone())?
             .map_err(|e| ProviderError::retryable("unavailable", e))
+    }
+
+    /// Whether `rb` is the first rollback recorded for its step (a slow rollback is slow only
+    /// once, so that the recovery resuming it after a crash is quick).
+    async fn first_rollback(&self, rb: &Rollback) -> Result<bool, ProviderError> {
+        let client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| ProviderError::retryable("unavailable", e.to_string()))?;
+        let n: i64 = client
+            .query_one(
+                "SELECT count(*) FROM provider_test.calls WHERE tx_id = $1 AND step_path = $2 AND kind = 'rollback'",
+                &[&rb.tx_id, &rb.step_path],
+            )
+            .await
+            .map_err(|e| ProviderError::retryable("unavailable", e.to_string()))?
+            .get(0);
+        Ok(n <= 1)
     }
 
     async fn run(&self, call: &Call) -> Result<Executed, ProviderError> {
@@ -199,7 +220,9 @@ impl Provider for TestProvider {
             self.record(rb.tx_id, &rb.step_path, &rb.action, "rollback", &rb.data)
                 .await?;
             let input = rb.data.get("input").unwrap_or(&Value::Null);
-            if let Some(ms) = input.get("rollback_sleep_ms").and_then(Value::as_u64) {
+            if let Some(ms) = input.get("rollback_sleep_ms").and_then(Value::as_u64)
+                && self.first_rollback(rb).await?
+            {
                 tokio::time::sleep(Duration::from_millis(ms.min(600_000))).await;
             }
             if input.get("fail_rollback").and_then(Value::as_bool) == Some(true) {
