@@ -2,7 +2,8 @@
 # ops/lib.sh: functions shared by ops/up, ops/test and ops/bench. Source it, do not run it.
 #
 # What it does for the scripts:
-#   - finds the repository root and the state folder `.provisio/` (gitignored);
+#   - finds the repository root and the state folder `.provisio/` (gitignored; or
+#     PROVISIO_STATE_DIR);
 #   - reads PROVISIO_DATABASE_URL and PROVISIO_AMQP_URL (defaults: the local services);
 #   - makes sure PostgreSQL and RabbitMQ answer. When they do not and they are the local
 #     ones (127.0.0.1, localhost, ::1), installs them with apt-get and starts them without
@@ -10,11 +11,16 @@
 #   - makes sure the PostgreSQL role of the URL can log in over TCP (local set-up: a `trust`
 #     line for 127.0.0.1/::1 in pg_hba.conf, see docs/operations.md) and that
 #     max_prepared_transactions >= 64 (the sql provider uses PREPARE TRANSACTION);
-#   - starts, watches and stops the fleet's processes for ops/up.
+#   - starts, supervises (restarts) and stops the fleet's processes for ops/up.
 # Every step is idempotent: running a script twice is safe.
 
 PROVISIO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PROVISIO_STATE="$PROVISIO_ROOT/.provisio"
+# PROVISIO_STATE_DIR moves the state folder (a test's own, for instance).
+PROVISIO_STATE="${PROVISIO_STATE_DIR:-$PROVISIO_ROOT/.provisio}"
+case "$PROVISIO_STATE" in
+/*) ;;
+*) PROVISIO_STATE="$PWD/$PROVISIO_STATE" ;;
+esac
 PROVISIO_TARGET="${CARGO_TARGET_DIR:-$PROVISIO_ROOT/target}"
 # Debian keeps rabbitmq-server and friends in sbin, which a non-root PATH may lack.
 PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
@@ -406,10 +412,11 @@ export_test_env() {
 }
 
 # The binaries read every PROVISIO_* variable as a setting and refuse unknown ones: drop the
-# variables of the tests and of provisioctl before starting them.
+# variables of the tests, of provisioctl and of ops/up itself before starting them.
 unset_non_settings() {
 	local v
-	for v in $(compgen -e PROVISIO_TEST_ || true) PROVISIO_URL PROVISIO_API_KEY; do
+	for v in $(compgen -e PROVISIO_TEST_ || true) PROVISIO_URL PROVISIO_API_KEY \
+		PROVISIO_STATE_DIR PROVISIO_BIN_DIR PROVISIO_PORT_BASE; do
 		unset "$v"
 	done
 }
@@ -433,11 +440,33 @@ state_secret() {
 }
 
 # ---------------------------------------------------------------------------------------
-# Processes (ops/up)
+# Processes (ops/up): started, supervised (restarted with a back-off when they die) and
+# stopped. Every process has a slot (its index, in start order) that keeps its name, its
+# command, its log file and, while it runs, its pid. The current pid of each is also in
+# STATE/pids/NAME.pid, for operators and tests.
+#
+# Deaths are found by polling `kill -0` at least every second rather than by `wait -n`
+# alone: bash's `wait -n` ignores a child that ended before it was called (its status is
+# still there for `wait PID`), so a death in between would go unseen.
 
-PROVISIO_PIDS=()
-PROVISIO_NAMES=()
-PROVISIO_LOGS=()
+SUP_NAME=()    # NAME
+SUP_CMD=()     # the command, quoted for eval
+SUP_LOG=()     # STATE/logs/NAME.log
+SUP_PID=()     # pid while it runs, '' while it waits to be restarted
+SUP_STARTED=() # when it was (re)started, ms
+SUP_DELAY=()   # back-off used for its last restart, ms (0: never restarted)
+SUP_DUE=()     # when it is to be restarted, ms
+SUP_NOW=0
+SUP_TIMER=''    # the `sleep` that bounds one wait of the supervisor
+SUP_CRITICAL=0  # 1 while a process is being started: a stop signal is deferred
+SUP_STOP=0      # a stop signal arrived during the critical section
+# Restart back-off: the first restart after RESET_MS of stable running waits MIN_MS, each
+# quicker death doubles it, up to MAX_MS.
+SUP_BACKOFF_MIN_MS=1000
+SUP_BACKOFF_MAX_MS=30000
+SUP_BACKOFF_RESET_MS=60000
+
+sup_now() { SUP_NOW=$((${EPOCHREALTIME//[!0-9]/} / 1000)); }
 
 # True while PID runs (a zombie does not count). Conservative: when /proc cannot tell,
 # a process that still exists counts as running.
@@ -448,27 +477,245 @@ proc_alive() {
 	[[ $state != Z ]]
 }
 
-# start_proc NAME CMD...: starts CMD in the background, its output in .provisio/logs/NAME.log
-# (the previous run's log becomes NAME.log.1).
-start_proc() {
-	local name=$1
-	shift
-	local logdir="$PROVISIO_STATE/logs"
-	local logfile="$logdir/$name.log"
-	mkdir -p "$logdir"
-	if [[ -f $logfile ]]; then mv -f "$logfile" "$logfile.1"; fi
-	"$@" >"$logfile" 2>&1 </dev/null &
-	PROVISIO_PIDS+=("$!")
-	PROVISIO_NAMES+=("$name")
-	PROVISIO_LOGS+=("$logfile")
-	log "started $name (pid $!), log $logfile"
+# on_stop_signal: the INT/TERM trap of ops/up. Stops at once, except while a process is
+# being started (its pid not yet recorded): then the stop waits for the end of that step.
+on_stop_signal() {
+	if ((SUP_CRITICAL)); then
+		SUP_STOP=1
+		return 0
+	fi
+	log "interrupted"
+	exit 0
 }
 
-# wait_listening INDEX SECONDS: waits for the process's "listening on http://ADDR" line;
+sup_pidfile() { printf '%s/pids/%s.pid\n' "$PROVISIO_STATE" "${SUP_NAME[$1]}"; }
+
+# sup_launch SLOT: starts the slot's command in the background, output appended to its log.
+sup_launch() {
+	local i=$1 pidfile
+	pidfile=$(sup_pidfile "$i")
+	SUP_CRITICAL=1
+	# exec: the pid recorded is the program's own, so that signals reach it directly.
+	eval "exec ${SUP_CMD[$i]}" >>"${SUP_LOG[$i]}" 2>&1 </dev/null &
+	SUP_PID[i]=$!
+	sup_now
+	SUP_STARTED[i]=$SUP_NOW
+	mkdir -p "${pidfile%/*}"
+	printf '%s\n' "${SUP_PID[$i]}" >"$pidfile.tmp"
+	mv -f "$pidfile.tmp" "$pidfile"
+	SUP_CRITICAL=0
+	if ((SUP_STOP)); then
+		log "interrupted"
+		exit 0
+	fi
+}
+
+# start_proc NAME CMD...: starts CMD in the background, its output in STATE/logs/NAME.log
+# (the previous run's log becomes NAME.log.1). Until `supervise` runs, nothing restarts it.
+start_proc() {
+	local name=$1 i=${#SUP_NAME[@]}
+	shift
+	local logfile="$PROVISIO_STATE/logs/$name.log"
+	mkdir -p "${logfile%/*}"
+	if [[ -f $logfile ]]; then mv -f "$logfile" "$logfile.1"; fi
+	: >"$logfile"
+	SUP_NAME[i]=$name
+	SUP_LOG[i]=$logfile
+	SUP_DELAY[i]=0
+	SUP_DUE[i]=0
+	sup_set_cmd "$i" "$@"
+	sup_launch "$i"
+	log "started $name (pid ${SUP_PID[$i]}), log $logfile"
+}
+
+# sup_set_cmd SLOT CMD...: the command a restart runs (e.g. with the port the first start got).
+sup_set_cmd() {
+	local i=$1
+	shift
+	SUP_CMD[i]=$(printf '%q ' "$@")
+}
+
+# Pids of the processes that run now.
+sup_live_pids() {
+	local i
+	SUP_LIVE=()
+	for i in "${!SUP_NAME[@]}"; do
+		if [[ -n ${SUP_PID[$i]} ]]; then SUP_LIVE+=("${SUP_PID[$i]}"); fi
+	done
+}
+
+sup_slot_of() {
+	local i
+	for i in "${!SUP_NAME[@]}"; do
+		if [[ ${SUP_PID[$i]} == "$1" ]]; then
+			printf '%s\n' "$i"
+			return 0
+		fi
+	done
+	return 1
+}
+
+# How a wait status reads: "exit status N" or "killed by SIGNAME (status 128+N)".
+describe_status() {
+	local status=$1 sig
+	if ((status > 128)) && sig=$(kill -l "$((status - 128))" 2>/dev/null); then
+		printf 'killed by SIG%s (status %s)\n' "$sig" "$status"
+	else
+		printf 'exit status %s\n' "$status"
+	fi
+}
+
+# sup_died SLOT STATUS: reports the death and schedules the restart.
+sup_died() {
+	local i=$1 status=$2 pid=${SUP_PID[$1]} name=${SUP_NAME[$1]} logfile=${SUP_LOG[$1]} ran delay
+	SUP_PID[i]=''
+	rm -f "$(sup_pidfile "$i")"
+	sup_now
+	ran=$((SUP_NOW - SUP_STARTED[i]))
+	delay=${SUP_DELAY[$i]}
+	if ((delay == 0 || ran >= SUP_BACKOFF_RESET_MS)); then
+		delay=$SUP_BACKOFF_MIN_MS
+	else
+		delay=$((delay * 2 > SUP_BACKOFF_MAX_MS ? SUP_BACKOFF_MAX_MS : delay * 2))
+	fi
+	SUP_DELAY[i]=$delay
+	SUP_DUE[i]=$((SUP_NOW + delay))
+	log "$name (pid $pid) died: $(describe_status "$status"), after running $((ran / 1000))s; the end of $logfile:"
+	tail -n 20 "$logfile" | sed 's/^/    /' >&2 || true
+	log "restarting $name in $((delay / 1000))s, at $(printf '%(%H:%M:%S)T' "$((SUP_DUE[i] / 1000))") (the rest of the fleet keeps running)"
+}
+
+# sup_restart_due: restarts every process whose back-off is over.
+sup_restart_due() {
+	local i
+	sup_now
+	for i in "${!SUP_NAME[@]}"; do
+		if [[ -z ${SUP_PID[$i]} ]] && ((SUP_DUE[i] <= SUP_NOW)); then
+			printf -- '--- ops/up: restarting %s at %(%F %T)T ---\n' "${SUP_NAME[$i]}" -1 >>"${SUP_LOG[$i]}"
+			sup_launch "$i"
+			log "restarted ${SUP_NAME[$i]} (pid ${SUP_PID[$i]}), log appended to ${SUP_LOG[$i]}"
+		fi
+	done
+}
+
+sup_stop_timer() {
+	if [[ -n $SUP_TIMER ]]; then
+		kill -KILL "$SUP_TIMER" 2>/dev/null || true
+		wait "$SUP_TIMER" 2>/dev/null || true
+		SUP_TIMER=''
+	fi
+}
+
+# supervise: runs until a stop signal (the INT/TERM trap exits): every process of the fleet
+# that dies is reported and restarted after its back-off, the others keep running.
+supervise() {
+	local i status done_pid wait_ms
+	while :; do
+		# Deaths that `wait -n` did not report (see above).
+		for i in "${!SUP_NAME[@]}"; do
+			if [[ -n ${SUP_PID[$i]} ]] && ! kill -0 "${SUP_PID[$i]}" 2>/dev/null; then
+				status=0
+				wait "${SUP_PID[$i]}" 2>/dev/null || status=$?
+				sup_died "$i" "$status"
+			fi
+		done
+		sup_restart_due
+		# Sleep until the next restart is due, at most a second.
+		wait_ms=1000
+		for i in "${!SUP_NAME[@]}"; do
+			if [[ -z ${SUP_PID[$i]} ]] && ((SUP_DUE[i] - SUP_NOW < wait_ms)); then
+				wait_ms=$((SUP_DUE[i] - SUP_NOW))
+			fi
+		done
+		((wait_ms > 0)) || wait_ms=1
+		SUP_CRITICAL=1
+		sleep "$((wait_ms / 1000)).$(printf '%03d' "$((wait_ms % 1000))")" &
+		SUP_TIMER=$!
+		SUP_CRITICAL=0
+		((SUP_STOP == 0)) || on_stop_signal
+		sup_live_pids
+		done_pid=''
+		status=0
+		# A trapped signal interrupts `wait` and runs the INT/TERM trap.
+		wait -n -p done_pid "${SUP_LIVE[@]}" "$SUP_TIMER" 2>/dev/null || status=$?
+		if [[ $done_pid == "$SUP_TIMER" ]]; then
+			SUP_TIMER=''
+			continue
+		fi
+		sup_stop_timer
+		if [[ -n $done_pid ]] && i=$(sup_slot_of "$done_pid"); then
+			sup_died "$i" "$status"
+		fi
+	done
+}
+
+# stop_procs [SECONDS]: SIGTERM to every running process of the fleet, then waits for them
+# (engines drain), polling; after SECONDS the stragglers get SIGKILL. Returns non-zero when
+# one of them did not exit cleanly (0, or 143 for a process that had not yet installed its
+# SIGTERM handler, or a script like the mail platform that SIGTERM ends).
+stop_procs() {
+	local limit=${1:-45} rc=0 i pid status deadline left
+	sup_stop_timer
+	for i in "${!SUP_NAME[@]}"; do
+		if [[ -n ${SUP_PID[$i]} ]]; then kill -TERM "${SUP_PID[$i]}" 2>/dev/null || true; fi
+	done
+	sup_now
+	deadline=$((SUP_NOW + limit * 1000))
+	while :; do
+		left=0
+		for i in "${!SUP_NAME[@]}"; do
+			pid=${SUP_PID[$i]}
+			[[ -n $pid ]] || continue
+			if kill -0 "$pid" 2>/dev/null; then
+				left=$((left + 1))
+				continue
+			fi
+			status=0
+			wait "$pid" 2>/dev/null || status=$?
+			SUP_PID[i]=''
+			rm -f "$(sup_pidfile "$i")"
+			case "$status" in
+			0 | 143) log "${SUP_NAME[$i]} stopped" ;;
+			*)
+				log "${SUP_NAME[$i]} exited with $(describe_status "$status")"
+				rc=1
+				;;
+			esac
+		done
+		((left > 0)) || break
+		sup_now
+		if ((SUP_NOW >= deadline)); then
+			for i in "${!SUP_NAME[@]}"; do
+				pid=${SUP_PID[$i]}
+				[[ -n $pid ]] || continue
+				log "${SUP_NAME[$i]} (pid $pid) still runs after ${limit}s: SIGKILL"
+				kill -KILL "$pid" 2>/dev/null || true
+				wait "$pid" 2>/dev/null || true
+				SUP_PID[i]=''
+				rm -f "$(sup_pidfile "$i")"
+			done
+			rc=1
+			break
+		fi
+		sleep 0.1
+	done
+	return "$rc"
+}
+
+# True when at least one process of the fleet runs.
+sup_any_running() {
+	local i
+	for i in "${!SUP_NAME[@]}"; do
+		if [[ -n ${SUP_PID[$i]} ]]; then return 0; fi
+	done
+	return 1
+}
+
+# wait_listening SLOT SECONDS: waits for the process's "listening on http://ADDR" line;
 # prints ADDR.
 wait_listening() {
 	local i=$1 limit=$2
-	local pid=${PROVISIO_PIDS[$i]} name=${PROVISIO_NAMES[$i]} logfile=${PROVISIO_LOGS[$i]}
+	local pid=${SUP_PID[$1]} name=${SUP_NAME[$1]} logfile=${SUP_LOG[$1]}
 	local deadline=$((SECONDS + limit)) line
 	while :; do
 		line=$(grep -m1 '^listening on http://' "$logfile" 2>/dev/null || true)
@@ -500,84 +747,6 @@ client_addr() {
 # wait_ready ADDR SECONDS: polls http://ADDR/readyz until it answers 200.
 wait_ready() {
 	wait_until "$2" "http://$1/readyz" curl -fsS -o /dev/null --max-time 2 "http://$1/readyz"
-}
-
-# forget_proc PID: drops a process (already waited for) from the lists.
-forget_proc() {
-	local i pids=() names=() logs=()
-	for i in "${!PROVISIO_PIDS[@]}"; do
-		if [[ ${PROVISIO_PIDS[$i]} != "$1" ]]; then
-			pids+=("${PROVISIO_PIDS[$i]}")
-			names+=("${PROVISIO_NAMES[$i]}")
-			logs+=("${PROVISIO_LOGS[$i]}")
-		fi
-	done
-	PROVISIO_PIDS=("${pids[@]}")
-	PROVISIO_NAMES=("${names[@]}")
-	PROVISIO_LOGS=("${logs[@]}")
-}
-
-# proc_name PID: the name start_proc gave it.
-proc_name() {
-	local i
-	for i in "${!PROVISIO_PIDS[@]}"; do
-		if [[ ${PROVISIO_PIDS[$i]} == "$1" ]]; then
-			printf '%s\n' "${PROVISIO_NAMES[$i]}"
-			return 0
-		fi
-	done
-	printf 'pid %s\n' "$1"
-}
-
-# stop_procs [SECONDS]: SIGTERM to every process started by start_proc, then waits for them
-# (engines drain) using the shell's own child bookkeeping; a `sleep SECONDS` watchdog bounds
-# the wait, after which the stragglers get SIGKILL. Returns non-zero when one of them did not
-# exit cleanly (0, or 143 for a process that had not yet installed its SIGTERM handler).
-stop_procs() {
-	local limit=${1:-45} rc=0 pid status done_pid watchdog name
-	((${#PROVISIO_PIDS[@]} > 0)) || return 0
-	for pid in "${PROVISIO_PIDS[@]}"; do
-		kill -TERM "$pid" 2>/dev/null || true
-	done
-	# (SIGKILL ends it below: a caller's `trap '' TERM` would make it ignore SIGTERM.)
-	sleep "$limit" &
-	watchdog=$!
-	while ((${#PROVISIO_PIDS[@]} > 0)); do
-		status=0
-		done_pid=''
-		wait -n -p done_pid "${PROVISIO_PIDS[@]}" "$watchdog" 2>/dev/null || status=$?
-		if [[ -z $done_pid ]]; then
-			# Nothing left that this shell can wait for.
-			break
-		fi
-		if [[ $done_pid == "$watchdog" ]]; then
-			watchdog=''
-			for pid in "${PROVISIO_PIDS[@]}"; do
-				log "$(proc_name "$pid") (pid $pid) still runs after ${limit}s: SIGKILL"
-				kill -KILL "$pid" 2>/dev/null || true
-				wait "$pid" 2>/dev/null || true
-			done
-			rc=1
-			break
-		fi
-		name=$(proc_name "$done_pid")
-		forget_proc "$done_pid"
-		case "$status" in
-		0 | 143) log "$name stopped" ;;
-		*)
-			log "$name exited with status $status"
-			rc=1
-			;;
-		esac
-	done
-	if [[ -n $watchdog ]]; then
-		kill -KILL "$watchdog" 2>/dev/null || true
-		wait "$watchdog" 2>/dev/null || true
-	fi
-	PROVISIO_PIDS=()
-	PROVISIO_NAMES=()
-	PROVISIO_LOGS=()
-	return "$rc"
 }
 
 # Path of a release binary.
