@@ -66,6 +66,11 @@ impl Topology {
     pub fn dead_queue(&self) -> String {
         format!("{}.dead", self.prefix)
     }
+    /// A second queue on the dead-letter exchange, consumed by the auditors to give each
+    /// dead request its final status; `dead_queue` keeps every message for operators.
+    pub fn dead_status_queue(&self) -> String {
+        format!("{}.dead.status", self.prefix)
+    }
     /// Topic exchange of outcomes, routing key `namespace.procedure.status`.
     pub fn results_exchange(&self) -> String {
         format!("{}.results", self.prefix)
@@ -90,16 +95,20 @@ impl Topology {
         let qopts = QueueDeclareOptions::durable();
         let mut dead_args = FieldTable::default();
         dead_args.insert("x-queue-type".into(), long_str("quorum"));
-        ch.queue_declare(self.dead_queue().into(), qopts, dead_args)
+        // No dead-letter exchange on these: a dead letter is never dead-lettered again
+        // (that would loop through the fanout).
+        for q in [self.dead_queue(), self.dead_status_queue()] {
+            ch.queue_declare(q.clone().into(), qopts, dead_args.clone())
+                .await?;
+            ch.queue_bind(
+                q.into(),
+                self.dead_exchange().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
             .await?;
-        ch.queue_bind(
-            self.dead_queue().into(),
-            self.dead_exchange().into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+        }
         let work_args = self.work_queue_args();
         for lane in Priority::ALL {
             let q = self.lane_queue(*lane);
@@ -144,7 +153,11 @@ impl Topology {
     /// Deletes every queue and exchange of this prefix (tests clean up after themselves).
     pub async fn delete(&self, ch: &Channel) -> Result<(), AmqpError> {
         use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
-        let mut queues = vec![self.dead_queue(), self.trusted_queue()];
+        let mut queues = vec![
+            self.dead_queue(),
+            self.dead_status_queue(),
+            self.trusted_queue(),
+        ];
         queues.extend(Priority::ALL.iter().map(|l| self.lane_queue(*l)));
         for q in queues {
             ch.queue_delete(q.into(), QueueDeleteOptions::default())

@@ -29,6 +29,9 @@ pub const PROVIDER_WAIT: &str = "provisio_provider_wait_seconds";
 pub const RECOVERED: &str = "provisio_recovered_transactions_total";
 pub const AUDIT_ROWS_SWEPT: &str = "provisio_audit_rows_swept_total";
 pub const FENCED: &str = "provisio_fenced_transactions_total";
+pub const AUDITOR_LEADER: &str = "provisio_auditor_leader";
+pub const AUDITOR_STEP_DOWNS: &str = "provisio_auditor_step_downs_total";
+pub const DEAD_LETTERS_SETTLED: &str = "provisio_dead_letters_settled_total";
 
 /// Registers descriptions with the installed recorder; call once after installing it.
 pub fn describe() {
@@ -136,5 +139,20 @@ pub fn describe() {
         AUDIT_ROWS_SWEPT,
         Unit::Count,
         "Rows moved from the transaction log into audit tables."
+    );
+    describe_gauge!(
+        AUDITOR_LEADER,
+        Unit::Count,
+        "1 while this auditor holds the leader lock (recovers and sweeps), 0 on standby."
+    );
+    describe_counter!(
+        AUDITOR_STEP_DOWNS,
+        Unit::Count,
+        "Times this auditor stopped leading because its lock session was lost."
+    );
+    describe_counter!(
+        DEAD_LETTERS_SETTLED,
+        Unit::Count,
+        "Dead letters read by the auditors, by outcome (marked_dead, already_final, unknown_request, mismatch)."
     );
 }

@@ -1,6 +1,9 @@
-//! The worker: `--role engine` runs procedures; `--role auditor` (later) sweeps the log.
+//! The worker: `--role engine` runs procedures; `--role auditor` recovers, sweeps the log
+//! and gives dead-lettered requests their final status.
 
 pub mod audit;
+pub mod auditor;
+pub mod dead;
 pub mod engine;
 pub mod providers;
 pub mod recovery;

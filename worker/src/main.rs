@@ -5,7 +5,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
 use provisio_shared::amqp::{Publisher, Topology};
 use provisio_shared::catalog::StandardCatalog;
-use provisio_shared::config::{Config, ConfigArgs};
+use provisio_shared::config::ConfigArgs;
 use provisio_shared::namespaces::NamespaceCache;
 use provisio_shared::telemetry::{self, Readiness};
 use provisio_shared::{db, shutdown};
@@ -94,7 +94,7 @@ async fn main() -> anyhow::Result<()> {
         lease_seconds: cfg.engine.lease_seconds as f64,
     });
     if cli.role == Role::Auditor {
-        return auditor(cfg, pool, recovery, metrics).await;
+        return provisio_worker::auditor::run(cfg, pool, recovery, metrics).await;
     }
 
     let topology = Topology::new(&cfg.amqp);
@@ -132,74 +132,4 @@ async fn main() -> anyhow::Result<()> {
     http.abort();
     tracing::info!("engine stopped");
     Ok(())
-}
-
-/// The auditor role: active/standby by PostgreSQL advisory lock; the active one recovers
-/// transactions whose engine died, resolves orphaned prepared transactions, and sweeps
-/// finished transactions into the audit tables.
-async fn auditor(
-    cfg: Config,
-    pool: deadpool_postgres::Pool,
-    recovery: Arc<Recovery>,
-    metrics: metrics_exporter_prometheus::PrometheusHandle,
-) -> anyhow::Result<()> {
-    const LEADER_LOCK: i64 = 0x7072_6f76_6175_6469; // "provaudi"
-    let ready = Readiness::default();
-    let listener = tokio::net::TcpListener::bind(cfg.engine.listen)
-        .await
-        .with_context(|| format!("binding {}", cfg.engine.listen))?;
-    let addr = listener.local_addr().context("local address")?;
-    let stop = shutdown::token_on_signal();
-    let http_stop = stop.clone();
-    let router = telemetry::ops_router(metrics, ready.clone());
-    let http = tokio::spawn(async move {
-        let _ = axum::serve(listener, router)
-            .with_graceful_shutdown(async move { http_stop.cancelled().await })
-            .await;
-    });
-    println!("listening on http://{addr}");
-    let interval = Duration::from_millis(cfg.auditor.interval_ms);
-    // The lock lives as long as this session: a dedicated connection, not a pooled one.
-    let (leader_conn, conn_task) =
-        tokio_postgres::connect(cfg.database.url.expose(), tokio_postgres::NoTls)
-            .await
-            .context("connecting for leadership")?;
-    let conn_task = tokio::spawn(conn_task);
-    let mut leading = false;
-    while !stop.is_cancelled() {
-        if !leading {
-            leading = leader_conn
-                .query_one("SELECT pg_try_advisory_lock($1)", &[&LEADER_LOCK])
-                .await
-                .is_ok_and(|r| r.get::<_, bool>(0));
-            ready.set(true);
-            if leading {
-                tracing::info!("auditor is active");
-            }
-        }
-        if leading {
-            match recovery.run_once().await {
-                Ok(r) if r != providers_report_default() => tracing::info!(?r, "recovery pass"),
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "recovery pass failed"),
-            }
-            match provisio_worker::audit::sweep(&pool, &cfg.auditor, 20).await {
-                Ok(r) if r.swept > 0 || r.expired > 0 => tracing::info!(?r, "audit sweep"),
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "audit sweep failed"),
-            }
-        }
-        tokio::select! {
-            () = stop.cancelled() => {}
-            () = tokio::time::sleep(interval) => {}
-        }
-    }
-    conn_task.abort();
-    http.abort();
-    tracing::info!("auditor stopped");
-    Ok(())
-}
-
-fn providers_report_default() -> provisio_worker::recovery::Report {
-    provisio_worker::recovery::Report::default()
 }

@@ -1,0 +1,432 @@
+//! Dead letters end somewhere: a request whose message was dead-lettered (RabbitMQ's delivery
+//! limit on a lane, or an engine refusing the envelope after acceptance) gets the status
+//! `dead`, with the reason in its error, instead of staying `queued` forever.
+//!
+//! The dead-letter exchange is a fanout: `{prefix}.dead` keeps every message for operators,
+//! and `{prefix}.dead.status` feeds this consumer. Every auditor consumes it, leader or not:
+//! the update is idempotent, so they compete for messages safely. A message is acked only
+//! after its request's record is committed (or when there is nothing to record).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use deadpool_postgres::Pool;
+use futures_util::StreamExt;
+use lapin::BasicProperties;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use provisio_shared::amqp::{self, Topology, header_str};
+use provisio_shared::config::{Config, Secret};
+use provisio_shared::metrics as m;
+use serde_json::{Value, json};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// Dead letters settled at once per auditor.
+const PREFETCH: u16 = 16;
+/// How often a request whose transaction is still unfinished is looked at again.
+const RECHECK: Duration = Duration::from_secs(2);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// What a dead letter says about its request, read from its properties and headers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Letter {
+    /// `message_id`, else the envelope's `id`.
+    pub request_id: Option<String>,
+    /// The engine's `x-provisio-reason`, else RabbitMQ's death reason (`delivery_limit`, …).
+    pub reason: String,
+    pub message: String,
+    /// The envelope as JSON, if the body is JSON at all.
+    pub body: Option<Value>,
+}
+
+impl Letter {
+    pub fn read(body: &[u8], props: &BasicProperties) -> Self {
+        let body: Option<Value> = serde_json::from_slice(body).ok();
+        let request_id = props
+            .message_id()
+            .as_ref()
+            .map(|id| id.as_str().to_owned())
+            .or_else(|| {
+                body.as_ref()
+                    .and_then(|b| b.get("id"))
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            });
+        let (reason, message) = if let Some(reason) = header_str(props, "x-provisio-reason") {
+            let detail = header_str(props, "x-provisio-error")
+                .unwrap_or_else(|| "an engine dead-lettered the message".to_owned());
+            (reason, format!("dead-lettered by an engine: {detail}"))
+        } else if let Some((reason, queue)) = broker_death(props) {
+            let message = match reason.as_str() {
+                "delivery_limit" => format!(
+                    "RabbitMQ dead-lettered the message from `{queue}`: delivered more often than the delivery limit without being settled"
+                ),
+                other => format!("RabbitMQ dead-lettered the message from `{queue}` ({other})"),
+            };
+            (reason, message)
+        } else {
+            (
+                "unknown".to_owned(),
+                "the message was dead-lettered for no stated reason".to_owned(),
+            )
+        };
+        Self {
+            request_id,
+            reason,
+            message,
+            body,
+        }
+    }
+
+    /// The request's `error` once it is dead.
+    pub fn error(&self) -> Value {
+        json!({"code": "dead_lettered", "message": self.message, "reason": self.reason})
+    }
+}
+
+/// RabbitMQ's first death of the message: `x-first-death-reason`/`-queue`, else the first
+/// entry of `x-death`.
+fn broker_death(props: &BasicProperties) -> Option<(String, String)> {
+    if let Some(reason) = header_str(props, "x-first-death-reason") {
+        let queue = header_str(props, "x-first-death-queue").unwrap_or_default();
+        return Some((reason, queue));
+    }
+    let headers = props.headers().as_ref()?;
+    let AMQPValue::FieldArray(deaths) = headers.inner().get(&ShortString::from("x-death"))? else {
+        return None;
+    };
+    // Newest first; the first death is the last entry.
+    let AMQPValue::FieldTable(death) = deaths.as_slice().last()? else {
+        return None;
+    };
+    let text = |key: &str| match death.inner().get(&ShortString::from(key)) {
+        Some(AMQPValue::LongString(s)) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        Some(AMQPValue::ShortString(s)) => Some(s.as_str().to_owned()),
+        _ => None,
+    };
+    Some((text("reason")?, text("queue").unwrap_or_default()))
+}
+
+/// How a dead letter was settled (the `outcome` label of
+/// `provisio_dead_letters_settled_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// The request is now `dead`.
+    MarkedDead,
+    /// The request is not waiting for a message (finished, scheduled, parked, cancelled).
+    NotQueued,
+    /// No message id, or no request by that id (e.g. a direct AMQP producer's message that no
+    /// engine ever opened).
+    UnknownRequest,
+    /// The body is not the request's message: a dead letter does not kill a request unless
+    /// it carries that request (id, namespace, procedure and input), so that a stray message
+    /// naming someone else's id cannot.
+    Mismatch,
+}
+
+impl Settled {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::MarkedDead => "marked_dead",
+            Self::NotQueued => "not_queued",
+            Self::UnknownRequest => "unknown_request",
+            Self::Mismatch => "mismatch",
+        }
+    }
+}
+
+/// The consumer of `{prefix}.dead.status`.
+pub struct DeadLetters {
+    amqp_url: Secret,
+    topology: Topology,
+    pool: Pool,
+}
+
+impl DeadLetters {
+    pub fn new(cfg: &Config, pool: Pool) -> Self {
+        Self {
+            amqp_url: cfg.amqp.url.clone(),
+            topology: Topology::new(&cfg.amqp),
+            pool,
+        }
+    }
+
+    /// Consumes until `stop`, reconnecting (with back-off) whenever the broker goes away.
+    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+        for outcome in [
+            Settled::MarkedDead,
+            Settled::NotQueued,
+            Settled::UnknownRequest,
+            Settled::Mismatch,
+        ] {
+            metrics::counter!(m::DEAD_LETTERS_SETTLED, "outcome" => outcome.as_str()).increment(0);
+        }
+        let mut delay = Duration::from_millis(200);
+        while !stop.is_cancelled() {
+            match self.clone().consume(&stop, &mut delay).await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!(error = format!("{e:#}"), retry_in = ?delay, "dead-letter consumer lost the broker; reconnecting");
+                    tokio::select! {
+                        () = stop.cancelled() => break,
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    async fn consume(
+        self: Arc<Self>,
+        stop: &CancellationToken,
+        delay: &mut Duration,
+    ) -> anyhow::Result<()> {
+        let conn = amqp::connect(self.amqp_url.expose(), Duration::from_secs(5)).await?;
+        let ch = conn.create_channel().await?;
+        self.topology
+            .declare(&ch)
+            .await
+            .context("declaring the topology")?;
+        ch.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
+        let queue = self.topology.dead_status_queue();
+        let mut consumer = ch
+            .basic_consume(
+                queue.clone().into(),
+                format!("auditor-{}", std::process::id()).into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        *delay = Duration::from_millis(200);
+        tracing::info!(queue, "consuming dead letters");
+        let mut tasks = JoinSet::new();
+        let result = loop {
+            while tasks.try_join_next().is_some() {}
+            let next = tokio::select! {
+                () = stop.cancelled() => break Ok(()),
+                d = consumer.next() => d,
+            };
+            let delivery = match next {
+                Some(Ok(d)) => d,
+                Some(Err(e)) => break Err(e.into()),
+                None => break Err(anyhow::anyhow!("consumer stream ended")),
+            };
+            let me = self.clone();
+            let stop = stop.clone();
+            tasks.spawn(async move {
+                let letter = Letter::read(&delivery.data, &delivery.properties);
+                // `None`: shutting down before the record was written; the broker delivers
+                // the message again (to this auditor's successor or another one).
+                let Some(settled) = me.settle(&letter, &stop).await else {
+                    return;
+                };
+                metrics::counter!(m::DEAD_LETTERS_SETTLED, "outcome" => settled.as_str())
+                    .increment(1);
+                if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
+                    tracing::warn!(error = %e, "cannot ack a dead letter; it will be delivered again");
+                }
+            });
+        };
+        // Unacked deliveries go back to the queue with the connection; settling is idempotent.
+        tasks.abort_all();
+        let _ = conn.close(200, "auditor stopping".into()).await;
+        result
+    }
+
+    /// Records `letter`'s request as dead, retrying while the database is away or while the
+    /// request still has an unfinished transaction. `None` when `stop` came first.
+    async fn settle(&self, letter: &Letter, stop: &CancellationToken) -> Option<Settled> {
+        let Some(id) = letter.request_id.as_deref() else {
+            tracing::warn!(
+                reason = letter.reason,
+                "a dead letter without a request id; ignored"
+            );
+            return Some(Settled::UnknownRequest);
+        };
+        let mut retry = Duration::from_millis(500);
+        loop {
+            let wait = match self.mark_dead(id, letter).await {
+                Ok(Some(settled)) => {
+                    match settled {
+                        Settled::MarkedDead => tracing::warn!(
+                            request_id = id,
+                            reason = letter.reason,
+                            "request is dead: its message was dead-lettered"
+                        ),
+                        Settled::NotQueued => tracing::info!(
+                            request_id = id,
+                            reason = letter.reason,
+                            "dead letter of a request that is not queued; kept for operators only"
+                        ),
+                        Settled::UnknownRequest => tracing::warn!(
+                            request_id = id,
+                            reason = letter.reason,
+                            "dead letter of an unknown request; ignored"
+                        ),
+                        Settled::Mismatch => tracing::warn!(
+                            request_id = id,
+                            reason = letter.reason,
+                            "dead letter names a request but is not its message; ignored"
+                        ),
+                    }
+                    return Some(settled);
+                }
+                Ok(None) => {
+                    tracing::debug!(
+                        request_id = id,
+                        "dead letter of a request with an unfinished transaction; waiting"
+                    );
+                    RECHECK
+                }
+                Err(e) => {
+                    tracing::warn!(request_id = id, error = format!("{e:#}"), retry_in = ?retry, "cannot record a dead request; retrying");
+                    let wait = retry;
+                    retry = (retry * 2).min(RETRY_MAX);
+                    wait
+                }
+            };
+            tokio::select! {
+                () = stop.cancelled() => return None,
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// One attempt, in one transaction. `Ok(None)`: the request has a transaction that is not
+    /// finished (running, or awaiting recovery), whose outcome would overwrite ours; look
+    /// again later.
+    async fn mark_dead(&self, id: &str, letter: &Letter) -> anyhow::Result<Option<Settled>> {
+        let body = letter.body.as_ref();
+        let field = |k: &str| body.and_then(|b| b.get(k)).and_then(Value::as_str);
+        if field("id").is_some_and(|body_id| body_id != id) {
+            return Ok(Some(Settled::Mismatch));
+        }
+        let input = body.map(|b| b.get("input").cloned().unwrap_or(Value::Null));
+        let mut client = self.pool.get().await.context("database")?;
+        let tx = client.transaction().await?;
+        // The row lock orders this against an engine opening a transaction for the request:
+        // either that transaction is visible to the check below, or the engine finds the
+        // request dead and opens nothing.
+        let Some(row) = tx
+            .query_opt(
+                "SELECT status, namespace, procedure, \
+                        coalesce(namespace = $2 AND procedure = $3 AND input = $4, false) \
+                 FROM requests WHERE id = $1 FOR UPDATE",
+                &[&id, &field("namespace"), &field("procedure"), &input],
+            )
+            .await?
+        else {
+            return Ok(Some(Settled::UnknownRequest));
+        };
+        let (status, namespace, procedure, matches): (String, String, String, bool) =
+            (row.get(0), row.get(1), row.get(2), row.get(3));
+        if !matches {
+            return Ok(Some(Settled::Mismatch));
+        }
+        if !matches!(status.as_str(), "queued" | "running") {
+            return Ok(Some(Settled::NotQueued));
+        }
+        let unfinished: bool = tx
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM transactions WHERE request_id = $1 \
+                   AND status IN ('running', 'prepared', 'committing', 'rolling_back'))",
+                &[&id],
+            )
+            .await?
+            .get(0);
+        if unfinished {
+            return Ok(None);
+        }
+        tx.execute(
+            "UPDATE requests SET status = 'dead', error = $2, finished_at = now() WHERE id = $1",
+            &[&id, &letter.error()],
+        )
+        .await?;
+        tx.commit().await?;
+        metrics::counter!(m::REQUESTS_FINISHED, "namespace" => namespace, "procedure" => procedure, "status" => "dead")
+            .increment(1);
+        Ok(Some(Settled::MarkedDead))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::types::{FieldArray, LongString};
+
+    fn headers(pairs: &[(&str, AMQPValue)]) -> FieldTable {
+        let mut t = FieldTable::default();
+        for (k, v) in pairs {
+            t.insert((*k).into(), v.clone());
+        }
+        t
+    }
+
+    fn text(s: &str) -> AMQPValue {
+        AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
+    }
+
+    #[test]
+    fn an_engine_dead_letter_gives_the_engine_reason() {
+        let props = BasicProperties::default()
+            .with_message_id("r-1".into())
+            .with_headers(headers(&[
+                ("x-provisio-reason", text("unauthenticated")),
+                (
+                    "x-provisio-error",
+                    text("envelope signature does not verify"),
+                ),
+            ]));
+        let l = Letter::read(br#"{"id": "r-1"}"#, &props);
+        assert_eq!(l.request_id.as_deref(), Some("r-1"));
+        assert_eq!(l.reason, "unauthenticated");
+        assert_eq!(l.error()["code"], "dead_lettered");
+        assert_eq!(l.error()["reason"], "unauthenticated");
+        assert!(
+            l.message.contains("signature does not verify"),
+            "{}",
+            l.message
+        );
+    }
+
+    #[test]
+    fn a_broker_dead_letter_gives_the_death_reason_and_queue() {
+        let props = BasicProperties::default()
+            .with_message_id("r-2".into())
+            .with_headers(headers(&[
+                ("x-first-death-reason", text("delivery_limit")),
+                ("x-first-death-queue", text("p.requests.normal")),
+            ]));
+        let l = Letter::read(b"{}", &props);
+        assert_eq!(l.reason, "delivery_limit");
+        assert!(l.message.contains("p.requests.normal"), "{}", l.message);
+    }
+
+    #[test]
+    fn without_first_death_headers_the_oldest_x_death_entry_counts() {
+        let death = |reason: &str, queue: &str| {
+            AMQPValue::FieldTable(headers(&[("reason", text(reason)), ("queue", text(queue))]))
+        };
+        let deaths = FieldArray::from(vec![death("rejected", "q2"), death("delivery_limit", "q1")]);
+        let props = BasicProperties::default()
+            .with_headers(headers(&[("x-death", AMQPValue::FieldArray(deaths))]));
+        let l = Letter::read(br#"{"id": "from-body"}"#, &props);
+        assert_eq!(l.reason, "delivery_limit");
+        assert_eq!(
+            l.request_id.as_deref(),
+            Some("from-body"),
+            "no message_id: the envelope's id"
+        );
+    }
+
+    #[test]
+    fn a_letter_with_neither_id_nor_reason_is_still_read() {
+        let l = Letter::read(b"not json", &BasicProperties::default());
+        assert_eq!(l.request_id, None);
+        assert_eq!(l.reason, "unknown");
+        assert_eq!(l.body, None);
+    }
+}
