@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use deadpool_postgres::Pool;
+use futures_util::future::BoxFuture;
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
@@ -25,6 +26,22 @@ pub enum LogError {
     /// owner) took it over, or it is already finished. Nothing was written.
     #[error("transaction {0} is no longer owned by this engine")]
     Fenced(Uuid),
+    /// The transaction's log server stopped answering for longer than the timeout and is on
+    /// the bad-server list: the run rolls back what it did and the request moves elsewhere.
+    #[error("{0}")]
+    Bad(String),
+}
+
+/// Where a run's records go: one server's group-commit writer, directly or through the
+/// server's health tracking (retried until the server answers or is declared bad).
+pub trait LogSink: Send + Sync {
+    fn write_record(&self, record: Record) -> BoxFuture<'_, Result<Reply, LogError>>;
+}
+
+impl LogSink for TxLog {
+    fn write_record(&self, record: Record) -> BoxFuture<'_, Result<Reply, LogError>> {
+        Box::pin(self.write(record))
+    }
 }
 
 /// A transaction's opening: the row recovery looks for, and the request marked running.

@@ -22,7 +22,7 @@ use serde_json::{Map, Value, json};
 use uuid::Uuid;
 
 use crate::providers::Registry;
-use crate::txlog::{LogError, Record, StepRecord, TxLog};
+use crate::txlog::{LogError, LogSink, Record, StepRecord};
 
 /// Nested `procedure` steps deeper than this fail (cycles are rejected at apply time; this
 /// bounds cross-namespace chains that validation cannot see whole).
@@ -57,6 +57,7 @@ impl From<LogError> for Failure {
     fn from(e: LogError) -> Self {
         let code = match e {
             LogError::Fenced(_) => FENCED,
+            LogError::Bad(_) => SERVER_BAD,
             LogError::Unavailable(_) | LogError::Stopped => "txlog_unavailable",
         };
         Self {
@@ -70,6 +71,11 @@ impl From<LogError> for Failure {
 /// The failure code of a run that lost its transaction (lease expired, recovery took over):
 /// it must stop at once, roll back nothing that is logged, and write no outcome.
 pub const FENCED: &str = "fenced";
+
+/// The failure code of a run whose log server went on the bad-server list: it undoes every
+/// call it made (nobody else can, while the server is away) and the request moves to another
+/// server.
+pub const SERVER_BAD: &str = "txlog_server_bad";
 
 /// A completed call that rollback may have to undo.
 #[derive(Debug, Clone)]
@@ -149,6 +155,9 @@ pub struct Outcome {
     pub not_undone: Vec<Value>,
     /// The transaction was taken from this engine: write no outcome; the request runs again.
     pub fenced: bool,
+    /// The transaction's log server went bad and every call was undone: the request is to run
+    /// again on another server.
+    pub rerouted: bool,
     /// Step records not yet written; they go into the outcome's commit.
     pub pending: Vec<StepRecord>,
     /// Completed calls whose records are only in `pending`: to undo if the outcome is fenced.
@@ -160,7 +169,7 @@ pub struct Run<'a> {
     pub tx_id: Uuid,
     pub model: TxModel,
     pub registry: &'a Registry,
-    pub txlog: &'a TxLog,
+    pub txlog: &'a dyn LogSink,
     pub namespaces: &'a NamespaceCache,
     pub principal: Option<PrincipalRef>,
     pub credentials: Option<Value>,
@@ -196,7 +205,7 @@ impl<'a> Run<'a> {
         owner: Arc<str>,
         model: TxModel,
         registry: &'a Registry,
-        txlog: &'a TxLog,
+        txlog: &'a dyn LogSink,
         namespaces: &'a NamespaceCache,
         principal: Option<PrincipalRef>,
         credentials: Option<Value>,
@@ -273,7 +282,8 @@ impl<'a> Run<'a> {
             }
         }
         let fenced = |r: &Result<Value, Failure>| r.as_ref().is_err_and(|f| f.code == FENCED);
-        if result.is_err() && self.model != TxModel::Read && !fenced(&result) {
+        let bad = |r: &Result<Value, Failure>| r.as_ref().is_err_and(|f| f.code == SERVER_BAD);
+        if result.is_err() && self.model != TxModel::Read && !fenced(&result) && !bad(&result) {
             match self.rollback_to(0).await {
                 Ok((n, failed)) => {
                     rolled_back = n;
@@ -282,15 +292,30 @@ impl<'a> Run<'a> {
                         not_undone = failed;
                     }
                 }
-                Err(f) if f.code == FENCED => result = Err(f),
+                Err(f) if f.code == FENCED || f.code == SERVER_BAD => result = Err(f),
                 Err(_) => rollback_failed = true,
             }
             if self.model == TxModel::TwoPhase
                 && !fenced(&result)
+                && !bad(&result)
                 && !self.abort_participants().await
             {
                 rollback_failed = true;
             }
+        }
+        if bad(&result) {
+            // The log server is gone for now: nobody else can undo these calls until it is
+            // back, so this engine undoes all of them (recovery may repeat the logged ones
+            // later; rollbacks are idempotent), and the request is run again elsewhere.
+            let all = std::mem::take(&mut self.completed);
+            self.logged = 0;
+            let failed = compensate_unlogged(self.registry, self.tx_id, &all).await;
+            if self.model == TxModel::TwoPhase {
+                self.abort_participants().await;
+            }
+            let mut o = self.outcome(result, !failed.is_empty(), all.len() - failed.len(), Vec::new(), false);
+            o.rerouted = failed.is_empty();
+            return o;
         }
         if fenced(&result) {
             // Recovery owns the transaction now and undoes what the log shows; what only this
@@ -324,6 +349,7 @@ impl<'a> Run<'a> {
             rolled_back,
             not_undone,
             fenced,
+            rerouted: false,
             pending: std::mem::take(&mut self.pending),
             unlogged,
             summary: std::mem::take(&mut self.summary),
@@ -647,7 +673,7 @@ impl<'a> Run<'a> {
             }
         }
         self.txlog
-            .write(Record::Status {
+            .write_record(Record::Status {
                 tx_id: self.tx_id,
                 status: "prepared",
                 owner: self.owner.clone(),
@@ -660,7 +686,7 @@ impl<'a> Run<'a> {
         }
         // The decision. Once durable, every participant must commit, whatever happens.
         self.txlog
-            .write(Record::Status {
+            .write_record(Record::Status {
                 tx_id: self.tx_id,
                 status: "committing",
                 owner: self.owner.clone(),
@@ -716,7 +742,7 @@ impl<'a> Run<'a> {
             return Ok(());
         }
         let records = std::mem::take(&mut self.pending);
-        self.txlog.write(Record::Steps(records)).await?;
+        self.txlog.write_record(Record::Steps(records)).await?;
         self.logged = self.completed.len();
         Ok(())
     }
@@ -915,7 +941,7 @@ impl<'a> Run<'a> {
             let mut rec = self.step_record("rollback", &c.path, &c.provider, &c.action);
             rec.input = Some(c.data.clone());
             rec.error.clone_from(&error);
-            self.txlog.write(Record::Steps(vec![rec])).await?;
+            self.txlog.write_record(Record::Steps(vec![rec])).await?;
             if let Err(e) = r {
                 tracing::error!(path = %c.path, error = %e, "rollback failed; going on with the older steps");
                 failed.push(json!({"path": c.path, "provider": c.provider, "action": c.action, "error": error}));
