@@ -2,6 +2,7 @@
 
 pub mod audit;
 pub mod engine;
+pub mod logservers;
 pub mod providers;
 pub mod recovery;
 pub mod txlog;
