@@ -26,6 +26,12 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::api::ApiError;
 
+/// How long a request whose publish is in doubt (sent, confirm lost) waits before the
+/// scheduler publishes it again. If the first message did reach the queue, an engine has
+/// normally started it by then (and the scheduler leaves it alone); a longer wait means fewer
+/// duplicate messages behind a backlog, a shorter one less delay when the first was lost.
+const IN_DOUBT_REPUBLISH_AFTER: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// A validated request, ready to be made durable.
 pub struct Submission {
     pub body_hash: String,
@@ -344,9 +350,19 @@ async fn run_batch(ctx: &Ctx, mut subs: Vec<Submission>) -> Result<Vec<Accepted>
     metrics::histogram!(provisio_shared::metrics::PUBLISH_DURATION)
         .record(started.elapsed().as_secs_f64());
     let mut failed: Vec<&str> = Vec::new();
+    let mut in_doubt: Vec<usize> = Vec::new();
     for (i, r) in results {
         match r {
             Ok(()) => answers[i] = Some(Ok("queued".to_owned())),
+            // The broker may have the message: refusing would be a 503 for a request that
+            // runs. Keep the row instead, as a scheduled request the scheduler publishes
+            // unless an engine has started it by then: accepted either way.
+            Err(e) if e.may_have_been_published() => {
+                tracing::warn!(request_id = %subs[i].envelope.id, error = %e,
+                    "publish in doubt; accepted, republished later unless an engine starts it");
+                in_doubt.push(i);
+                answers[i] = Some(Ok("queued".to_owned()));
+            }
             Err(e) => {
                 failed.push(subs[i].envelope.id.as_str());
                 answers[i] = Some(Err(ApiError::Unavailable(format!(
@@ -371,7 +387,29 @@ async fn run_batch(ctx: &Ctx, mut subs: Vec<Submission>) -> Result<Vec<Accepted>
             .await
             .map_err(ApiError::db)?;
     }
-    let broker_up = failed.is_empty();
+    if !in_doubt.is_empty() {
+        let ids: Vec<&str> = in_doubt
+            .iter()
+            .map(|&i| subs[i].envelope.id.as_str())
+            .collect();
+        let envelopes: Vec<Value> = in_doubt
+            .iter()
+            .map(|&i| {
+                serde_json::to_value(&subs[i].envelope)
+                    .map_err(|e| ApiError::Internal(e.to_string()))
+            })
+            .collect::<Result<_, _>>()?;
+        tx.execute(
+            "UPDATE requests SET status = 'scheduled', envelope = u.envelope, \
+                    not_before = now() + make_interval(secs => $3) \
+             FROM unnest($1::text[], $2::jsonb[]) AS u(id, envelope) \
+             WHERE requests.id = u.id AND requests.status = 'queued'",
+            &[&ids, &envelopes, &IN_DOUBT_REPUBLISH_AFTER.as_secs_f64()],
+        )
+        .await
+        .map_err(ApiError::db)?;
+    }
+    let broker_up = failed.is_empty() && in_doubt.is_empty();
     metrics::gauge!(provisio_shared::metrics::BROKER_UP).set(if broker_up { 1.0 } else { 0.0 });
     ctx.ready.set(broker_up);
     tx.commit().await.map_err(ApiError::db)?;

@@ -21,12 +21,24 @@ pub enum AmqpError {
     Unavailable(String),
     #[error("broker did not confirm within {0:?}")]
     ConfirmTimeout(Duration),
+    /// The message was handed to the broker, then the connection failed before its confirm:
+    /// it may or may not be queued.
+    #[error("broker connection failed before the confirm (the message may be queued): {0}")]
+    InDoubt(#[source] lapin::Error),
     #[error("broker refused the message (nack)")]
     Nacked,
     #[error("message was unroutable: {0}")]
     Unroutable(String),
     #[error(transparent)]
     Lapin(#[from] lapin::Error),
+}
+
+impl AmqpError {
+    /// Whether a failed publish may nevertheless have queued the message: it was sent, and
+    /// no answer came. Every other error means the broker does not have it.
+    pub fn may_have_been_published(&self) -> bool {
+        matches!(self, Self::InDoubt(_) | Self::ConfirmTimeout(_))
+    }
 }
 
 /// Every exchange and queue name, derived from the prefix.
@@ -293,7 +305,10 @@ impl Publisher {
         let result = self.publish_on(&live, msg).await;
         if matches!(
             result,
-            Err(AmqpError::Lapin(_) | AmqpError::ConfirmTimeout(_) | AmqpError::Unavailable(_))
+            Err(AmqpError::Lapin(_)
+                | AmqpError::InDoubt(_)
+                | AmqpError::ConfirmTimeout(_)
+                | AmqpError::Unavailable(_))
         ) {
             self.forget(&live).await;
         }
@@ -314,9 +329,12 @@ impl Publisher {
                 msg.properties.with_delivery_mode(2),
             )
             .await?;
+        // `basic_publish` returned once the frames were written: from here on, a failure
+        // leaves the message's fate unknown.
         let confirmation = tokio::time::timeout(self.confirm_timeout, confirm)
             .await
-            .map_err(|_| AmqpError::ConfirmTimeout(self.confirm_timeout))??;
+            .map_err(|_| AmqpError::ConfirmTimeout(self.confirm_timeout))?
+            .map_err(AmqpError::InDoubt)?;
         if confirmation.is_nack() {
             return Err(AmqpError::Nacked);
         }

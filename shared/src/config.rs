@@ -87,12 +87,16 @@ pub struct DatabaseConfig {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct TxLogConfig {
-    /// Transaction-log servers. Empty means: the configuration database.
+    /// Transaction-log servers. Empty means: the configuration database. From the
+    /// environment either as a list (`[url1, url2]`) or as one comma-separated string.
+    #[serde(deserialize_with = "list_or_commas")]
     pub servers: Vec<Secret>,
     /// MPF's "Transaction Log Pool Size": connections per server per engine.
     pub pool_size: usize,
     /// MPF's "Tran Log Timeout": how long a silent server is retried before it is marked bad.
     pub timeout_seconds: u64,
+    /// How often servers on the bad-server list (or failing) are tried again.
+    pub probe_interval_ms: u64,
     /// Largest number of log records committed together by the group-commit writer.
     pub max_batch: usize,
     /// Batches committed concurrently per server.
@@ -377,6 +381,7 @@ impl Default for TxLogConfig {
             servers: Vec::new(),
             pool_size: 100,
             timeout_seconds: 300,
+            probe_interval_ms: 5000,
             max_batch: 256,
             writers: 4,
         }
@@ -426,6 +431,26 @@ impl Default for LogConfig {
             level: "info".to_owned(),
         }
     }
+}
+
+/// A list, or one string of comma-separated items: environment variables are strings, and
+/// `PROVISIO_TXLOG__SERVERS=url1,url2` is what operators type.
+fn list_or_commas<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Secret>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum ListOrString {
+        List(Vec<String>),
+        One(String),
+    }
+    Ok(match ListOrString::deserialize(d)? {
+        ListOrString::List(v) => v,
+        ListOrString::One(s) => s.split(',').map(str::to_owned).collect(),
+    }
+    .into_iter()
+    .map(|s| s.trim().to_owned())
+    .filter(|s| !s.is_empty())
+    .map(Secret::new)
+    .collect())
 }
 
 /// The configuration flags every binary takes, so that they layer configuration alike.
@@ -572,6 +597,15 @@ impl Config {
                 "txlog.max_batch and txlog.writers must be at least 1".into(),
             ));
         }
+        if self.txlog.pool_size == 0
+            || self.txlog.timeout_seconds == 0
+            || self.txlog.probe_interval_ms == 0
+        {
+            return Err(ConfigError::Invalid(
+                "txlog.pool_size, txlog.timeout_seconds and txlog.probe_interval_ms must be at least 1"
+                    .into(),
+            ));
+        }
         for (name, svc) in &self.providers.http.services {
             if !(svc.base_url.starts_with("http://") || svc.base_url.starts_with("https://")) {
                 return Err(ConfigError::Invalid(format!(
@@ -685,6 +719,49 @@ mod tests {
             jail.set_env("PROVISIO_SECURITY__SIGNING_KEY_FILE", "key");
             let cfg = Config::load(None).expect("loads");
             assert_eq!(cfg.security.signing_key.expose(), "s3cret");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn txlog_servers_come_from_the_environment_as_a_list_or_commas() {
+        Jail::expect_with(|jail| {
+            jail.set_env(
+                "PROVISIO_TXLOG__SERVERS",
+                "[postgres://a:5432/x, \"postgres://b/y\"]",
+            );
+            let cfg = Config::load(None).expect("loads");
+            let got: Vec<&str> = cfg.txlog.servers.iter().map(Secret::expose).collect();
+            assert_eq!(got, ["postgres://a:5432/x", "postgres://b/y"]);
+            jail.set_env(
+                "PROVISIO_TXLOG__SERVERS",
+                "postgres://u:pw@10.0.0.1:5432/x, postgres://b/y",
+            );
+            let cfg = Config::load(None).expect("loads");
+            let got: Vec<&str> = cfg.txlog.servers.iter().map(Secret::expose).collect();
+            assert_eq!(got, ["postgres://u:pw@10.0.0.1:5432/x", "postgres://b/y"]);
+            assert!(!cfg.to_masked_toml().contains("pw@"));
+            jail.set_env("PROVISIO_TXLOG__SERVERS", "postgres://only/one");
+            let cfg = Config::load(None).expect("loads");
+            assert_eq!(cfg.txlog_servers().len(), 1);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn txlog_sizes_and_timeouts_must_be_positive() {
+        Jail::expect_with(|jail| {
+            for key in [
+                "PROVISIO_TXLOG__POOL_SIZE",
+                "PROVISIO_TXLOG__TIMEOUT_SECONDS",
+                "PROVISIO_TXLOG__PROBE_INTERVAL_MS",
+            ] {
+                jail.set_env(key, "0");
+                let err = Config::load(None).expect_err(key);
+                assert!(err.to_string().contains("at least 1"), "{err}");
+                jail.set_env(key, "1");
+            }
+            assert!(Config::load(None).is_ok());
             Ok(())
         });
     }

@@ -21,6 +21,7 @@ pub const TXLOG_BATCH_SIZE: &str = "provisio_txlog_batch_records";
 pub const TXLOG_COMMIT_DURATION: &str = "provisio_txlog_commit_duration_seconds";
 pub const TXLOG_POOL_IN_USE: &str = "provisio_txlog_pool_connections_in_use";
 pub const TXLOG_BAD_SERVERS: &str = "provisio_txlog_bad_servers";
+pub const TXLOG_SERVER_UP: &str = "provisio_txlog_server_up";
 pub const IN_DOUBT: &str = "provisio_in_doubt_transactions";
 pub const PROVIDER_CALLS: &str = "provisio_provider_calls_total";
 pub const PROVIDER_INFLIGHT: &str = "provisio_provider_inflight_calls";
@@ -119,6 +120,11 @@ pub fn describe() {
         TXLOG_BAD_SERVERS,
         Unit::Count,
         "Transaction-log servers currently on the bad-server list."
+    );
+    describe_gauge!(
+        TXLOG_SERVER_UP,
+        Unit::Count,
+        "0 while a transaction-log server is on the bad-server list, else 1, by server."
     );
     describe_gauge!(
         IN_DOUBT,

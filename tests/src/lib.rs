@@ -159,13 +159,15 @@ impl TestEnv {
     ) -> anyhow::Result<Proc> {
         let logs = target_dir().join("e2e-logs");
         std::fs::create_dir_all(&logs)?;
-        let n = std::sync::atomic::AtomicUsize::new(0);
+        // One file per process started, even for several of the same binary in one test.
+        static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let log = logs.join(format!(
-            "{}-{}-{}-{}.log",
+            "{}-{}-{}-{}-{}.log",
             self.name,
             bin,
             self.prefix,
-            n.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + std::process::id() as usize
+            std::process::id(),
+            STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
         let log_file = std::fs::OpenOptions::new()
             .create(true)

@@ -5,6 +5,7 @@ pub mod audit;
 pub mod auditor;
 pub mod dead;
 pub mod engine;
+pub mod logservers;
 pub mod providers;
 pub mod recovery;
 pub mod txlog;

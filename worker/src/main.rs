@@ -48,6 +48,14 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     };
     telemetry::init_tracing(&cfg.log);
+    // Engines, recovery and the audit sweep all read the log from the configuration database
+    // today; a separate log server would be written but never recovered or swept.
+    if cfg.txlog.servers.iter().any(|s| *s != cfg.database.url) {
+        bail!(
+            "txlog.servers with more than the configuration database is not supported yet \
+             (leave it empty: the transaction log is then kept in the configuration database)"
+        );
+    }
     if cli.role == Role::Engine && cfg.security.signing_key.is_empty() {
         bail!(
             "security.signing_key is required (set PROVISIO_SIGNING_KEY or security.signing_key_file)"
@@ -66,17 +74,15 @@ async fn main() -> anyhow::Result<()> {
             .context("migrating a transaction-log server")?;
     }
     let pool = db::pool(&cfg.database.url, cfg.database.pool_size).context("database pool")?;
-    // One transaction-log server for now; see docs/transaction-log.md.
+    // One transaction-log server for now (the configuration database, checked above).
     let txlog_url = servers
         .first()
         .cloned()
         .context("no transaction-log server")?;
-    // The log writer's statements join `unnest`ed arrays to rows by primary key. A generic
-    // plan may estimate a scan of the whole table cheaper; on these sessions it never is.
     let txlog_pool = db::pool_with_options(
         &txlog_url,
         cfg.txlog.pool_size,
-        Some("-c enable_seqscan=off -c enable_hashjoin=off -c enable_mergejoin=off"),
+        Some(provisio_worker::logservers::SESSION_OPTIONS),
     )
     .context("transaction-log pool")?;
     let txlog = TxLog::start(txlog_pool, cfg.txlog.max_batch, cfg.txlog.writers);
