@@ -6,6 +6,8 @@
 
 use anyhow::Context;
 use deadpool_postgres::Pool;
+
+use crate::logservers::LogServers;
 use provisio_shared::config::{AuditLevel, AuditorConfig};
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -58,20 +60,51 @@ pub struct SweepReport {
 }
 
 /// Sweeps until the log holds no more sweepable transactions (or `max_batches` batches).
+/// `pool` holds the audit tables (the configuration database); `logs` are the transaction-log
+/// servers, swept one after the other (a server that does not answer is skipped this time).
 pub async fn sweep(
     pool: &Pool,
+    logs: &LogServers,
+    separate: bool,
     cfg: &AuditorConfig,
     max_batches: usize,
 ) -> anyhow::Result<SweepReport> {
     let mut report = SweepReport::default();
+    for server in logs.servers() {
+        if server.is_bad() {
+            continue;
+        }
+        let audit = separate.then_some(pool);
+        if let Err(e) = sweep_server(server.pool(), audit, cfg, max_batches, &mut report).await {
+            tracing::warn!(server = server.name(), error = %e, "audit sweep of a log server failed");
+        }
+    }
+    expire(pool, cfg, &mut report).await?;
+    let total = report.swept as u64;
+    metrics::counter!(provisio_shared::metrics::AUDIT_ROWS_SWEPT).increment(total);
+    Ok(report)
+}
+
+async fn sweep_server(
+    log: &Pool,
+    audit: Option<&Pool>,
+    cfg: &AuditorConfig,
+    max_batches: usize,
+    report: &mut SweepReport,
+) -> anyhow::Result<()> {
     for _ in 0..max_batches.max(1) {
-        let (swept, audited) = sweep_batch(pool, cfg).await?;
+        let (swept, audited) = sweep_batch(log, audit, cfg).await?;
         report.swept += swept;
         report.audited += audited;
         if swept < usize::try_from(cfg.sweep_batch).unwrap_or(usize::MAX) {
             break;
         }
     }
+    Ok(())
+}
+
+/// Retention: audit rows older than the period go.
+async fn expire(pool: &Pool, cfg: &AuditorConfig, report: &mut SweepReport) -> anyhow::Result<()> {
     if cfg.retention_days > 0 {
         let client = pool.get().await.context("database")?;
         report.expired = client
@@ -85,15 +118,29 @@ pub async fn sweep(
             )
             .await?;
     }
-    let total = report.swept as u64;
-    metrics::counter!(provisio_shared::metrics::AUDIT_ROWS_SWEPT).increment(total);
-    Ok(report)
+    Ok(())
 }
 
-async fn sweep_batch(pool: &Pool, cfg: &AuditorConfig) -> anyhow::Result<(usize, usize)> {
+/// One batch of one log server. When the audit tables live elsewhere (`audit`), the audit rows
+/// commit there before the log rows are deleted: a crash in between sweeps the batch again,
+/// and the audit inserts ignore rows already there.
+async fn sweep_batch(
+    pool: &Pool,
+    audit: Option<&Pool>,
+    cfg: &AuditorConfig,
+) -> anyhow::Result<(usize, usize)> {
     let level = &cfg.audit_level;
     let mut client = pool.get().await.context("database")?;
     let tx = client.transaction().await?;
+    let mut audit_client = match audit {
+        Some(p) => Some(p.get().await.context("audit database")?),
+        None => None,
+    };
+    let atx = match audit_client.as_mut() {
+        Some(c) => Some(c.transaction().await?),
+        None => None,
+    };
+    let w = atx.as_ref().unwrap_or(&tx);
     let rows = tx
         .query(
             "SELECT id, request_id, namespace, procedure, status, audit, error, output, started_at, finished_at \
@@ -138,6 +185,7 @@ async fn sweep_batch(pool: &Pool, cfg: &AuditorConfig) -> anyhow::Result<(usize,
         let data = if level.all_transaction_data {
             let list: Vec<Value> = my_steps
                 .iter()
+                .filter(|s| s.get::<_, String>(2) != "intent")
                 .map(|s| json!({"seq": s.get::<_, i32>(1), "kind": s.get::<_, String>(2), "path": s.get::<_, String>(3),
                                 "provider": s.get::<_, Option<String>>(4), "action": s.get::<_, Option<String>>(5)}))
                 .collect();
@@ -147,7 +195,7 @@ async fn sweep_batch(pool: &Pool, cfg: &AuditorConfig) -> anyhow::Result<(usize,
         } else {
             None
         };
-        tx.execute(
+        w.execute(
             "INSERT INTO audit_transactions (tx_id, request_id, namespace, procedure, status, started_at, finished_at, data) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (tx_id) DO NOTHING",
             &[&id, &r.get::<_, String>(1), &namespace, &procedure, &t.status,
@@ -159,7 +207,7 @@ async fn sweep_batch(pool: &Pool, cfg: &AuditorConfig) -> anyhow::Result<(usize,
                 .iter()
                 .filter(|s| s.get::<_, String>(2) == "execute")
             {
-                tx.execute(
+                w.execute(
                     "INSERT INTO audit_procedures (tx_id, step_number, namespace, procedure) VALUES ($1, $2, $3, $4) \
                      ON CONFLICT DO NOTHING",
                     &[&id, &s.get::<_, i32>(1), &namespace, &procedure],
@@ -169,7 +217,7 @@ async fn sweep_batch(pool: &Pool, cfg: &AuditorConfig) -> anyhow::Result<(usize,
         }
         if level.errors {
             if let Some(e) = &error {
-                insert_error(&tx, id, 0, "transaction", e).await?;
+                insert_error(w, id, 0, "transaction", e).await?;
             }
             for s in &my_steps {
                 if let Some(e) = s.get::<_, Option<Value>>(6) {
@@ -178,10 +226,13 @@ async fn sweep_batch(pool: &Pool, cfg: &AuditorConfig) -> anyhow::Result<(usize,
                         s.get::<_, Option<String>>(4).unwrap_or_default(),
                         s.get::<_, String>(3)
                     );
-                    insert_error(&tx, id, s.get::<_, i32>(1), &source, &e).await?;
+                    insert_error(w, id, s.get::<_, i32>(1), &source, &e).await?;
                 }
             }
         }
+    }
+    if let Some(a) = atx {
+        a.commit().await?;
     }
     tx.execute("DELETE FROM transactions WHERE id = ANY($1)", &[&ids])
         .await?;

@@ -214,7 +214,13 @@ impl Auditor {
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "recovery pass failed"),
             }
-            match crate::audit::sweep(&self.pool, &self.cfg.auditor, 20).await {
+            match crate::audit::sweep(
+                &self.pool,
+                &self.recovery.servers,
+                self.recovery.separate,
+                &self.cfg.auditor,
+                20,
+            ).await {
                 Ok(r) if r.swept > 0 || r.expired > 0 => tracing::info!(?r, "audit sweep"),
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "audit sweep failed"),

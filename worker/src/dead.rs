@@ -337,7 +337,9 @@ impl DeadLetters {
             )
             .await?
             .get(0);
-        if unfinished {
+        // `running`: an attempt holds the request (with separate log servers its transaction
+        // is not in this database); it ends queued (recovered) or final, and then we decide.
+        if unfinished || status == "running" {
             return Ok(None);
         }
         tx.execute(

@@ -6,6 +6,7 @@ pub mod auditor;
 pub mod dead;
 pub mod engine;
 pub mod logservers;
+pub mod logset;
 pub mod providers;
 pub mod recovery;
 pub mod txlog;

@@ -12,7 +12,8 @@ use provisio_shared::{db, shutdown};
 use provisio_worker::engine::Engine;
 use provisio_worker::providers;
 use provisio_worker::recovery::Recovery;
-use provisio_worker::txlog::TxLog;
+use provisio_worker::logservers::LogServers;
+use provisio_worker::logset::LogSet;
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
 enum Role {
@@ -48,14 +49,6 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     };
     telemetry::init_tracing(&cfg.log);
-    // Engines, recovery and the audit sweep all read the log from the configuration database
-    // today; a separate log server would be written but never recovered or swept.
-    if cfg.txlog.servers.iter().any(|s| *s != cfg.database.url) {
-        bail!(
-            "txlog.servers with more than the configuration database is not supported yet \
-             (leave it empty: the transaction log is then kept in the configuration database)"
-        );
-    }
     if cli.role == Role::Engine && cfg.security.signing_key.is_empty() {
         bail!(
             "security.signing_key is required (set PROVISIO_SIGNING_KEY or security.signing_key_file)"
@@ -74,18 +67,13 @@ async fn main() -> anyhow::Result<()> {
             .context("migrating a transaction-log server")?;
     }
     let pool = db::pool(&cfg.database.url, cfg.database.pool_size).context("database pool")?;
-    // One transaction-log server for now (the configuration database, checked above).
-    let txlog_url = servers
-        .first()
-        .cloned()
-        .context("no transaction-log server")?;
-    let txlog_pool = db::pool_with_options(
-        &txlog_url,
-        cfg.txlog.pool_size,
-        Some(provisio_worker::logservers::SESSION_OPTIONS),
-    )
-    .context("transaction-log pool")?;
-    let txlog = TxLog::start(txlog_pool, cfg.txlog.max_batch, cfg.txlog.writers);
+    // The transaction-log servers (the configuration database alone by default), each with its
+    // own pool, health and bad-server list; a probe takes a listed server back when it answers.
+    let separate = LogSet::is_separate(&cfg);
+    let servers = Arc::new(LogServers::from_config(&cfg).context("transaction-log servers")?);
+    let stop = shutdown::token_on_signal();
+    let _probe = servers.spawn_probe(stop.clone());
+    let log = Arc::new(LogSet::start(servers.clone(), separate, &cfg));
 
     let built = providers::build(&cfg, &pool).context("building providers")?;
     providers::define_pools(&cfg, &pool)
@@ -94,6 +82,8 @@ async fn main() -> anyhow::Result<()> {
         .context("defining resource pools")?;
     let recovery = Arc::new(Recovery {
         pool: pool.clone(),
+        servers,
+        separate,
         registry: built.registry.clone(),
         sql: built.sql.clone(),
         owner: format!("recovery-{}", uuid::Uuid::now_v7()),
@@ -109,7 +99,7 @@ async fn main() -> anyhow::Result<()> {
     let mut engine = Engine::new(
         cfg.clone(),
         pool.clone(),
-        txlog,
+        log,
         built.registry,
         NamespaceCache::new(pool, Box::new(StandardCatalog::from_config(&cfg))),
         publisher,
@@ -122,7 +112,6 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", cfg.engine.listen))?;
     let addr = listener.local_addr().context("local address")?;
-    let stop = shutdown::token_on_signal();
     let http_stop = stop.clone();
     let http = tokio::spawn(async move {
         let r = axum::serve(listener, telemetry::ops_router(metrics, ready))

@@ -18,8 +18,12 @@ use provisio_shared::retry::{Attempt, Backoff, retry};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
+use crate::logservers::LogServers;
 use crate::providers::Registry;
 use crate::providers::sql::SqlProvider;
+
+const SQL_FINISH_TX: &str = "UPDATE transactions SET status = $2, error = coalesce($3, error), finished_at = now(), lease_until = NULL \
+     WHERE id = $1 AND engine_id = $4 AND finished_at IS NULL";
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Report {
@@ -30,7 +34,12 @@ pub struct Report {
 }
 
 pub struct Recovery {
+    /// The configuration database (requests).
     pub pool: Pool,
+    /// The transaction-log servers (in the combined layout, the configuration database alone).
+    pub servers: Arc<LogServers>,
+    /// Whether the log servers are separate from the configuration database.
+    pub separate: bool,
     pub registry: Registry,
     pub sql: Option<Arc<SqlProvider>>,
     pub owner: String,
@@ -48,10 +57,37 @@ pub enum Resolved {
 }
 
 impl Recovery {
-    /// One pass: expired transactions, then orphaned prepared transactions.
+    fn server_pool(&self, server: usize) -> anyhow::Result<&Pool> {
+        self.servers
+            .server(server)
+            .map(crate::logservers::Server::pool)
+            .with_context(|| format!("no transaction-log server #{server}"))
+    }
+
+    /// One pass over every log server that answers: expired transactions, then orphaned
+    /// prepared transactions; the in-doubt gauge is set from what the servers hold.
     pub async fn run_once(&self) -> anyhow::Result<Report> {
         let mut report = Report::default();
-        let client = self.pool.get().await.context("database")?;
+        let mut in_doubt = 0;
+        for server in 0..self.servers.len() {
+            if self.servers.is_bad(server) {
+                continue;
+            }
+            match self.run_on(server, &mut report).await {
+                Ok(n) => in_doubt += n,
+                Err(e) => {
+                    let name = self.servers.server(server).map_or("", |s| s.name());
+                    tracing::warn!(server = name, error = %e, "recovery pass on a log server failed");
+                }
+            }
+        }
+        report.prepared_resolved = self.resolve_prepared().await?;
+        metrics::gauge!(provisio_shared::metrics::IN_DOUBT).set(in_doubt as f64);
+        Ok(report)
+    }
+
+    async fn run_on(&self, server: usize, report: &mut Report) -> anyhow::Result<i64> {
+        let client = self.server_pool(server)?.get().await.context("database")?;
         let rows = client
             .query(
                 "SELECT id FROM transactions WHERE finished_at IS NULL \
@@ -61,29 +97,26 @@ impl Recovery {
             .await?;
         drop(client);
         for row in rows {
-            match self.recover_tx(row.get(0)).await? {
+            match self.recover_tx(server, row.get(0)).await? {
                 Resolved::RolledBack => report.rolled_back += 1,
                 Resolved::Committed => report.committed += 1,
                 Resolved::InDoubt => report.in_doubt += 1,
                 Resolved::NotMine => {}
             }
         }
-        report.prepared_resolved = self.resolve_prepared().await?;
-        let client = self.pool.get().await.context("database")?;
-        let in_doubt: i64 = client
+        let client = self.server_pool(server)?.get().await.context("database")?;
+        Ok(client
             .query_one(
                 "SELECT count(*) FROM transactions WHERE status = 'in_doubt'",
                 &[],
             )
             .await?
-            .get(0);
-        metrics::gauge!(provisio_shared::metrics::IN_DOUBT).set(in_doubt as f64);
-        Ok(report)
+            .get(0))
     }
 
-    /// Claims transaction `tx_id` if its lease expired, then resolves it.
-    pub async fn recover_tx(&self, tx_id: Uuid) -> anyhow::Result<Resolved> {
-        let client = self.pool.get().await.context("database")?;
+    /// Claims transaction `tx_id` on log server `server` if its lease expired, then resolves it.
+    pub async fn recover_tx(&self, server: usize, tx_id: Uuid) -> anyhow::Result<Resolved> {
+        let client = self.server_pool(server)?.get().await.context("database")?;
         // The claim is the fence: from here on, the stalled engine's writes (conditional on
         // `engine_id`) fail, and so do those of any other recoverer.
         let claimed = client
@@ -99,6 +132,24 @@ impl Recovery {
         };
         let (request_id, status): (String, String) = (row.get(0), row.get(1));
         tracing::warn!(%tx_id, %request_id, %status, "recovering a transaction whose engine stopped");
+        if self.separate
+            && let Some(decided) = self.take_request(&request_id, tx_id).await?
+        {
+            // The engine decided the outcome in the request row before it could finish the
+            // transaction on its server: complete the transaction from that decision.
+            let tx_status = match decided.as_str() {
+                "succeeded" => "committed",
+                "in_doubt" => "in_doubt",
+                _ => "rolled_back",
+            };
+            self.finish_tx(server, tx_id, tx_status, None).await?;
+            tracing::info!(%tx_id, %request_id, %decided, "completed a transaction from its recorded outcome");
+            return Ok(if tx_status == "committed" {
+                Resolved::Committed
+            } else {
+                Resolved::RolledBack
+            });
+        }
         if status == "committing" {
             // The decision was logged: finish the commit.
             let ok = self.commit_two_phase(tx_id).await;
@@ -108,7 +159,7 @@ impl Recovery {
                 ("in_doubt", "in_doubt")
             };
             let error = (!ok).then(|| json!({"code": "commit_failed", "message": "recovery could not commit every participant"}));
-            self.finish(&request_id, tx_id, tx_status, req_status, error.as_ref())
+            self.finish(server, &request_id, tx_id, tx_status, req_status, error.as_ref())
                 .await?;
             return Ok(if ok {
                 Resolved::Committed
@@ -123,7 +174,7 @@ impl Recovery {
             )
             .await?;
         drop(client);
-        let not_undone = self.roll_back_logged(tx_id).await?;
+        let not_undone = self.roll_back_logged(server, tx_id).await?;
         let ok = not_undone.is_empty() && self.abort_two_phase(tx_id).await;
         let error = if ok {
             json!({"code": "engine_lost", "message": "the engine running this request stopped; its transaction was rolled back by recovery"})
@@ -138,14 +189,42 @@ impl Recovery {
         } else {
             ("in_doubt", "in_doubt")
         };
-        self.finish(&request_id, tx_id, tx_status, req_status, Some(&error))
+        self.finish(server, &request_id, tx_id, tx_status, req_status, Some(&error))
             .await?;
         metrics::counter!(provisio_shared::metrics::ROLLBACKS, "namespace" => "recovery", "procedure" => "recovery").increment(1);
+        metrics::counter!(provisio_shared::metrics::RECOVERED).increment(1);
         Ok(if ok {
             Resolved::RolledBack
         } else {
             Resolved::InDoubt
         })
+    }
+
+    /// Separate layout: takes the request's decision away from the engine of attempt `tx_id`
+    /// (`tx_owner` = this recoverer), unless that engine already decided: then returns the
+    /// status it recorded. A request whose current attempt is another one is left alone.
+    async fn take_request(&self, request_id: &str, tx_id: Uuid) -> anyhow::Result<Option<String>> {
+        let client = self.pool.get().await.context("database")?;
+        let taken = client
+            .execute(
+                "UPDATE requests SET tx_owner = $3 WHERE id = $1 AND current_tx = $2 AND status = 'running'",
+                &[&request_id, &tx_id, &self.owner],
+            )
+            .await?;
+        if taken == 1 {
+            return Ok(None);
+        }
+        let row = client
+            .query_opt(
+                "SELECT status FROM requests WHERE id = $1 AND current_tx = $2",
+                &[&request_id, &tx_id],
+            )
+            .await?;
+        // `queued`: released after the engine undid everything itself; rolling back again
+        // is harmless (rollbacks are idempotent) and covers an engine that died doing it.
+        Ok(row
+            .map(|r| r.get::<_, String>(0))
+            .filter(|s| s != "queued" && s != "running"))
     }
 
     /// Makes a request whose current attempt `tx` never finished runnable again: recovers the
@@ -156,22 +235,37 @@ impl Recovery {
         &self,
         request_id: &str,
         tx: Option<Uuid>,
+        server: usize,
     ) -> anyhow::Result<Resolved> {
         if let Some(tx_id) = tx {
-            let r = self.recover_tx(tx_id).await?;
+            let r = self.recover_tx(server, tx_id).await?;
             if r != Resolved::NotMine {
                 return Ok(r);
             }
         }
-        let client = self.pool.get().await.context("database")?;
-        client
-            .execute(
-                "UPDATE requests SET status = 'queued' WHERE id = $1 AND status = 'running' \
-                 AND current_tx IS NOT DISTINCT FROM $2 \
-                 AND NOT EXISTS (SELECT 1 FROM transactions t WHERE t.id = $2 AND t.finished_at IS NULL)",
-                &[&request_id, &tx],
-            )
-            .await?;
+        let unfinished = match tx {
+            Some(tx_id) => {
+                let client = self.server_pool(server)?.get().await.context("database")?;
+                client
+                    .query_opt(
+                        "SELECT 1 FROM transactions WHERE id = $1 AND finished_at IS NULL",
+                        &[&tx_id],
+                    )
+                    .await?
+                    .is_some()
+            }
+            None => false,
+        };
+        if !unfinished {
+            let client = self.pool.get().await.context("database")?;
+            client
+                .execute(
+                    "UPDATE requests SET status = 'queued' WHERE id = $1 AND status = 'running' \
+                     AND current_tx IS NOT DISTINCT FROM $2",
+                    &[&request_id, &tx],
+                )
+                .await?;
+        }
         Ok(Resolved::NotMine)
     }
 
@@ -182,8 +276,8 @@ impl Recovery {
     /// provider's `rollback_unknown`. A failed rollback does not stop the walk. Each rollback
     /// is logged, and renews the claim, while recovery still owns the transaction. Returns
     /// what could not be undone.
-    async fn roll_back_logged(&self, tx_id: Uuid) -> anyhow::Result<Vec<Value>> {
-        let client = self.pool.get().await.context("database")?;
+    async fn roll_back_logged(&self, server: usize, tx_id: Uuid) -> anyhow::Result<Vec<Value>> {
+        let client = self.server_pool(server)?.get().await.context("database")?;
         let rows = client
             .query("SELECT seq, kind, path, provider, action, input, rollback_data, error FROM tx_steps WHERE tx_id = $1 ORDER BY seq", &[&tx_id])
             .await?;
@@ -310,36 +404,61 @@ impl Recovery {
         }
     }
 
+    /// Writes recovery's outcome: the transaction, and the request while this attempt is
+    /// its current one (and, with separate log servers, while recovery holds its decision).
     async fn finish(
         &self,
+        server: usize,
         request_id: &str,
         tx_id: Uuid,
         tx_status: &str,
         req_status: &str,
         error: Option<&Value>,
     ) -> anyhow::Result<()> {
-        let mut client = self.pool.get().await.context("database")?;
-        let t = client.transaction().await?;
-        let n = t
-            .execute(
-                "UPDATE transactions SET status = $2, error = coalesce($3, error), finished_at = now(), lease_until = NULL \
-                 WHERE id = $1 AND engine_id = $4 AND finished_at IS NULL",
-                &[&tx_id, &tx_status, &error, &self.owner],
-            )
+        const REQUEST: &str = "UPDATE requests SET status = $2, error = $3, \
+             finished_at = CASE WHEN $2 = 'queued' THEN NULL ELSE now() END \
+             WHERE id = $1 AND current_tx = $4 AND ($5::text IS NULL OR tx_owner = $5)";
+        if self.separate {
+            // The request first: it is where the outcome is decided.
+            let client = self.pool.get().await.context("database")?;
+            client
+                .execute(
+                    REQUEST,
+                    &[&request_id, &req_status, &error, &tx_id, &Some(self.owner.as_str())],
+                )
+                .await?;
+            self.finish_tx(server, tx_id, tx_status, error).await?;
+        } else {
+            let mut client = self.server_pool(server)?.get().await.context("database")?;
+            let t = client.transaction().await?;
+            let n = t.execute(SQL_FINISH_TX, &[&tx_id, &tx_status, &error, &self.owner]).await?;
+            if n == 0 {
+                anyhow::bail!("transaction {tx_id} was taken over during its recovery");
+            }
+            t.execute(REQUEST, &[&request_id, &req_status, &error, &tx_id, &None::<&str>])
+                .await?;
+            t.commit().await?;
+        }
+        if tx_status == "in_doubt" {
+            tracing::error!(%tx_id, %request_id, "transaction is in doubt");
+        }
+        Ok(())
+    }
+
+    /// Finishes the transaction row on its server while recovery still owns it.
+    async fn finish_tx(
+        &self,
+        server: usize,
+        tx_id: Uuid,
+        tx_status: &str,
+        error: Option<&Value>,
+    ) -> anyhow::Result<()> {
+        let client = self.server_pool(server)?.get().await.context("database")?;
+        let n = client
+            .execute(SQL_FINISH_TX, &[&tx_id, &tx_status, &error, &self.owner])
             .await?;
         if n == 0 {
             anyhow::bail!("transaction {tx_id} was taken over during its recovery");
-        }
-        // The request follows its current attempt only.
-        t.execute(
-            "UPDATE requests SET status = $2, error = $3, \
-             finished_at = CASE WHEN $2 = 'queued' THEN NULL ELSE now() END WHERE id = $1 AND current_tx = $4",
-            &[&request_id, &req_status, &error, &tx_id],
-        )
-        .await?;
-        t.commit().await?;
-        if tx_status == "in_doubt" {
-            tracing::error!(%tx_id, %request_id, "transaction is in doubt");
         }
         Ok(())
     }
@@ -348,15 +467,30 @@ impl Recovery {
     async fn resolve_prepared(&self) -> anyhow::Result<usize> {
         let Some(sql) = &self.sql else { return Ok(0) };
         let prepared = sql.prepared().await.map_err(|e| anyhow::anyhow!("{e}"))?;
-        let client = self.pool.get().await.context("database")?;
         let mut n = 0;
-        for (tx_id, target) in prepared {
-            let row = client
-                .query_opt(
-                    "SELECT status, lease_until > now(), error->>'code' FROM transactions WHERE id = $1",
-                    &[&tx_id],
-                )
-                .await?;
+        'prepared: for (tx_id, target) in prepared {
+            // The transaction may be on any log server; one that does not answer might hold it.
+            let mut row = None;
+            for server in 0..self.servers.len() {
+                let found = async {
+                    let client = self.server_pool(server)?.get().await.context("database")?;
+                    Ok::<_, anyhow::Error>(client
+                        .query_opt(
+                            "SELECT status, lease_until > now(), error->>'code' FROM transactions WHERE id = $1",
+                            &[&tx_id],
+                        )
+                        .await?)
+                }
+                .await;
+                match found {
+                    Ok(Some(r)) => {
+                        row = Some(r);
+                        break;
+                    }
+                    Ok(None) => {}
+                    Err(_) => continue 'prepared,
+                }
+            }
             let commit = match &row {
                 Some(r) => {
                     let status: String = r.get(0);

@@ -4,10 +4,11 @@
 //! [`Engine::handle`] processes one delivery and says what to do with it; [`Engine::run`] is
 //! the loop around it (consumers, concurrency, reconnects, draining). Tests step `handle`.
 
+mod attempt;
 pub mod interpreter;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -36,7 +37,9 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::providers::Registry;
-use crate::txlog::{Begin, Finish, LogError, Record, Reply, TxLog};
+use crate::logset::LogSet;
+use crate::txlog::Begin;
+use attempt::Opened;
 use interpreter::Run;
 
 /// Pause before a delivery that could not be made durable goes back to the queue.
@@ -51,14 +54,6 @@ pub enum Disposition {
     Requeue,
 }
 
-/// What opening a transaction for a delivery came to.
-enum Opened {
-    Began(i32),
-    AlreadyFinished,
-    /// Another attempt is running (or being recovered): try again later.
-    Busy,
-}
-
 /// Where a delivery came from, which decides the permission it needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
@@ -69,7 +64,7 @@ pub enum Source {
 pub struct Engine {
     pub cfg: Config,
     pub pool: Pool,
-    pub txlog: TxLog,
+    pub log: Arc<LogSet>,
     pub registry: Registry,
     pub namespaces: NamespaceCache,
     pub publisher: Publisher,
@@ -79,7 +74,8 @@ pub struct Engine {
     owner: Arc<str>,
     pub ready: Readiness,
     /// Transactions this engine runs, each with the flag raised when its lease is lost.
-    leases: Mutex<HashMap<Uuid, Arc<AtomicBool>>>,
+    /// (log server, lost flag) of each.
+    leases: Mutex<HashMap<Uuid, (usize, Arc<AtomicBool>)>>,
     amqp_users: Mutex<HashMap<String, (PrincipalRef, Instant)>>,
     /// Recovers an earlier attempt of a redelivered request before running it again.
     pub recovery: Option<Arc<crate::recovery::Recovery>>,
@@ -90,7 +86,7 @@ impl Engine {
     pub fn new(
         cfg: Config,
         pool: Pool,
-        txlog: TxLog,
+        log: Arc<LogSet>,
         registry: Registry,
         namespaces: NamespaceCache,
         publisher: Publisher,
@@ -101,7 +97,7 @@ impl Engine {
         Self {
             cfg,
             pool,
-            txlog,
+            log,
             registry,
             namespaces,
             publisher,
@@ -313,13 +309,17 @@ impl Engine {
         // record. Logged models learn it atomically from opening the transaction; `read` ones
         // (which open nothing) ask first.
         let mut attempt = 1;
+        let Some(server) = self.log.pick() else {
+            tracing::warn!("every transaction-log server is on the bad-server list; requeueing");
+            return Ok(Disposition::Requeue);
+        };
         if model == TxModel::Read {
             if self.is_final(env.id.as_str()).await? {
                 self.publish_stored_outcome(env, props).await;
                 return Ok(Disposition::Ack);
             }
         } else {
-            match self.open(&begin).await? {
+            match self.open(&begin, server).await? {
                 Opened::Began(a) => attempt = a,
                 Opened::AlreadyFinished => {
                     tracing::info!(request_id = %env.id, "already finished; answering from the record");
@@ -370,6 +370,7 @@ impl Engine {
             let written = self
                 .finish(
                     begin,
+                    server,
                     model == TxModel::Read,
                     Vec::new(),
                     "failed",
@@ -392,12 +393,12 @@ impl Engine {
             return Ok(Disposition::Ack);
         };
 
-        let lease_lost = Arc::new(AtomicBool::new(false));
-        if model != TxModel::Read
-            && let Ok(mut l) = self.leases.lock()
-        {
-            l.insert(tx_id, lease_lost.clone());
-        }
+        let lease_lost = if model == TxModel::Read {
+            Arc::new(AtomicBool::new(false))
+        } else {
+            self.hold_lease(tx_id, server)
+        };
+        let sink = self.log.sink(server);
         let credentials = if principal.has("execute_with_credentials") {
             env.credentials.clone()
         } else {
@@ -409,7 +410,7 @@ impl Engine {
             self.owner.clone(),
             model,
             &self.registry,
-            &self.txlog,
+            &sink,
             &self.namespaces,
             acting,
             credentials,
@@ -426,6 +427,15 @@ impl Engine {
             self.release_lease(tx_id);
             metrics::counter!(provisio_shared::metrics::FENCED).increment(1);
             tracing::warn!(%tx_id, "the transaction was taken over (lease lost); leaving the request to recovery and redelivery");
+            return Ok(Disposition::Requeue);
+        }
+        if outcome.rerouted {
+            // Its log server went bad and every call was undone: run it again elsewhere.
+            self.release_lease(tx_id);
+            let why = outcome.result.as_ref().err().map(interpreter::Failure::to_json);
+            self.release_request(env.id.as_str(), tx_id, why.as_ref())
+                .await?;
+            tracing::warn!(%tx_id, "the transaction's log server is on the bad-server list; the request goes to another server");
             return Ok(Disposition::Requeue);
         }
         let (tx_status, status, output, error) = match &outcome.result {
@@ -479,6 +489,7 @@ impl Engine {
         let finished = self
             .finish(
                 begin,
+                server,
                 model == TxModel::Read,
                 outcome.pending,
                 tx_status,
@@ -519,46 +530,6 @@ impl Engine {
         Ok(Disposition::Ack)
     }
 
-    /// Opens the transaction of `begin`. One attempt at a time, whatever the delivery: a
-    /// request whose current attempt still runs under a live lease elsewhere is `Busy` (the
-    /// delivery goes back to the queue); one whose attempt's engine died is recovered first
-    /// (rolled back from the log), then opened.
-    async fn open(&self, begin: &Begin) -> anyhow::Result<Opened> {
-        for _ in 0..2 {
-            match self
-                .txlog
-                .write(Record::Begin(begin.clone()))
-                .await
-                .context("opening the transaction")?
-            {
-                Reply::Began { attempt } => return Ok(Opened::Began(attempt)),
-                Reply::AlreadyFinished => return Ok(Opened::AlreadyFinished),
-                Reply::Busy | Reply::Done => {
-                    tracing::info!(request_id = %begin.request_id, "another attempt runs under a live lease; requeueing");
-                    return Ok(Opened::Busy);
-                }
-                Reply::Unsettled { tx } => {
-                    let Some(r) = &self.recovery else {
-                        return Ok(Opened::Busy);
-                    };
-                    let resolved = r
-                        .settle_request(&begin.request_id, tx)
-                        .await
-                        .context("recovering the earlier attempt")?;
-                    tracing::info!(request_id = %begin.request_id, ?tx, ?resolved, "recovered an earlier attempt whose engine stopped");
-                }
-            }
-        }
-        Ok(Opened::Busy)
-    }
-
-    /// Stops renewing `tx_id`'s lease.
-    fn release_lease(&self, tx_id: Uuid) {
-        if let Ok(mut l) = self.leases.lock() {
-            l.remove(&tx_id);
-        }
-    }
-
     /// The enabled principal `name` with its permissions, or `None`.
     async fn principal_named(&self, name: &str) -> anyhow::Result<Option<PrincipalRef>> {
         let client = self.pool.get().await.context("database")?;
@@ -576,42 +547,6 @@ impl Engine {
                 .parse::<Status>()
                 .is_ok_and(Status::is_final)
         }))
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    async fn finish(
-        &self,
-        begin: Begin,
-        open_now: bool,
-        steps: Vec<crate::txlog::StepRecord>,
-        tx_status: &'static str,
-        status: Status,
-        output: Option<Value>,
-        error: Option<Value>,
-        summary: Value,
-        retry_at: Option<(chrono::DateTime<Utc>, Value)>,
-    ) -> anyhow::Result<bool> {
-        let r = self
-            .txlog
-            .write(Record::Finish(Box::new(Finish {
-                tx_id: begin.tx_id,
-                request_id: begin.request_id.clone(),
-                open: open_now.then_some(begin),
-                steps,
-                tx_status,
-                request_status: status.as_str(),
-                output,
-                error,
-                summary,
-                retry_at,
-                owner: self.owner.clone(),
-            })))
-            .await;
-        match r {
-            Ok(_) => Ok(true),
-            Err(LogError::Fenced(_)) => Ok(false),
-            Err(e) => Err(e).context("committing the outcome"),
-        }
     }
 
     /// Publishes the stored record of a request that finished earlier.
@@ -682,44 +617,6 @@ impl Engine {
                 "finished_at": r.get::<_, Option<DateTime<Utc>>>(8),
             })
         }))
-    }
-
-    /// Renews the leases of every transaction this engine is running, in one statement, and
-    /// raises the lost flag of each one that is no longer ours (taken over by recovery after
-    /// this engine stalled), so that its run starts no further call.
-    pub async fn renew_leases(&self) -> anyhow::Result<()> {
-        let ids: Vec<Uuid> = self
-            .leases
-            .lock()
-            .map(|l| l.keys().copied().collect())
-            .unwrap_or_default();
-        if ids.is_empty() {
-            return Ok(());
-        }
-        let client = self.pool.get().await.context("database")?;
-        let renewed: std::collections::HashSet<Uuid> = client
-            .query(
-                "UPDATE transactions SET lease_until = now() + make_interval(secs => $2) \
-                 WHERE id = ANY($1) AND engine_id = $3 AND finished_at IS NULL RETURNING id",
-                &[
-                    &ids,
-                    &(self.cfg.engine.lease_seconds as f64),
-                    &self.engine_id,
-                ],
-            )
-            .await?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        if let Ok(l) = self.leases.lock() {
-            for (id, lost) in l.iter() {
-                // Ids added since the query started are simply not renewed yet.
-                if ids.contains(id) && !renewed.contains(id) {
-                    lost.store(true, Ordering::Relaxed);
-                }
-            }
-        }
-        Ok(())
     }
 
     /// Consumes until `shutdown`; reconnects when the broker goes away. On shutdown, stops
