@@ -2,7 +2,7 @@
 //! that reconnects on its own.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
@@ -241,7 +241,15 @@ pub struct Publisher {
     topology: Topology,
     confirm_timeout: Duration,
     live: Arc<Mutex<Option<Arc<Live>>>>,
+    /// The last failed connection attempt. Callers queue on `live` while one of them
+    /// connects; without this, each would then make its own attempt in turn, and with a
+    /// broker that does not answer at all (host down, network partition) a batch of N
+    /// publishes would take N connect timeouts to fail.
+    last_failure: Arc<std::sync::Mutex<Option<(Instant, String)>>>,
 }
+
+/// After a failed connection attempt, publishes fail at once for this long.
+const RECONNECT_PAUSE: Duration = Duration::from_secs(1);
 
 impl Publisher {
     pub fn new(url: &str, topology: Topology, confirm_timeout: Duration) -> Self {
@@ -250,6 +258,7 @@ impl Publisher {
             topology,
             confirm_timeout,
             live: Arc::new(Mutex::new(None)),
+            last_failure: Arc::new(std::sync::Mutex::new(None)),
         }
     }
 
@@ -280,13 +289,29 @@ impl Publisher {
             return Ok(live.clone());
         }
         *guard = None;
-        let conn = connect(&self.url, self.confirm_timeout).await?;
-        let channel = conn.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        self.topology.declare(&channel).await?;
-        let live = Arc::new(Live { conn, channel });
+        if let Ok(last) = self.last_failure.lock()
+            && let Some((at, error)) = last.as_ref()
+            && at.elapsed() < RECONNECT_PAUSE
+        {
+            return Err(AmqpError::Unavailable(error.clone()));
+        }
+        let attempt = async {
+            let conn = connect(&self.url, self.confirm_timeout).await?;
+            let channel = conn.create_channel().await?;
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await?;
+            self.topology.declare(&channel).await?;
+            Ok::<_, AmqpError>(Live { conn, channel })
+        };
+        let result = attempt.await;
+        if let Ok(mut last) = self.last_failure.lock() {
+            *last = result
+                .as_ref()
+                .err()
+                .map(|e| (Instant::now(), e.to_string()));
+        }
+        let live = Arc::new(result?);
         *guard = Some(live.clone());
         Ok(live)
     }
@@ -382,5 +407,54 @@ impl Publisher {
             .await;
         let _ = ch.close(200, "done".into()).await;
         Ok(q?.message_count())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// Publishes queued behind a connection attempt to a broker that never answers fail with
+    /// that attempt, instead of each waiting out a connect timeout of its own.
+    #[tokio::test]
+    async fn a_silent_broker_costs_one_connect_timeout_not_one_per_publish() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let attempts = Arc::new(AtomicUsize::new(0));
+        let counted = attempts.clone();
+        // Accepts connections and never says a word.
+        let silent = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((sock, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                held.push(sock);
+            }
+        });
+        let publisher = Publisher::new(
+            &format!("amqp://guest:guest@{addr}/%2f"),
+            Topology::new(&AmqpConfig::default()),
+            Duration::from_millis(300),
+        );
+        let publishes = (0..8).map(|_| {
+            publisher.publish(Outgoing {
+                exchange: "x",
+                routing_key: "",
+                body: b"{}",
+                properties: BasicProperties::default(),
+            })
+        });
+        let results = futures_util::future::join_all(publishes).await;
+        silent.abort();
+        assert!(
+            results
+                .iter()
+                .all(|r| matches!(r, Err(AmqpError::Unavailable(_)))),
+            "{results:?}"
+        );
+        assert_eq!(attempts.load(Ordering::SeqCst), 1);
     }
 }
