@@ -45,6 +45,10 @@ where
     }
 }
 
+async fn count(c: &tokio_postgres::Client, sql: &str) -> anyhow::Result<i64> {
+    Ok(c.query_one(sql, &[]).await?.get(0))
+}
+
 async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
     let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
     tokio::spawn(conn);
@@ -140,10 +144,6 @@ async fn a_log_server_that_stops_answering_goes_on_the_bad_list_and_nothing_is_l
     env.apply(&qm, "chaos", NS).await?;
     let pg = env.pg().await?;
     let (db1, db2) = (connect(&log1).await?, connect(&log2_direct).await?);
-    let count = |c: &tokio_postgres::Client, sql: &'static str| {
-        let c = &*c;
-        async move { Ok::<i64, anyhow::Error>(c.query_one(sql, &[]).await?.get(0)) }
-    };
     let succeeded = || async {
         Ok::<i64, anyhow::Error>(
             pg.query_one(
@@ -168,50 +168,79 @@ async fn a_log_server_that_stops_answering_goes_on_the_bad_list_and_nothing_is_l
     // Under load, server 2 stops answering.
     let load = submit_many(&env, &qm, "during", 200, 150).await?;
     all.extend(load);
-    eventually(Duration::from_mins(1), "some of the load to run", || async {
-        Ok((succeeded().await? >= 80).then_some(()))
-    })
+    eventually(
+        Duration::from_mins(1),
+        "some of the load to run",
+        || async { Ok((succeeded().await? >= 80).then_some(())) },
+    )
     .await?;
     proxy.cut().await;
     for e in &engines {
-        eventually(Duration::from_secs(30), "server 2 on the bad list", || async {
-            Ok((gauge(&env, e, "provisio_txlog_bad_servers").await? == Some(1.0)).then_some(()))
-        })
+        eventually(
+            Duration::from_secs(30),
+            "server 2 on the bad list",
+            || async {
+                Ok(
+                    (gauge(&env, e, "provisio_txlog_bad_servers").await? == Some(1.0))
+                        .then_some(()),
+                )
+            },
+        )
         .await?;
     }
     // Traffic goes on, on server 1: every accepted request succeeds.
     let more = submit_many(&env, &qm, "cut", 40, 0).await?;
     all.extend(more);
     let total = all.len() as i64;
-    eventually(Duration::from_mins(3), "every request while server 2 is away", || async {
-        Ok((succeeded().await? >= total).then_some(()))
-    })
+    eventually(
+        Duration::from_mins(3),
+        "every request while server 2 is away",
+        || async { Ok((succeeded().await? >= total).then_some(())) },
+    )
     .await?;
 
     // Server 2 answers again: off the list, used again, and what it held is settled.
     proxy.restore().await?;
     for e in &engines {
-        eventually(Duration::from_secs(30), "server 2 off the bad list", || async {
-            Ok((gauge(&env, e, "provisio_txlog_bad_servers").await? == Some(0.0)).then_some(()))
-        })
+        eventually(
+            Duration::from_secs(30),
+            "server 2 off the bad list",
+            || async {
+                Ok(
+                    (gauge(&env, e, "provisio_txlog_bad_servers").await? == Some(0.0))
+                        .then_some(()),
+                )
+            },
+        )
         .await?;
     }
     let before_after = on(&db2).await?;
     let after = submit_many(&env, &qm, "after", 60, 0).await?;
     all.extend(after);
     let total = all.len() as i64;
-    eventually(Duration::from_mins(1), "the requests after the return", || async {
-        Ok((succeeded().await? >= total).then_some(()))
-    })
+    eventually(
+        Duration::from_mins(1),
+        "the requests after the return",
+        || async { Ok((succeeded().await? >= total).then_some(())) },
+    )
     .await?;
     assert!(
         on(&db2).await? > before_after,
         "server 2 is used again after it returns"
     );
-    eventually(Duration::from_mins(1), "server 2's unfinished transactions to be settled", || async {
-        Ok((count(&db2, "SELECT count(*) FROM transactions WHERE finished_at IS NULL").await? == 0)
-            .then_some(()))
-    })
+    eventually(
+        Duration::from_mins(1),
+        "server 2's unfinished transactions to be settled",
+        || async {
+            Ok((count(
+                &db2,
+                "SELECT count(*) FROM transactions WHERE finished_at IS NULL",
+            )
+            .await?
+                == 0)
+                .then_some(()))
+        },
+    )
     .await?;
 
     // Every request: succeeded, exactly one committed attempt over both servers, on the server
@@ -220,7 +249,11 @@ async fn a_log_server_that_stops_answering_goes_on_the_bad_list_and_nothing_is_l
         .query("SELECT status, count(*) FROM requests GROUP BY status", &[])
         .await?;
     let by_status: HashMap<String, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-    assert_eq!(by_status.get("succeeded").copied(), Some(total), "{by_status:?}");
+    assert_eq!(
+        by_status.get("succeeded").copied(),
+        Some(total),
+        "{by_status:?}"
+    );
     let mut committed: HashMap<String, usize> = HashMap::new();
     let mut statuses: HashMap<String, i64> = HashMap::new();
     for c in [&db1, &db2] {
@@ -244,7 +277,10 @@ async fn a_log_server_that_stops_answering_goes_on_the_bad_list_and_nothing_is_l
         on(&db1).await?,
         on(&db2).await?
     );
-    assert!(wrong.is_empty(), "not exactly one committed attempt: {wrong:?}");
+    assert!(
+        wrong.is_empty(),
+        "not exactly one committed attempt: {wrong:?}"
+    );
     drop((qm, auditor, engines, db1, db2));
     env.cleanup().await;
     for url in [log1, log2_direct] {

@@ -220,7 +220,9 @@ impl Auditor {
                 self.recovery.separate,
                 &self.cfg.auditor,
                 20,
-            ).await {
+            )
+            .await
+            {
                 Ok(r) if r.swept > 0 || r.expired > 0 => tracing::info!(?r, "audit sweep"),
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "audit sweep failed"),

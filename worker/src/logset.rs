@@ -73,14 +73,13 @@ impl LogSet {
     }
 
     pub fn index_of(&self, name: &str) -> Option<usize> {
-        self.servers
-            .servers()
-            .iter()
-            .position(|s| s.name() == name)
+        self.servers.servers().iter().position(|s| s.name() == name)
     }
 
     pub fn pool(&self, idx: usize) -> Option<&deadpool_postgres::Pool> {
-        self.servers.server(idx).map(crate::logservers::Server::pool)
+        self.servers
+            .server(idx)
+            .map(crate::logservers::Server::pool)
     }
 }
 
@@ -112,17 +111,16 @@ impl ServerSink<'_> {
             if servers.is_bad(self.idx) {
                 return Err(bad());
             }
-            let error = match tokio::time::timeout(WRITE_ATTEMPT, writer.write(record.clone()))
-                .await
-            {
-                Ok(Ok(reply)) => {
-                    servers.report_ok(self.idx);
-                    return Ok(reply);
-                }
-                Ok(Err(LogError::Unavailable(e))) => e,
-                Ok(Err(e)) => return Err(e),
-                Err(_) => format!("no answer within {WRITE_ATTEMPT:?}"),
-            };
+            let error =
+                match tokio::time::timeout(WRITE_ATTEMPT, writer.write(record.clone())).await {
+                    Ok(Ok(reply)) => {
+                        servers.report_ok(self.idx);
+                        return Ok(reply);
+                    }
+                    Ok(Err(LogError::Unavailable(e))) => e,
+                    Ok(Err(e)) => return Err(e),
+                    Err(_) => format!("no answer within {WRITE_ATTEMPT:?}"),
+                };
             if servers.report_err(self.idx, &error) {
                 return Err(bad());
             }

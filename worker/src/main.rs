@@ -10,10 +10,10 @@ use provisio_shared::namespaces::NamespaceCache;
 use provisio_shared::telemetry::{self, Readiness};
 use provisio_shared::{db, shutdown};
 use provisio_worker::engine::Engine;
-use provisio_worker::providers;
-use provisio_worker::recovery::Recovery;
 use provisio_worker::logservers::LogServers;
 use provisio_worker::logset::LogSet;
+use provisio_worker::providers;
+use provisio_worker::recovery::Recovery;
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
 enum Role {

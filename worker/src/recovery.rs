@@ -159,8 +159,15 @@ impl Recovery {
                 ("in_doubt", "in_doubt")
             };
             let error = (!ok).then(|| json!({"code": "commit_failed", "message": "recovery could not commit every participant"}));
-            self.finish(server, &request_id, tx_id, tx_status, req_status, error.as_ref())
-                .await?;
+            self.finish(
+                server,
+                &request_id,
+                tx_id,
+                tx_status,
+                req_status,
+                error.as_ref(),
+            )
+            .await?;
             return Ok(if ok {
                 Resolved::Committed
             } else {
@@ -189,8 +196,15 @@ impl Recovery {
         } else {
             ("in_doubt", "in_doubt")
         };
-        self.finish(server, &request_id, tx_id, tx_status, req_status, Some(&error))
-            .await?;
+        self.finish(
+            server,
+            &request_id,
+            tx_id,
+            tx_status,
+            req_status,
+            Some(&error),
+        )
+        .await?;
         metrics::counter!(provisio_shared::metrics::ROLLBACKS, "namespace" => "recovery", "procedure" => "recovery").increment(1);
         metrics::counter!(provisio_shared::metrics::RECOVERED).increment(1);
         Ok(if ok {
@@ -424,19 +438,30 @@ impl Recovery {
             client
                 .execute(
                     REQUEST,
-                    &[&request_id, &req_status, &error, &tx_id, &Some(self.owner.as_str())],
+                    &[
+                        &request_id,
+                        &req_status,
+                        &error,
+                        &tx_id,
+                        &Some(self.owner.as_str()),
+                    ],
                 )
                 .await?;
             self.finish_tx(server, tx_id, tx_status, error).await?;
         } else {
             let mut client = self.server_pool(server)?.get().await.context("database")?;
             let t = client.transaction().await?;
-            let n = t.execute(SQL_FINISH_TX, &[&tx_id, &tx_status, &error, &self.owner]).await?;
+            let n = t
+                .execute(SQL_FINISH_TX, &[&tx_id, &tx_status, &error, &self.owner])
+                .await?;
             if n == 0 {
                 anyhow::bail!("transaction {tx_id} was taken over during its recovery");
             }
-            t.execute(REQUEST, &[&request_id, &req_status, &error, &tx_id, &None::<&str>])
-                .await?;
+            t.execute(
+                REQUEST,
+                &[&request_id, &req_status, &error, &tx_id, &None::<&str>],
+            )
+            .await?;
             t.commit().await?;
         }
         if tx_status == "in_doubt" {

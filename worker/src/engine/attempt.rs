@@ -26,6 +26,16 @@ pub(super) enum Opened {
     Busy,
 }
 
+/// What became of an attempt's outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Written {
+    Yes,
+    /// The attempt is no longer this engine's: nothing was written.
+    Fenced,
+    /// Its log server went on the bad-server list before the outcome could be written.
+    ServerBad,
+}
+
 /// Separate layout: the request row of a new attempt (the attempt's server and owner on it).
 /// Refused while the request is final or `running` (one attempt at a time).
 const SQL_OPEN_REQUEST: &str = "INSERT INTO requests (id, body_hash, namespace, procedure, namespace_version, principal_id, \
@@ -130,17 +140,17 @@ impl Engine {
             .run(server, |pool| async move {
                 let c = pool.get().await?;
                 let params: [&(dyn ToSql + Sync); 11] = [
-                        &b.tx_id,
-                        &b.request_id,
-                        &attempt,
-                        &b.namespace,
-                        &b.procedure,
-                        &b.namespace_version,
-                        &b.model,
-                        &"running",
-                        &b.audit,
-                        &b.engine_id,
-                        &b.lease_seconds,
+                    &b.tx_id,
+                    &b.request_id,
+                    &attempt,
+                    &b.namespace,
+                    &b.procedure,
+                    &b.namespace_version,
+                    &b.model,
+                    &"running",
+                    &b.audit,
+                    &b.engine_id,
+                    &b.lease_seconds,
                 ];
                 c.execute(SQL_OPEN_TX, &params).await?;
                 Ok(())
@@ -235,8 +245,7 @@ impl Engine {
         }
     }
 
-    /// Writes an attempt's outcome. `Ok(false)`: fenced (the attempt is no longer this
-    /// engine's; nothing was written).
+    /// Writes an attempt's outcome.
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn finish(
         &self,
@@ -250,7 +259,7 @@ impl Engine {
         error: Option<Value>,
         summary: Value,
         retry_at: Option<(chrono::DateTime<chrono::Utc>, Value)>,
-    ) -> anyhow::Result<bool> {
+    ) -> anyhow::Result<Written> {
         let f = Finish {
             tx_id: begin.tx_id,
             request_id: begin.request_id.clone(),
@@ -274,8 +283,9 @@ impl Engine {
                 .map(|_| ())
         };
         match r {
-            Ok(()) => Ok(true),
-            Err(LogError::Fenced(_)) => Ok(false),
+            Ok(()) => Ok(Written::Yes),
+            Err(LogError::Fenced(_)) => Ok(Written::Fenced),
+            Err(LogError::Bad(_)) => Ok(Written::ServerBad),
             Err(e) => Err(e).context("committing the outcome"),
         }
     }
@@ -351,17 +361,17 @@ impl Engine {
                     let c = pool.get().await?;
                     if let Some(b) = &f.open {
                         let params: [&(dyn ToSql + Sync); 11] = [
-                                &b.tx_id,
-                                &b.request_id,
-                                &1i32,
-                                &b.namespace,
-                                &b.procedure,
-                                &b.namespace_version,
-                                &b.model,
-                                &f.tx_status,
-                                &b.audit,
-                                &b.engine_id,
-                                &b.lease_seconds,
+                            &b.tx_id,
+                            &b.request_id,
+                            &1i32,
+                            &b.namespace,
+                            &b.procedure,
+                            &b.namespace_version,
+                            &b.model,
+                            &f.tx_status,
+                            &b.audit,
+                            &b.engine_id,
+                            &b.lease_seconds,
                         ];
                         c.execute(SQL_OPEN_TX, &params).await?;
                     }

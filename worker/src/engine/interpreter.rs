@@ -162,6 +162,9 @@ pub struct Outcome {
     pub pending: Vec<StepRecord>,
     /// Completed calls whose records are only in `pending`: to undo if the outcome is fenced.
     pub unlogged: Vec<Completed>,
+    /// Completed calls whose records are durable (not undone): with `unlogged`, what the
+    /// engine must undo itself if the log server goes bad before the outcome is written.
+    pub logged: Vec<Completed>,
     pub summary: Vec<Value>,
 }
 
@@ -313,7 +316,13 @@ impl<'a> Run<'a> {
             if self.model == TxModel::TwoPhase {
                 self.abort_participants().await;
             }
-            let mut o = self.outcome(result, !failed.is_empty(), all.len() - failed.len(), Vec::new(), false);
+            let mut o = self.outcome(
+                result,
+                !failed.is_empty(),
+                all.len() - failed.len(),
+                Vec::new(),
+                false,
+            );
             o.rerouted = failed.is_empty();
             return o;
         }
@@ -343,6 +352,7 @@ impl<'a> Run<'a> {
         let unlogged = self
             .completed
             .split_off(self.logged.min(self.completed.len()));
+        let logged = std::mem::take(&mut self.completed);
         Outcome {
             result,
             rollback_failed,
@@ -352,6 +362,7 @@ impl<'a> Run<'a> {
             rerouted: false,
             pending: std::mem::take(&mut self.pending),
             unlogged,
+            logged,
             summary: std::mem::take(&mut self.summary),
         }
     }

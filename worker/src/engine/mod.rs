@@ -36,10 +36,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::providers::Registry;
 use crate::logset::LogSet;
+use crate::providers::Registry;
 use crate::txlog::Begin;
-use attempt::Opened;
+use attempt::{Opened, Written};
 use interpreter::Run;
 
 /// Pause before a delivery that could not be made durable goes back to the queue.
@@ -381,7 +381,7 @@ impl Engine {
                     None,
                 )
                 .await?;
-            if !written {
+            if written != Written::Yes {
                 return Ok(Disposition::Requeue);
             }
             self.publish_outcome(
@@ -432,7 +432,11 @@ impl Engine {
         if outcome.rerouted {
             // Its log server went bad and every call was undone: run it again elsewhere.
             self.release_lease(tx_id);
-            let why = outcome.result.as_ref().err().map(interpreter::Failure::to_json);
+            let why = outcome
+                .result
+                .as_ref()
+                .err()
+                .map(interpreter::Failure::to_json);
             self.release_request(env.id.as_str(), tx_id, why.as_ref())
                 .await?;
             tracing::warn!(%tx_id, "the transaction's log server is on the bad-server list; the request goes to another server");
@@ -501,12 +505,27 @@ impl Engine {
             )
             .await;
         self.release_lease(tx_id);
-        if !finished? {
-            // Taken over between the last step and the outcome: undo what only we know of.
-            interpreter::compensate_unlogged(&self.registry, tx_id, &outcome.unlogged).await;
-            metrics::counter!(provisio_shared::metrics::FENCED).increment(1);
-            tracing::warn!(%tx_id, "the outcome was fenced (lease lost); leaving the request to recovery and redelivery");
-            return Ok(Disposition::Requeue);
+        match finished? {
+            Written::Yes => {}
+            Written::Fenced => {
+                // Taken over between the last step and the outcome: undo what only we know of.
+                interpreter::compensate_unlogged(&self.registry, tx_id, &outcome.unlogged).await;
+                metrics::counter!(provisio_shared::metrics::FENCED).increment(1);
+                tracing::warn!(%tx_id, "the outcome was fenced (lease lost); leaving the request to recovery and redelivery");
+                return Ok(Disposition::Requeue);
+            }
+            Written::ServerBad => {
+                // Nobody else can undo these until the server is back: undo them all here, and
+                // run the request again on a server that answers.
+                let mut all = outcome.logged;
+                all.extend(outcome.unlogged);
+                let failed = interpreter::compensate_unlogged(&self.registry, tx_id, &all).await;
+                let why = serde_json::json!({"code": interpreter::SERVER_BAD, "message": "the transaction's log server stopped answering; the request runs again on another one", "not_undone": failed});
+                self.release_request(env.id.as_str(), tx_id, Some(&why))
+                    .await?;
+                tracing::warn!(%tx_id, "the transaction's log server went bad before the outcome was written; the request goes to another server");
+                return Ok(Disposition::Requeue);
+            }
         }
         let labels = [
             ("namespace", env.namespace.to_string()),
@@ -644,6 +663,11 @@ impl Engine {
             match self.clone().consume(&shutdown).await {
                 Ok(()) => break,
                 Err(e) => {
+                    // A session that got as far as consuming was a success: the next outage
+                    // starts again from the shortest pause.
+                    if self.ready.get() {
+                        delay = Duration::from_millis(200);
+                    }
                     self.ready.set(false);
                     tracing::warn!(error = %e, "broker connection lost; reconnecting");
                     tokio::select! {
