@@ -26,7 +26,7 @@ procedures:
       - {id: b, call: test.sleep, input: '{ms: (.input.ms // 0)}'}
       - {id: c, call: test.echo, input: '{n: 3}'}
     output: '{done: true}'
-"
+";
 
 async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut probe: F) -> anyhow::Result<T>
 where
