@@ -66,7 +66,7 @@ async fn main() -> anyhow::Result<()> {
             .context("migrating a transaction-log server")?;
     }
     let pool = db::pool(&cfg.database.url, cfg.database.pool_size).context("database pool")?;
-    // One transaction-log server for now; see docs/transaction-log.md.
+    // One transaction-log server for now; see docs/design.md §6.5.
     let txlog_url = servers
         .first()
         .cloned()
