@@ -1,4 +1,4 @@
-//! Accepting requests in groups (DESIGN §10, on the queue manager's side).
+//! Accepting requests in groups: group commit on the queue manager's side (docs/design.md §10).
 //!
 //! Every accepted request costs a row insert, a confirmed publish and a commit. Handlers hand
 //! their validated submissions to the [`Acceptor`], which takes whatever is waiting and, in

@@ -1,6 +1,7 @@
-//! Publishes scheduled requests when they are due (DESIGN §3). Several queue managers may run
-//! it at once: `FOR UPDATE SKIP LOCKED` hands each due request to exactly one of them, and a
-//! request turns `queued` in the same transaction that waited for its publish confirm.
+//! Publishes scheduled requests when they are due (docs/design.md §2.4). Several queue
+//! managers may run it at once: `FOR UPDATE SKIP LOCKED` hands each due request to exactly one
+//! of them, and a request turns `queued` in the same transaction that waited for its publish
+//! confirm.
 
 use std::time::Duration;
 

@@ -5,7 +5,7 @@
 use crate::config::Config;
 use crate::procedure::Catalog;
 
-/// Actions of the built-in `test` provider (fault injection; DESIGN §5).
+/// Actions of the built-in `test` provider (fault injection; docs/providers.md).
 pub const TEST_ACTIONS: &[&str] = &["echo", "sleep", "fail", "fail_n_times", "panic"];
 /// Actions of the `directory` provider.
 pub const DIRECTORY_ACTIONS: &[&str] = &[

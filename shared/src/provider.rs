@@ -1,5 +1,5 @@
-//! The provider contract (DESIGN §5). Implementations live in the worker; the trait lives here
-//! so that out-of-tree providers depend on the contract crate only.
+//! The provider contract (docs/design.md §5). Implementations live in the worker; the trait
+//! lives here so that out-of-tree providers depend on the contract crate only.
 
 use futures_util::future::BoxFuture;
 use serde_json::Value;

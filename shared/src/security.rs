@@ -1,5 +1,5 @@
 //! Principals as the engine and the queue manager see them: one query for permissions, with
-//! the implications of DESIGN §8 applied in one place.
+//! the implications between permissions applied in one place (docs/design.md §8).
 
 use crate::domain::PrincipalRef;
 
@@ -25,7 +25,7 @@ pub async fn permissions_of(
         )
         .await?;
     let mut perms: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
-    // execute_trusted implies execute_with_credentials (DESIGN §8).
+    // execute_trusted implies execute_with_credentials: a trusted caller may act for others.
     if perms.iter().any(|p| p == "execute_trusted")
         && !perms.iter().any(|p| p == "execute_with_credentials")
     {

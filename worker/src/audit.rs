@@ -1,5 +1,5 @@
-//! The audit sweep (DESIGN §7): finished transactions move from the transaction log into the
-//! audit tables per the configured audit level, in bounded batches; transactions not
+//! The audit sweep (docs/design.md §7.2): finished transactions move from the transaction log
+//! into the audit tables per the configured audit level, in bounded batches; transactions not
 //! selected are deleted from the log. Each batch is one PostgreSQL transaction (audit rows
 //! inserted, log rows deleted), so a crash mid-sweep neither loses nor duplicates a row.
 //! In-doubt transactions stay in the log until an operator resolves them.

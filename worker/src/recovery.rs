@@ -1,4 +1,4 @@
-//! Recovery of transactions whose engine died (DESIGN §7): a running transaction whose lease
+//! Recovery when an engine dies (docs/design.md §7.1): a running transaction whose lease
 //! expired is rolled back from its logged rollback data; a two-phase transaction is resolved
 //! from its logged state (`committing` → commit what is prepared, anything else → roll back);
 //! prepared transactions nobody owns are resolved the same way. A rollback that cannot

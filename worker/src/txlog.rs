@@ -1,4 +1,4 @@
-//! The transaction log's group-commit writer (DESIGN §10).
+//! The transaction log's group-commit writer (docs/design.md §6.3).
 //!
 //! Every engine task that must make a log record durable sends it here and waits for the
 //! commit that carries it. A collector takes whatever records are waiting (up to

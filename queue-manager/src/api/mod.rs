@@ -1,4 +1,5 @@
-//! The HTTP API (DESIGN §2). One module per resource; each handler returns `ApiError`.
+//! The HTTP API (docs/design.md §2.1, schemas/openapi.yaml). One module per resource; each
+//! handler returns `ApiError`.
 
 mod body;
 pub mod error;

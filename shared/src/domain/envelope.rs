@@ -64,7 +64,7 @@ impl PrincipalRef {
     }
 }
 
-/// Request-level retries (DESIGN §2), distinct from a step's `retry`.
+/// Request-level retries (docs/design.md §2.4), distinct from a step's `retry`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetryPolicy {

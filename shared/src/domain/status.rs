@@ -43,7 +43,7 @@ macro_rules! string_enum {
 }
 
 string_enum!(
-    /// A request's lifecycle (DESIGN §2).
+    /// A request's lifecycle (docs/design.md §2.3).
     Status, "status", {
         Scheduled => "scheduled",
         Queued => "queued",
@@ -81,7 +81,7 @@ string_enum!(
 );
 
 string_enum!(
-    /// A procedure's transaction model (DESIGN §4).
+    /// A procedure's transaction model (docs/design.md §4).
     #[derive(Default)]
     TxModel, "transaction model", {
         Read => "read",

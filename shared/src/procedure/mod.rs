@@ -1,5 +1,6 @@
-//! The namespace language (DESIGN §4): the document as users write it ([`NamespaceDoc`]), and
-//! its compiled form ([`Namespace`]) with every jq expression and JSON Schema compiled once.
+//! The namespace language (docs/procedures.md): the document as users write it
+//! ([`NamespaceDoc`]), and its compiled form ([`Namespace`]) with every jq expression and JSON
+//! Schema compiled once.
 //!
 //! Compilation is also validation: it collects *every* error with its path instead of
 //! stopping at the first, so that `provisioctl apply` can show a user all of them at once.

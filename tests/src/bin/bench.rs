@@ -1,5 +1,5 @@
 //! `provisio-bench`: throughput and latency of the whole fleet, next to a reference figure
-//! measured on the same broker and database in the same run (DESIGN §10).
+//! measured on the same broker and database in the same run (docs/design.md §10).
 //!
 //! Provisio run: N requests of `demo.hello` (three compensating steps) submitted over HTTP by C
 //! concurrent clients to one queue manager feeding E engines; a request is finished when its

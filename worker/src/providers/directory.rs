@@ -1,5 +1,5 @@
 //! The `directory` provider: organizations, users, groups and aliases, stored in the
-//! configuration database (schema `provider_directory`, DESIGN §5).
+//! configuration database (schema `provider_directory`, docs/providers.md).
 //!
 //! Actions and their rollbacks:
 //!

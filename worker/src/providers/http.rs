@@ -8,7 +8,7 @@
 //!
 //! A *remote provider* (`providers.remote.NAME`) is any service answering `POST /execute` and
 //! `POST /rollback` with the JSON of `schemas/remote-provider.schema.json`; it becomes the
-//! provider `NAME` by configuration alone (see docs/remote-providers.md).
+//! provider `NAME` by configuration alone (see docs/providers.md).
 
 use std::collections::HashMap;
 use std::time::Duration;

@@ -1,6 +1,6 @@
 //! The `resource` provider, the resource manager: pools of resources with a capacity (mailbox
 //! servers, IP ranges, …), stored in the configuration database (schema `provider_resource`,
-//! DESIGN §5).
+//! docs/providers.md).
 //!
 //! | action | input | output | rollback |
 //! | --- | --- | --- | --- |
