@@ -254,6 +254,65 @@ pub struct SqlTarget {
 pub struct HttpProviderConfig {
     /// External services by name; requests name the service and a path, never a URL.
     pub services: BTreeMap<String, HttpService>,
+    /// Hosts the `http` provider may call; empty means any host of a configured service.
+    /// A second line of defence: a service pointed at another host (a typo, a tampered file)
+    /// fails start-up instead of receiving the requests and the service's bearer token.
+    pub allowed_hosts: Vec<String>,
+}
+
+impl HttpProviderConfig {
+    /// Whether `url`'s host is on the allow-list (always, when the list is empty). Names
+    /// compare case-insensitively; IPv6 addresses may be listed with or without brackets.
+    pub fn host_allowed(&self, url: &url::Url) -> bool {
+        if self.allowed_hosts.is_empty() {
+            return true;
+        }
+        let host = match url.host() {
+            Some(url::Host::Domain(d)) => d.to_ascii_lowercase(),
+            Some(url::Host::Ipv4(a)) => a.to_string(),
+            Some(url::Host::Ipv6(a)) => a.to_string(),
+            None => return false,
+        };
+        self.allowed_hosts.iter().any(|h| {
+            h.trim()
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .eq_ignore_ascii_case(&host)
+        })
+    }
+
+    /// A service's base URL, checked: http(s), with a host on the allow-list, and neither
+    /// credentials, query nor fragment (a path joined to it would drop or carry them).
+    pub fn base_url(&self, name: &str) -> Result<url::Url, ConfigError> {
+        let invalid = |why: &str| {
+            ConfigError::Invalid(format!("providers.http.services.{name}.base_url {why}"))
+        };
+        let svc = self
+            .services
+            .get(name)
+            .ok_or_else(|| invalid("is missing (no such service)"))?;
+        let url =
+            url::Url::parse(&svc.base_url).map_err(|e| invalid(&format!("is not a URL: {e}")))?;
+        if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+            return Err(invalid("must be an http(s) URL with a host"));
+        }
+        if !url.username().is_empty()
+            || url.password().is_some()
+            || url.query().is_some()
+            || url.fragment().is_some()
+        {
+            return Err(invalid(
+                "must not carry credentials, a query or a fragment (use `token` for credentials)",
+            ));
+        }
+        if !self.host_allowed(&url) {
+            return Err(invalid(&format!(
+                "names host `{}`, which is not in providers.http.allowed_hosts",
+                url.host_str().unwrap_or_default()
+            )));
+        }
+        Ok(url)
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -572,12 +631,8 @@ impl Config {
                 "txlog.max_batch and txlog.writers must be at least 1".into(),
             ));
         }
-        for (name, svc) in &self.providers.http.services {
-            if !(svc.base_url.starts_with("http://") || svc.base_url.starts_with("https://")) {
-                return Err(ConfigError::Invalid(format!(
-                    "providers.http.services.{name}.base_url must be an http(s) URL"
-                )));
-            }
+        for name in self.providers.http.services.keys() {
+            self.providers.http.base_url(name)?;
         }
         for (name, remote) in &self.providers.remote {
             if crate::domain::Name::parse(name.clone()).is_err()
@@ -687,6 +742,53 @@ mod tests {
             assert_eq!(cfg.security.signing_key.expose(), "s3cret");
             Ok(())
         });
+    }
+
+    #[test]
+    fn http_services_must_be_on_the_allow_list() {
+        Jail::expect_with(|jail| {
+            jail.set_env(
+                "PROVISIO_PROVIDERS__HTTP__SERVICES__CRM__BASE_URL",
+                "https://CRM.example.com/api",
+            );
+            assert!(Config::load(None).is_ok(), "no list: any host");
+            jail.set_env(
+                "PROVISIO_PROVIDERS__HTTP__ALLOWED_HOSTS",
+                "[crm.example.com, \"[::1]\"]",
+            );
+            let cfg = Config::load(None).expect("listed host (case-insensitive)");
+            assert_eq!(cfg.providers.http.allowed_hosts.len(), 2);
+            let v6 = url::Url::parse("http://[::1]:8080/").expect("url");
+            assert!(cfg.providers.http.host_allowed(&v6));
+            jail.set_env(
+                "PROVISIO_PROVIDERS__HTTP__SERVICES__CRM__BASE_URL",
+                "https://evil.example/api",
+            );
+            let err = Config::load(None).expect_err("unlisted host");
+            assert!(err.to_string().contains("allowed_hosts"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn http_base_urls_are_plain_http_urls() {
+        let mut cfg = HttpProviderConfig::default();
+        for bad in [
+            "ftp://h/",
+            "https://u:p@h/",
+            "https://h/api?x=1",
+            "https://h/#f",
+            "h/api",
+        ] {
+            cfg.services.insert(
+                "s".into(),
+                HttpService {
+                    base_url: bad.into(),
+                    ..HttpService::default()
+                },
+            );
+            assert!(cfg.base_url("s").is_err(), "{bad}");
+        }
     }
 
     #[test]
