@@ -122,6 +122,39 @@ pub struct QueueManagerConfig {
     pub key_cache_seconds: u64,
     /// Upper bound of `?wait=SECONDS`.
     pub max_wait_seconds: u64,
+    /// Submissions each principal may make; off by default.
+    pub rate_limit: RateLimitConfig,
+}
+
+/// Per-principal limits on submissions (`POST /v1/requests`, `/v1/requests/trusted`,
+/// `/v1/requests:batch`), so that one runaway producer cannot fill the queues for everyone.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Submissions per second a principal may sustain (fractions allowed); 0 turns limits off.
+    pub per_principal_per_second: f64,
+    /// Submissions a principal may make at once after being idle; 0 means one second's worth
+    /// (at least 1). A batch larger than this can never pass.
+    pub burst: u32,
+}
+
+impl RateLimitConfig {
+    /// The time one submission's allowance takes to come back; `None` when limits are off.
+    pub fn period(&self) -> Option<std::time::Duration> {
+        (self.per_principal_per_second > 0.0)
+            .then(|| std::time::Duration::try_from_secs_f64(1.0 / self.per_principal_per_second))
+            .and_then(Result::ok)
+            .filter(|d| !d.is_zero())
+    }
+
+    /// The burst in force: as configured, or one second's worth.
+    pub fn effective_burst(&self) -> u32 {
+        if self.burst > 0 {
+            self.burst
+        } else {
+            (self.per_principal_per_second.ceil() as u32).max(1)
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -463,6 +496,7 @@ impl Default for QueueManagerConfig {
             publish_timeout_ms: 3000,
             max_wait_seconds: 60,
             key_cache_seconds: 60,
+            rate_limit: RateLimitConfig::default(),
         }
     }
 }
@@ -631,6 +665,17 @@ impl Config {
                 "txlog.max_batch and txlog.writers must be at least 1".into(),
             ));
         }
+        let rl = &self.queue_manager.rate_limit;
+        if !rl.per_principal_per_second.is_finite()
+            || rl.per_principal_per_second < 0.0
+            || (rl.per_principal_per_second > 0.0 && rl.period().is_none())
+        {
+            return Err(ConfigError::Invalid(format!(
+                "queue_manager.rate_limit.per_principal_per_second `{}` must be 0 (off) or a \
+                 positive number of submissions per second",
+                rl.per_principal_per_second
+            )));
+        }
         for name in self.providers.http.services.keys() {
             self.providers.http.base_url(name)?;
         }
@@ -766,6 +811,33 @@ mod tests {
             );
             let err = Config::load(None).expect_err("unlisted host");
             assert!(err.to_string().contains("allowed_hosts"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn rate_limits_are_off_by_default_and_checked() {
+        Jail::expect_with(|jail| {
+            let cfg = Config::load(None).expect("defaults");
+            assert_eq!(cfg.queue_manager.rate_limit.period(), None);
+            jail.set_env(
+                "PROVISIO_QUEUE_MANAGER__RATE_LIMIT__PER_PRINCIPAL_PER_SECOND",
+                "0.5",
+            );
+            let cfg = Config::load(None).expect("valid");
+            let rl = &cfg.queue_manager.rate_limit;
+            assert_eq!(rl.period(), Some(std::time::Duration::from_secs(2)));
+            assert_eq!(rl.effective_burst(), 1);
+            jail.set_env("PROVISIO_QUEUE_MANAGER__RATE_LIMIT__BURST", "20");
+            let cfg = Config::load(None).expect("valid");
+            assert_eq!(cfg.queue_manager.rate_limit.effective_burst(), 20);
+            for bad in ["-1", "1e-300"] {
+                jail.set_env(
+                    "PROVISIO_QUEUE_MANAGER__RATE_LIMIT__PER_PRINCIPAL_PER_SECOND",
+                    bad,
+                );
+                assert!(Config::load(None).is_err(), "{bad}");
+            }
             Ok(())
         });
     }
