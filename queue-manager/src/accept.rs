@@ -424,8 +424,14 @@ async fn run_batch(ctx: &Ctx, mut subs: Vec<Submission>) -> Result<Vec<Accepted>
     tx.commit().await.map_err(ApiError::db)?;
     for (i, s) in subs.iter().enumerate() {
         if is_new[i] && matches!(answers[i], Some(Ok(_))) {
+            // The names were checked against the namespace above; an inline procedure's name
+            // is the caller's choice and is labelled `inline`.
+            let procedure = provisio_shared::metrics::accepted_procedure_label(
+                s.envelope.procedure.as_str(),
+                s.envelope.steps.is_some(),
+            );
             metrics::counter!(provisio_shared::metrics::REQUESTS_ACCEPTED,
-                "namespace" => s.envelope.namespace.to_string(), "procedure" => s.envelope.procedure.to_string(),
+                "namespace" => s.envelope.namespace.to_string(), "procedure" => procedure,
                 "lane" => if s.trusted { "trusted" } else { s.envelope.priority.as_str() })
             .increment(1);
         }

@@ -18,4 +18,6 @@ pub struct App {
     pub ready: Readiness,
     pub acceptor: crate::accept::Acceptor,
     pub waiters: std::sync::Arc<crate::wait::Waiters>,
+    /// Per-principal submission limits; `None` when off.
+    pub rate_limits: Option<crate::ratelimit::RateLimits>,
 }

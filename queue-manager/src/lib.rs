@@ -6,5 +6,6 @@ pub mod accept;
 pub mod api;
 pub mod app;
 pub mod auth;
+pub mod ratelimit;
 pub mod scheduler;
 pub mod wait;

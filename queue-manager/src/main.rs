@@ -86,6 +86,9 @@ async fn main() -> anyhow::Result<()> {
     let waiters = Arc::new(provisio_queue_manager::wait::Waiters::default());
     waiters.follow(cfg.amqp.url.expose().to_owned(), Topology::new(&cfg.amqp));
     let app = Arc::new(App {
+        rate_limits: provisio_queue_manager::ratelimit::RateLimits::new(
+            &cfg.queue_manager.rate_limit,
+        ),
         acceptor,
         waiters,
         keys: KeyStore::new(

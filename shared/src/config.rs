@@ -126,6 +126,39 @@ pub struct QueueManagerConfig {
     pub key_cache_seconds: u64,
     /// Upper bound of `?wait=SECONDS`.
     pub max_wait_seconds: u64,
+    /// Submissions each principal may make; off by default.
+    pub rate_limit: RateLimitConfig,
+}
+
+/// Per-principal limits on submissions (`POST /v1/requests`, `/v1/requests/trusted`,
+/// `/v1/requests:batch`), so that one runaway producer cannot fill the queues for everyone.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Submissions per second a principal may sustain (fractions allowed); 0 turns limits off.
+    pub per_principal_per_second: f64,
+    /// Submissions a principal may make at once after being idle; 0 means one second's worth
+    /// (at least 1). A batch larger than this can never pass.
+    pub burst: u32,
+}
+
+impl RateLimitConfig {
+    /// The time one submission's allowance takes to come back; `None` when limits are off.
+    pub fn period(&self) -> Option<std::time::Duration> {
+        (self.per_principal_per_second > 0.0)
+            .then(|| std::time::Duration::try_from_secs_f64(1.0 / self.per_principal_per_second))
+            .and_then(Result::ok)
+            .filter(|d| !d.is_zero())
+    }
+
+    /// The burst in force: as configured, or one second's worth.
+    pub fn effective_burst(&self) -> u32 {
+        if self.burst > 0 {
+            self.burst
+        } else {
+            (self.per_principal_per_second.ceil() as u32).max(1)
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -258,6 +291,65 @@ pub struct SqlTarget {
 pub struct HttpProviderConfig {
     /// External services by name; requests name the service and a path, never a URL.
     pub services: BTreeMap<String, HttpService>,
+    /// Hosts the `http` provider may call; empty means any host of a configured service.
+    /// A second line of defence: a service pointed at another host (a typo, a tampered file)
+    /// fails start-up instead of receiving the requests and the service's bearer token.
+    pub allowed_hosts: Vec<String>,
+}
+
+impl HttpProviderConfig {
+    /// Whether `url`'s host is on the allow-list (always, when the list is empty). Names
+    /// compare case-insensitively; IPv6 addresses may be listed with or without brackets.
+    pub fn host_allowed(&self, url: &url::Url) -> bool {
+        if self.allowed_hosts.is_empty() {
+            return true;
+        }
+        let host = match url.host() {
+            Some(url::Host::Domain(d)) => d.to_ascii_lowercase(),
+            Some(url::Host::Ipv4(a)) => a.to_string(),
+            Some(url::Host::Ipv6(a)) => a.to_string(),
+            None => return false,
+        };
+        self.allowed_hosts.iter().any(|h| {
+            h.trim()
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .eq_ignore_ascii_case(&host)
+        })
+    }
+
+    /// A service's base URL, checked: http(s), with a host on the allow-list, and neither
+    /// credentials, query nor fragment (a path joined to it would drop or carry them).
+    pub fn base_url(&self, name: &str) -> Result<url::Url, ConfigError> {
+        let invalid = |why: &str| {
+            ConfigError::Invalid(format!("providers.http.services.{name}.base_url {why}"))
+        };
+        let svc = self
+            .services
+            .get(name)
+            .ok_or_else(|| invalid("is missing (no such service)"))?;
+        let url =
+            url::Url::parse(&svc.base_url).map_err(|e| invalid(&format!("is not a URL: {e}")))?;
+        if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+            return Err(invalid("must be an http(s) URL with a host"));
+        }
+        if !url.username().is_empty()
+            || url.password().is_some()
+            || url.query().is_some()
+            || url.fragment().is_some()
+        {
+            return Err(invalid(
+                "must not carry credentials, a query or a fragment (use `token` for credentials)",
+            ));
+        }
+        if !self.host_allowed(&url) {
+            return Err(invalid(&format!(
+                "names host `{}`, which is not in providers.http.allowed_hosts",
+                url.host_str().unwrap_or_default()
+            )));
+        }
+        Ok(url)
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -409,6 +501,7 @@ impl Default for QueueManagerConfig {
             publish_timeout_ms: 3000,
             max_wait_seconds: 60,
             key_cache_seconds: 60,
+            rate_limit: RateLimitConfig::default(),
         }
     }
 }
@@ -606,12 +699,19 @@ impl Config {
                     .into(),
             ));
         }
-        for (name, svc) in &self.providers.http.services {
-            if !(svc.base_url.starts_with("http://") || svc.base_url.starts_with("https://")) {
-                return Err(ConfigError::Invalid(format!(
-                    "providers.http.services.{name}.base_url must be an http(s) URL"
-                )));
-            }
+        let rl = &self.queue_manager.rate_limit;
+        if !rl.per_principal_per_second.is_finite()
+            || rl.per_principal_per_second < 0.0
+            || (rl.per_principal_per_second > 0.0 && rl.period().is_none())
+        {
+            return Err(ConfigError::Invalid(format!(
+                "queue_manager.rate_limit.per_principal_per_second `{}` must be 0 (off) or a \
+                 positive number of submissions per second",
+                rl.per_principal_per_second
+            )));
+        }
+        for name in self.providers.http.services.keys() {
+            self.providers.http.base_url(name)?;
         }
         for (name, remote) in &self.providers.remote {
             if crate::domain::Name::parse(name.clone()).is_err()
@@ -749,6 +849,32 @@ mod tests {
     }
 
     #[test]
+    fn http_services_must_be_on_the_allow_list() {
+        Jail::expect_with(|jail| {
+            jail.set_env(
+                "PROVISIO_PROVIDERS__HTTP__SERVICES__CRM__BASE_URL",
+                "https://CRM.example.com/api",
+            );
+            assert!(Config::load(None).is_ok(), "no list: any host");
+            jail.set_env(
+                "PROVISIO_PROVIDERS__HTTP__ALLOWED_HOSTS",
+                "[crm.example.com, \"[::1]\"]",
+            );
+            let cfg = Config::load(None).expect("listed host (case-insensitive)");
+            assert_eq!(cfg.providers.http.allowed_hosts.len(), 2);
+            let v6 = url::Url::parse("http://[::1]:8080/").expect("url");
+            assert!(cfg.providers.http.host_allowed(&v6));
+            jail.set_env(
+                "PROVISIO_PROVIDERS__HTTP__SERVICES__CRM__BASE_URL",
+                "https://evil.example/api",
+            );
+            let err = Config::load(None).expect_err("unlisted host");
+            assert!(err.to_string().contains("allowed_hosts"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
     fn txlog_sizes_and_timeouts_must_be_positive() {
         Jail::expect_with(|jail| {
             for key in [
@@ -764,6 +890,54 @@ mod tests {
             assert!(Config::load(None).is_ok());
             Ok(())
         });
+    }
+
+    #[test]
+    fn rate_limits_are_off_by_default_and_checked() {
+        Jail::expect_with(|jail| {
+            let cfg = Config::load(None).expect("defaults");
+            assert_eq!(cfg.queue_manager.rate_limit.period(), None);
+            jail.set_env(
+                "PROVISIO_QUEUE_MANAGER__RATE_LIMIT__PER_PRINCIPAL_PER_SECOND",
+                "0.5",
+            );
+            let cfg = Config::load(None).expect("valid");
+            let rl = &cfg.queue_manager.rate_limit;
+            assert_eq!(rl.period(), Some(std::time::Duration::from_secs(2)));
+            assert_eq!(rl.effective_burst(), 1);
+            jail.set_env("PROVISIO_QUEUE_MANAGER__RATE_LIMIT__BURST", "20");
+            let cfg = Config::load(None).expect("valid");
+            assert_eq!(cfg.queue_manager.rate_limit.effective_burst(), 20);
+            for bad in ["-1", "1e-300"] {
+                jail.set_env(
+                    "PROVISIO_QUEUE_MANAGER__RATE_LIMIT__PER_PRINCIPAL_PER_SECOND",
+                    bad,
+                );
+                assert!(Config::load(None).is_err(), "{bad}");
+            }
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn http_base_urls_are_plain_http_urls() {
+        let mut cfg = HttpProviderConfig::default();
+        for bad in [
+            "ftp://h/",
+            "https://u:p@h/",
+            "https://h/api?x=1",
+            "https://h/#f",
+            "h/api",
+        ] {
+            cfg.services.insert(
+                "s".into(),
+                HttpService {
+                    base_url: bad.into(),
+                    ..HttpService::default()
+                },
+            );
+            assert!(cfg.base_url("s").is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Every metric Provisio exports, named and described in one place. Names carry their unit
 //! (`_seconds`, `_total`); labels are bounded sets (namespace, procedure, provider, status,
-//! lane, reason), never request ids.
+//! lane, reason), never request ids, and never names a client chose: a namespace or procedure
+//! label is a name an admin applied, or a fixed value ([`request_labels`]).
 
 use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
 
@@ -33,6 +34,44 @@ pub const FENCED: &str = "provisio_fenced_transactions_total";
 pub const AUDITOR_LEADER: &str = "provisio_auditor_leader";
 pub const AUDITOR_STEP_DOWNS: &str = "provisio_auditor_step_downs_total";
 pub const DEAD_LETTERS_SETTLED: &str = "provisio_dead_letters_settled_total";
+
+/// The `procedure` label of inline (ad-hoc) procedures of trusted requests: their names are
+/// chosen per request by the caller, and as labels they would grow the metric set (and the
+/// memory of every scraper) without bound.
+pub const INLINE_PROCEDURE: &str = "inline";
+/// The label of a namespace or procedure that does not exist (a forged or stale request).
+pub const UNKNOWN: &str = "unknown";
+
+/// The `namespace` and `procedure` labels of a request run against `ns` (`None`: no such
+/// namespace). Inline procedures are `inline` even though the compiled namespace holds them
+/// under the caller's name; names that the namespace lacks are `unknown`.
+pub fn request_labels(
+    ns: Option<&crate::procedure::Namespace>,
+    procedure: &str,
+    inline: bool,
+) -> (String, String) {
+    let Some(ns) = ns else {
+        return (UNKNOWN.to_owned(), UNKNOWN.to_owned());
+    };
+    let procedure = if inline {
+        INLINE_PROCEDURE
+    } else if ns.procedures.contains_key(procedure) {
+        procedure
+    } else {
+        UNKNOWN
+    };
+    (ns.name.to_string(), procedure.to_owned())
+}
+
+/// The `procedure` label where the name was checked against its namespace when the request
+/// was accepted (the queue manager, request rows): the name itself, or `inline`.
+pub fn accepted_procedure_label(procedure: &str, inline: bool) -> String {
+    if inline {
+        INLINE_PROCEDURE.to_owned()
+    } else {
+        procedure.to_owned()
+    }
+}
 
 /// Registers descriptions with the installed recorder; call once after installing it.
 pub fn describe() {
@@ -161,4 +200,47 @@ pub fn describe() {
         Unit::Count,
         "Dead letters read by the auditors, by outcome (marked_dead, already_final, unknown_request, mismatch)."
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::StandardCatalog;
+    use crate::config::Config;
+    use crate::procedure::{NoExternal, compile, parse_document, with_inline};
+
+    #[test]
+    fn only_applied_names_become_labels() {
+        let mut cfg = Config::default();
+        cfg.providers.test.enabled = true;
+        let catalog = StandardCatalog::from_config(&cfg);
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../schemas/examples/demo.yaml");
+        let doc =
+            parse_document(&std::fs::read_to_string(path).expect("demo.yaml")).expect("parses");
+        let ns = compile(&doc, 1, &catalog, &NoExternal).expect("compiles");
+        assert_eq!(
+            request_labels(Some(&ns), "hello", false),
+            ("demo".into(), "hello".into())
+        );
+        assert_eq!(
+            request_labels(Some(&ns), "no-such", false),
+            ("demo".into(), "unknown".into())
+        );
+        assert_eq!(
+            request_labels(None, "hello", false),
+            ("unknown".into(), "unknown".into())
+        );
+        // As the engine sees a trusted request: the inline procedure compiled into the
+        // namespace under the caller's name, which must still not become a label.
+        let inline = serde_json::json!({"steps": [{"call": "test.echo", "input": "{}"}]});
+        let with = with_inline(&doc, "adhoc-7f3a", &inline, &catalog).expect("compiles");
+        assert!(with.procedures.contains_key("adhoc-7f3a"));
+        assert_eq!(
+            request_labels(Some(&with), "adhoc-7f3a", true),
+            ("demo".into(), "inline".into())
+        );
+        assert_eq!(accepted_procedure_label("adhoc-7f3a", true), "inline");
+        assert_eq!(accepted_procedure_label("hello", false), "hello");
+    }
 }

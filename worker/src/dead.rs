@@ -348,6 +348,10 @@ impl DeadLetters {
         )
         .await?;
         tx.commit().await?;
+        // The row's names were checked when the request was accepted, except an inline
+        // procedure's, which is the caller's choice: the envelope's `steps` tell it apart.
+        let inline = body.is_some_and(|b| b.get("steps").is_some_and(|s| !s.is_null()));
+        let procedure = m::accepted_procedure_label(&procedure, inline);
         metrics::counter!(m::REQUESTS_FINISHED, "namespace" => namespace, "procedure" => procedure, "status" => "dead")
             .increment(1);
         Ok(Some(Settled::MarkedDead))

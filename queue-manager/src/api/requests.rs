@@ -96,6 +96,7 @@ async fn submit_any(
     body: SubmitBody,
     trusted: bool,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
+    rate_limit(&app, &caller, 1)?;
     let Query(query) =
         query.map_err(|e| ApiError::Malformed(format!("query: {}", e.body_text())))?;
     let wait = query
@@ -142,6 +143,7 @@ pub async fn submit_batch(
             items.len()
         )));
     }
+    rate_limit(&app, &caller, items.len())?;
     let work = items.into_iter().map(|item| {
         let (app, caller) = (&app, &caller);
         async move {
@@ -164,6 +166,14 @@ pub async fn submit_batch(
     });
     let results = futures_util::future::join_all(work).await;
     Ok(Json(json!({"results": results})))
+}
+
+/// Takes `n` submissions from the caller's allowance (all or nothing), when limits are on.
+fn rate_limit(app: &App, caller: &Caller, n: usize) -> Result<(), ApiError> {
+    match &app.rate_limits {
+        Some(limits) => limits.check(caller.0.id, n),
+        None => Ok(()),
+    }
 }
 
 /// Validates one request and makes it durable; returns its status.

@@ -1,10 +1,13 @@
 //! The `http` provider and the remote-provider protocol.
 //!
 //! `http.request` calls a service whose base URL is configuration
-//! (`providers.http.services.NAME`); a request names the service and a path, never a URL. It
-//! sends `Idempotency-Key`, honours the service's timeout, treats 5xx, timeouts and connection
-//! errors as retryable and 4xx as permanent, and undoes a call with the compensating call the
-//! step declared.
+//! (`providers.http.services.NAME`); a request names the service and a path, never a URL. The
+//! path is resolved against the base URL and must stay under it (same scheme, host, port and
+//! base path), and the host must be on `providers.http.allowed_hosts` when that is set: a
+//! procedure author or a trusted caller's inline steps cannot aim the service's bearer token
+//! at another host or at another part of the service. It sends `Idempotency-Key`, honours
+//! the service's timeout, treats 5xx, timeouts and connection errors as retryable and 4xx as
+//! permanent, and undoes a call with the compensating call the step declared.
 //!
 //! A *remote provider* (`providers.remote.NAME`) is any service answering `POST /execute` and
 //! `POST /rollback` with the JSON of `schemas/remote-provider.schema.json`; it becomes the
@@ -14,8 +17,10 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
-use provisio_shared::config::{HttpService, RemoteProviderConfig};
+use percent_encoding::percent_decode_str;
+use provisio_shared::config::{ConfigError, HttpProviderConfig, HttpService, RemoteProviderConfig};
 use provisio_shared::provider::{Call, Executed, Provider, ProviderError, Rollback};
+use reqwest::Url;
 use serde_json::{Value, json};
 
 fn invalid(msg: impl Into<String>) -> ProviderError {
@@ -33,19 +38,80 @@ fn transport(e: &reqwest::Error) -> ProviderError {
     }
 }
 
-/// Paths are appended to the configured base URL; they may not smuggle in another host.
+fn invalid_path(path: &str, why: &str) -> ProviderError {
+    ProviderError::permanent("invalid_path", format!("path `{path}` {why}"))
+}
+
+/// A path must be a plain absolute path on the service. Refused before it is resolved: hosts
+/// and schemes in any form, backslashes (URL parsers read them as `/`), control characters,
+/// and `..` in any spelling (`%2e%2e`, `..%2f`, double-encoded, `..;`): a server or proxy that
+/// decodes after routing would walk out of the base path although the URL as sent stays in.
 fn check_path(path: &str) -> Result<(), ProviderError> {
-    if !path.starts_with('/')
-        || path.starts_with("//")
-        || path.contains("://")
-        || path.split('/').any(|s| s == "..")
-        || path.chars().any(char::is_control)
-    {
-        return Err(invalid(format!(
-            "path `{path}` must be an absolute path on the service (no host, no `..`)"
-        )));
+    if !path.starts_with('/') {
+        return Err(invalid_path(path, "must start with `/`"));
+    }
+    if path.starts_with("//") || path.contains("://") || path.contains('\\') {
+        return Err(invalid_path(path, "must not name a host or a scheme"));
+    }
+    // Only the path part: dots in a query string walk nowhere.
+    let mut text = path.split(['?', '#']).next().unwrap_or(path).to_owned();
+    // Each round peels one layer of encoding; four catch any encoding anyone uses in practice,
+    // and a path still changing after them is refused rather than trusted.
+    for round in 0.. {
+        let dot_dot = text
+            .split(['/', '\\'])
+            .any(|seg| seg == ".." || seg.starts_with("..;"));
+        if dot_dot {
+            return Err(invalid_path(
+                path,
+                "must not contain `..` (in any encoding)",
+            ));
+        }
+        if text.chars().any(char::is_control) {
+            return Err(invalid_path(
+                path,
+                "must not contain control characters (in any encoding)",
+            ));
+        }
+        let decoded = percent_decode_str(&text).decode_utf8_lossy().into_owned();
+        if decoded == text {
+            return Ok(());
+        }
+        if round == 4 {
+            return Err(invalid_path(path, "is encoded too many times over"));
+        }
+        text = decoded;
     }
     Ok(())
+}
+
+/// `url` lies under `base` (whose path ends with `/`): same scheme, host and port, no
+/// credentials, and a path that starts with the base path.
+fn is_under(base: &Url, url: &Url) -> bool {
+    url.scheme() == base.scheme()
+        && url.host() == base.host()
+        && url.port_or_known_default() == base.port_or_known_default()
+        && url.username().is_empty()
+        && url.password().is_none()
+        && url.path().starts_with(base.path())
+}
+
+/// The URL a path names on a service: checked, resolved with `Url::join` (which removes dot
+/// segments as any client or server would), and checked again against the base, so that
+/// whatever the parser makes of the path, the request cannot leave the service.
+fn resolve(base: &Url, path: &str) -> Result<Url, ProviderError> {
+    check_path(path)?;
+    // `./rest` keeps `rest` relative even when it looks like a scheme (`urn:x`).
+    let url = base
+        .join(&format!(".{path}"))
+        .map_err(|e| invalid_path(path, &format!("does not resolve: {e}")))?;
+    if !is_under(base, &url) {
+        return Err(invalid_path(
+            path,
+            &format!("leaves the service's base URL {base}"),
+        ));
+    }
+    Ok(url)
 }
 
 async fn body_of(resp: reqwest::Response) -> Value {
@@ -79,7 +145,14 @@ fn fill(template: &Value, body: &Value) -> Value {
 
 pub struct HttpProvider {
     client: reqwest::Client,
-    services: HashMap<String, HttpService>,
+    services: HashMap<String, Service>,
+    config: HttpProviderConfig,
+}
+
+/// A configured service with its base URL parsed once, its path ending with `/`.
+struct Service {
+    base: Url,
+    cfg: HttpService,
 }
 
 struct Request {
@@ -113,26 +186,58 @@ fn request_of(v: &Value, what: &str) -> Result<Request, ProviderError> {
 }
 
 impl HttpProvider {
-    pub fn new(services: HashMap<String, HttpService>) -> Self {
-        Self {
+    /// Refuses a service whose base URL is not a plain http(s) URL or whose host is not on
+    /// the allow-list, so that a bad configuration stops the engine at start-up.
+    pub fn new(config: &HttpProviderConfig) -> Result<Self, ConfigError> {
+        let mut services = HashMap::new();
+        for (name, cfg) in &config.services {
+            let mut base = config.base_url(name)?;
+            if !base.path().ends_with('/') {
+                base.set_path(&format!("{}/", base.path()));
+            }
+            services.insert(
+                name.clone(),
+                Service {
+                    base,
+                    cfg: cfg.clone(),
+                },
+            );
+        }
+        Ok(Self {
             client: reqwest::Client::new(),
             services,
-        }
+            config: config.clone(),
+        })
     }
 
-    async fn send(&self, req: &Request, key: &str) -> Result<Value, ProviderError> {
+    /// The URL a request goes to; refusals are permanent (`invalid_path`, `host_not_allowed`).
+    fn target(&self, req: &Request) -> Result<(&Service, Url), ProviderError> {
         let svc = self
             .services
             .get(&req.service)
             .ok_or_else(|| invalid(format!("no http service `{}` is configured", req.service)))?;
-        let url = format!("{}{}", svc.base_url.trim_end_matches('/'), req.path);
+        let url = resolve(&svc.base, &req.path)?;
+        if !self.config.host_allowed(&url) {
+            return Err(ProviderError::permanent(
+                "host_not_allowed",
+                format!(
+                    "host `{}` is not in providers.http.allowed_hosts",
+                    url.host_str().unwrap_or_default()
+                ),
+            ));
+        }
+        Ok((svc, url))
+    }
+
+    async fn send(&self, req: &Request, key: &str) -> Result<Value, ProviderError> {
+        let (svc, url) = self.target(req)?;
         let mut rb = self
             .client
-            .request(req.method.clone(), &url)
-            .timeout(Duration::from_millis(svc.timeout_ms))
+            .request(req.method.clone(), url)
+            .timeout(Duration::from_millis(svc.cfg.timeout_ms))
             .header("Idempotency-Key", key);
-        if !svc.token.is_empty() {
-            rb = rb.bearer_auth(svc.token.expose());
+        if !svc.cfg.token.is_empty() {
+            rb = rb.bearer_auth(svc.cfg.token.expose());
         }
         if let Some(b) = &req.body {
             rb = rb.json(b);
@@ -314,16 +419,122 @@ mod tests {
     }
 
     #[test]
-    fn paths_cannot_change_the_host() {
-        assert!(check_path("/users/1").is_ok());
+    fn plain_paths_resolve_under_the_base() {
+        let base = |u: &str| Url::parse(u).expect("url");
+        let cases = [
+            (
+                "http://h:8080/api/",
+                "/accounts",
+                "http://h:8080/api/accounts",
+            ),
+            ("http://h:8080/api/", "/", "http://h:8080/api/"),
+            ("http://h/", "/a/b?q=x%20y", "http://h/a/b?q=x%20y"),
+            ("http://h/", "/urn:x", "http://h/urn:x"),
+            ("http://h/", "/files/a..b/./c", "http://h/files/a..b/c"),
+            ("http://h/", "/%2e/x", "http://h/x"),
+        ];
+        for (b, path, want) in cases {
+            let got = resolve(&base(b), path).unwrap_or_else(|e| panic!("{path}: {e}"));
+            assert_eq!(got.as_str(), want, "{b} + {path}");
+        }
+    }
+
+    #[test]
+    fn every_escape_is_refused_as_invalid_path() {
+        let base = Url::parse("http://svc.example:8080/api/").expect("url");
         for bad in [
+            // Not an absolute path, or a host in disguise.
             "users",
             "//evil.example/x",
-            "/a/../b",
+            "http://evil.example/x",
+            "https://svc.example:8080/api/x",
             "/x?u=http://e",
+            "/\\evil.example/x",
+            "/a\\..\\..\\b",
+            // `..`, plain and encoded.
+            "/a/../../b",
+            "/..",
+            "/%2e%2e/admin",
+            "/%2E%2E/admin",
+            "/.%2e/admin",
+            "/%2e./admin",
+            "/..%2fadmin",
+            "/..%2Fadmin",
+            "/a/%2e%2e%2f%2e%2e%2fadmin",
+            "/%252e%252e/admin",
+            "/%25252e%25252e/admin",
+            "/..;/admin",
+            "/..%3b/admin",
+            // Control characters, plain and encoded.
             "/a\nb",
+            "/a%0d%0aHost:%20evil",
+            "/a%00b",
         ] {
-            assert!(check_path(bad).is_err(), "{bad}");
+            let err = resolve(&base, bad).expect_err(bad);
+            assert_eq!(err.code, "invalid_path", "{bad}: {err}");
+            assert!(!err.retryable, "{bad}");
         }
+    }
+
+    #[test]
+    fn only_urls_under_the_base_are_under_it() {
+        let base = Url::parse("http://h:8080/api/").expect("url");
+        let under = |u: &str| is_under(&base, &Url::parse(u).expect("url"));
+        assert!(under("http://h:8080/api/"));
+        assert!(under("http://h:8080/api/x/y"));
+        for out in [
+            "http://h:8080/apix",
+            "http://h:8080/",
+            "http://h:8081/api/x",
+            "https://h:8080/api/x",
+            "http://evil:8080/api/x",
+            "http://u:p@h:8080/api/x",
+        ] {
+            assert!(!under(out), "{out}");
+        }
+    }
+
+    fn config(base_url: &str, allowed: &[&str]) -> HttpProviderConfig {
+        let mut cfg = HttpProviderConfig {
+            allowed_hosts: allowed.iter().map(|h| (*h).to_owned()).collect(),
+            ..HttpProviderConfig::default()
+        };
+        cfg.services.insert(
+            "svc".into(),
+            HttpService {
+                base_url: base_url.into(),
+                ..HttpService::default()
+            },
+        );
+        cfg
+    }
+
+    #[test]
+    fn a_service_off_the_allow_list_is_a_configuration_error() {
+        assert!(HttpProvider::new(&config("http://127.0.0.1:9/api", &["127.0.0.1"])).is_ok());
+        assert!(HttpProvider::new(&config("http://127.0.0.1:9/api", &[])).is_ok());
+        let err = HttpProvider::new(&config("http://evil.example/", &["127.0.0.1"]))
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("allowed_hosts"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_target_off_the_allow_list_is_refused_before_sending() {
+        // Built as start-up would, then the list narrowed: the per-call check still holds.
+        let mut p =
+            HttpProvider::new(&config("http://127.0.0.1:9/api", &["127.0.0.1"])).expect("valid");
+        p.config.allowed_hosts = vec!["10.0.0.1".into()];
+        let req = request_of(&json!({"service": "svc", "path": "/x"}), "input").expect("valid");
+        let err = p.send(&req, "k").await.expect_err("refused");
+        assert_eq!(err.code, "host_not_allowed");
+        assert!(!err.retryable);
+        let req = Request {
+            path: "/%2e%2e/x".into(),
+            ..req
+        };
+        p.config.allowed_hosts.clear();
+        let err = p.send(&req, "k").await.expect_err("refused");
+        assert_eq!(err.code, "invalid_path");
     }
 }

@@ -26,6 +26,8 @@ pub enum BuildError {
     SqlTarget(String, String),
     #[error("database pool: {0}")]
     Pool(String),
+    #[error("http provider: {0}")]
+    Http(String),
 }
 
 /// Builds the registry: `test` only when enabled, `sql` when targets are configured, `http`
@@ -56,9 +58,10 @@ pub fn build(
     }
     let sql = Arc::new(sql::SqlProvider::new(targets));
     providers.push(sql.clone());
-    providers.push(Arc::new(http::HttpProvider::new(
-        cfg.providers.http.services.clone().into_iter().collect(),
-    )));
+    providers.push(Arc::new(
+        http::HttpProvider::new(&cfg.providers.http)
+            .map_err(|e| BuildError::Http(e.to_string()))?,
+    ));
     for (name, remote) in &cfg.providers.remote {
         providers.push(Arc::new(http::RemoteProvider::new(
             name.clone(),
