@@ -423,6 +423,13 @@ impl Engine {
                 .then(|| Duration::from_millis(self.cfg.providers.test.pause_after_prepare_ms)),
         );
         let outcome = run.execute(&ns, &procedure, env.input.clone()).await;
+        // Labels from the namespace that ran, never from what the client chose: inline
+        // procedures are `inline`, so metric cardinality stays bounded.
+        let (ns_label, proc_label) = provisio_shared::metrics::request_labels(
+            Some(&ns),
+            env.procedure.as_str(),
+            env.steps.is_some(),
+        );
         if outcome.fenced {
             self.release_lease(tx_id);
             metrics::counter!(provisio_shared::metrics::FENCED).increment(1);
@@ -461,7 +468,7 @@ impl Engine {
             ),
         };
         if outcome.rolled_back > 0 {
-            metrics::counter!(provisio_shared::metrics::ROLLBACKS, "namespace" => env.namespace.to_string(), "procedure" => env.procedure.to_string()).increment(1);
+            metrics::counter!(provisio_shared::metrics::ROLLBACKS, "namespace" => ns_label.clone(), "procedure" => proc_label.clone()).increment(1);
         }
         if status == Status::InDoubt {
             metrics::gauge!(provisio_shared::metrics::IN_DOUBT).increment(1.0);
@@ -528,8 +535,8 @@ impl Engine {
             }
         }
         let labels = [
-            ("namespace", env.namespace.to_string()),
-            ("procedure", env.procedure.to_string()),
+            ("namespace", ns_label),
+            ("procedure", proc_label),
             ("status", status.as_str().to_owned()),
         ];
         metrics::counter!(provisio_shared::metrics::REQUESTS_FINISHED, &labels).increment(1);
