@@ -1,0 +1,197 @@
+//! Load under a broker outage, shared by the tests that take the broker away (through a
+//! proxy, or by restarting RabbitMQ itself).
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::{TestEnv, demo_namespace, request};
+
+/// Submissions per producer task, and producer tasks.
+const PER_PRODUCER: usize = 100;
+const PRODUCERS: usize = 4;
+/// The broker is cut once this many submissions have been answered.
+const CUT_AFTER: usize = 120;
+/// How long the broker stays away.
+const OUTAGE: Duration = Duration::from_secs(4);
+
+/// Runs a load of demo requests against a queue manager and two engines that reach the broker
+/// at `amqp_url`; once `CUT_AFTER` submissions are answered, `cut` takes the broker away, and
+/// `restore` brings it back `OUTAGE` later. Then every request that got a 2xx must end
+/// `succeeded`, every other submission must have got a 503, and no refused request may run.
+pub async fn outage_under_load<C, CF, S, SF>(
+    env: &TestEnv,
+    amqp_url: &str,
+    cut: C,
+    restore: S,
+) -> anyhow::Result<()>
+where
+    C: FnOnce() -> CF,
+    CF: Future<Output = anyhow::Result<()>>,
+    S: FnOnce() -> SF,
+    SF: Future<Output = anyhow::Result<()>>,
+{
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+
+    let through_proxy = [("PROVISIO_AMQP_URL", amqp_url)];
+    let qm = env.spawn("queue-manager", &[], &through_proxy).await?;
+    let engines = [
+        env.spawn("worker", &["--role", "engine"], &through_proxy)
+            .await?,
+        env.spawn("worker", &["--role", "engine"], &through_proxy)
+            .await?,
+    ];
+    let (status, b) = env.apply(&qm, "demo", &demo_namespace()).await?;
+    assert!(status < 300, "{status} {b}");
+
+    // 0: before the cut, 1: broker away, 2: restored.
+    let phase = AtomicU8::new(0);
+    let answered = AtomicUsize::new(0);
+    // id -> (HTTP status or 0 for a transport error, phase when answered, detail)
+    let results: Mutex<BTreeMap<String, (u16, u8, String)>> = Mutex::new(BTreeMap::new());
+
+    let producer = |p: usize| {
+        let (phase, answered, results, qm) = (&phase, &answered, &results, &qm);
+        async move {
+            for i in 0..PER_PRODUCER {
+                let id = format!("load-{p}-{i:03}");
+                let mut body = request("demo", "hello", json!({"name": format!("N{p}x{i}")}));
+                body["id"] = json!(id);
+                let (status, detail) = match env.submit(qm, &body).await {
+                    Ok((s, b)) => (s, b.to_string()),
+                    Err(e) => (0, e.to_string()),
+                };
+                let when = phase.load(Ordering::SeqCst);
+                results
+                    .lock()
+                    .expect("results")
+                    .insert(id, (status, when, detail));
+                answered.fetch_add(1, Ordering::SeqCst);
+                if status == 503 {
+                    // What a well-behaved producer does with a 503: back off a little.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    };
+    let controller = async {
+        let deadline = tokio::time::Instant::now() + Duration::from_mins(2);
+        while answered.load(Ordering::SeqCst) < CUT_AFTER {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the load never reached {CUT_AFTER} answers"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        cut().await?;
+        phase.store(1, Ordering::SeqCst);
+        eprintln!(
+            "broker cut after {} answers",
+            answered.load(Ordering::SeqCst)
+        );
+        tokio::time::sleep(OUTAGE).await;
+        restore().await?;
+        phase.store(2, Ordering::SeqCst);
+        eprintln!(
+            "broker restored after {} answers",
+            answered.load(Ordering::SeqCst)
+        );
+        anyhow::Ok(())
+    };
+    let (_, c) = tokio::join!(
+        futures_util::future::join_all((0..PRODUCERS).map(producer)),
+        controller
+    );
+    c?;
+    let results = results.into_inner().expect("results");
+
+    let accepted: Vec<String> = results
+        .iter()
+        .filter(|(_, (s, _, _))| (200..300).contains(s))
+        .map(|(id, _)| id.clone())
+        .collect();
+    let refused: Vec<String> = results
+        .iter()
+        .filter(|(_, (s, _, _))| *s == 503)
+        .map(|(id, _)| id.clone())
+        .collect();
+    let per_phase = |want: u8, accepted: bool| {
+        results
+            .values()
+            .filter(|(s, p, _)| *p == want && ((200..300).contains(s) == accepted))
+            .count()
+    };
+    eprintln!(
+        "{} submissions: {} accepted (2xx), {} refused (503); accepted/refused before the cut {}/{}, \
+         during {}/{}, after {}/{}",
+        results.len(),
+        accepted.len(),
+        refused.len(),
+        per_phase(0, true),
+        per_phase(0, false),
+        per_phase(1, true),
+        per_phase(1, false),
+        per_phase(2, true),
+        per_phase(2, false),
+    );
+    let other: Vec<_> = results
+        .iter()
+        .filter(|(_, (s, _, _))| !(200..300).contains(s) && *s != 503)
+        .collect();
+    assert!(
+        other.is_empty(),
+        "every submission is either accepted or refused with 503: {other:?}"
+    );
+    assert!(!refused.is_empty(), "the outage was seen by producers");
+    assert!(
+        per_phase(2, true) > 0,
+        "requests were accepted again after the restore"
+    );
+
+    // Every accepted request succeeds, and nothing stays queued or running.
+    let pg = env.pg().await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_mins(3);
+    loop {
+        let rows = pg.query("SELECT id, status FROM requests", &[]).await?;
+        let status: BTreeMap<String, String> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        let not_done: Vec<(&String, Option<&String>)> = accepted
+            .iter()
+            .map(|id| (id, status.get(id)))
+            .filter(|(_, s)| s.map(String::as_str) != Some("succeeded"))
+            .collect();
+        let unfinished: Vec<(&String, &String)> = status
+            .iter()
+            .filter(|(_, s)| matches!(s.as_str(), "queued" | "running"))
+            .collect();
+        if not_done.is_empty() && unfinished.is_empty() {
+            eprintln!("all {} accepted requests succeeded", accepted.len());
+            // A 503 means nothing was accepted: no refused request ever runs (a publish cut
+            // off before its confirm is accepted and republished, not refused).
+            let ran_anyway: Vec<&String> = refused
+                .iter()
+                .filter(|id| status.contains_key(*id))
+                .collect();
+            assert!(
+                ran_anyway.is_empty(),
+                "refused with 503, yet ran: {ran_anyway:?}"
+            );
+            assert_eq!(status.len(), accepted.len(), "only accepted requests exist");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not finished within 3 minutes: accepted but not succeeded {not_done:?}; \
+             queued/running {unfinished:?}; engine logs: {:?}",
+            engines
+                .iter()
+                .map(|e| e.log.display().to_string())
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    drop(engines);
+    drop(qm);
+    Ok(())
+}
