@@ -12,7 +12,9 @@ const PER_PRODUCER: usize = 100;
 const PRODUCERS: usize = 4;
 /// The broker is cut once this many submissions have been answered.
 const CUT_AFTER: usize = 120;
-/// How long the broker stays away.
+/// Submissions each producer makes after the broker is back.
+const AFTER_RESTORE: usize = 10;
+/// How long the broker stays away (at least: taking it away may itself take a while).
 const OUTAGE: Duration = Duration::from_secs(4);
 
 /// Runs a load of demo requests against a queue manager and two engines that reach the broker
@@ -55,8 +57,14 @@ where
     let producer = |p: usize| {
         let (phase, answered, results, qm) = (&phase, &answered, &results, &qm);
         async move {
-            for i in 0..PER_PRODUCER {
-                let id = format!("load-{p}-{i:03}");
+            // Each producer makes its share of submissions, and goes on (bounded) until it
+            // has made some after the broker is back, however long the outage lasted.
+            let mut after_restore = 0;
+            for i in 0..PER_PRODUCER * 20 {
+                if i >= PER_PRODUCER && after_restore >= AFTER_RESTORE {
+                    break;
+                }
+                let id = format!("load-{p}-{i:04}");
                 let mut body = request("demo", "hello", json!({"name": format!("N{p}x{i}")}));
                 body["id"] = json!(id);
                 let (status, detail) = match env.submit(qm, &body).await {
@@ -64,6 +72,9 @@ where
                     Err(e) => (0, e.to_string()),
                 };
                 let when = phase.load(Ordering::SeqCst);
+                if when == 2 {
+                    after_restore += 1;
+                }
                 results
                     .lock()
                     .expect("results")
