@@ -417,6 +417,41 @@ async fn the_running_service_matches_its_openapi_document() -> anyhow::Result<()
         404
     );
 
+    // In-doubt transactions (the whole flow is in tests/in_doubt.rs): the list, and the
+    // actions' refusals.
+    assert_eq!(
+        call!(
+            "/v1/transactions",
+            "get",
+            http.get(format!("{base}/v1/transactions?status=in_doubt"))
+                .bearer_auth(&key)
+        )
+        .0,
+        200
+    );
+    let nobody = uuid::Uuid::now_v7();
+    assert_eq!(
+        call!(
+            "/v1/transactions/{id}:retry-rollback",
+            "post",
+            http.post(format!("{base}/v1/transactions/{nobody}:retry-rollback"))
+                .bearer_auth(&key)
+        )
+        .0,
+        404
+    );
+    assert_eq!(
+        call!(
+            "/v1/transactions/{id}:resolve",
+            "post",
+            http.post(format!("{base}/v1/transactions/{nobody}:resolve"))
+                .bearer_auth(&key)
+                .json(&json!({}))
+        )
+        .0,
+        400
+    );
+
     for p in ["/healthz", "/readyz", "/metrics"] {
         assert_eq!(call!(p, "get", http.get(format!("{base}{p}"))).0, 200);
     }

@@ -209,6 +209,14 @@ impl Auditor {
     async fn work(&self, stop: &CancellationToken) {
         let interval = Duration::from_millis(self.cfg.auditor.interval_ms);
         while !stop.is_cancelled() {
+            // Operator commands first, so that this pass's in-doubt gauge reflects them.
+            match self.recovery.run_commands().await {
+                Ok(r) if r != crate::operator::CommandsReport::default() => {
+                    tracing::info!(?r, "operator commands");
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "operator commands failed"),
+            }
             match self.recovery.run_once().await {
                 Ok(r) if r != Report::default() => tracing::info!(?r, "recovery pass"),
                 Ok(_) => {}

@@ -7,6 +7,7 @@ pub mod dead;
 pub mod engine;
 pub mod logservers;
 pub mod logset;
+pub mod operator;
 pub mod providers;
 pub mod recovery;
 pub mod txlog;

@@ -57,7 +57,7 @@ pub enum Resolved {
 }
 
 impl Recovery {
-    fn server_pool(&self, server: usize) -> anyhow::Result<&Pool> {
+    pub(crate) fn server_pool(&self, server: usize) -> anyhow::Result<&Pool> {
         self.servers
             .server(server)
             .map(crate::logservers::Server::pool)
@@ -290,7 +290,11 @@ impl Recovery {
     /// provider's `rollback_unknown`. A failed rollback does not stop the walk. Each rollback
     /// is logged, and renews the claim, while recovery still owns the transaction. Returns
     /// what could not be undone.
-    async fn roll_back_logged(&self, server: usize, tx_id: Uuid) -> anyhow::Result<Vec<Value>> {
+    pub(crate) async fn roll_back_logged(
+        &self,
+        server: usize,
+        tx_id: Uuid,
+    ) -> anyhow::Result<Vec<Value>> {
         let client = self.server_pool(server)?.get().await.context("database")?;
         let rows = client
             .query("SELECT seq, kind, path, provider, action, input, rollback_data, error FROM tx_steps WHERE tx_id = $1 ORDER BY seq", &[&tx_id])
@@ -420,7 +424,7 @@ impl Recovery {
 
     /// Writes recovery's outcome: the transaction, and the request while this attempt is
     /// its current one (and, with separate log servers, while recovery holds its decision).
-    async fn finish(
+    pub(crate) async fn finish(
         &self,
         server: usize,
         request_id: &str,

@@ -6,6 +6,7 @@ pub mod error;
 mod namespaces;
 mod principals;
 mod requests;
+mod transactions;
 
 use std::sync::Arc;
 
@@ -34,6 +35,8 @@ pub fn router(app: Arc<App>) -> Router {
             "/v1/principals/{name}/keys/{key_id}",
             delete(principals::revoke_key),
         )
+        .route("/v1/transactions", get(transactions::list))
+        .route("/v1/transactions/{target}", post(transactions::action))
         .route("/v1/namespaces", get(namespaces::list))
         .route(
             "/v1/namespaces/{name}",

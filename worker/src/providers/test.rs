@@ -99,6 +99,23 @@ impl TestProvider {
             .map_err(|e| ProviderError::retryable("unavailable", e))
     }
 
+    /// A fault that an operator can "fix": set while `provider_test.counters` has the row.
+    async fn flag_set(&self, flag: &str) -> Result<bool, ProviderError> {
+        let client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| ProviderError::retryable("unavailable", e.to_string()))?;
+        Ok(client
+            .query_opt(
+                "SELECT 1 FROM provider_test.counters WHERE key = $1",
+                &[&flag],
+            )
+            .await
+            .map_err(|e| ProviderError::retryable("unavailable", e.to_string()))?
+            .is_some())
+    }
+
     /// Whether `rb` is the first rollback recorded for its step (a slow rollback is slow only
     /// once, so that the recovery resuming it after a crash is quick).
     async fn first_rollback(&self, rb: &Rollback) -> Result<bool, ProviderError> {
@@ -213,8 +230,10 @@ impl Provider for TestProvider {
 
     /// Records the rollback, then honours the faults the call's input asked for (echo keeps
     /// its input in the rollback data): `rollback_sleep_ms` (a slow rollback, to crash an
-    /// engine in the middle of one) and `fail_rollback: true` (a rollback that always fails,
-    /// permanently, to produce `in_doubt` transactions).
+    /// engine in the middle of one), `fail_rollback: true` (a rollback that always fails,
+    /// permanently, to produce `in_doubt` transactions) and `fail_rollback_while: "flag"` (it
+    /// fails while the row `flag` is in `provider_test.counters`: a provider an operator can
+    /// fix, then retry the rollback).
     fn rollback<'a>(&'a self, rb: &'a Rollback) -> BoxFuture<'a, Result<(), ProviderError>> {
         Box::pin(async move {
             self.record(rb.tx_id, &rb.step_path, &rb.action, "rollback", &rb.data)
@@ -229,6 +248,14 @@ impl Provider for TestProvider {
                 return Err(ProviderError::permanent(
                     "rollback_refused",
                     "the test provider was asked to fail this rollback",
+                ));
+            }
+            if let Some(flag) = input.get("fail_rollback_while").and_then(Value::as_str)
+                && self.flag_set(flag).await?
+            {
+                return Err(ProviderError::permanent(
+                    "rollback_refused",
+                    format!("the test provider fails this rollback while flag `{flag}` is set"),
                 ));
             }
             Ok(())
