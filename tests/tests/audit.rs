@@ -99,6 +99,54 @@ async fn the_sweep_audits_what_the_level_selects_and_empties_the_log() -> anyhow
         let (status, _) = env.get_request(&qm, id).await?;
         assert_eq!(status, 200, "request records outlive the log");
     }
+
+    // The audit query API: filters, keyset pages, one transaction with its rows.
+    let get = |path: String| {
+        let (http, key) = (env.http.clone(), env.admin_key.clone());
+        async move {
+            let r = http.get(path).bearer_auth(key).send().await?;
+            let status = r.status().as_u16();
+            anyhow::Ok((status, r.json::<serde_json::Value>().await?))
+        }
+    };
+    let base = format!("{}/v1/audit/transactions", qm.url);
+    let (s, all) = get(base.clone()).await?;
+    assert_eq!(s, 200, "{all}");
+    assert_eq!(
+        all["transactions"].as_array().map(Vec::len),
+        Some(2),
+        "{all}"
+    );
+    let (_, failed) = get(format!("{base}?outcome=rolled_back")).await?;
+    let list = failed["transactions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(list.len(), 1, "{failed}");
+    assert_eq!(list[0]["request_id"], ids[2].as_str());
+    let (_, by_id) = get(format!("{base}?request_id={}", ids[1])).await?;
+    assert_eq!(by_id["transactions"][0]["procedure"], "marked", "{by_id}");
+    let (_, none) = get(format!("{base}?procedure=plain")).await?;
+    assert_eq!(none["transactions"], serde_json::json!([]));
+    let (_, later) = get(format!("{base}?from=2999-01-01T00:00:00Z")).await?;
+    assert_eq!(later["transactions"], serde_json::json!([]));
+    let (_, page1) = get(format!("{base}?limit=1")).await?;
+    let next = page1["next"].as_str().unwrap_or_default().to_owned();
+    assert!(!next.is_empty(), "{page1}");
+    let (_, page2) = get(format!("{base}?limit=1&after={next}")).await?;
+    assert_eq!(page2["transactions"].as_array().map(Vec::len), Some(1));
+    assert_ne!(
+        page1["transactions"][0]["id"], page2["transactions"][0]["id"],
+        "pages do not overlap"
+    );
+    let tx = list[0]["id"].as_str().unwrap_or_default();
+    let (s, one) = get(format!("{base}/{tx}")).await?;
+    assert_eq!(s, 200);
+    assert_eq!(one["errors"][0]["code"], "quota_exceeded", "{one}");
+    let (s, _) = get(format!("{base}?outcome=maybe")).await?;
+    assert_eq!(s, 400);
+    let (s, _) = get(format!("{base}/{}", uuid::Uuid::now_v7())).await?;
+    assert_eq!(s, 404);
     drop((qm, engine, auditor));
     env.cleanup().await;
     Ok(())

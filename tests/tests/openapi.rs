@@ -432,6 +432,26 @@ async fn the_running_service_matches_its_openapi_document() -> anyhow::Result<()
     let nobody = uuid::Uuid::now_v7();
     assert_eq!(
         call!(
+            "/v1/audit/transactions",
+            "get",
+            http.get(format!("{base}/v1/audit/transactions?limit=10"))
+                .bearer_auth(&key)
+        )
+        .0,
+        200
+    );
+    assert_eq!(
+        call!(
+            "/v1/audit/transactions/{id}",
+            "get",
+            http.get(format!("{base}/v1/audit/transactions/{nobody}"))
+                .bearer_auth(&key)
+        )
+        .0,
+        404
+    );
+    assert_eq!(
+        call!(
             "/v1/transactions/{id}:retry-rollback",
             "post",
             http.post(format!("{base}/v1/transactions/{nobody}:retry-rollback"))

@@ -1,6 +1,7 @@
 //! The HTTP API (docs/design.md §2.1, schemas/openapi.yaml). One module per resource; each
 //! handler returns `ApiError`.
 
+mod audit;
 mod body;
 pub mod error;
 mod namespaces;
@@ -35,6 +36,8 @@ pub fn router(app: Arc<App>) -> Router {
             "/v1/principals/{name}/keys/{key_id}",
             delete(principals::revoke_key),
         )
+        .route("/v1/audit/transactions", get(audit::list))
+        .route("/v1/audit/transactions/{id}", get(audit::get))
         .route("/v1/transactions", get(transactions::list))
         .route("/v1/transactions/{target}", post(transactions::action))
         .route("/v1/namespaces", get(namespaces::list))
