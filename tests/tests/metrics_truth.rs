@@ -209,6 +209,33 @@ fn every_declared_metric_has_an_owner_and_every_histogram_is_declared() {
         "OWNERS and metrics::ALL must list the same metrics"
     );
     assert!(HISTOGRAMS.iter().all(|h| declared.contains(h)));
+    // The runbook's table lists the same metrics, each with the processes OWNERS names.
+    let runbook = std::fs::read_to_string(repo_root().join("docs/operations.md"))
+        .expect("docs/operations.md");
+    let rows: Vec<(&str, &str)> = runbook
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `provisio_"))
+        .filter_map(|l| {
+            let cells: Vec<&str> = l.split(" | ").collect();
+            Some((cells.first()?.strip_suffix('`')?, *cells.get(3)?))
+        })
+        .collect();
+    let documented: BTreeSet<String> = rows.iter().map(|(n, _)| format!("provisio_{n}")).collect();
+    let declared: BTreeSet<String> = declared.iter().map(|s| (*s).to_owned()).collect();
+    assert_eq!(documented, declared, "docs/operations.md's metrics table");
+    for (name, served_by) in rows {
+        let owners = OWNERS
+            .iter()
+            .find(|(n, _)| n.strip_prefix("provisio_") == Some(name))
+            .map(|(_, o)| *o)
+            .unwrap_or_default();
+        for owner in owners {
+            assert!(
+                served_by.contains(&owner.replace('-', " ")) || served_by == "every process",
+                "docs/operations.md: provisio_{name} is served by {owner}, the table says {served_by}"
+            );
+        }
+    }
 }
 
 #[tokio::test]
