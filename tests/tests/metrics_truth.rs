@@ -287,6 +287,20 @@ async fn every_metric_the_dashboards_and_alerts_read_is_served() -> R {
         .await?;
     assert_eq!(code, 404);
     assert_eq!(env.get_request(&qm, "no-such-request").await?.0, 404);
+    // Refused before the handler (no key): counted for a submission, not for a read.
+    let anonymous = |req: reqwest::RequestBuilder| async move {
+        anyhow::Ok(req.send().await?.status().as_u16())
+    };
+    let submit_url = format!("{}/v1/requests", qm.url);
+    let body = request("demo", "hello", json!({"name": "Anon"}));
+    assert_eq!(
+        anonymous(env.http.post(&submit_url).json(&body)).await?,
+        401
+    );
+    assert_eq!(
+        anonymous(env.http.get(format!("{submit_url}/x"))).await?,
+        401
+    );
     // A dead letter: a message that is not an envelope.
     let conn = Connection::connect(&env.amqp_url, ConnectionProperties::default()).await?;
     let ch = conn.create_channel().await?;
@@ -382,6 +396,10 @@ async fn every_metric_the_dashboards_and_alerts_read_is_served() -> R {
     // Only submissions count as rejected: the GET of an unknown id does not.
     assert_eq!(
         value(&qm_text, m::REQUESTS_REJECTED, &["code=\"not_found\""]),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(&qm_text, m::REQUESTS_REJECTED, &["code=\"unauthorized\""]),
         Some(1.0)
     );
     // In doubt: from the log, by the auditor; engines no longer keep their own count.
