@@ -249,7 +249,7 @@ pub fn describe() {
     describe_counter!(
         RECOVERED,
         Unit::Count,
-        "Transactions the leading auditor finished for an engine that died (rolled back or completed)."
+        "Transactions finished for an engine that died (rolled back or completed), by the leading auditor or by the engine that runs the request again."
     );
     describe_gauge!(
         PROVIDER_INFLIGHT,
@@ -306,6 +306,8 @@ pub fn engine_baseline<'a>(providers: impl IntoIterator<Item = &'a str>) {
         }
     }
     metrics::counter!(ROLLBACKS).increment(0);
+    // An engine recovers an earlier attempt it finds unsettled before running a request.
+    metrics::counter!(RECOVERED).increment(0);
     metrics::counter!(FENCED).increment(0);
     metrics::gauge!(INFLIGHT).set(0.0);
     metrics::gauge!(BROKER_UP).set(0.0);

@@ -51,7 +51,7 @@ const OWNERS: &[(&str, &[&str])] = &[
     (m::TXLOG_BAD_SERVERS, &[ENGINE, AUDITOR]),
     (m::TXLOG_SERVER_UP, &[ENGINE, AUDITOR]),
     (m::IN_DOUBT, &[AUDITOR]),
-    (m::RECOVERED, &[AUDITOR]),
+    (m::RECOVERED, &[ENGINE, AUDITOR]),
     (m::AUDIT_ROWS_SWEPT, &[AUDITOR]),
     (m::AUDITOR_LEADER, &[AUDITOR]),
     (m::AUDITOR_STEP_DOWNS, &[AUDITOR]),
