@@ -419,7 +419,7 @@ async fn run_batch(ctx: &Ctx, mut subs: Vec<Submission>) -> Result<Vec<Accepted>
         .map_err(ApiError::db)?;
     }
     let broker_up = failed.is_empty() && in_doubt.is_empty();
-    metrics::gauge!(provisio_shared::metrics::BROKER_UP).set(if broker_up { 1.0 } else { 0.0 });
+    // Also sets `provisio_broker_up`.
     ctx.ready.set(broker_up);
     tx.commit().await.map_err(ApiError::db)?;
     for (i, s) in subs.iter().enumerate() {

@@ -63,7 +63,11 @@ async fn main() -> anyhow::Result<()> {
         Topology::new(&cfg.amqp),
         Duration::from_millis(cfg.queue_manager.publish_timeout_ms),
     );
-    let ready = Readiness::default();
+    provisio_shared::metrics::queue_manager_baseline(api::ApiError::CODES);
+    let ready = Readiness::broker();
+    let db_ready = Readiness::default();
+    let db_watch =
+        telemetry::watch_database(pool.clone(), db_ready.clone(), Duration::from_secs(2));
     match publisher.ensure_connected().await {
         Ok(()) => ready.set(true),
         // Not fatal: requests get 503 until the broker is back, and `/readyz` says so.
@@ -107,13 +111,7 @@ async fn main() -> anyhow::Result<()> {
         let (publisher, ready) = (publisher.clone(), ready.clone());
         tokio::spawn(async move {
             loop {
-                let up = publisher.ensure_connected().await.is_ok();
-                ready.set(up);
-                metrics::gauge!(provisio_shared::metrics::BROKER_UP).set(if up {
-                    1.0
-                } else {
-                    0.0
-                });
+                ready.set(publisher.ensure_connected().await.is_ok());
                 tokio::time::sleep(Duration::from_secs(2)).await;
             }
         })
@@ -127,7 +125,15 @@ async fn main() -> anyhow::Result<()> {
         Duration::from_millis(500),
         scheduler_stop.clone(),
     ));
-    let router = api::router(app).merge(telemetry::ops_router(metrics, ready));
+    let depth = tokio::spawn(provisio_queue_manager::depth::run(
+        publisher.clone(),
+        Duration::from_secs(5),
+        scheduler_stop.clone(),
+    ));
+    let router = api::router(app).merge(telemetry::ops_router(
+        metrics,
+        vec![("broker", ready), ("database", db_ready)],
+    ));
     let listener = tokio::net::TcpListener::bind(cfg.queue_manager.listen)
         .await
         .with_context(|| format!("binding {}", cfg.queue_manager.listen))?;
@@ -140,8 +146,9 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("serving HTTP")?;
     watch.abort();
+    db_watch.abort();
     scheduler_stop.cancel();
-    let _ = scheduler.await;
+    let _ = tokio::join!(scheduler, depth);
     tracing::info!("queue manager stopped");
     Ok(())
 }

@@ -24,7 +24,7 @@ pub async fn publish_due(
     let tx = client.transaction().await?;
     let rows = tx
         .query(
-            "SELECT id, envelope, namespace_version FROM requests \
+            "SELECT id, envelope, namespace_version, not_before FROM requests \
              WHERE status = 'scheduled' AND not_before <= now() \
              ORDER BY not_before LIMIT $1 FOR UPDATE SKIP LOCKED",
             &[&limit],
@@ -40,6 +40,8 @@ pub async fn publish_due(
         let mut envelope: Envelope = serde_json::from_value(r.get(1)).ok()?;
         // The version current when the request was accepted (the row has the final word).
         envelope.namespace_version = r.get::<_, Option<i32>>(2).or(envelope.namespace_version);
+        // The engine measures the request's duration from here, not from submission.
+        envelope.not_before = r.get(3);
         let (bytes, props) = signing::signed_envelope(&envelope, signing_key.expose().as_bytes());
         let trusted = envelope.kind == provisio_shared::domain::RequestKind::Trusted;
         let exchange = if trusted {

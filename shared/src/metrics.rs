@@ -34,6 +34,52 @@ pub const FENCED: &str = "provisio_fenced_transactions_total";
 pub const AUDITOR_LEADER: &str = "provisio_auditor_leader";
 pub const AUDITOR_STEP_DOWNS: &str = "provisio_auditor_step_downs_total";
 pub const DEAD_LETTERS_SETTLED: &str = "provisio_dead_letters_settled_total";
+pub const SCHEDULED_WAIT: &str = "provisio_scheduled_wait_seconds";
+
+/// Every metric above, for tests that check each one is served.
+pub const ALL: &[&str] = &[
+    REQUESTS_ACCEPTED,
+    REQUESTS_REJECTED,
+    REQUESTS_FINISHED,
+    REQUEST_DURATION,
+    REQUEST_RUN_DURATION,
+    STEP_DURATION,
+    STEP_RETRIES,
+    ROLLBACKS,
+    PUBLISH_DURATION,
+    BROKER_UP,
+    DEAD_LETTERS,
+    INFLIGHT,
+    QUEUE_DEPTH,
+    TXLOG_BATCH_SIZE,
+    TXLOG_COMMIT_DURATION,
+    TXLOG_POOL_IN_USE,
+    TXLOG_BAD_SERVERS,
+    TXLOG_SERVER_UP,
+    IN_DOUBT,
+    PROVIDER_CALLS,
+    PROVIDER_INFLIGHT,
+    PROVIDER_THROTTLED,
+    PROVIDER_WAIT,
+    RECOVERED,
+    AUDIT_ROWS_SWEPT,
+    FENCED,
+    AUDITOR_LEADER,
+    AUDITOR_STEP_DOWNS,
+    DEAD_LETTERS_SETTLED,
+    SCHEDULED_WAIT,
+];
+
+/// The statuses an engine finishes a request with (`scheduled`: a request-level retry is due
+/// later); the auditor finishes requests as `dead`.
+pub const ENGINE_FINISHED_STATUSES: &[&str] =
+    &["succeeded", "failed", "in_doubt", "parked", "scheduled"];
+/// Why an engine dead-letters a message.
+pub const DEAD_LETTER_REASONS: &[&str] = &["malformed", "unauthenticated", "forbidden"];
+/// The `lane` label of queue depth and accepted requests: the three priority lanes, the
+/// trusted lane and (queue depth only) the dead-letter queue kept for operators.
+pub const LANES: &[&str] = &["high", "normal", "low", "trusted"];
+pub const DEAD_LANE: &str = "dead";
 
 /// The `procedure` label of inline (ad-hoc) procedures of trusted requests: their names are
 /// chosen per request by the caller, and as labels they would grow the metric set (and the
@@ -83,7 +129,7 @@ pub fn describe() {
     describe_counter!(
         REQUESTS_REJECTED,
         Unit::Count,
-        "Requests the queue manager refused, by error code."
+        "Submissions (POST /v1/requests, /v1/requests/trusted, each element of /v1/requests:batch) the queue manager refused, by error code."
     );
     describe_counter!(
         REQUESTS_FINISHED,
@@ -93,7 +139,7 @@ pub fn describe() {
     describe_histogram!(
         REQUEST_DURATION,
         Unit::Seconds,
-        "From submission to final status, by namespace, procedure and status."
+        "From submission (or, for a scheduled request, the later `not_before`) to final status, by namespace, procedure and status."
     );
     describe_histogram!(
         REQUEST_RUN_DURATION,
@@ -103,7 +149,7 @@ pub fn describe() {
     describe_histogram!(
         STEP_DURATION,
         Unit::Seconds,
-        "Provider call duration, by namespace, procedure and provider."
+        "Provider call duration (retries included), by provider."
     );
     describe_counter!(
         STEP_RETRIES,
@@ -138,7 +184,7 @@ pub fn describe() {
     describe_gauge!(
         QUEUE_DEPTH,
         Unit::Count,
-        "Messages ready in each request lane."
+        "Messages ready in each request lane and in the dead-letter queue, sampled by the queue manager."
     );
     describe_histogram!(
         TXLOG_BATCH_SIZE,
@@ -168,7 +214,7 @@ pub fn describe() {
     describe_gauge!(
         IN_DOUBT,
         Unit::Count,
-        "Transactions whose rollback could not complete."
+        "Transactions whose rollback could not complete, counted in the log by the leading auditor."
     );
     describe_counter!(
         PROVIDER_CALLS,
@@ -198,8 +244,85 @@ pub fn describe() {
     describe_counter!(
         DEAD_LETTERS_SETTLED,
         Unit::Count,
-        "Dead letters read by the auditors, by outcome (marked_dead, already_final, unknown_request, mismatch)."
+        "Dead letters read by the auditors, by outcome (marked_dead, not_queued, unknown_request, mismatch)."
     );
+    describe_counter!(
+        RECOVERED,
+        Unit::Count,
+        "Transactions finished for an engine that died (rolled back or completed), by the leading auditor or by the engine that runs the request again."
+    );
+    describe_gauge!(
+        PROVIDER_INFLIGHT,
+        Unit::Count,
+        "Calls running now on a provider with limits, by provider."
+    );
+    describe_counter!(
+        PROVIDER_THROTTLED,
+        Unit::Count,
+        "Times a call waited for its provider's rate limit, by provider."
+    );
+    describe_histogram!(
+        PROVIDER_WAIT,
+        Unit::Seconds,
+        "Time a call waited for its provider's rate limit, by provider."
+    );
+    describe_histogram!(
+        SCHEDULED_WAIT,
+        Unit::Seconds,
+        "From submission to `not_before` (or to a request-level retry's due time), by namespace and procedure: the wait a producer asked for, kept out of the request duration."
+    );
+}
+
+/// Zero series of the queue manager's counters and histograms, so that dashboards show 0
+/// rather than "no data" before the first request; `rejection_codes` are the API's error codes.
+pub fn queue_manager_baseline(rejection_codes: &[&'static str]) {
+    for lane in LANES {
+        metrics::counter!(REQUESTS_ACCEPTED, "lane" => *lane).increment(0);
+    }
+    for code in rejection_codes {
+        metrics::counter!(REQUESTS_REJECTED, "code" => *code).increment(0);
+    }
+    let _ = metrics::histogram!(PUBLISH_DURATION);
+    metrics::gauge!(BROKER_UP).set(0.0);
+}
+
+/// Zero series of an engine's metrics; `providers` are the names of its providers.
+pub fn engine_baseline<'a>(providers: impl IntoIterator<Item = &'a str>) {
+    for status in ENGINE_FINISHED_STATUSES {
+        metrics::counter!(REQUESTS_FINISHED, "status" => *status).increment(0);
+        let _ = metrics::histogram!(REQUEST_DURATION, "status" => *status);
+        let _ = metrics::histogram!(REQUEST_RUN_DURATION, "status" => *status);
+    }
+    for reason in DEAD_LETTER_REASONS {
+        metrics::counter!(DEAD_LETTERS, "reason" => *reason).increment(0);
+    }
+    for provider in providers {
+        let provider = provider.to_owned();
+        let _ = metrics::histogram!(STEP_DURATION, "provider" => provider.clone());
+        metrics::counter!(STEP_RETRIES, "provider" => provider.clone()).increment(0);
+        for outcome in ["ok", "error"] {
+            metrics::counter!(PROVIDER_CALLS, "provider" => provider.clone(), "outcome" => outcome)
+                .increment(0);
+        }
+    }
+    metrics::counter!(ROLLBACKS).increment(0);
+    // An engine recovers an earlier attempt it finds unsettled before running a request.
+    metrics::counter!(RECOVERED).increment(0);
+    metrics::counter!(FENCED).increment(0);
+    metrics::gauge!(INFLIGHT).set(0.0);
+    metrics::gauge!(BROKER_UP).set(0.0);
+    let _ = metrics::histogram!(SCHEDULED_WAIT);
+    let _ = metrics::histogram!(TXLOG_BATCH_SIZE);
+    let _ = metrics::histogram!(TXLOG_COMMIT_DURATION);
+}
+
+/// Zero series of an auditor's counters (in-doubt and leadership gauges are set by the roles
+/// that know them).
+pub fn auditor_baseline() {
+    metrics::counter!(RECOVERED).increment(0);
+    metrics::counter!(REQUESTS_FINISHED, "status" => "dead").increment(0);
+    metrics::counter!(ROLLBACKS, "namespace" => "recovery", "procedure" => "recovery").increment(0);
+    metrics::gauge!(BROKER_UP).set(0.0);
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use axum::Router;
 use axum::http::StatusCode;
@@ -46,21 +47,77 @@ pub fn install_metrics() -> Result<PrometheusHandle, String> {
     Ok(handle)
 }
 
-/// Readiness as a shared flag: the process flips it when its dependencies are usable.
+/// Readiness of one dependency as a shared flag: the process flips it when the dependency is
+/// usable or lost.
 #[derive(Clone, Default)]
-pub struct Readiness(Arc<AtomicBool>);
+pub struct Readiness {
+    flag: Arc<AtomicBool>,
+    /// A gauge that follows the flag (1 or 0), e.g. `provisio_broker_up`.
+    gauge: Option<&'static str>,
+}
 
 impl Readiness {
+    /// The broker connection: `provisio_broker_up` follows it, so that every process that
+    /// uses the broker reports whether it has it (0 from the start until it connects).
+    pub fn broker() -> Self {
+        let r = Self {
+            flag: Arc::default(),
+            gauge: Some(crate::metrics::BROKER_UP),
+        };
+        r.set(false);
+        r
+    }
+
     pub fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::Relaxed);
+        self.flag.store(ready, Ordering::Relaxed);
+        if let Some(gauge) = self.gauge {
+            metrics::gauge!(gauge).set(if ready { 1.0 } else { 0.0 });
+        }
     }
     pub fn get(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
+        self.flag.load(Ordering::Relaxed)
     }
 }
 
-/// `/metrics` (Prometheus text), `/healthz` (the process runs), `/readyz` (it can do work).
-pub fn ops_router(handle: PrometheusHandle, ready: Readiness) -> Router {
+/// What `/readyz` checks: named dependencies, all of which must be ready.
+pub type Checks = Vec<(&'static str, Readiness)>;
+
+/// Keeps `ready` current with whether `pool` hands out a connection that answers, checking
+/// every `every`, until the task is aborted. A process whose database is gone cannot accept
+/// or run anything, so its `/readyz` must say so even while the broker is fine.
+pub fn watch_database(
+    pool: deadpool_postgres::Pool,
+    ready: Readiness,
+    every: Duration,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let probe = async {
+                let client = pool.get().await.ok()?;
+                client.simple_query("SELECT 1").await.ok()
+            };
+            let up = matches!(
+                tokio::time::timeout(DB_PROBE_TIMEOUT, probe).await,
+                Ok(Some(_))
+            );
+            if up != ready.get() {
+                if up {
+                    tracing::info!("database reachable");
+                } else {
+                    tracing::warn!("database unreachable: not ready");
+                }
+            }
+            ready.set(up);
+            tokio::time::sleep(every).await;
+        }
+    })
+}
+
+const DB_PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// `/metrics` (Prometheus text), `/healthz` (the process runs), `/readyz` (every dependency
+/// in `checks` is usable; a 503 names the ones that are not).
+pub fn ops_router(handle: PrometheusHandle, checks: Checks) -> Router {
     Router::new()
         .route(
             "/metrics",
@@ -73,12 +130,19 @@ pub fn ops_router(handle: PrometheusHandle, ready: Readiness) -> Router {
         .route(
             "/readyz",
             get(move || {
-                let r = ready.clone();
+                let down: Vec<&str> = checks
+                    .iter()
+                    .filter(|(_, r)| !r.get())
+                    .map(|(name, _)| *name)
+                    .collect();
                 async move {
-                    if r.get() {
-                        (StatusCode::OK, "ready\n")
+                    if down.is_empty() {
+                        (StatusCode::OK, "ready\n".to_owned())
                     } else {
-                        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                        (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("not ready: {}\n", down.join(", ")),
+                        )
                     }
                 }
             }),

@@ -61,14 +61,20 @@ pub async fn run(
     recovery: Arc<Recovery>,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
 ) -> anyhow::Result<()> {
+    provisio_shared::metrics::auditor_baseline();
     let ready = Readiness::default();
+    let broker = Readiness::broker();
     let listener = tokio::net::TcpListener::bind(cfg.engine.listen)
         .await
         .with_context(|| format!("binding {}", cfg.engine.listen))?;
     let addr = listener.local_addr().context("local address")?;
     let stop = shutdown::token_on_signal();
     let http_stop = stop.clone();
-    let router = telemetry::ops_router(metrics, ready.clone());
+    // Ready while the leadership session is open (database) and dead letters can be read.
+    let router = telemetry::ops_router(
+        metrics,
+        vec![("database", ready.clone()), ("broker", broker.clone())],
+    );
     let http = tokio::spawn(async move {
         let r = axum::serve(listener, router)
             .with_graceful_shutdown(async move { http_stop.cancelled().await })
@@ -77,7 +83,8 @@ pub async fn run(
             tracing::error!(error = %e, "metrics endpoint failed");
         }
     });
-    let dead = tokio::spawn(Arc::new(DeadLetters::new(&cfg, pool.clone())).run(stop.clone()));
+    let dead =
+        tokio::spawn(Arc::new(DeadLetters::new(&cfg, pool.clone(), broker)).run(stop.clone()));
     tracing::info!(%addr, "auditor started");
     println!("listening on http://{addr}");
     let auditor = Auditor {

@@ -19,6 +19,7 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use provisio_shared::amqp::{self, Topology, header_str};
 use provisio_shared::config::{Config, Secret};
 use provisio_shared::metrics as m;
+use provisio_shared::telemetry::Readiness;
 use serde_json::{Value, json};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -142,14 +143,17 @@ pub struct DeadLetters {
     amqp_url: Secret,
     topology: Topology,
     pool: Pool,
+    /// Up while the consumer holds a broker connection (`provisio_broker_up`).
+    broker: Readiness,
 }
 
 impl DeadLetters {
-    pub fn new(cfg: &Config, pool: Pool) -> Self {
+    pub fn new(cfg: &Config, pool: Pool, broker: Readiness) -> Self {
         Self {
             amqp_url: cfg.amqp.url.clone(),
             topology: Topology::new(&cfg.amqp),
             pool,
+            broker,
         }
     }
 
@@ -168,6 +172,7 @@ impl DeadLetters {
             match self.clone().consume(&stop, &mut delay).await {
                 Ok(()) => break,
                 Err(e) => {
+                    self.broker.set(false);
                     tracing::warn!(error = format!("{e:#}"), retry_in = ?delay, "dead-letter consumer lost the broker; reconnecting");
                     tokio::select! {
                         () = stop.cancelled() => break,
@@ -201,6 +206,7 @@ impl DeadLetters {
             )
             .await?;
         *delay = Duration::from_millis(200);
+        self.broker.set(true);
         tracing::info!(queue, "consuming dead letters");
         let mut tasks = JoinSet::new();
         let result = loop {

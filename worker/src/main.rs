@@ -95,7 +95,11 @@ async fn main() -> anyhow::Result<()> {
 
     let topology = Topology::new(&cfg.amqp);
     let publisher = Publisher::new(cfg.amqp.url.expose(), topology, Duration::from_secs(5));
-    let ready = Readiness::default();
+    provisio_shared::metrics::engine_baseline(built.registry.names());
+    let ready = Readiness::broker();
+    let db_ready = Readiness::default();
+    let db_watch =
+        telemetry::watch_database(pool.clone(), db_ready.clone(), Duration::from_secs(2));
     let mut engine = Engine::new(
         cfg.clone(),
         pool.clone(),
@@ -114,7 +118,8 @@ async fn main() -> anyhow::Result<()> {
     let addr = listener.local_addr().context("local address")?;
     let http_stop = stop.clone();
     let http = tokio::spawn(async move {
-        let r = axum::serve(listener, telemetry::ops_router(metrics, ready))
+        let checks = vec![("broker", ready), ("database", db_ready)];
+        let r = axum::serve(listener, telemetry::ops_router(metrics, checks))
             .with_graceful_shutdown(async move { http_stop.cancelled().await })
             .await;
         if let Err(e) = r {
@@ -125,6 +130,7 @@ async fn main() -> anyhow::Result<()> {
     println!("listening on http://{addr}");
     engine.clone().run(stop).await?;
     http.abort();
+    db_watch.abort();
     tracing::info!("engine stopped");
     Ok(())
 }

@@ -31,7 +31,26 @@ pub enum ApiError {
     Internal(String),
 }
 
+/// The `code` of the error an answer carries (a response extension), so that the submission
+/// routes can count their refusals by code without parsing bodies.
+#[derive(Clone, Copy, Debug)]
+pub struct ErrorCode(pub &'static str);
+
 impl ApiError {
+    /// Every `code` (the `provisio_requests_rejected_total` series that exist from the start).
+    pub const CODES: &'static [&'static str] = &[
+        "malformed",
+        "unauthorized",
+        "forbidden",
+        "not_found",
+        "conflict",
+        "too_large",
+        "invalid",
+        "rate_limited",
+        "unavailable",
+        "internal",
+    ];
+
     pub fn status(&self) -> StatusCode {
         match self {
             Self::Malformed(_) => StatusCode::BAD_REQUEST,
@@ -70,10 +89,27 @@ impl ApiError {
     }
 }
 
+/// Counts a refused submission: only requests someone tried to submit are "rejected", not a
+/// `GET` of an unknown id or an admin call.
+pub fn count_rejected(code: &'static str) {
+    metrics::counter!(provisio_shared::metrics::REQUESTS_REJECTED, "code" => code).increment(1);
+}
+
+/// Middleware of the submission routes: counts an error answer by its code, whether the
+/// handler or an extractor (key, body) refused.
+pub async fn count_rejections(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let resp = next.run(req).await;
+    if let Some(ErrorCode(code)) = resp.extensions().get::<ErrorCode>() {
+        count_rejected(code);
+    }
+    resp
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        metrics::counter!(provisio_shared::metrics::REQUESTS_REJECTED, "code" => self.code())
-            .increment(1);
         if matches!(self, Self::Internal(_) | Self::Unavailable(_)) {
             tracing::warn!(error = %self, "request failed");
         }
@@ -82,6 +118,7 @@ impl IntoResponse for ApiError {
             body["error"]["details"] = details.clone();
         }
         let mut resp = (self.status(), Json(body)).into_response();
+        resp.extensions_mut().insert(ErrorCode(self.code()));
         if matches!(self, Self::Unauthorized) {
             resp.headers_mut().insert(
                 axum::http::header::WWW_AUTHENTICATE,
@@ -95,5 +132,34 @@ impl IntoResponse for ApiError {
             );
         }
         resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_code_is_listed() {
+        let all = [
+            ApiError::Malformed(String::new()),
+            ApiError::Unauthorized,
+            ApiError::Forbidden(String::new()),
+            ApiError::NotFound(String::new()),
+            ApiError::Conflict(String::new()),
+            ApiError::TooLarge(0),
+            ApiError::Invalid {
+                message: String::new(),
+                details: Value::Null,
+            },
+            ApiError::RateLimited {
+                message: String::new(),
+                retry_after: std::time::Duration::ZERO,
+            },
+            ApiError::Unavailable(String::new()),
+            ApiError::Internal(String::new()),
+        ];
+        let codes: Vec<&str> = all.iter().map(ApiError::code).collect();
+        assert_eq!(codes, ApiError::CODES);
     }
 }

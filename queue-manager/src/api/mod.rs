@@ -13,7 +13,9 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::FromRequestParts;
+use axum::handler::Handler;
 use axum::http::request::Parts;
+use axum::middleware::from_fn;
 use axum::routing::{delete, get, post, put};
 use provisio_shared::domain::PrincipalRef;
 
@@ -22,9 +24,18 @@ pub use error::ApiError;
 
 pub fn router(app: Arc<App>) -> Router {
     Router::new()
-        .route("/v1/requests", post(requests::submit).get(requests::list))
-        .route("/v1/requests:batch", post(requests::submit_batch))
-        .route("/v1/requests/trusted", post(requests::submit_trusted))
+        .route(
+            "/v1/requests",
+            post(requests::submit.layer(from_fn(error::count_rejections))).get(requests::list),
+        )
+        .route(
+            "/v1/requests:batch",
+            post(requests::submit_batch.layer(from_fn(error::count_rejections))),
+        )
+        .route(
+            "/v1/requests/trusted",
+            post(requests::submit_trusted.layer(from_fn(error::count_rejections))),
+        )
         .route(
             "/v1/requests/{id}",
             get(requests::get).delete(requests::cancel),

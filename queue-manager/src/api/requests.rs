@@ -160,6 +160,8 @@ pub async fn submit_batch(
             }
             .await;
             outcome.unwrap_or_else(|e| {
+                // The answer is 200; the refused element still counts as a refusal.
+                super::error::count_rejected(e.code());
                 json!({"status": e.status().as_u16(), "error": {"code": e.code(), "message": e.to_string()}})
             })
         }
@@ -279,6 +281,8 @@ async fn accept_one(
         credentials: body.credentials.clone(),
         retry: body.retry.clone(),
         submitted_at: Some(Utc::now()),
+        // The scheduler sets it when it publishes the request.
+        not_before: None,
     };
 
     app.acceptor

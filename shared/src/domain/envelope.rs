@@ -36,6 +36,11 @@ pub struct Envelope {
     pub retry: Option<RetryPolicy>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub submitted_at: Option<DateTime<Utc>>,
+    /// When a scheduled request (or a request-level retry) became due; set by the scheduler
+    /// when it publishes one. Only measurements read it: the request's duration counts from
+    /// here rather than from submission.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<DateTime<Utc>>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

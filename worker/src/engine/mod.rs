@@ -470,9 +470,6 @@ impl Engine {
         if outcome.rolled_back > 0 {
             metrics::counter!(provisio_shared::metrics::ROLLBACKS, "namespace" => ns_label.clone(), "procedure" => proc_label.clone()).increment(1);
         }
-        if status == Status::InDoubt {
-            metrics::gauge!(provisio_shared::metrics::IN_DOUBT).increment(1.0);
-        }
         // Request-level retry: a cleanly failed attempt runs again later (from PostgreSQL,
         // via the scheduler), or parks for an operator once the retries are spent.
         let (status, retry_at) = match (&env.retry, status) {
@@ -542,11 +539,7 @@ impl Engine {
         metrics::counter!(provisio_shared::metrics::REQUESTS_FINISHED, &labels).increment(1);
         metrics::histogram!(provisio_shared::metrics::REQUEST_RUN_DURATION, &labels)
             .record(started.elapsed().as_secs_f64());
-        if let Some(at) = env.submitted_at {
-            let secs = (Utc::now() - at).num_microseconds().unwrap_or(0) as f64 / 1e6;
-            metrics::histogram!(provisio_shared::metrics::REQUEST_DURATION, &labels)
-                .record(secs.max(0.0));
-        }
+        record_durations(env, &labels);
         self.publish_outcome(
             env,
             props,
@@ -823,4 +816,26 @@ fn outcome_record(
         "output": output, "error": error, "attempts": attempts,
         "submitted_at": env.submitted_at, "finished_at": Utc::now(),
     })
+}
+
+/// Seconds from `from` to `to`, never negative (clocks of different hosts).
+fn seconds_between(from: DateTime<Utc>, to: DateTime<Utc>) -> f64 {
+    ((to - from).num_microseconds().unwrap_or(0) as f64 / 1e6).max(0.0)
+}
+
+/// The request's duration counts from when it could run: submission, or its `not_before`
+/// when it waited in the schedule (a request-level retry: its due time). The wait a producer
+/// asked for goes to its own histogram, so that latency alerts do not fire on schedules.
+fn record_durations(env: &Envelope, labels: &[(&'static str, String); 3]) {
+    let Some(submitted) = env.submitted_at else {
+        return;
+    };
+    let due = env.not_before.filter(|t| *t > submitted);
+    if let Some(due) = due {
+        metrics::histogram!(provisio_shared::metrics::SCHEDULED_WAIT,
+            "namespace" => labels[0].1.clone(), "procedure" => labels[1].1.clone())
+        .record(seconds_between(submitted, due));
+    }
+    metrics::histogram!(provisio_shared::metrics::REQUEST_DURATION, labels)
+        .record(seconds_between(due.unwrap_or(submitted), Utc::now()));
 }

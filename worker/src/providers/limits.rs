@@ -44,6 +44,11 @@ impl Limited {
         if limits.concurrency == 0 && limits.rate_per_second <= 0.0 {
             return inner;
         }
+        // Zero series of a limited provider, present before its first call.
+        let name = inner.name().to_owned();
+        metrics::counter!(m::PROVIDER_THROTTLED, "provider" => name.clone()).increment(0);
+        let _ = metrics::histogram!(m::PROVIDER_WAIT, "provider" => name.clone());
+        metrics::gauge!(m::PROVIDER_INFLIGHT, "provider" => name).set(0.0);
         Arc::new(Self {
             inner,
             concurrency: (limits.concurrency > 0).then(|| Semaphore::new(limits.concurrency)),

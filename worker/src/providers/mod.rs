@@ -116,4 +116,8 @@ impl Registry {
     pub fn get(&self, name: &str) -> Option<&Arc<dyn Provider>> {
         self.providers.get(name)
     }
+    /// The provider names (the `provider` label values an engine can report).
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.providers.keys().map(String::as_str)
+    }
 }
