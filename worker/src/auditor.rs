@@ -201,6 +201,9 @@ impl Auditor {
             () = self.work(stop) => Ended::Stopped,
         };
         metrics::gauge!(m::AUDITOR_LEADER).set(0.0);
+        // Only the leader counts in-doubt transactions; a former leader's last count would
+        // keep an alert (which takes the max over auditors) firing after an operator resolves.
+        metrics::gauge!(m::IN_DOUBT).set(0.0);
         match &end {
             Ended::Lost(why) => {
                 metrics::counter!(m::AUDITOR_STEP_DOWNS).increment(1);
