@@ -16,6 +16,15 @@ procedures:
     access: public
     audit: true
     steps: [{call: test.echo}, {call: test.echo}]
+  outer:
+    access: public
+    steps:
+      - {call: test.echo}
+      - {procedure: inner, input: '{name: "Ada"}'}
+  inner:
+    audit: '{who: .input.name, result: .output}'
+    steps: [{call: test.echo}]
+    output: '"done"'
   broken:
     access: public
     steps:
@@ -31,7 +40,7 @@ async fn the_sweep_audits_what_the_level_selects_and_empties_the_log() -> anyhow
     assert_eq!(env.apply(&qm, "aud", NS).await?.0, 201);
     let mut outcomes = env.outcomes().await?;
     let mut ids = Vec::new();
-    for p in ["plain", "marked", "broken"] {
+    for p in ["plain", "marked", "broken", "outer"] {
         let (_, body) = env.submit(&qm, &request("aud", p, json!({}))).await?;
         let id = body["id"].as_str().unwrap_or_default().to_owned();
         outcomes.wait_for(&id).await?;
@@ -69,12 +78,36 @@ async fn the_sweep_audits_what_the_level_selects_and_empties_the_log() -> anyhow
         .iter()
         .map(|r| r.get(0))
         .collect();
-    let mut expected = vec![ids[1].clone(), ids[2].clone()];
+    let mut expected = vec![ids[1].clone(), ids[2].clone(), ids[3].clone()];
     expected.sort();
     assert_eq!(
         audited, expected,
-        "marked and failed are audited, plain success is not"
+        "marked (nested marks included) and failed are audited, plain success is not"
     );
+    // A nested procedure's audit mark selects the transaction; each procedure row names the
+    // procedure its step ran in; the `audit:` expression's value is kept as audit data.
+    let rows = pg
+        .query(
+            "SELECT p.step_number, p.procedure FROM audit_procedures p JOIN audit_transactions t ON t.tx_id = p.tx_id \
+             WHERE t.request_id = $1 ORDER BY p.step_number",
+            &[&ids[3]],
+        )
+        .await?;
+    let ran: Vec<String> = rows.iter().map(|r| r.get(1)).collect();
+    assert_eq!(ran, vec!["outer".to_owned(), "inner".to_owned()]);
+    let data: serde_json::Value = pg
+        .query_one(
+            "SELECT data FROM audit_transactions WHERE request_id = $1",
+            &[&ids[3]],
+        )
+        .await?
+        .get(0);
+    assert_eq!(
+        data["audit"][0]["data"],
+        json!({"who": "Ada", "result": "done"}),
+        "{data}"
+    );
+    assert_eq!(data["audit"][0]["procedure"], "aud.inner");
     let error: (String, String) = pg
         .query_one(
             "SELECT e.code, e.description FROM audit_errors e JOIN audit_transactions t ON t.tx_id = e.tx_id \
@@ -114,7 +147,7 @@ async fn the_sweep_audits_what_the_level_selects_and_empties_the_log() -> anyhow
     assert_eq!(s, 200, "{all}");
     assert_eq!(
         all["transactions"].as_array().map(Vec::len),
-        Some(2),
+        Some(3),
         "{all}"
     );
     let (_, failed) = get(format!("{base}?outcome=rolled_back")).await?;

@@ -166,7 +166,7 @@ async fn sweep_batch(
     let w = atx.as_ref().unwrap_or(&tx);
     let rows = tx
         .query(
-            "SELECT id, request_id, namespace, procedure, status, audit, error, output, started_at, finished_at \
+            "SELECT id, request_id, namespace, procedure, status, audit, error, output, started_at, finished_at, audit_data \
              FROM transactions \
              WHERE status IN ('committed', 'rolled_back', 'failed') \
                AND finished_at < now() - make_interval(secs => $1) \
@@ -180,7 +180,7 @@ async fn sweep_batch(
     let ids: Vec<Uuid> = rows.iter().map(|r| r.get(0)).collect();
     let steps = tx
         .query(
-            "SELECT tx_id, seq, kind, path, provider, action, error FROM tx_steps WHERE tx_id = ANY($1) ORDER BY tx_id, seq",
+            "SELECT tx_id, seq, kind, path, provider, action, error, procedure FROM tx_steps WHERE tx_id = ANY($1) ORDER BY tx_id, seq",
             &[&ids],
         )
         .await?;
@@ -197,6 +197,8 @@ async fn sweep_batch(
         let my_steps: Vec<&tokio_postgres::Row> =
             steps.iter().filter(|s| s.get::<_, Uuid>(0) == id).collect();
         let output: Option<Value> = r.get(7);
+        // What the procedures' `audit:` expressions gave (nested procedures included).
+        let audit_data: Option<Value> = r.get(10);
         let data = if level.all_transaction_data {
             let list: Vec<Value> = my_steps
                 .iter()
@@ -204,9 +206,9 @@ async fn sweep_batch(
                 .map(|s| json!({"seq": s.get::<_, i32>(1), "kind": s.get::<_, String>(2), "path": s.get::<_, String>(3),
                                 "provider": s.get::<_, Option<String>>(4), "action": s.get::<_, Option<String>>(5)}))
                 .collect();
-            Some(json!({"output": output, "error": error, "steps": list}))
+            Some(json!({"output": output, "error": error, "steps": list, "audit": audit_data}))
         } else if level.audit_data && t.marked {
-            Some(json!({"output": output}))
+            Some(json!({"output": output, "audit": audit_data}))
         } else {
             None
         };
@@ -222,10 +224,17 @@ async fn sweep_batch(
                 .iter()
                 .filter(|s| s.get::<_, String>(2) == "execute")
             {
+                // The procedure the step ran in (a nested one names itself), else the
+                // transaction's own.
+                let ran: Option<String> = s.get(7);
+                let (step_ns, step_proc) = ran
+                    .as_deref()
+                    .and_then(|q| q.split_once('.'))
+                    .map_or((namespace.as_str(), procedure.as_str()), |(n, p)| (n, p));
                 w.execute(
                     "INSERT INTO audit_procedures (tx_id, step_number, namespace, procedure) VALUES ($1, $2, $3, $4) \
                      ON CONFLICT DO NOTHING",
-                    &[&id, &s.get::<_, i32>(1), &namespace, &procedure],
+                    &[&id, &s.get::<_, i32>(1), &step_ns, &step_proc],
                 )
                 .await?;
             }

@@ -76,6 +76,8 @@ pub struct StepRecord {
     pub error: Option<Value>,
     /// The engine that must still own the transaction for this record to be written.
     pub owner: Arc<str>,
+    /// `namespace.procedure` the step ran in (nested procedures name themselves).
+    pub procedure: Option<String>,
 }
 
 /// The outcome: transaction and request rows updated together, plus any step records not yet
@@ -96,6 +98,10 @@ pub struct Finish {
     pub retry_at: Option<(chrono::DateTime<chrono::Utc>, Value)>,
     /// The engine that must still own the transaction for the outcome to be written.
     pub owner: Arc<str>,
+    /// Some procedure that ran (nested ones included) was marked for audit.
+    pub audit: bool,
+    /// What the procedures' `audit:` expressions gave.
+    pub audit_data: Option<Value>,
 }
 
 #[derive(Debug, Clone)]
@@ -232,11 +238,11 @@ const SQL_NOT_OPENED: &str = "SELECT r.id, r.status, r.current_tx, t.id IS NOT N
 
 /// All step records of a batch in one statement, each written only while its transaction is
 /// unfinished and still owned by the writer (fencing).
-const SQL_STEPS: &str = "INSERT INTO tx_steps (tx_id, seq, kind, path, provider, action, input, output, rollback_data, error) \
-     SELECT u.tx_id, u.seq, u.kind, u.path, u.provider, u.action, u.input, u.output, u.rollback_data, u.error \
+const SQL_STEPS: &str = "INSERT INTO tx_steps (tx_id, seq, kind, path, provider, action, input, output, rollback_data, error, procedure) \
+     SELECT u.tx_id, u.seq, u.kind, u.path, u.provider, u.action, u.input, u.output, u.rollback_data, u.error, u.procedure \
      FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::text[], $6::text[], \
-                 $7::jsonb[], $8::jsonb[], $9::jsonb[], $10::jsonb[], $11::text[]) \
-          AS u(tx_id, seq, kind, path, provider, action, input, output, rollback_data, error, owner) \
+                 $7::jsonb[], $8::jsonb[], $9::jsonb[], $10::jsonb[], $11::text[], $12::text[]) \
+          AS u(tx_id, seq, kind, path, provider, action, input, output, rollback_data, error, owner, procedure) \
      WHERE EXISTS (SELECT 1 FROM transactions t WHERE t.id = u.tx_id AND t.engine_id = u.owner AND t.finished_at IS NULL) \
      RETURNING tx_id, seq";
 
@@ -250,10 +256,12 @@ const SQL_STATUS: &str =
 /// whole table.
 const SQL_FINISH: &str = "WITH u AS (\
        SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::jsonb[], $7::jsonb[], \
-                            $8::timestamptz[], $9::jsonb[], $10::text[]) \
-       AS u(tx_id, tx_status, request_id, request_status, output, error, summary, retry_at, envelope, owner)), \
+                            $8::timestamptz[], $9::jsonb[], $10::text[], $11::bool[], $12::jsonb[]) \
+       AS u(tx_id, tx_status, request_id, request_status, output, error, summary, retry_at, envelope, owner, \
+            audit, audit_data)), \
      t AS (\
        UPDATE transactions SET status = u.tx_status, output = u.output, error = u.error, \
+              audit = transactions.audit OR u.audit, audit_data = u.audit_data, \
               finished_at = now(), lease_until = NULL \
        FROM u WHERE transactions.id = ANY($1::uuid[]) AND transactions.id = u.tx_id \
          AND transactions.engine_id = u.owner AND transactions.finished_at IS NULL \
@@ -408,12 +416,24 @@ async fn write_together(
             .collect();
         let errors: Vec<Option<&Value>> = steps.iter().map(|(_, s)| s.error.as_ref()).collect();
         let owners: Vec<&str> = steps.iter().map(|(_, s)| &*s.owner).collect();
+        let procedures: Vec<Option<&str>> =
+            steps.iter().map(|(_, s)| s.procedure.as_deref()).collect();
         let written: HashSet<(Uuid, i32)> = tx
             .query(
                 &stmt,
                 &[
-                    &tx_ids, &seqs, &kinds, &paths, &providers, &actions, &inputs, &outputs,
-                    &rollbacks, &errors, &owners,
+                    &tx_ids,
+                    &seqs,
+                    &kinds,
+                    &paths,
+                    &providers,
+                    &actions,
+                    &inputs,
+                    &outputs,
+                    &rollbacks,
+                    &errors,
+                    &owners,
+                    &procedures,
                 ],
             )
             .await
@@ -465,6 +485,11 @@ async fn write_together(
             .map(|(_, f)| f.retry_at.as_ref().map(|(_, e)| e))
             .collect();
         let owners: Vec<&str> = finishes.iter().map(|(_, f)| &*f.owner).collect();
+        let audits: Vec<bool> = finishes.iter().map(|(_, f)| f.audit).collect();
+        let audit_data: Vec<Option<&Value>> = finishes
+            .iter()
+            .map(|(_, f)| f.audit_data.as_ref())
+            .collect();
         let finished: HashSet<Uuid> = tx
             .query(
                 &stmt,
@@ -479,6 +504,8 @@ async fn write_together(
                     &retry_at,
                     &envelopes,
                     &owners,
+                    &audits,
+                    &audit_data,
                 ],
             )
             .await

@@ -16,6 +16,26 @@ fn lenient<'de, D: Deserializer<'de>, T: DeserializeOwned + Default>(d: D) -> Re
 }
 use crate::domain::TxModel;
 
+/// `audit:` as written: a flag, or an expression whose value is kept as audit data.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum AuditDoc {
+    Flag(bool),
+    Data(String),
+}
+
+impl Default for AuditDoc {
+    fn default() -> Self {
+        Self::Flag(false)
+    }
+}
+
+impl AuditDoc {
+    pub fn marked(&self) -> bool {
+        !matches!(self, Self::Flag(false))
+    }
+}
+
 /// A namespace document as written by users (`schemas/namespace.schema.json`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct NamespaceDoc {
@@ -35,8 +55,10 @@ pub struct ProcedureDoc {
     pub access: Access,
     #[serde(default, deserialize_with = "lenient")]
     pub transaction: TxModel,
+    /// `true`: marked for audit; a jq expression: marked, and the value it gives (over the
+    /// procedure's context at its end, `.output` included) is the procedure's audit data.
     #[serde(default, deserialize_with = "lenient")]
-    pub audit: bool,
+    pub audit: AuditDoc,
     #[serde(
         default,
         deserialize_with = "lenient",

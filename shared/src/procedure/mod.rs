@@ -60,7 +60,10 @@ pub struct Procedure {
     pub name: Name,
     pub access: Access,
     pub model: TxModel,
+    /// Marked for audit (`audit: true` or an expression).
     pub audit: bool,
+    /// `audit: <expression>`: the procedure's own audit data, evaluated at its end.
+    pub audit_data: Option<Expr>,
     pub input_schema: Option<jsonschema::Validator>,
     pub output_schema: Option<jsonschema::Validator>,
     pub steps: Vec<Step>,
@@ -291,6 +294,10 @@ pub fn compile(
         let mut ids = BTreeSet::new();
         let steps = c.steps(pname, &format!("{base}.steps"), "", &pdoc.steps, &mut ids);
         let output = c.expr(&format!("{base}.output"), pdoc.output.as_deref());
+        let audit_data = match &pdoc.audit {
+            doc::AuditDoc::Data(e) => c.expr(&format!("{base}.audit"), Some(e.as_str())),
+            doc::AuditDoc::Flag(_) => None,
+        };
         if pdoc.steps.is_empty() {
             c.problem(
                 &format!("{base}.steps"),
@@ -305,7 +312,8 @@ pub fn compile(
                     name,
                     access: pdoc.access,
                     model: pdoc.transaction,
-                    audit: pdoc.audit,
+                    audit: pdoc.audit.marked(),
+                    audit_data,
                     input_schema,
                     output_schema,
                     steps,

@@ -64,7 +64,8 @@ const SQL_DECIDE: &str = "UPDATE requests SET status = $4, output = $5, error = 
 
 /// Separate layout: the transaction row follows the decision.
 const SQL_FINISH_TX: &str = "UPDATE transactions SET status = $2, output = $3, error = $4, finished_at = now(), \
-       lease_until = NULL WHERE id = $1 AND engine_id = $5 AND finished_at IS NULL";
+       lease_until = NULL, audit = audit OR $6, audit_data = $7 \
+     WHERE id = $1 AND engine_id = $5 AND finished_at IS NULL";
 
 impl Engine {
     /// Opens the transaction of `begin` on log server `server`. One attempt at a time,
@@ -259,6 +260,7 @@ impl Engine {
         error: Option<Value>,
         summary: Value,
         retry_at: Option<(chrono::DateTime<chrono::Utc>, Value)>,
+        audit: (bool, Option<Value>),
     ) -> anyhow::Result<Written> {
         let f = Finish {
             tx_id: begin.tx_id,
@@ -272,6 +274,8 @@ impl Engine {
             summary,
             retry_at,
             owner: self.owner.clone(),
+            audit: audit.0,
+            audit_data: audit.1,
         };
         let r = if self.log.separate {
             self.finish_separate(f, server).await
@@ -376,8 +380,15 @@ impl Engine {
                         c.execute(SQL_OPEN_TX, &params).await?;
                     }
                     let owner: &str = &f.owner;
-                    let params: [&(dyn ToSql + Sync); 5] =
-                        [&f.tx_id, &f.tx_status, &f.output, &f.error, &owner];
+                    let params: [&(dyn ToSql + Sync); 7] = [
+                        &f.tx_id,
+                        &f.tx_status,
+                        &f.output,
+                        &f.error,
+                        &owner,
+                        &f.audit,
+                        &f.audit_data,
+                    ];
                     c.execute(SQL_FINISH_TX, &params).await?;
                     Ok(())
                 })

@@ -153,6 +153,10 @@ pub struct Outcome {
     pub rolled_back: usize,
     /// Steps whose rollback failed (path, provider, action, error): what an operator must undo.
     pub not_undone: Vec<Value>,
+    /// Some procedure that ran (nested ones included) is marked for audit.
+    pub marked: bool,
+    /// The audit data of procedures with an `audit:` expression.
+    pub audit_data: Vec<Value>,
     /// The transaction was taken from this engine: write no outcome; the request runs again.
     pub fenced: bool,
     /// The transaction's log server went bad and every call was undone: the request is to run
@@ -183,6 +187,12 @@ pub struct Run<'a> {
     logged: usize,
     owner: Arc<str>,
     lease_lost: Option<Arc<AtomicBool>>,
+    /// Some procedure that ran (nested ones included) is marked for audit.
+    marked: bool,
+    /// `namespace.procedure` of the procedures being run, innermost last.
+    running: Vec<String>,
+    /// What `audit:` expressions gave, in the order their procedures ended.
+    audit_data: Vec<Value>,
     seq: i32,
     pending: Vec<StepRecord>,
     summary: Vec<Value>,
@@ -229,6 +239,9 @@ impl<'a> Run<'a> {
             logged: 0,
             owner,
             lease_lost: None,
+            marked: false,
+            running: Vec::new(),
+            audit_data: Vec::new(),
             seq: 0,
             pending: Vec::new(),
             summary: Vec::new(),
@@ -358,6 +371,8 @@ impl<'a> Run<'a> {
             rollback_failed,
             rolled_back,
             not_undone,
+            marked: self.marked,
+            audit_data: std::mem::take(&mut self.audit_data),
             fenced,
             rerouted: false,
             pending: std::mem::take(&mut self.pending),
@@ -396,8 +411,14 @@ impl<'a> Run<'a> {
                 input,
                 ..Scope::default()
             };
-            self.run_steps(&ns, &procedure.steps, &mut scope, prefix, depth)
-                .await?;
+            self.marked |= procedure.audit;
+            let qualified = format!("{}.{}", procedure.namespace, procedure.name);
+            self.running.push(qualified.clone());
+            let ran = self
+                .run_steps(&ns, &procedure.steps, &mut scope, prefix, depth)
+                .await;
+            self.running.pop();
+            ran?;
             let output = match &procedure.output {
                 Some(e) => e.eval_one(&self.context(&scope)).map_err(|e| {
                     Failure::new(
@@ -420,6 +441,19 @@ impl<'a> Run<'a> {
                     ),
                     where_,
                 ));
+            }
+            if let Some(expr) = &procedure.audit_data {
+                let mut ctx = self.context(&scope);
+                ctx["output"] = output.clone();
+                let data = expr.eval_one(&ctx).map_err(|e| {
+                    Failure::new(
+                        "expression_failed",
+                        e.to_string(),
+                        &format!("{where_}.audit"),
+                    )
+                })?;
+                self.audit_data
+                    .push(json!({"procedure": qualified, "path": prefix, "data": data}));
             }
             Ok(output)
         })
@@ -778,6 +812,7 @@ impl<'a> Run<'a> {
             rollback_data: None,
             error: None,
             owner: self.owner.clone(),
+            procedure: self.running.last().cloned(),
         }
     }
 

@@ -379,6 +379,7 @@ impl Engine {
                     refusal.clone(),
                     json!([]),
                     None,
+                    (false, None),
                 )
                 .await?;
             if written != Written::Yes {
@@ -506,6 +507,10 @@ impl Engine {
                 error.clone(),
                 Value::Array(outcome.summary),
                 retry_at,
+                (
+                    outcome.marked,
+                    (!outcome.audit_data.is_empty()).then_some(Value::Array(outcome.audit_data)),
+                ),
             )
             .await;
         self.release_lease(tx_id);
