@@ -16,6 +16,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
+pub mod measure;
 pub mod proxy;
 
 /// PostgreSQL server URL without a database name.
