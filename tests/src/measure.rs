@@ -98,6 +98,19 @@ pub fn parse_vm_rss_kib(status: &str) -> Option<u64> {
         .ok()
 }
 
+/// Busy ticks of all CPUs together from `/proc/stat` (everything but idle and iowait): what
+/// the whole machine spent, to see how much of the window went to processes outside the run.
+pub fn parse_cpu_busy(proc_stat: &str) -> Option<u64> {
+    let mut fields = proc_stat.lines().next()?.split_whitespace();
+    if fields.next()? != "cpu" {
+        return None;
+    }
+    let ticks: Vec<u64> = fields.map(str::parse).collect::<Result<_, _>>().ok()?;
+    // user nice system idle iowait irq softirq steal [guest guest_nice, already in user/nice]
+    let (idle, iowait) = (*ticks.get(3)?, *ticks.get(4)?);
+    Some(ticks.iter().take(8).sum::<u64>() - idle - iowait)
+}
+
 /// Clock ticks per second for the stat fields (`getconf CLK_TCK`; 100 on every Linux the
 /// bench runs on, which is the fallback).
 pub fn clock_ticks_per_second() -> u64 {
@@ -146,6 +159,8 @@ pub enum Who {
     /// Processes with this command name whose command line contains the text (PostgreSQL puts
     /// the database name in each backend's process title).
     NamedWith(&'static str, String),
+    /// All CPUs' busy time (no RSS).
+    Machine,
 }
 
 impl Who {
@@ -157,10 +172,17 @@ impl Who {
                 .into_iter()
                 .filter(|(pid, _)| cmdline_contains(*pid, text))
                 .collect(),
+            Self::Machine => Vec::new(),
         }
     }
 
     fn ticks(&self) -> u64 {
+        if matches!(self, Self::Machine) {
+            return std::fs::read_to_string("/proc/stat")
+                .ok()
+                .and_then(|s| parse_cpu_busy(&s))
+                .unwrap_or(0);
+        }
         self.processes().iter().map(|(_, s)| s.ticks()).sum()
     }
 
@@ -349,6 +371,16 @@ mod tests {
         assert_eq!(parse_vm_rss_kib(status), Some(40960));
         // Kernel threads have no VmRSS line.
         assert_eq!(parse_vm_rss_kib("Name:\tkthreadd\nState:\tS\n"), None);
+    }
+
+    #[test]
+    fn machine_busy_time() {
+        let stat = "cpu  100 5 50 1000 40 3 2 1 7 0\ncpu0 50 2 25 500 20 1 1 0 3 0\n";
+        // user + nice + system + irq + softirq + steal; guest is already inside user.
+        assert_eq!(parse_cpu_busy(stat), Some(161));
+        assert_eq!(parse_cpu_busy("cpu0 1 2 3 4 5\n"), None);
+        assert_eq!(parse_cpu_busy("cpu 1 2 3\n"), None);
+        assert_eq!(parse_cpu_busy(""), None);
     }
 
     #[test]

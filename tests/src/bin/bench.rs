@@ -430,7 +430,7 @@ async fn measure(
 
 /// The shared infrastructure's groups, measured in both runs. PostgreSQL and RabbitMQ are
 /// shared with whatever else runs on the machine; the backends of the run's own database
-/// are listed separately for that reason.
+/// are listed separately for that reason, and the whole machine's busy CPU time next to them.
 fn shared_groups(database: &str) -> Vec<(String, Who)> {
     vec![
         ("postgres (all)".into(), Who::Named("postgres")),
@@ -440,6 +440,7 @@ fn shared_groups(database: &str) -> Vec<(String, Who)> {
         ),
         ("rabbitmq (beam.smp)".into(), Who::Named("beam.smp")),
         ("provisio-bench".into(), Who::Pid(std::process::id())),
+        ("machine (all CPUs busy)".into(), Who::Machine),
     ]
 }
 
