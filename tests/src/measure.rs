@@ -202,8 +202,9 @@ pub struct ProcessCost {
     pub process: String,
     pub cpu_seconds: f64,
     pub cpu_seconds_per_1000_requests: f64,
-    /// Peak RSS of the largest single process of the group, sampled every 200 ms.
-    pub peak_rss_mib: f64,
+    /// Peak RSS of the largest single process of the group, sampled every 200 ms (none for
+    /// the machine).
+    pub peak_rss_mib: Option<f64>,
 }
 
 /// Measures CPU (at start and finish) and peak RSS (sampled on its own thread, so the load
@@ -262,6 +263,11 @@ impl CostMeter {
             let _ = s.join();
         }
         let hz = clock_ticks_per_second() as f64;
+        let machine: Vec<bool> = self
+            .groups
+            .iter()
+            .map(|(_, w)| matches!(w, Who::Machine))
+            .collect();
         let peaks = self
             .peaks
             .lock()
@@ -270,8 +276,8 @@ impl CostMeter {
         self.groups
             .iter()
             .zip(self.start_ticks.iter().zip(end_ticks))
-            .zip(peaks)
-            .map(|(((name, _), (start, end)), peak)| {
+            .zip(peaks.into_iter().zip(machine))
+            .map(|(((name, _), (start, end)), (peak, machine))| {
                 let cpu_seconds = end.saturating_sub(*start) as f64 / hz;
                 ProcessCost {
                     process: name.clone(),
@@ -281,7 +287,7 @@ impl CostMeter {
                     } else {
                         cpu_seconds * 1000.0 / requests as f64
                     },
-                    peak_rss_mib: peak as f64 / 1024.0,
+                    peak_rss_mib: (!machine).then(|| peak as f64 / 1024.0),
                 }
             })
             .collect()
@@ -393,7 +399,7 @@ mod tests {
         let meter = CostMeter::start(vec![("me".into(), me)]);
         let costs = meter.finish(10);
         assert_eq!(costs.len(), 1);
-        assert!(costs[0].peak_rss_mib > 0.0);
+        assert!(costs[0].peak_rss_mib.is_some_and(|m| m > 0.0));
         assert!(costs[0].cpu_seconds >= 0.0);
     }
 }

@@ -708,8 +708,13 @@ fn print(out: Out, name: &str, f: &RunFigures) {
     ));
     for c in &f.cost {
         out.line(&format!(
-            "{:<10} {:<48} {:>12.2} {:>12.3} {:>8.1} MiB",
-            "", c.process, c.cpu_seconds, c.cpu_seconds_per_1000_requests, c.peak_rss_mib
+            "{:<10} {:<48} {:>12.2} {:>12.3} {:>12}",
+            "",
+            c.process,
+            c.cpu_seconds,
+            c.cpu_seconds_per_1000_requests,
+            c.peak_rss_mib
+                .map_or_else(|| "-".to_owned(), |m| format!("{m:.1} MiB"))
         ));
     }
 }
