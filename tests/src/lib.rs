@@ -17,6 +17,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 pub mod load;
+pub mod measure;
 pub mod proxy;
 
 /// PostgreSQL server URL without a database name.
