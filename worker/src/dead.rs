@@ -85,7 +85,18 @@ impl Letter {
                 "the message was dead-lettered for no stated reason".to_owned(),
             )
         };
-        let headers = format!("{:?}", props.headers());
+        // Without the count a quorum queue adds when it delivers the message again.
+        let headers: Vec<_> = props
+            .headers()
+            .as_ref()
+            .map(|h| {
+                h.inner()
+                    .iter()
+                    .filter(|(k, _)| k.as_str() != "x-delivery-count")
+                    .collect()
+            })
+            .unwrap_or_default();
+        let headers = format!("{headers:?}");
         let fingerprint = signing::digest(&[
             message_id.as_deref().unwrap_or_default().as_bytes(),
             headers.as_bytes(),
@@ -544,6 +555,55 @@ mod tests {
             l.request_id.as_deref(),
             Some("from-body"),
             "no message_id: the envelope's id"
+        );
+    }
+
+    #[test]
+    fn credentials_are_never_kept_and_the_route_comes_from_the_envelope() {
+        let body = br#"{"id": "r-3", "priority": "high", "credentials": {"password": "p"}}"#;
+        let l = Letter::read(body, &BasicProperties::default());
+        let (stored, redacted) = l.redacted();
+        assert!(redacted);
+        assert!(!stored.unwrap_or_default().to_string().contains("password"));
+        assert_eq!(l.route(), (Some("high".to_owned()), false));
+        let trusted = Letter::read(
+            br#"{"id": "r-4", "kind": "trusted", "credentials": null}"#,
+            &BasicProperties::default(),
+        );
+        assert_eq!(trusted.route(), (None, true));
+        assert!(!trusted.redacted().1, "a null is no credentials");
+        assert_eq!(
+            Letter::read(b"{}", &BasicProperties::default()).route(),
+            (Some("normal".to_owned()), false)
+        );
+    }
+
+    #[test]
+    fn the_same_message_has_the_same_fingerprint_and_another_death_another() {
+        let props = |reason: &str| {
+            BasicProperties::default()
+                .with_message_id("r-5".into())
+                .with_headers(headers(&[("x-first-death-reason", text(reason))]))
+        };
+        let a = Letter::read(b"{}", &props("delivery_limit"));
+        let again = BasicProperties::default()
+            .with_message_id("r-5".into())
+            .with_headers(headers(&[
+                ("x-first-death-reason", text("delivery_limit")),
+                ("x-delivery-count", AMQPValue::LongLongInt(1)),
+            ]));
+        assert_eq!(
+            a.fingerprint,
+            Letter::read(b"{}", &again).fingerprint,
+            "delivered again"
+        );
+        assert_ne!(
+            a.fingerprint,
+            Letter::read(b"{}", &props("expired")).fingerprint
+        );
+        assert_ne!(
+            a.fingerprint,
+            Letter::read(b"{ }", &props("delivery_limit")).fingerprint
         );
     }
 
