@@ -20,18 +20,44 @@ pub async fn publish_due(
     signing_key: &Secret,
     limit: i64,
 ) -> anyhow::Result<usize> {
+    Ok(publish(pool, publisher, signing_key, limit, None)
+        .await?
+        .len())
+}
+
+/// Publishes these requests now if they are due (an operator just made them `scheduled` for
+/// now: resumed or requeued), instead of at the scheduler's next pass; returns those
+/// published. The others stay for the scheduler (locked by another pass, or the broker away).
+pub async fn publish_now(
+    pool: &Pool,
+    publisher: &Publisher,
+    signing_key: &Secret,
+    ids: &[String],
+) -> anyhow::Result<Vec<String>> {
+    let limit = i64::try_from(ids.len()).unwrap_or(i64::MAX);
+    publish(pool, publisher, signing_key, limit, Some(ids)).await
+}
+
+async fn publish(
+    pool: &Pool,
+    publisher: &Publisher,
+    signing_key: &Secret,
+    limit: i64,
+    only: Option<&[String]>,
+) -> anyhow::Result<Vec<String>> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
     let rows = tx
         .query(
             "SELECT id, envelope, namespace_version, not_before FROM requests \
              WHERE status = 'scheduled' AND not_before <= now() \
+               AND ($2::text[] IS NULL OR id = ANY($2)) \
              ORDER BY not_before LIMIT $1 FOR UPDATE SKIP LOCKED",
-            &[&limit],
+            &[&limit, &only],
         )
         .await?;
     if rows.is_empty() {
-        return Ok(0);
+        return Ok(Vec::new());
     }
     let exchange = publisher.topology().requests_exchange();
     let trusted_exchange = publisher.topology().trusted_exchange();
@@ -83,7 +109,7 @@ pub async fn publish_due(
     )
     .await?;
     tx.commit().await?;
-    Ok(published.len())
+    Ok(published)
 }
 
 /// Runs passes every `every` until `stop`.

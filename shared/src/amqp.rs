@@ -46,6 +46,7 @@ impl AmqpError {
 pub struct Topology {
     prefix: String,
     delivery_limit: u32,
+    dead_archive_max_length: u32,
 }
 
 impl Topology {
@@ -53,6 +54,7 @@ impl Topology {
         Self {
             prefix: cfg.prefix.clone(),
             delivery_limit: cfg.delivery_limit,
+            dead_archive_max_length: cfg.dead_archive_max_length,
         }
     }
     pub fn prefix(&self) -> &str {
@@ -71,15 +73,18 @@ impl Topology {
     pub fn trusted_queue(&self) -> String {
         format!("{}.trusted", self.prefix)
     }
-    /// Fanout exchange of dead letters, and the one queue bound to it.
+    /// Fanout exchange of dead letters.
     pub fn dead_exchange(&self) -> String {
         format!("{}.dead", self.prefix)
     }
+    /// The broker's raw archive of dead letters, bounded by `amqp.dead_archive_max_length`
+    /// (oldest dropped first); nobody consumes it.
     pub fn dead_queue(&self) -> String {
         format!("{}.dead", self.prefix)
     }
-    /// A second queue on the dead-letter exchange, consumed by the auditors to give each
-    /// dead request its final status; `dead_queue` keeps every message for operators.
+    /// A second queue on the dead-letter exchange, consumed by the auditors: they give each
+    /// dead request its final status and record the letter in `dead_letters`, which is what
+    /// operators list, requeue and discard.
     pub fn dead_status_queue(&self) -> String {
         format!("{}.dead.status", self.prefix)
     }
@@ -109,9 +114,17 @@ impl Topology {
         dead_args.insert("x-queue-type".into(), long_str("quorum"));
         // No dead-letter exchange on these: a dead letter is never dead-lettered again
         // (that would loop through the fanout).
-        for q in [self.dead_queue(), self.dead_status_queue()] {
-            ch.queue_declare(q.clone().into(), qopts, dead_args.clone())
-                .await?;
+        let mut archive_args = dead_args.clone();
+        archive_args.insert(
+            "x-max-length".into(),
+            AMQPValue::LongUInt(self.dead_archive_max_length),
+        );
+        archive_args.insert("x-overflow".into(), long_str("drop-head"));
+        for (q, args) in [
+            (self.dead_queue(), archive_args),
+            (self.dead_status_queue(), dead_args),
+        ] {
+            ch.queue_declare(q.clone().into(), qopts, args).await?;
             ch.queue_bind(
                 q.into(),
                 self.dead_exchange().into(),

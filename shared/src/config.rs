@@ -112,6 +112,10 @@ pub struct AmqpConfig {
     pub prefix: String,
     /// `x-delivery-limit` of the request queues: a message redelivered more often is dead.
     pub delivery_limit: u32,
+    /// `x-max-length` of `{prefix}.dead`, the broker's raw archive of dead letters (the oldest
+    /// are dropped beyond it): operators work from the `dead_letters` table, so the archive
+    /// only has to cover the time to look at a message byte for byte.
+    pub dead_archive_max_length: u32,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -489,6 +493,7 @@ impl Default for AmqpConfig {
             // With the engines' 2 s requeue pause, about 40 s of database outage before a
             // message is dead-lettered.
             delivery_limit: 20,
+            dead_archive_max_length: 100_000,
         }
     }
 }

@@ -18,6 +18,17 @@ pub fn sign(key: &[u8], body: &[u8]) -> String {
     hex::encode(mac.finalize().into_bytes())
 }
 
+/// SHA-256 of `parts` one after the other, in hex: a fingerprint, not a signature (no key).
+pub fn digest(parts: &[&[u8]]) -> String {
+    use sha2::Digest;
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update((p.len() as u64).to_be_bytes());
+        h.update(p);
+    }
+    hex::encode(h.finalize())
+}
+
 /// Constant-time check of a hex signature.
 pub fn verify(key: &[u8], body: &[u8], signature: &str) -> bool {
     let Ok(sig) = hex::decode(signature) else {

@@ -253,6 +253,19 @@ async fn the_running_service_matches_its_openapi_document() -> anyhow::Result<()
         .0,
         200
     );
+    let (status, text) = call!(
+        "/v1/requests:batch",
+        "post",
+        http.post(format!("{base}/v1/requests:batch?wait=30"))
+            .bearer_auth(&key)
+            .json(&batch)
+    );
+    assert_eq!(status, 200);
+    assert_eq!(
+        serde_json::from_str::<Value>(&text)?["results"][0]["status"],
+        200,
+        "finished within the wait: {text}"
+    );
     assert_eq!(
         call!(
             "/v1/requests",
@@ -326,6 +339,26 @@ async fn the_running_service_matches_its_openapi_document() -> anyhow::Result<()
             "/v1/requests/{id}",
             "delete",
             http.delete(format!("{submit}/nope")).bearer_auth(&key)
+        )
+        .0,
+        404
+    );
+    // Resuming needs a parked request (tests/dead_letter_api.rs); a cancelled one is refused.
+    assert_eq!(
+        call!(
+            "/v1/requests/{id}:resume",
+            "post",
+            http.post(format!("{submit}/oa-later:resume"))
+                .bearer_auth(&key)
+        )
+        .0,
+        409
+    );
+    assert_eq!(
+        call!(
+            "/v1/requests/{id}:resume",
+            "post",
+            http.post(format!("{submit}/nope:resume")).bearer_auth(&key)
         )
         .0,
         404
@@ -470,6 +503,69 @@ async fn the_running_service_matches_its_openapi_document() -> anyhow::Result<()
         )
         .0,
         400
+    );
+
+    // Dead letters (the whole flow is in tests/dead_letter_api.rs): none here.
+    assert_eq!(
+        call!(
+            "/v1/dead-letters",
+            "get",
+            http.get(format!("{base}/v1/dead-letters?status=all"))
+                .bearer_auth(&key)
+        )
+        .0,
+        200
+    );
+    assert_eq!(
+        call!(
+            "/v1/dead-letters",
+            "get",
+            http.get(format!("{base}/v1/dead-letters?status=gone"))
+                .bearer_auth(&key)
+        )
+        .0,
+        400
+    );
+    assert_eq!(
+        call!(
+            "/v1/dead-letters/{id}:requeue",
+            "post",
+            http.post(format!("{base}/v1/dead-letters/1:requeue"))
+                .bearer_auth(&key)
+        )
+        .0,
+        404
+    );
+    assert_eq!(
+        call!(
+            "/v1/dead-letters:requeue",
+            "post",
+            http.post(format!("{base}/v1/dead-letters:requeue"))
+                .bearer_auth(&key)
+                .json(&json!({"reason": "delivery_limit"}))
+        )
+        .0,
+        200
+    );
+    assert_eq!(
+        call!(
+            "/v1/dead-letters/{id}",
+            "delete",
+            http.delete(format!("{base}/v1/dead-letters/1"))
+                .bearer_auth(&key)
+        )
+        .0,
+        404
+    );
+    assert_eq!(
+        call!(
+            "/v1/resources/pools",
+            "get",
+            http.get(format!("{base}/v1/resources/pools"))
+                .bearer_auth(&key)
+        )
+        .0,
+        200
     );
 
     for p in ["/healthz", "/readyz", "/metrics"] {

@@ -1,11 +1,14 @@
 //! Dead letters end somewhere: a request whose message was dead-lettered (RabbitMQ's delivery
 //! limit on a lane, or an engine refusing the envelope after acceptance) gets the status
-//! `dead`, with the reason in its error, instead of staying `queued` forever.
+//! `dead`, with the reason in its error, instead of staying `queued` forever; and the letter
+//! itself is recorded in `dead_letters`, where operators list, requeue and discard it through
+//! the queue manager's API.
 //!
-//! The dead-letter exchange is a fanout: `{prefix}.dead` keeps every message for operators,
-//! and `{prefix}.dead.status` feeds this consumer. Every auditor consumes it, leader or not:
-//! the update is idempotent, so they compete for messages safely. A message is acked only
-//! after its request's record is committed (or when there is nothing to record).
+//! The dead-letter exchange is a fanout: `{prefix}.dead` is the broker's raw archive (bounded,
+//! nobody consumes it), and `{prefix}.dead.status` feeds this consumer. Every auditor consumes
+//! it, leader or not: the update is idempotent and the record is kept once per message (its
+//! fingerprint), so they compete for messages safely. A message is acked only after its
+//! request's status and its record are committed, together.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +23,7 @@ use provisio_shared::amqp::{self, Topology, header_str};
 use provisio_shared::config::{Config, Secret};
 use provisio_shared::metrics as m;
 use provisio_shared::telemetry::Readiness;
+use provisio_shared::signing;
 use serde_json::{Value, json};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -40,24 +44,32 @@ pub struct Letter {
     pub message: String,
     /// The envelope as JSON, if the body is JSON at all.
     pub body: Option<Value>,
+    /// The engine that refused it, or the queue RabbitMQ dead-lettered it from.
+    pub source: Option<String>,
+    /// `x-provisio-signature`, the queue manager's signature of the body, if any.
+    pub signature: Option<String>,
+    pub body_bytes: usize,
+    /// SHA-256 of the message id, headers and body: the same message delivered again is
+    /// recorded once.
+    pub fingerprint: String,
 }
 
 impl Letter {
     pub fn read(body: &[u8], props: &BasicProperties) -> Self {
-        let body: Option<Value> = serde_json::from_slice(body).ok();
-        let request_id = props
-            .message_id()
-            .as_ref()
-            .map(|id| id.as_str().to_owned())
-            .or_else(|| {
-                body.as_ref()
-                    .and_then(|b| b.get("id"))
-                    .and_then(Value::as_str)
-                    .map(str::to_owned)
-            });
+        let raw = body;
+        let body: Option<Value> = serde_json::from_slice(raw).ok();
+        let message_id = props.message_id().as_ref().map(|id| id.as_str().to_owned());
+        let request_id = message_id.clone().or_else(|| {
+            body.as_ref()
+                .and_then(|b| b.get("id"))
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        });
+        let mut source = None;
         let (reason, message) = if let Some(reason) = header_str(props, "x-provisio-reason") {
             let detail = header_str(props, "x-provisio-error")
                 .unwrap_or_else(|| "an engine dead-lettered the message".to_owned());
+            source = header_str(props, "x-provisio-engine").map(|e| format!("engine {e}"));
             (reason, format!("dead-lettered by an engine: {detail}"))
         } else if let Some((reason, queue)) = broker_death(props) {
             let message = match reason.as_str() {
@@ -66,6 +78,7 @@ impl Letter {
                 ),
                 other => format!("RabbitMQ dead-lettered the message from `{queue}` ({other})"),
             };
+            source = (!queue.is_empty()).then(|| format!("queue {queue}"));
             (reason, message)
         } else {
             (
@@ -73,17 +86,65 @@ impl Letter {
                 "the message was dead-lettered for no stated reason".to_owned(),
             )
         };
+        // Without the count a quorum queue adds when it delivers the message again.
+        let headers: Vec<_> = props
+            .headers()
+            .as_ref()
+            .map(|h| {
+                h.inner()
+                    .iter()
+                    .filter(|(k, _)| k.as_str() != "x-delivery-count")
+                    .collect()
+            })
+            .unwrap_or_default();
+        let headers = format!("{headers:?}");
+        let fingerprint = signing::digest(&[
+            message_id.as_deref().unwrap_or_default().as_bytes(),
+            headers.as_bytes(),
+            raw,
+        ]);
         Self {
             request_id,
             reason,
             message,
             body,
+            source,
+            signature: header_str(props, signing::SIGNATURE_HEADER),
+            body_bytes: raw.len(),
+            fingerprint,
         }
     }
 
     /// The request's `error` once it is dead.
     pub fn error(&self) -> Value {
         json!({"code": "dead_lettered", "message": self.message, "reason": self.reason})
+    }
+
+    /// The envelope as it may be stored: without its credentials (never kept in clear), and
+    /// whether it had any.
+    pub fn redacted(&self) -> (Option<Value>, bool) {
+        let mut body = self.body.clone();
+        let had = body
+            .as_mut()
+            .and_then(Value::as_object_mut)
+            .and_then(|o| o.remove("credentials"))
+            .is_some_and(|c| !c.is_null());
+        (body, had)
+    }
+
+    /// Where the message would run again: `(lane, trusted)`, from the envelope.
+    pub fn route(&self) -> (Option<String>, bool) {
+        let Some(b) = self.body.as_ref().and_then(Value::as_object) else {
+            return (None, false);
+        };
+        if b.get("kind").and_then(Value::as_str) == Some("trusted") {
+            return (None, true);
+        }
+        let lane = b
+            .get("priority")
+            .and_then(Value::as_str)
+            .unwrap_or("normal");
+        (Some(lane.to_owned()), false)
     }
 }
 
@@ -145,6 +206,9 @@ pub struct DeadLetters {
     pool: Pool,
     /// Up while the consumer holds a broker connection (`provisio_broker_up`).
     broker: Readiness,
+    /// The fleet's key, to tell the letters the queue manager signed (which may be signed
+    /// again and republished) from the others.
+    signing_key: Secret,
 }
 
 impl DeadLetters {
@@ -154,6 +218,7 @@ impl DeadLetters {
             topology: Topology::new(&cfg.amqp),
             pool,
             broker,
+            signing_key: cfg.security.signing_key.clone(),
         }
     }
 
@@ -224,9 +289,12 @@ impl DeadLetters {
             let stop = stop.clone();
             tasks.spawn(async move {
                 let letter = Letter::read(&delivery.data, &delivery.properties);
+                let signed = letter.signature.as_deref().is_some_and(|sig| {
+                    signing::verify(me.signing_key.expose().as_bytes(), &delivery.data, sig)
+                });
                 // `None`: shutting down before the record was written; the broker delivers
                 // the message again (to this auditor's successor or another one).
-                let Some(settled) = me.settle(&letter, &stop).await else {
+                let Some(settled) = me.settle(&letter, signed, &stop).await else {
                     return;
                 };
                 metrics::counter!(m::DEAD_LETTERS_SETTLED, "outcome" => settled.as_str())
@@ -242,19 +310,19 @@ impl DeadLetters {
         result
     }
 
-    /// Records `letter`'s request as dead, retrying while the database is away or while the
-    /// request still has an unfinished transaction. `None` when `stop` came first.
-    async fn settle(&self, letter: &Letter, stop: &CancellationToken) -> Option<Settled> {
-        let Some(id) = letter.request_id.as_deref() else {
-            tracing::warn!(
-                reason = letter.reason,
-                "a dead letter without a request id; ignored"
-            );
-            return Some(Settled::UnknownRequest);
-        };
+    /// Records `letter` (and its request as dead, when it is that request's message),
+    /// retrying while the database is away or while the request still has an unfinished
+    /// transaction. `None` when `stop` came first.
+    async fn settle(
+        &self,
+        letter: &Letter,
+        signed: bool,
+        stop: &CancellationToken,
+    ) -> Option<Settled> {
+        let id = letter.request_id.as_deref().unwrap_or("");
         let mut retry = Duration::from_millis(500);
         loop {
-            let wait = match self.mark_dead(id, letter).await {
+            let wait = match self.record(letter, signed).await {
                 Ok(Some(settled)) => {
                     match settled {
                         Settled::MarkedDead => tracing::warn!(
@@ -265,17 +333,17 @@ impl DeadLetters {
                         Settled::NotQueued => tracing::info!(
                             request_id = id,
                             reason = letter.reason,
-                            "dead letter of a request that is not queued; kept for operators only"
+                            "dead letter of a request that is not queued; recorded for operators only"
                         ),
                         Settled::UnknownRequest => tracing::warn!(
                             request_id = id,
                             reason = letter.reason,
-                            "dead letter of an unknown request; ignored"
+                            "dead letter of no known request; recorded for operators only"
                         ),
                         Settled::Mismatch => tracing::warn!(
                             request_id = id,
                             reason = letter.reason,
-                            "dead letter names a request but is not its message; ignored"
+                            "dead letter names a request but is not its message; recorded for operators only"
                         ),
                     }
                     return Some(settled);
@@ -288,7 +356,7 @@ impl DeadLetters {
                     RECHECK
                 }
                 Err(e) => {
-                    tracing::warn!(request_id = id, error = format!("{e:#}"), retry_in = ?retry, "cannot record a dead request; retrying");
+                    tracing::warn!(request_id = id, error = format!("{e:#}"), retry_in = ?retry, "cannot record a dead letter; retrying");
                     let wait = retry;
                     retry = (retry * 2).min(RETRY_MAX);
                     wait
@@ -301,18 +369,87 @@ impl DeadLetters {
         }
     }
 
-    /// One attempt, in one transaction. `Ok(None)`: the request has a transaction that is not
-    /// finished (running, or awaiting recovery), whose outcome would overwrite ours; look
-    /// again later.
-    async fn mark_dead(&self, id: &str, letter: &Letter) -> anyhow::Result<Option<Settled>> {
+    /// One attempt, in one transaction: the request's status (when the letter is its message
+    /// and it was waiting for it) and the letter's record commit together. `Ok(None)`: the
+    /// request has a transaction that is not finished (running, or awaiting recovery), whose
+    /// outcome would overwrite ours; look again later.
+    async fn record(&self, letter: &Letter, signed: bool) -> anyhow::Result<Option<Settled>> {
+        let mut client = self.pool.get().await.context("database")?;
+        let tx = client.transaction().await?;
+        let decided = match letter.request_id.as_deref() {
+            None => Some((Settled::UnknownRequest, None)),
+            Some(id) => Self::decide(&tx, id, letter).await?,
+        };
+        let Some((settled, meta)) = decided else {
+            return Ok(None);
+        };
+        // Only a letter that is its request's message is filed under it; the others (no id,
+        // an unknown id, someone else's id) are nobody's and can only be deleted.
+        let request_id = matches!(settled, Settled::MarkedDead | Settled::NotQueued)
+            .then_some(letter.request_id.as_deref())
+            .flatten();
+        let field = |k: &str| {
+            letter
+                .body
+                .as_ref()
+                .and_then(|b| b.get(k))
+                .and_then(Value::as_str)
+        };
+        let (envelope, redacted) = letter.redacted();
+        let (lane, trusted) = letter.route();
+        let body_bytes = i32::try_from(letter.body_bytes).unwrap_or(i32::MAX);
+        tx.execute(
+            "INSERT INTO dead_letters (request_id, message_id, reason, error, namespace, procedure, \
+                 lane, trusted, source, signed, envelope, credentials_redacted, body_bytes, settled, fingerprint) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
+             ON CONFLICT (fingerprint) WHERE status = 'dead' DO NOTHING",
+            &[
+                &request_id as &(dyn tokio_postgres::types::ToSql + Sync),
+                &letter.request_id,
+                &letter.reason,
+                &letter.message,
+                &field("namespace"),
+                &field("procedure"),
+                &lane,
+                &trusted,
+                &letter.source,
+                &signed,
+                &envelope,
+                &redacted,
+                &body_bytes,
+                &settled.as_str(),
+                &letter.fingerprint,
+            ],
+        )
+        .await?;
+        tx.commit().await?;
+        if let Some((namespace, procedure)) = meta {
+            // The row's names were checked when the request was accepted, except an inline
+            // procedure's, which is the caller's choice: the envelope's `steps` tell it apart.
+            let inline = letter
+                .body
+                .as_ref()
+                .is_some_and(|b| b.get("steps").is_some_and(|s| !s.is_null()));
+            let procedure = m::accepted_procedure_label(&procedure, inline);
+            metrics::counter!(m::REQUESTS_FINISHED, "namespace" => namespace, "procedure" => procedure, "status" => "dead")
+                .increment(1);
+        }
+        Ok(Some(settled))
+    }
+
+    /// Whether the letter kills request `id`, marking it dead in `tx` if so (with the
+    /// request's names, for the metrics); `None` while its transaction is unfinished.
+    async fn decide(
+        tx: &deadpool_postgres::Transaction<'_>,
+        id: &str,
+        letter: &Letter,
+    ) -> anyhow::Result<Option<(Settled, Option<(String, String)>)>> {
         let body = letter.body.as_ref();
         let field = |k: &str| body.and_then(|b| b.get(k)).and_then(Value::as_str);
         if field("id").is_some_and(|body_id| body_id != id) {
-            return Ok(Some(Settled::Mismatch));
+            return Ok(Some((Settled::Mismatch, None)));
         }
         let input = body.map(|b| b.get("input").cloned().unwrap_or(Value::Null));
-        let mut client = self.pool.get().await.context("database")?;
-        let tx = client.transaction().await?;
         // The row lock orders this against an engine opening a transaction for the request:
         // either that transaction is visible to the check below, or the engine finds the
         // request dead and opens nothing.
@@ -325,15 +462,15 @@ impl DeadLetters {
             )
             .await?
         else {
-            return Ok(Some(Settled::UnknownRequest));
+            return Ok(Some((Settled::UnknownRequest, None)));
         };
         let (status, namespace, procedure, matches): (String, String, String, bool) =
             (row.get(0), row.get(1), row.get(2), row.get(3));
         if !matches {
-            return Ok(Some(Settled::Mismatch));
+            return Ok(Some((Settled::Mismatch, None)));
         }
         if !matches!(status.as_str(), "queued" | "running") {
-            return Ok(Some(Settled::NotQueued));
+            return Ok(Some((Settled::NotQueued, None)));
         }
         let unfinished: bool = tx
             .query_one(
@@ -353,14 +490,7 @@ impl DeadLetters {
             &[&id, &letter.error()],
         )
         .await?;
-        tx.commit().await?;
-        // The row's names were checked when the request was accepted, except an inline
-        // procedure's, which is the caller's choice: the envelope's `steps` tell it apart.
-        let inline = body.is_some_and(|b| b.get("steps").is_some_and(|s| !s.is_null()));
-        let procedure = m::accepted_procedure_label(&procedure, inline);
-        metrics::counter!(m::REQUESTS_FINISHED, "namespace" => namespace, "procedure" => procedure, "status" => "dead")
-            .increment(1);
-        Ok(Some(Settled::MarkedDead))
+        Ok(Some((Settled::MarkedDead, Some((namespace, procedure)))))
     }
 }
 
@@ -431,6 +561,55 @@ mod tests {
             l.request_id.as_deref(),
             Some("from-body"),
             "no message_id: the envelope's id"
+        );
+    }
+
+    #[test]
+    fn credentials_are_never_kept_and_the_route_comes_from_the_envelope() {
+        let body = br#"{"id": "r-3", "priority": "high", "credentials": {"password": "p"}}"#;
+        let l = Letter::read(body, &BasicProperties::default());
+        let (stored, redacted) = l.redacted();
+        assert!(redacted);
+        assert!(!stored.unwrap_or_default().to_string().contains("password"));
+        assert_eq!(l.route(), (Some("high".to_owned()), false));
+        let trusted = Letter::read(
+            br#"{"id": "r-4", "kind": "trusted", "credentials": null}"#,
+            &BasicProperties::default(),
+        );
+        assert_eq!(trusted.route(), (None, true));
+        assert!(!trusted.redacted().1, "a null is no credentials");
+        assert_eq!(
+            Letter::read(b"{}", &BasicProperties::default()).route(),
+            (Some("normal".to_owned()), false)
+        );
+    }
+
+    #[test]
+    fn the_same_message_has_the_same_fingerprint_and_another_death_another() {
+        let props = |reason: &str| {
+            BasicProperties::default()
+                .with_message_id("r-5".into())
+                .with_headers(headers(&[("x-first-death-reason", text(reason))]))
+        };
+        let a = Letter::read(b"{}", &props("delivery_limit"));
+        let again = BasicProperties::default()
+            .with_message_id("r-5".into())
+            .with_headers(headers(&[
+                ("x-first-death-reason", text("delivery_limit")),
+                ("x-delivery-count", AMQPValue::LongLongInt(1)),
+            ]));
+        assert_eq!(
+            a.fingerprint,
+            Letter::read(b"{}", &again).fingerprint,
+            "delivered again"
+        );
+        assert_ne!(
+            a.fingerprint,
+            Letter::read(b"{}", &props("expired")).fingerprint
+        );
+        assert_ne!(
+            a.fingerprint,
+            Letter::read(b"{ }", &props("delivery_limit")).fingerprint
         );
     }
 

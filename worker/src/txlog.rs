@@ -94,7 +94,9 @@ pub struct Finish {
     pub output: Option<Value>,
     pub error: Option<Value>,
     pub summary: Value,
-    /// Request-level retry: run again at this time from this envelope (status `scheduled`).
+    /// Request-level retry: run again at this time from this envelope (status `scheduled`);
+    /// also a parked request's envelope, kept for an operator's resume (a parked request is
+    /// not finished: its `finished_at` stays empty, and nothing publishes it at that time).
     pub retry_at: Option<(chrono::DateTime<chrono::Utc>, Value)>,
     /// The engine that must still own the transaction for the outcome to be written.
     pub owner: Arc<str>,

@@ -3,10 +3,12 @@
 
 mod audit;
 mod body;
+mod dead_letters;
 pub mod error;
 mod namespaces;
 mod principals;
 mod requests;
+mod resources;
 mod transactions;
 
 use std::sync::Arc;
@@ -38,8 +40,17 @@ pub fn router(app: Arc<App>) -> Router {
         )
         .route(
             "/v1/requests/{id}",
-            get(requests::get).delete(requests::cancel),
+            get(requests::get)
+                .delete(requests::cancel)
+                .post(requests::action),
         )
+        .route("/v1/dead-letters", get(dead_letters::list))
+        .route("/v1/dead-letters:requeue", post(dead_letters::requeue_many))
+        .route(
+            "/v1/dead-letters/{target}",
+            post(dead_letters::action).delete(dead_letters::delete),
+        )
+        .route("/v1/resources/pools", get(resources::pools))
         .route("/v1/principals", post(principals::create))
         .route("/v1/principals/{name}/groups", put(principals::put_groups))
         .route("/v1/principals/{name}/keys", post(principals::create_key))
@@ -96,4 +107,42 @@ impl FromRequestParts<Arc<App>> for Caller {
             Err(crate::auth::AuthError::Db(e)) => Err(ApiError::db(e)),
         }
     }
+}
+
+/// Publishes requests an operator just made due (resumed, requeued), best effort: whatever is
+/// not published now, the scheduler publishes at its next pass. Each id with `queued`
+/// (published) or `scheduled`.
+async fn publish_all_now(app: &App, ids: &[String]) -> Vec<(String, &'static str)> {
+    if ids.is_empty() {
+        return Vec::new();
+    }
+    let published = crate::scheduler::publish_now(
+        &app.pool,
+        &app.publisher,
+        &app.cfg.security.signing_key,
+        ids,
+    )
+    .await
+    .unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "cannot publish at once; the scheduler will");
+        Vec::new()
+    });
+    ids.iter()
+        .map(|id| {
+            let s = if published.contains(id) {
+                "queued"
+            } else {
+                "scheduled"
+            };
+            (id.clone(), s)
+        })
+        .collect()
+}
+
+/// [`publish_all_now`] for one request.
+async fn publish_now(app: &App, id: &str) -> &'static str {
+    publish_all_now(app, &[id.to_owned()])
+        .await
+        .first()
+        .map_or("scheduled", |(_, s)| *s)
 }

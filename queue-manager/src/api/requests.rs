@@ -108,20 +108,17 @@ async fn submit_any(
     };
     let registration = wait.map(|_| app.waiters.register(id.as_str()));
     let status = accept_one(&app, &caller, body, id.clone(), trusted).await?;
-    if let (Some(wait), Some(mut reg)) = (wait, registration) {
-        let finished = status.parse::<Status>().is_ok_and(Status::is_final)
-            || tokio::time::timeout(wait, &mut reg.woken)
-                .await
-                .is_ok_and(|r| r.is_ok());
-        if finished
-            && let Some(rec) = record(&app, id.as_str()).await?
-            && rec["status"]
-                .as_str()
-                .and_then(|s| s.parse::<Status>().ok())
-                .is_some_and(Status::is_final)
-        {
-            return Ok((StatusCode::OK, Json(strip_owner(rec))));
-        }
+    if let (Some(wait), Some(reg)) = (wait, registration)
+        && let Some(rec) = wait_for(
+            &app,
+            id.as_str(),
+            &status,
+            tokio::time::Instant::now() + wait,
+            reg,
+        )
+        .await?
+    {
+        return Ok((StatusCode::OK, Json(rec)));
     }
     Ok((
         StatusCode::ACCEPTED,
@@ -131,12 +128,17 @@ async fn submit_any(
 
 /// `POST /v1/requests:batch`: each element is accepted (or refused) on its own; the answer
 /// lists one result per element, in order, with the status code it would have had alone.
+/// With `?wait=SECONDS`, the elements accepted are waited for together, up to that long: each
+/// that finished meanwhile is answered `200` with its record.
 pub async fn submit_batch(
     State(app): State<Arc<App>>,
     caller: Caller,
+    query: Result<Query<SubmitQuery>, QueryRejection>,
     JsonBody(items): JsonBody<Vec<Value>>,
 ) -> Result<Json<Value>, ApiError> {
     const MAX_ITEMS: usize = 1000;
+    let Query(query) =
+        query.map_err(|e| ApiError::Malformed(format!("query: {}", e.body_text())))?;
     if items.len() > MAX_ITEMS {
         return Err(ApiError::Malformed(format!(
             "a batch holds at most {MAX_ITEMS} requests, this one {}",
@@ -144,6 +146,10 @@ pub async fn submit_batch(
         )));
     }
     rate_limit(&app, &caller, items.len())?;
+    let deadline = query.wait.map(|w| {
+        tokio::time::Instant::now()
+            + Duration::from_secs(w.min(app.cfg.queue_manager.max_wait_seconds))
+    });
     let work = items.into_iter().map(|item| {
         let (app, caller) = (&app, &caller);
         async move {
@@ -155,7 +161,15 @@ pub async fn submit_batch(
                         .map_err(|e| ApiError::Malformed(e.to_string()))?,
                     None => RequestId::generate(),
                 };
+                let registration = deadline.map(|_| app.waiters.register(id.as_str()));
                 let status = accept_one(app, caller, body, id.clone(), false).await?;
+                if let (Some(deadline), Some(reg)) = (deadline, registration)
+                    && let Some(rec) = wait_for(app, id.as_str(), &status, deadline, reg).await?
+                {
+                    return Ok::<_, ApiError>(json!({
+                        "status": 200, "id": id, "request_status": rec["status"], "record": rec,
+                    }));
+                }
                 Ok::<_, ApiError>(json!({"status": 202, "id": id, "request_status": status}))
             }
             .await;
@@ -168,6 +182,31 @@ pub async fn submit_batch(
     });
     let results = futures_util::future::join_all(work).await;
     Ok(Json(json!({"results": results})))
+}
+
+/// Waits until `deadline` for request `id`, accepted with `status`, to finish; its record
+/// (without the owner) if it did.
+async fn wait_for(
+    app: &App,
+    id: &str,
+    status: &str,
+    deadline: tokio::time::Instant,
+    mut reg: crate::wait::Registration,
+) -> Result<Option<Value>, ApiError> {
+    let finished = status.parse::<Status>().is_ok_and(Status::is_final)
+        || tokio::time::timeout_at(deadline, &mut reg.woken)
+            .await
+            .is_ok_and(|r| r.is_ok());
+    if finished
+        && let Some(rec) = record(app, id).await?
+        && rec["status"]
+            .as_str()
+            .and_then(|s| s.parse::<Status>().ok())
+            .is_some_and(Status::is_final)
+    {
+        return Ok(Some(strip_owner(rec)));
+    }
+    Ok(None)
 }
 
 /// Takes `n` submissions from the caller's allowance (all or nothing), when limits are on.
@@ -394,6 +433,60 @@ pub async fn cancel(
         )));
     }
     let rec = record(&app, &id).await?.ok_or_else(not_found)?;
+    Ok(Json(strip_owner(rec)))
+}
+
+/// `POST /v1/requests/{id}:resume`: a parked request (its retries spent) runs again, as
+/// `scheduled` for now from the envelope kept when it was parked, with the same id. A
+/// resumed request that fails again parks again. The submitter or an admin may resume it.
+pub async fn action(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    Path(target): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    // Request ids may contain `:`; the action is what follows the last one.
+    let (id, verb) = target.rsplit_once(':').ok_or_else(|| {
+        ApiError::NotFound("no such route: use POST /v1/requests/{id}:resume".into())
+    })?;
+    if verb != "resume" {
+        return Err(ApiError::NotFound(format!("no action `{verb}`")));
+    }
+    let not_found = || ApiError::NotFound(format!("request `{id}` does not exist"));
+    let rec = record(&app, id).await?.ok_or_else(not_found)?;
+    let owner = rec["principal_id"]
+        .as_str()
+        .and_then(|s| uuid::Uuid::parse_str(s).ok());
+    if owner != Some(caller.0.id) && !caller.0.has("admin") {
+        return Err(not_found());
+    }
+    let client = app.pool.get().await.map_err(ApiError::db)?;
+    let n = client
+        .execute(
+            "UPDATE requests SET status = 'scheduled', not_before = now(), finished_at = NULL \
+             WHERE id = $1 AND status = 'parked' AND envelope IS NOT NULL",
+            &[&id],
+        )
+        .await
+        .map_err(ApiError::db)?;
+    drop(client);
+    if n == 0 {
+        let status = rec["status"].as_str().unwrap_or("?");
+        return Err(ApiError::Conflict(if status == "parked" {
+            format!(
+                "request `{id}` was parked without its envelope (by an older engine): it cannot be \
+                 resumed; submit it again with a new id"
+            )
+        } else {
+            format!("request `{id}` is {status}; only a parked request can be resumed")
+        }));
+    }
+    tracing::info!(
+        request_id = id,
+        by = caller.0.name,
+        "parked request resumed"
+    );
+    super::publish_now(&app, id).await;
+    let rec = record(&app, id).await?.ok_or_else(not_found)?;
     Ok(Json(strip_owner(rec)))
 }
 

@@ -491,7 +491,15 @@ impl Engine {
             (Some(policy), Status::Failed)
                 if model != TxModel::Read && policy.on_exhausted == "park" =>
             {
-                (Status::Parked, None)
+                // The envelope is kept as for a retry, so that an operator can resume the
+                // request (`POST /v1/requests/{id}:resume`); the time is only where the row's
+                // `not_before` points meanwhile: nothing publishes a parked request.
+                let mut again = env.clone();
+                again.credentials = None;
+                (
+                    Status::Parked,
+                    serde_json::to_value(&again).ok().map(|e| (Utc::now(), e)),
+                )
             }
             (_, s) => (s, None),
         };
