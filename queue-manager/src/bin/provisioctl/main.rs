@@ -86,10 +86,10 @@ enum Cmd {
         #[arg(long)]
         all: bool,
         /// With --all: only dead letters of this reason.
-        #[arg(long, requires = "all")]
+        #[arg(long)]
         reason: Option<String>,
         /// With --all: only dead letters of this namespace.
-        #[arg(long, requires = "all")]
+        #[arg(long)]
         namespace: Option<String>,
     },
     /// Delete an object.
@@ -229,17 +229,18 @@ struct Submit {
     #[arg(long, conflicts_with = "bulk")]
     trusted: bool,
     /// With --trusted: the principal the procedure acts for.
-    #[arg(long, requires = "trusted")]
+    #[arg(long)]
     run_as: Option<String>,
     /// A JSON-lines file (or `-`) of request bodies, submitted concurrently.
     #[arg(long)]
     bulk: Option<PathBuf>,
-    /// With --bulk: requests per `POST /v1/requests:batch` (1 to 1000; 1 = one
-    /// `POST /v1/requests` each).
-    #[arg(long, default_value_t = 200, requires = "bulk", value_parser = clap::value_parser!(u16).range(1..=1000))]
+    /// With --bulk: requests per `POST /v1/requests:batch` (1 to 1000); 1, the default, is
+    /// one `POST /v1/requests` each (as fast here, and gentler on the queue manager's
+    /// database pool than large batches in flight).
+    #[arg(long, default_value_t = 1, requires = "bulk", value_parser = clap::value_parser!(u16).range(1..=1000))]
     chunk: u16,
     /// With --bulk: HTTP calls in flight at once.
-    #[arg(long, default_value_t = 8, requires = "bulk", value_parser = clap::value_parser!(u16).range(1..))]
+    #[arg(long, default_value_t = 32, requires = "bulk", value_parser = clap::value_parser!(u16).range(1..))]
     in_flight: u16,
     /// With --bulk: report progress on stderr even when it is not a terminal.
     #[arg(long, requires = "bulk")]
@@ -576,6 +577,9 @@ async fn submit(api: &Api, s: &Submit, format: Format) -> anyhow::Result<Exit> {
         };
         return bulk::run(api, &opts, format).await;
     }
+    if s.run_as.is_some() && !s.trusted {
+        return Err(Failure::Usage("--run-as goes with --trusted".into()).into());
+    }
     let input: Value = serde_json::from_str(&s.input)
         .map_err(|e| Failure::Usage(format!("--input is not JSON: {e}")))?;
     let mut body = json!({
@@ -642,6 +646,14 @@ async fn run(cli: Cli) -> anyhow::Result<Exit> {
             let v = post(format!("/v1/requests/{}:resume", seg(id)), vec![], None).await?;
             print(&v, format, "", table::REQUEST)?;
             Ok(Exit::Ok)
+        }
+        Cmd::Requeue {
+            all: false,
+            reason,
+            namespace,
+            ..
+        } if reason.is_some() || namespace.is_some() => {
+            Err(Failure::Usage("--reason and --namespace go with --all".into()).into())
         }
         Cmd::Requeue {
             id: Some(id),
