@@ -375,6 +375,38 @@ async fn requests_are_submitted_listed_described_and_cancelled() -> R {
     assert!(out.stderr.contains("error: conflict:"), "{out:?}");
     assert!(out.stdout.is_empty(), "{out:?}");
 
+    // Trusted submissions go to their own route; --run-as needs --trusted.
+    let out = run(
+        url,
+        key,
+        &[
+            "submit",
+            "demo",
+            "hello",
+            "--trusted",
+            "--run-as",
+            "nobody",
+            "--input",
+            r#"{"name": "T"}"#,
+        ],
+        None,
+    )
+    .await?;
+    assert_eq!(out.code, 3, "{out:?}");
+    assert!(
+        out.stderr
+            .contains("`run_as`: no enabled principal `nobody`"),
+        "{out:?}"
+    );
+    let out = run(
+        url,
+        key,
+        &["submit", "demo", "hello", "--run-as", "x"],
+        None,
+    )
+    .await?;
+    assert_eq!(out.code, 1, "{out:?}");
+
     // Errors: not found, refused input, usage.
     let out = run(url, key, &["get", "request", "nope"], None).await?;
     assert_eq!(out.code, 2, "{out:?}");
@@ -700,8 +732,8 @@ async fn a_bulk_submission_of_ten_thousand_lines_ends_with_a_summary() -> R {
         .get(0);
     assert_eq!(stored, 9993);
 
-    // Again, one POST per line, as JSON: the same ids and bodies are accepted again
-    // (idempotent), and stdin works.
+    // Again, through `:batch` in chunks of two, as JSON: the same ids and bodies are accepted
+    // again (idempotent), and stdin works.
     let few: String = (1..=3)
         .map(|n| {
             json!({"namespace": "demo", "procedure": "hello", "id": format!("bulk-{n}"), "input": {"name": format!("user{n}")}})
@@ -712,7 +744,7 @@ async fn a_bulk_submission_of_ten_thousand_lines_ends_with_a_summary() -> R {
     let out = run(
         url,
         key,
-        &["submit", "--bulk", "-", "--chunk", "1", "-o", "json"],
+        &["submit", "--bulk", "-", "--chunk", "2", "-o", "json"],
         Some(&few),
     )
     .await?;
