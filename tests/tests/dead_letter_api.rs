@@ -549,3 +549,79 @@ async fn resource_pools_are_listed_with_their_use_to_admins_only() -> R {
     env.cleanup().await;
     Ok(())
 }
+
+/// `provisioctl` against the real routes: dead letters listed, one requeued (it then runs),
+/// one deleted; a parked request resumed; pools listed.
+#[tokio::test]
+async fn provisioctl_drives_dead_letters_resume_and_pools() -> R {
+    async fn ctl(env: &TestEnv, qm: &Proc, args: &[&str]) -> anyhow::Result<(i32, Value)> {
+        let out = tokio::process::Command::new(provisio_tests::binary("provisioctl"))
+            .args(["--url", &qm.url, "--api-key", &env.admin_key, "-o", "json"])
+            .args(args)
+            .env_remove("PROVISIO_URL")
+            .env_remove("PROVISIO_API_KEY")
+            .kill_on_drop(true)
+            .output()
+            .await?;
+        let json = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        Ok((out.status.code().unwrap_or(-1), json))
+    }
+    let (env, topology, qm, aud) = limited("dla-ctl").await?;
+    assert_eq!(env.apply(&qm, "dla", NS).await?.0, 201);
+    for id in ["ctl-a", "ctl-b"] {
+        let mut body = request("dla", "echo", json!({"who": id}));
+        body["id"] = json!(id);
+        assert_eq!(env.submit(&qm, &body).await?.0, 202);
+    }
+    dead_by_delivery_limit(&env, &topology, &qm, &["ctl-a", "ctl-b"]).await?;
+    let (code, listed) = ctl(&env, &qm, &["get", "dead-letters"]).await?;
+    assert_eq!(code, 0, "{listed}");
+    let listed = listed["dead_letters"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let letter = |rid: &str| {
+        listed
+            .iter()
+            .find(|l| l["request_id"] == rid)
+            .map(|l| l["id"].to_string())
+            .unwrap_or_default()
+    };
+    let (a, b) = (letter("ctl-a"), letter("ctl-b"));
+    assert!(!a.is_empty() && !b.is_empty(), "{listed:?}");
+    let (code, out) = ctl(&env, &qm, &["requeue", &a]).await?;
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = ctl(&env, &qm, &["delete", "dead-letter", &b]).await?;
+    assert_eq!(code, 0, "{out}");
+    let (code, _) = ctl(&env, &qm, &["delete", "dead-letter", &b]).await?;
+    assert_eq!(code, 2, "gone: not found");
+    let engine = env.engine().await?;
+    assert_eq!(finished(&env, &qm, "ctl-a").await?["status"], "succeeded");
+    assert_eq!(env.get_request(&qm, "ctl-b").await?.1["status"], "dead");
+
+    // A parked request, resumed from the command line.
+    let ns = "namespace: flaky\nprocedures:\n  twice:\n    access: public\n    steps:\n      - call: test.fail_n_times\n        input: '{key: .request.id, n: 2}'\n";
+    assert_eq!(env.apply(&qm, "flaky", ns).await?.0, 201);
+    let mut body = request("flaky", "twice", json!({}));
+    body["id"] = json!("ctl-park");
+    body["retry"] = json!({"count": 1, "interval_ms": 50, "on_exhausted": "park"});
+    assert_eq!(env.submit(&qm, &body).await?.0, 202);
+    let parked = until(Duration::from_mins(1), async || {
+        Ok(env.get_request(&qm, "ctl-park").await?.1["status"] == "parked")
+    })
+    .await?;
+    assert!(parked, "the request parked");
+    let (code, out) = ctl(&env, &qm, &["resume", "ctl-park"]).await?;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        finished(&env, &qm, "ctl-park").await?["status"],
+        "succeeded"
+    );
+
+    let (code, pools) = ctl(&env, &qm, &["get", "pools"]).await?;
+    assert_eq!(code, 0, "{pools}");
+    assert!(pools["pools"].is_array(), "{pools}");
+    drop((qm, aud, engine));
+    env.cleanup().await;
+    Ok(())
+}
