@@ -116,10 +116,10 @@ async fn sweep_server(
     report: &mut SweepReport,
 ) -> anyhow::Result<()> {
     for _ in 0..max_batches.max(1) {
-        let (swept, audited) = sweep_batch(log, audit, cfg).await?;
+        let (selected, swept, audited) = sweep_batch(log, audit, cfg).await?;
         report.swept += swept;
         report.audited += audited;
-        if swept < usize::try_from(cfg.sweep_batch).unwrap_or(usize::MAX) {
+        if selected < usize::try_from(cfg.sweep_batch).unwrap_or(usize::MAX) {
             break;
         }
     }
@@ -151,7 +151,7 @@ async fn sweep_batch(
     pool: &Pool,
     audit: Option<&Pool>,
     cfg: &AuditorConfig,
-) -> anyhow::Result<(usize, usize)> {
+) -> anyhow::Result<(usize, usize, usize)> {
     let level = &cfg.audit_level;
     let mut client = pool.get().await.context("database")?;
     let tx = client.transaction().await?;
@@ -175,7 +175,7 @@ async fn sweep_batch(
         )
         .await?;
     if rows.is_empty() {
-        return Ok((0, 0));
+        return Ok((0, 0, 0));
     }
     let ids: Vec<Uuid> = rows.iter().map(|r| r.get(0)).collect();
     let steps = tx
@@ -185,83 +185,117 @@ async fn sweep_batch(
         )
         .await?;
     let mut audited = 0;
+    // Swept: audited, or not selected; the others stay in the log.
+    let mut settled: Vec<Uuid> = Vec::with_capacity(rows.len());
     for r in &rows {
         let id: Uuid = r.get(0);
         let error: Option<Value> = r.get(6);
         let t = Finished::new(r.get(4), r.get(5), error.as_ref());
         if !selected(level, &t) {
+            settled.push(id);
             continue;
         }
-        audited += 1;
-        let (namespace, procedure): (String, String) = (r.get(2), r.get(3));
-        let my_steps: Vec<&tokio_postgres::Row> =
-            steps.iter().filter(|s| s.get::<_, Uuid>(0) == id).collect();
-        let output: Option<Value> = r.get(7);
-        // What the procedures' `audit:` expressions gave (nested procedures included).
-        let audit_data: Option<Value> = r.get(10);
-        let data = if level.all_transaction_data {
-            let list: Vec<Value> = my_steps
-                .iter()
-                .filter(|s| s.get::<_, String>(2) != "intent")
-                .map(|s| json!({"seq": s.get::<_, i32>(1), "kind": s.get::<_, String>(2), "path": s.get::<_, String>(3),
-                                "provider": s.get::<_, Option<String>>(4), "action": s.get::<_, Option<String>>(5)}))
-                .collect();
-            Some(json!({"output": output, "error": error, "steps": list, "audit": audit_data}))
-        } else if level.audit_data && t.marked {
-            Some(json!({"output": output, "audit": audit_data}))
-        } else {
-            None
-        };
-        w.execute(
-            "INSERT INTO audit_transactions (tx_id, request_id, namespace, procedure, status, started_at, finished_at, data) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (tx_id) DO NOTHING",
-            &[&id, &r.get::<_, String>(1), &namespace, &procedure, &t.status,
-              &r.get::<_, chrono::DateTime<chrono::Utc>>(8), &r.get::<_, Option<chrono::DateTime<chrono::Utc>>>(9), &data],
-        )
-        .await?;
-        if procedures_selected(level, &t) {
-            for s in my_steps
-                .iter()
-                .filter(|s| s.get::<_, String>(2) == "execute")
-            {
-                // The procedure the step ran in (a nested one names itself), else the
-                // transaction's own.
-                let ran: Option<String> = s.get(7);
-                let (step_ns, step_proc) = ran
-                    .as_deref()
-                    .and_then(|q| q.split_once('.'))
-                    .map_or((namespace.as_str(), procedure.as_str()), |(n, p)| (n, p));
+        // One transaction's audit rows under a savepoint: if they cannot be written (MPF's
+        // "bad audit command"), the failure is kept in `audit_failures`, the transaction stays
+        // in the log, and the next sweep tries again; its neighbours are swept as usual.
+        w.batch_execute("SAVEPOINT audit_one").await?;
+        let written: Result<(), tokio_postgres::Error> = async {
+            let (namespace, procedure): (String, String) = (r.get(2), r.get(3));
+            let my_steps: Vec<&tokio_postgres::Row> =
+                steps.iter().filter(|s| s.get::<_, Uuid>(0) == id).collect();
+            let output: Option<Value> = r.get(7);
+            // What the procedures' `audit:` expressions gave (nested procedures included).
+            let audit_data: Option<Value> = r.get(10);
+            let data = if level.all_transaction_data {
+                let list: Vec<Value> = my_steps
+                    .iter()
+                    .filter(|s| s.get::<_, String>(2) != "intent")
+                    .map(|s| json!({"seq": s.get::<_, i32>(1), "kind": s.get::<_, String>(2), "path": s.get::<_, String>(3),
+                                    "provider": s.get::<_, Option<String>>(4), "action": s.get::<_, Option<String>>(5)}))
+                    .collect();
+                Some(json!({"output": output, "error": error, "steps": list, "audit": audit_data}))
+            } else if level.audit_data && t.marked {
+                Some(json!({"output": output, "audit": audit_data}))
+            } else {
+                None
+            };
+            w.execute(
+                "INSERT INTO audit_transactions (tx_id, request_id, namespace, procedure, status, started_at, finished_at, data) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (tx_id) DO NOTHING",
+                &[&id, &r.get::<_, String>(1), &namespace, &procedure, &t.status,
+                  &r.get::<_, chrono::DateTime<chrono::Utc>>(8), &r.get::<_, Option<chrono::DateTime<chrono::Utc>>>(9), &data],
+            )
+            .await?;
+            if procedures_selected(level, &t) {
+                for s in my_steps
+                    .iter()
+                    .filter(|s| s.get::<_, String>(2) == "execute")
+                {
+                    // The procedure the step ran in (a nested one names itself), else the
+                    // transaction's own.
+                    let ran: Option<String> = s.get(7);
+                    let (step_ns, step_proc) = ran
+                        .as_deref()
+                        .and_then(|q| q.split_once('.'))
+                        .map_or((namespace.as_str(), procedure.as_str()), |(n, p)| (n, p));
+                    w.execute(
+                        "INSERT INTO audit_procedures (tx_id, step_number, namespace, procedure) VALUES ($1, $2, $3, $4) \
+                         ON CONFLICT DO NOTHING",
+                        &[&id, &s.get::<_, i32>(1), &step_ns, &step_proc],
+                    )
+                    .await?;
+                }
+            }
+            if level.errors {
+                if let Some(e) = &error {
+                    insert_error(w, id, 0, "transaction", e).await?;
+                }
+                for s in &my_steps {
+                    if let Some(e) = s.get::<_, Option<Value>>(6) {
+                        let source = format!(
+                            "{}:{}",
+                            s.get::<_, Option<String>>(4).unwrap_or_default(),
+                            s.get::<_, String>(3)
+                        );
+                        insert_error(w, id, s.get::<_, i32>(1), &source, &e).await?;
+                    }
+                }
+            }
+            Ok(())
+        }
+        .await;
+        match written {
+            Ok(()) => {
+                w.batch_execute("RELEASE SAVEPOINT audit_one").await?;
+                audited += 1;
+                settled.push(id);
+            }
+            Err(e) => {
+                w.batch_execute("ROLLBACK TO SAVEPOINT audit_one").await?;
+                tracing::warn!(tx_id = %id, error = %e, "cannot write the audit of a transaction; it stays in the log and is retried");
                 w.execute(
-                    "INSERT INTO audit_procedures (tx_id, step_number, namespace, procedure) VALUES ($1, $2, $3, $4) \
-                     ON CONFLICT DO NOTHING",
-                    &[&id, &s.get::<_, i32>(1), &step_ns, &step_proc],
+                    "INSERT INTO audit_failures (tx_id, error) VALUES ($1, $2) \
+                     ON CONFLICT (tx_id) DO UPDATE SET error = EXCLUDED.error, attempts = audit_failures.attempts + 1, last_at = now()",
+                    &[&id, &e.to_string()],
                 )
                 .await?;
             }
         }
-        if level.errors {
-            if let Some(e) = &error {
-                insert_error(w, id, 0, "transaction", e).await?;
-            }
-            for s in &my_steps {
-                if let Some(e) = s.get::<_, Option<Value>>(6) {
-                    let source = format!(
-                        "{}:{}",
-                        s.get::<_, Option<String>>(4).unwrap_or_default(),
-                        s.get::<_, String>(3)
-                    );
-                    insert_error(w, id, s.get::<_, i32>(1), &source, &e).await?;
-                }
-            }
-        }
     }
+    w.execute(
+        "DELETE FROM audit_failures WHERE tx_id = ANY($1)",
+        &[&settled],
+    )
+    .await?;
     if let Some(a) = atx {
         a.commit().await?;
     }
-    tx.execute("DELETE FROM transactions WHERE id = ANY($1)", &[&ids])
+    tx.execute("DELETE FROM transactions WHERE id = ANY($1)", &[&settled])
         .await?;
     tx.commit().await?;
-    Ok((ids.len(), audited))
+    // Counted against the batch size as selected, so that a failing transaction never makes
+    // the sweep stop early or loop.
+    Ok((ids.len(), settled.len(), audited))
 }
 
 async fn insert_error(
@@ -663,5 +697,87 @@ mod levels {
             .scalar_i64("SELECT count(*) FROM audit_transactions", &[])
             .await;
         assert_eq!(kept, 3);
+    }
+}
+
+/// A transaction whose audit cannot be written is kept (in the log, with the reason in
+/// `audit_failures`) and retried; its neighbours are swept; once writable, it is audited.
+#[cfg(test)]
+mod bad_audit {
+    use provisio_shared::config::{AuditLevel, AuditorConfig, TxLogConfig};
+
+    use super::sweep;
+    use crate::logservers::LogServers;
+    use crate::testing::TempDb;
+
+    #[tokio::test]
+    async fn a_transaction_whose_audit_fails_stays_in_the_log_and_is_retried() {
+        let db = TempDb::new(4).await;
+        let logs = LogServers::new(std::slice::from_ref(&db.url), &TxLogConfig::default())
+            .expect("log servers");
+        let c = db.pool.get().await.expect("connection");
+        for name in ["good-1", "poison", "good-2"] {
+            c.execute(
+                "INSERT INTO transactions (id, request_id, attempt, namespace, procedure, model, status, audit, \
+                   engine_id, started_at, finished_at) \
+                 VALUES ($1, $2, 1, 'ns', 'p', 'compensating', 'committed', true, 'e', now() - interval '2 min', now() - interval '1 min')",
+                &[&uuid::Uuid::now_v7(), &name],
+            )
+            .await
+            .expect("transaction");
+        }
+        // The audit database refuses this one transaction's row (a stand-in for any failure).
+        c.batch_execute(
+            "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$ \
+               BEGIN IF NEW.request_id = 'poison' THEN RAISE EXCEPTION 'audit store refuses %', NEW.request_id; END IF; \
+               RETURN NEW; END $$; \
+             CREATE TRIGGER refuse_poison BEFORE INSERT ON audit_transactions \
+               FOR EACH ROW EXECUTE FUNCTION refuse_poison();",
+        )
+        .await
+        .expect("trigger");
+        let cfg = AuditorConfig {
+            audit_level: AuditLevel::default(),
+            sweep_min_age_seconds: 0,
+            ..AuditorConfig::default()
+        };
+        for attempt in 1..=2 {
+            sweep(&db.pool, &logs, false, &cfg, 5).await.expect("sweep");
+            let audited = db
+                .scalar_i64("SELECT count(*) FROM audit_transactions", &[])
+                .await;
+            assert_eq!(audited, 2, "the neighbours are audited");
+            let left = db
+                .scalar_i64(
+                    "SELECT count(*) FROM transactions WHERE request_id = 'poison'",
+                    &[],
+                )
+                .await;
+            assert_eq!(left, 1, "the failing one stays in the log");
+            let tries = db
+                .scalar_i64("SELECT attempts::int8 FROM audit_failures", &[])
+                .await;
+            assert_eq!(tries, attempt, "kept, with how often it failed");
+        }
+        c.batch_execute("DROP TRIGGER refuse_poison ON audit_transactions")
+            .await
+            .expect("drop trigger");
+        sweep(&db.pool, &logs, false, &cfg, 5).await.expect("sweep");
+        assert_eq!(
+            db.scalar_i64("SELECT count(*) FROM audit_transactions", &[])
+                .await,
+            3
+        );
+        assert_eq!(
+            db.scalar_i64("SELECT count(*) FROM transactions", &[])
+                .await,
+            0
+        );
+        assert_eq!(
+            db.scalar_i64("SELECT count(*) FROM audit_failures", &[])
+                .await,
+            0,
+            "settled once written"
+        );
     }
 }
