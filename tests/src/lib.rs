@@ -111,6 +111,8 @@ pub struct TestEnv {
     pub admin_key: String,
     pub http: reqwest::Client,
     pub extra_env: Vec<(String, String)>,
+    /// Set by `cleanup`; otherwise `Drop` cleans up (a failing test leaves nothing behind).
+    cleaned: bool,
 }
 
 impl TestEnv {
@@ -129,6 +131,7 @@ impl TestEnv {
                 .timeout(Duration::from_secs(30))
                 .build()?,
             extra_env: vec![("PROVISIO_PROVIDERS__TEST__ENABLED".into(), "true".into())],
+            cleaned: false,
         })
     }
 
@@ -311,15 +314,47 @@ impl TestEnv {
     }
 
     /// Drops the database and the AMQP names of this test.
-    pub async fn cleanup(self) {
-        if let Ok(conn) =
-            lapin::Connection::connect(&self.amqp_url, lapin::ConnectionProperties::default()).await
-            && let Ok(ch) = conn.create_channel().await
-        {
-            let _ = self.topology().delete(&ch).await;
-        }
-        let _ = provisio_shared::db::drop_database(&Secret::new(self.db_url.clone())).await;
+    pub async fn cleanup(mut self) {
+        remove_world(&self.amqp_url, &self.db_url, &self.topology()).await;
+        self.cleaned = true;
     }
+}
+
+/// A test that panics before `cleanup` still removes its database and AMQP names: on a
+/// thread of its own with its own runtime, since `Drop` cannot await and may run inside the
+/// test's runtime.
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        if self.cleaned {
+            return;
+        }
+        let (amqp, db, topology) = (self.amqp_url.clone(), self.db_url.clone(), self.topology());
+        let _ = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                rt.block_on(async {
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(30),
+                        remove_world(&amqp, &db, &topology),
+                    )
+                    .await;
+                });
+            }
+        })
+        .join();
+    }
+}
+
+async fn remove_world(amqp_url: &str, db_url: &str, topology: &Topology) {
+    if let Ok(conn) =
+        lapin::Connection::connect(amqp_url, lapin::ConnectionProperties::default()).await
+        && let Ok(ch) = conn.create_channel().await
+    {
+        let _ = topology.delete(&ch).await;
+    }
+    let _ = provisio_shared::db::drop_database(&Secret::new(db_url.to_owned())).await;
 }
 
 /// Outcome notifications from `{prefix}.results`: the event tests wait on.
