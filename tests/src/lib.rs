@@ -357,6 +357,26 @@ async fn remove_world(amqp_url: &str, db_url: &str, topology: &Topology) {
     let _ = provisio_shared::db::drop_database(&Secret::new(db_url.to_owned())).await;
 }
 
+/// Polls `probe` every 100 ms until it yields a value; fails after `limit`, naming `what`.
+/// For conditions no event announces (a row's status, a gauge): the bound keeps a broken
+/// system from hanging the suite.
+pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut probe: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<Option<T>>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = probe().await? {
+            return Ok(v);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("timed out after {limit:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Outcome notifications from `{prefix}.results`: the event tests wait on.
 pub struct Outcomes {
     _conn: lapin::Connection,

@@ -9,7 +9,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions};
 use provisio_shared::domain::Priority;
-use provisio_tests::{Proc, TestEnv, request};
+use provisio_tests::{Proc, TestEnv, eventually, request};
 use serde_json::{Value, json};
 
 type R = anyhow::Result<()>;
@@ -41,24 +41,6 @@ procedures:
       - {call: test.echo, input: '{n: 3}'}
       - {call: test.fail, input: '{code: "boom"}'}
 "#;
-
-/// Polls `probe` every 100 ms until it returns `Some`, for at most `limit`.
-async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut probe: F) -> anyhow::Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = anyhow::Result<Option<T>>>,
-{
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        if let Some(v) = probe().await? {
-            return Ok(v);
-        }
-        if tokio::time::Instant::now() >= deadline {
-            anyhow::bail!("timed out after {limit:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 /// The test provider's record of one request: (attempt, path, kind) in order.
 async fn calls(env: &TestEnv, id: &str) -> anyhow::Result<Vec<(i32, String, String)>> {

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use provisio_tests::{Proc, TestEnv, request};
+use provisio_tests::{Proc, TestEnv, eventually, request};
 use serde_json::{Value, json};
 
 type R = anyhow::Result<()>;
@@ -21,23 +21,6 @@ procedures:
       - {call: test.echo, input: '{n: 2, fail_rollback_while: .input.flag}'}
       - {call: test.fail, input: '{code: "boom"}'}
 "#;
-
-async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut probe: F) -> anyhow::Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = anyhow::Result<Option<T>>>,
-{
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        if let Some(v) = probe().await? {
-            return Ok(v);
-        }
-        if tokio::time::Instant::now() >= deadline {
-            anyhow::bail!("timed out after {limit:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 async fn gauge(env: &TestEnv, p: &Proc) -> anyhow::Result<Option<f64>> {
     let text = env

@@ -10,7 +10,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use provisio_shared::config::Secret;
 use provisio_tests::proxy::Proxy;
-use provisio_tests::{Proc, TestEnv, pg_base, request};
+use provisio_tests::{Proc, TestEnv, eventually, pg_base, request};
 use serde_json::{Value, json};
 
 type R = anyhow::Result<()>;
@@ -27,23 +27,6 @@ procedures:
       - {id: c, call: test.echo, input: '{n: 3}'}
     output: '{done: true}'
 ";
-
-async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut probe: F) -> anyhow::Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = anyhow::Result<Option<T>>>,
-{
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        if let Some(v) = probe().await? {
-            return Ok(v);
-        }
-        if tokio::time::Instant::now() >= deadline {
-            anyhow::bail!("timed out after {limit:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 async fn count(c: &tokio_postgres::Client, sql: &str) -> anyhow::Result<i64> {
     Ok(c.query_one(sql, &[]).await?.get(0))

@@ -8,7 +8,7 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use provisio_tests::{TestEnv, binary, demo_namespace};
+use provisio_tests::{TestEnv, binary, demo_namespace, eventually};
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 
@@ -53,24 +53,6 @@ async fn run(url: &str, key: &str, args: &[&str], stdin: Option<&str>) -> anyhow
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     })
-}
-
-/// Polls `probe` until it yields a value or `limit` has passed.
-async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut probe: F) -> anyhow::Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = anyhow::Result<Option<T>>>,
-{
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        if let Some(v) = probe().await? {
-            return Ok(v);
-        }
-        if tokio::time::Instant::now() >= deadline {
-            anyhow::bail!("timed out after {limit:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 /// The first data row of a table whose first cell is `first`, split on runs of spaces.

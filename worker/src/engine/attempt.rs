@@ -113,22 +113,7 @@ impl Engine {
     async fn open_separate(&self, b: &Begin, server: usize) -> anyhow::Result<(Reply, usize)> {
         let client = self.pool.get().await.context("database")?;
         let name = self.log.name(server);
-        let opened = client
-            .query_opt(
-                SQL_OPEN_REQUEST,
-                &[
-                    &b.request_id,
-                    &b.namespace,
-                    &b.procedure,
-                    &b.namespace_version,
-                    &b.principal_id,
-                    &b.priority,
-                    &b.input,
-                    &b.tx_id,
-                    &name,
-                    &b.engine_id,
-                ],
-            )
+        let opened = open_request_row(&client, b, name)
             .await
             .context("opening the request")?;
         let Some(row) = opened else {
@@ -140,20 +125,7 @@ impl Engine {
             .servers
             .run(server, |pool| async move {
                 let c = pool.get().await?;
-                let params: [&(dyn ToSql + Sync); 11] = [
-                    &b.tx_id,
-                    &b.request_id,
-                    &attempt,
-                    &b.namespace,
-                    &b.procedure,
-                    &b.namespace_version,
-                    &b.model,
-                    &"running",
-                    &b.audit,
-                    &b.engine_id,
-                    &b.lease_seconds,
-                ];
-                c.execute(SQL_OPEN_TX, &params).await?;
+                insert_tx_row(&c, b, attempt, "running").await?;
                 Ok(())
             })
             .await;
@@ -314,22 +286,7 @@ impl Engine {
         if let Some(b) = &f.open {
             // Nothing was opened (a `read` procedure, or a refusal): the request row is
             // claimed and decided at once.
-            let opened = client
-                .query_opt(
-                    SQL_OPEN_REQUEST,
-                    &[
-                        &b.request_id,
-                        &b.namespace,
-                        &b.procedure,
-                        &b.namespace_version,
-                        &b.principal_id,
-                        &b.priority,
-                        &b.input,
-                        &b.tx_id,
-                        &self.log.name(server),
-                        &b.engine_id,
-                    ],
-                )
+            let opened = open_request_row(&client, b, self.log.name(server))
                 .await
                 .map_err(|e| unavailable(&e))?;
             if opened.is_none() {
@@ -364,20 +321,7 @@ impl Engine {
                 .run(server, |pool| async move {
                     let c = pool.get().await?;
                     if let Some(b) = &f.open {
-                        let params: [&(dyn ToSql + Sync); 11] = [
-                            &b.tx_id,
-                            &b.request_id,
-                            &1i32,
-                            &b.namespace,
-                            &b.procedure,
-                            &b.namespace_version,
-                            &b.model,
-                            &f.tx_status,
-                            &b.audit,
-                            &b.engine_id,
-                            &b.lease_seconds,
-                        ];
-                        c.execute(SQL_OPEN_TX, &params).await?;
+                        insert_tx_row(&c, b, 1, f.tx_status).await?;
                     }
                     let owner: &str = &f.owner;
                     let params: [&(dyn ToSql + Sync); 7] = [
@@ -456,4 +400,49 @@ impl Engine {
         }
         Ok(())
     }
+}
+
+/// Separate layout: claims the request row for the attempt `b` on server `server_name`
+/// (`None`: the request is final or another attempt holds it).
+async fn open_request_row(
+    client: &tokio_postgres::Client,
+    b: &Begin,
+    server_name: &str,
+) -> Result<Option<tokio_postgres::Row>, tokio_postgres::Error> {
+    let params: [&(dyn ToSql + Sync); 10] = [
+        &b.request_id,
+        &b.namespace,
+        &b.procedure,
+        &b.namespace_version,
+        &b.principal_id,
+        &b.priority,
+        &b.input,
+        &b.tx_id,
+        &server_name,
+        &b.engine_id,
+    ];
+    client.query_opt(SQL_OPEN_REQUEST, &params).await
+}
+
+/// Separate layout: the attempt's transaction row on its server, with `status`.
+async fn insert_tx_row(
+    client: &tokio_postgres::Client,
+    b: &Begin,
+    attempt: i32,
+    status: &str,
+) -> Result<u64, tokio_postgres::Error> {
+    let params: [&(dyn ToSql + Sync); 11] = [
+        &b.tx_id,
+        &b.request_id,
+        &attempt,
+        &b.namespace,
+        &b.procedure,
+        &b.namespace_version,
+        &b.model,
+        &status,
+        &b.audit,
+        &b.engine_id,
+        &b.lease_seconds,
+    ];
+    client.execute(SQL_OPEN_TX, &params).await
 }
