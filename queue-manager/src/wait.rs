@@ -13,6 +13,7 @@ use futures_util::StreamExt;
 use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use provisio_shared::amqp::{Topology, connect};
+use provisio_shared::reconnect::Reconnect;
 use tokio::sync::oneshot;
 
 #[derive(Default)]
@@ -68,13 +69,18 @@ impl Waiters {
     pub fn follow(self: &Arc<Self>, url: String, topology: Topology) {
         let me = Arc::downgrade(self);
         tokio::spawn(async move {
+            // Ends when the waiters are dropped, never by a stop of its own.
+            let never = tokio_util::sync::CancellationToken::new();
+            let mut reconnect = Reconnect::broker();
             loop {
                 let Some(waiters) = me.upgrade() else { return };
+                let started = std::time::Instant::now();
                 if let Err(e) = waiters.follow_once(&url, &topology).await {
                     tracing::debug!(error = %e, "outcome follower stopped; reconnecting");
                 }
                 drop(waiters);
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                reconnect.lasted(started.elapsed());
+                reconnect.pause(&never).await;
             }
         });
     }

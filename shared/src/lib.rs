@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod namespaces;
 pub mod procedure;
 pub mod provider;
+pub mod reconnect;
 pub mod retry;
 pub mod security;
 pub mod shutdown;

@@ -56,14 +56,19 @@ impl NamespaceCache {
         let me = Arc::downgrade(self);
         let url = url.clone();
         tokio::spawn(async move {
+            // Ends when the cache is dropped, never by a stop of its own.
+            let never = tokio_util::sync::CancellationToken::new();
+            let mut reconnect = crate::reconnect::Reconnect::broker();
             loop {
                 let Some(cache) = me.upgrade() else { return };
+                let started = std::time::Instant::now();
                 if let Err(e) = cache.listen_once(&url).await {
                     tracing::debug!(error = %e, "namespace listener stopped; reconnecting");
                 }
                 cache.listening.store(false, Ordering::SeqCst);
                 drop(cache);
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                reconnect.lasted(started.elapsed());
+                reconnect.pause(&never).await;
             }
         });
     }

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use deadpool_postgres::Pool;
 use provisio_shared::config::{Config, Secret};
+use provisio_shared::reconnect::Reconnect;
 use provisio_shared::telemetry::{self, Readiness};
 use provisio_shared::{db, metrics as m, shutdown};
 use tokio_postgres::NoTls;
@@ -36,8 +37,6 @@ pub const LOCK_APPLICATION_NAME: &str = "provisio-auditor-lock";
 const MAX_CHECK: Duration = Duration::from_secs(2);
 /// A query on the lock session that takes longer means the session is gone.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
-const RECONNECT_MIN: Duration = Duration::from_millis(200);
-const RECONNECT_MAX: Duration = Duration::from_secs(5);
 
 /// Settings of the lock session. Server-side keepalives let PostgreSQL end the session (and
 /// free the lock) of an auditor whose host vanished within seconds instead of hours; the idle
@@ -130,7 +129,7 @@ impl Auditor {
         // Present from the start, so that a standby shows 0 rather than nothing.
         metrics::counter!(m::AUDIT_ROWS_SWEPT).increment(0);
         metrics::counter!(m::AUDITOR_STEP_DOWNS).increment(0);
-        let mut delay = RECONNECT_MIN;
+        let mut reconnect = Reconnect::broker();
         while !stop.is_cancelled() {
             match LockSession::open(&self.cfg.database.url).await {
                 Ok(session) => {
@@ -146,21 +145,16 @@ impl Auditor {
                             tracing::warn!(why, "leadership session lost; reconnecting");
                         }
                     }
-                    // A session that lasted was healthy: the next attempt starts quick again.
-                    if opened.elapsed() > RECONNECT_MAX {
-                        delay = RECONNECT_MIN;
-                    }
+                    reconnect.lasted(opened.elapsed());
                 }
                 Err(e) => {
                     self.ready.set(false);
-                    tracing::warn!(error = format!("{e:#}"), retry_in = ?delay, "cannot open the leadership session");
+                    tracing::warn!(error = format!("{e:#}"), retry_in = ?reconnect.next_delay(), "cannot open the leadership session");
                 }
             }
-            tokio::select! {
-                () = stop.cancelled() => break,
-                () = tokio::time::sleep(delay) => {}
+            if !reconnect.pause(stop).await {
+                break;
             }
-            delay = (delay * 2).min(RECONNECT_MAX);
         }
         self.ready.set(false);
     }

@@ -22,6 +22,7 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use provisio_shared::amqp::{self, Topology, header_str};
 use provisio_shared::config::{Config, Secret};
 use provisio_shared::metrics as m;
+use provisio_shared::reconnect::Reconnect;
 use provisio_shared::signing;
 use provisio_shared::telemetry::Readiness;
 use serde_json::{Value, json};
@@ -232,18 +233,16 @@ impl DeadLetters {
         ] {
             metrics::counter!(m::DEAD_LETTERS_SETTLED, "outcome" => outcome.as_str()).increment(0);
         }
-        let mut delay = Duration::from_millis(200);
+        let mut reconnect = Reconnect::broker();
         while !stop.is_cancelled() {
-            match self.clone().consume(&stop, &mut delay).await {
+            match self.clone().consume(&stop, &mut reconnect).await {
                 Ok(()) => break,
                 Err(e) => {
                     self.broker.set(false);
-                    tracing::warn!(error = format!("{e:#}"), retry_in = ?delay, "dead-letter consumer lost the broker; reconnecting");
-                    tokio::select! {
-                        () = stop.cancelled() => break,
-                        () = tokio::time::sleep(delay) => {}
+                    tracing::warn!(error = format!("{e:#}"), retry_in = ?reconnect.next_delay(), "dead-letter consumer lost the broker; reconnecting");
+                    if !reconnect.pause(&stop).await {
+                        break;
                     }
-                    delay = (delay * 2).min(Duration::from_secs(5));
                 }
             }
         }
@@ -252,7 +251,7 @@ impl DeadLetters {
     async fn consume(
         self: Arc<Self>,
         stop: &CancellationToken,
-        delay: &mut Duration,
+        reconnect: &mut Reconnect,
     ) -> anyhow::Result<()> {
         let conn = amqp::connect(self.amqp_url.expose(), Duration::from_secs(5)).await?;
         let ch = conn.create_channel().await?;
@@ -270,7 +269,7 @@ impl DeadLetters {
                 FieldTable::default(),
             )
             .await?;
-        *delay = Duration::from_millis(200);
+        reconnect.healthy();
         self.broker.set(true);
         tracing::info!(queue, "consuming dead letters");
         let mut tasks = JoinSet::new();

@@ -28,23 +28,20 @@ impl Engine {
                 }
             })
         };
-        let mut delay = Duration::from_millis(200);
+        let mut reconnect = provisio_shared::reconnect::Reconnect::broker();
         while !shutdown.is_cancelled() {
             match self.clone().consume(&shutdown).await {
                 Ok(()) => break,
                 Err(e) => {
-                    // A session that got as far as consuming was a success: the next outage
-                    // starts again from the shortest pause.
+                    // A session that got as far as consuming was a success.
                     if self.ready.get() {
-                        delay = Duration::from_millis(200);
+                        reconnect.healthy();
                     }
                     self.ready.set(false);
-                    tracing::warn!(error = %e, "broker connection lost; reconnecting");
-                    tokio::select! {
-                        () = shutdown.cancelled() => break,
-                        () = tokio::time::sleep(delay) => {}
+                    tracing::warn!(error = %e, retry_in = ?reconnect.next_delay(), "broker connection lost; reconnecting");
+                    if !reconnect.pause(&shutdown).await {
+                        break;
                     }
-                    delay = (delay * 2).min(Duration::from_secs(5));
                 }
             }
         }
