@@ -1,0 +1,491 @@
+//! The procedure interpreter: runs compiled steps against providers, logging per the
+//! transaction model, and rolls back in reverse order on failure.
+//!
+//! Logging rule (compensating): a completed step's record — with its rollback data — is
+//! durable before the next provider call starts. Records are written lazily, just before that
+//! next call (or with the outcome, for the last step), so a procedure costs one group commit
+//! per provider call rather than two.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use provisio_shared::domain::{PrincipalRef, TxModel};
+use provisio_shared::namespaces::NamespaceCache;
+use provisio_shared::procedure::{Namespace, Procedure, Step};
+use serde_json::{Map, Value, json};
+use uuid::Uuid;
+
+use crate::providers::Registry;
+
+mod call;
+mod rollback;
+mod steps;
+mod two_phase;
+
+use crate::txlog::{LogError, LogSink, Record, StepRecord};
+pub use rollback::compensate_unlogged;
+
+/// Nested `procedure` steps deeper than this fail (cycles are rejected at apply time; this
+/// bounds cross-namespace chains that validation cannot see whole).
+const MAX_DEPTH: usize = 32;
+
+/// Why a procedure (or one step of it) failed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Failure {
+    pub code: String,
+    pub message: String,
+    pub step: Option<String>,
+}
+
+impl Failure {
+    fn new(code: &str, message: impl Into<String>, step: &str) -> Self {
+        Self {
+            code: code.to_owned(),
+            message: message.into(),
+            step: Some(step.to_owned()),
+        }
+    }
+    pub fn to_json(&self) -> Value {
+        let mut v = json!({"code": self.code, "message": self.message});
+        if let Some(s) = &self.step {
+            v["step"] = json!(s);
+        }
+        v
+    }
+}
+
+impl From<LogError> for Failure {
+    fn from(e: LogError) -> Self {
+        let code = match e {
+            LogError::Fenced(_) => FENCED,
+            LogError::Bad(_) => SERVER_BAD,
+            LogError::Unavailable(_) | LogError::Stopped => "txlog_unavailable",
+        };
+        Self {
+            code: code.into(),
+            message: e.to_string(),
+            step: None,
+        }
+    }
+}
+
+/// The failure code of a run that lost its transaction (lease expired, recovery took over):
+/// it must stop at once, roll back nothing that is logged, and write no outcome.
+pub const FENCED: &str = "fenced";
+
+/// The failure code of a run whose log server went on the bad-server list: it undoes every
+/// call it made (nobody else can, while the server is away) and the request moves to another
+/// server.
+pub const SERVER_BAD: &str = "txlog_server_bad";
+
+/// A completed call that rollback may have to undo.
+#[derive(Debug, Clone)]
+pub struct Completed {
+    path: String,
+    provider: String,
+    action: String,
+    data: Value,
+}
+
+/// The outcome of a run, before it is committed.
+#[derive(Debug)]
+pub struct Outcome {
+    pub result: Result<Value, Failure>,
+    /// Rollback could not complete: the transaction is in doubt.
+    pub rollback_failed: bool,
+    pub rolled_back: usize,
+    /// Steps whose rollback failed (path, provider, action, error): what an operator must undo.
+    pub not_undone: Vec<Value>,
+    /// Some procedure that ran (nested ones included) is marked for audit.
+    pub marked: bool,
+    /// The audit data of procedures with an `audit:` expression.
+    pub audit_data: Vec<Value>,
+    /// The transaction was taken from this engine: write no outcome; the request runs again.
+    pub fenced: bool,
+    /// The transaction's log server went bad and every call was undone: the request is to run
+    /// again on another server.
+    pub rerouted: bool,
+    /// Step records not yet written; they go into the outcome's commit.
+    pub pending: Vec<StepRecord>,
+    /// Completed calls whose records are only in `pending`: to undo if the outcome is fenced.
+    pub unlogged: Vec<Completed>,
+    /// Completed calls whose records are durable (not undone): with `unlogged`, what the
+    /// engine must undo itself if the log server goes bad before the outcome is written.
+    pub logged: Vec<Completed>,
+    pub summary: Vec<Value>,
+}
+
+pub struct Run<'a> {
+    pub tx_id: Uuid,
+    pub model: TxModel,
+    pub registry: &'a Registry,
+    pub txlog: &'a dyn LogSink,
+    pub namespaces: &'a NamespaceCache,
+    pub principal: Option<PrincipalRef>,
+    pub credentials: Option<Value>,
+    pub request: Value,
+    pub validate_schemas: bool,
+    completed: Vec<Completed>,
+    /// `completed[..logged]` are durable in the log.
+    logged: usize,
+    owner: Arc<str>,
+    lease_lost: Option<Arc<AtomicBool>>,
+    /// Some procedure that ran (nested ones included) is marked for audit.
+    marked: bool,
+    /// `namespace.procedure` of the procedures being run, innermost last.
+    running: Vec<String>,
+    /// What `audit:` expressions gave, in the order their procedures ended.
+    audit_data: Vec<Value>,
+    seq: i32,
+    pending: Vec<StepRecord>,
+    summary: Vec<Value>,
+    /// Two-phase participants of this transaction (providers holding effects open).
+    participants: std::collections::BTreeSet<String>,
+    pause_after_prepare: Option<Duration>,
+}
+
+/// Variables visible to expressions in one procedure invocation.
+#[derive(Debug, Clone, Default)]
+struct Scope {
+    input: Value,
+    steps: Map<String, Value>,
+    vars: Map<String, Value>,
+    locals: Vec<(String, Value)>,
+    error: Option<Value>,
+}
+
+impl<'a> Run<'a> {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        tx_id: Uuid,
+        owner: Arc<str>,
+        model: TxModel,
+        registry: &'a Registry,
+        txlog: &'a dyn LogSink,
+        namespaces: &'a NamespaceCache,
+        principal: Option<PrincipalRef>,
+        credentials: Option<Value>,
+        request: Value,
+        validate_schemas: bool,
+    ) -> Self {
+        Self {
+            tx_id,
+            model,
+            registry,
+            txlog,
+            namespaces,
+            principal,
+            credentials,
+            request,
+            validate_schemas,
+            completed: Vec::new(),
+            logged: 0,
+            owner,
+            lease_lost: None,
+            marked: false,
+            running: Vec::new(),
+            audit_data: Vec::new(),
+            seq: 0,
+            pending: Vec::new(),
+            summary: Vec::new(),
+            participants: std::collections::BTreeSet::new(),
+            pause_after_prepare: None,
+        }
+    }
+
+    /// The flag the lease keeper raises when this transaction's lease could not be renewed
+    /// (taken over): the run then starts no further call.
+    #[must_use]
+    pub fn with_lease_flag(mut self, lost: Arc<AtomicBool>) -> Self {
+        self.lease_lost = Some(lost);
+        self
+    }
+
+    fn check_lease(&self) -> Result<(), Failure> {
+        if self
+            .lease_lost
+            .as_ref()
+            .is_some_and(|l| l.load(Ordering::Relaxed))
+        {
+            return Err(Failure::from(LogError::Fenced(self.tx_id)));
+        }
+        Ok(())
+    }
+
+    /// Fault injection for tests: pause between prepare and the commit decision.
+    #[must_use]
+    pub fn with_pause_after_prepare(mut self, pause: Option<Duration>) -> Self {
+        self.pause_after_prepare = pause;
+        self
+    }
+
+    /// Runs `procedure` with `input`; on failure rolls back everything completed.
+    pub async fn execute(
+        mut self,
+        ns: &Arc<Namespace>,
+        procedure: &Procedure,
+        input: Value,
+    ) -> Outcome {
+        let mut result = self.invoke(ns.clone(), procedure, input, "", 0).await;
+        let mut rollback_failed = false;
+        let mut rolled_back = 0;
+        let mut not_undone = Vec::new();
+        if result.is_ok() && self.model == TxModel::TwoPhase {
+            match self.two_phase_commit().await {
+                Ok(()) => {}
+                Err((f, false)) => result = Err(f),
+                Err((f, true)) => {
+                    // The decision was logged: the transaction must commit; recovery finishes it.
+                    return self.outcome(Err(f), true, 0, Vec::new(), false);
+                }
+            }
+        }
+        let fenced = |r: &Result<Value, Failure>| r.as_ref().is_err_and(|f| f.code == FENCED);
+        let bad = |r: &Result<Value, Failure>| r.as_ref().is_err_and(|f| f.code == SERVER_BAD);
+        if result.is_err() && self.model != TxModel::Read && !fenced(&result) && !bad(&result) {
+            match self.rollback_to(0).await {
+                Ok((n, failed)) => {
+                    rolled_back = n;
+                    if !failed.is_empty() {
+                        rollback_failed = true;
+                        not_undone = failed;
+                    }
+                }
+                Err(f) if f.code == FENCED || f.code == SERVER_BAD => result = Err(f),
+                Err(_) => rollback_failed = true,
+            }
+            if self.model == TxModel::TwoPhase
+                && !fenced(&result)
+                && !bad(&result)
+                && !self.abort_participants().await
+            {
+                rollback_failed = true;
+            }
+        }
+        if bad(&result) {
+            // The log server is gone for now: nobody else can undo these calls until it is
+            // back, so this engine undoes all of them (recovery may repeat the logged ones
+            // later; rollbacks are idempotent), and the request is run again elsewhere.
+            let all = std::mem::take(&mut self.completed);
+            self.logged = 0;
+            let failed = compensate_unlogged(self.registry, self.tx_id, &all).await;
+            if self.model == TxModel::TwoPhase {
+                self.abort_participants().await;
+            }
+            let mut o = self.outcome(
+                result,
+                !failed.is_empty(),
+                all.len() - failed.len(),
+                Vec::new(),
+                false,
+            );
+            o.rerouted = failed.is_empty();
+            return o;
+        }
+        if fenced(&result) {
+            // Recovery owns the transaction now and undoes what the log shows; what only this
+            // engine knows about (completed calls not yet logged) it undoes itself.
+            let unlogged = self
+                .completed
+                .split_off(self.logged.min(self.completed.len()));
+            let failed = compensate_unlogged(self.registry, self.tx_id, &unlogged).await;
+            if !failed.is_empty() {
+                tracing::error!(tx_id = %self.tx_id, ?failed, "a fenced transaction left calls that could not be undone");
+            }
+            return self.outcome(result, false, 0, Vec::new(), true);
+        }
+        self.outcome(result, rollback_failed, rolled_back, not_undone, false)
+    }
+
+    fn outcome(
+        &mut self,
+        result: Result<Value, Failure>,
+        rollback_failed: bool,
+        rolled_back: usize,
+        not_undone: Vec<Value>,
+        fenced: bool,
+    ) -> Outcome {
+        let unlogged = self
+            .completed
+            .split_off(self.logged.min(self.completed.len()));
+        let logged = std::mem::take(&mut self.completed);
+        Outcome {
+            result,
+            rollback_failed,
+            rolled_back,
+            not_undone,
+            marked: self.marked,
+            audit_data: std::mem::take(&mut self.audit_data),
+            fenced,
+            rerouted: false,
+            pending: std::mem::take(&mut self.pending),
+            unlogged,
+            logged,
+            summary: std::mem::take(&mut self.summary),
+        }
+    }
+
+    fn invoke<'b>(
+        &'b mut self,
+        ns: Arc<Namespace>,
+        procedure: &'b Procedure,
+        input: Value,
+        prefix: &'b str,
+        depth: usize,
+    ) -> BoxFuture<'b, Result<Value, Failure>> {
+        Box::pin(async move {
+            let where_ = if prefix.is_empty() {
+                procedure.name.as_str()
+            } else {
+                prefix
+            };
+            if self.validate_schemas
+                && depth > 0
+                && let Some(schema) = &procedure.input_schema
+                && let Some(e) = schema.iter_errors(&input).next()
+            {
+                return Err(Failure::new(
+                    "input_invalid",
+                    format!("{}: {e}", e.instance_path()),
+                    where_,
+                ));
+            }
+            let mut scope = Scope {
+                input,
+                ..Scope::default()
+            };
+            self.marked |= procedure.audit;
+            let qualified = format!("{}.{}", procedure.namespace, procedure.name);
+            self.running.push(qualified.clone());
+            let ran = self
+                .run_steps(&ns, &procedure.steps, &mut scope, prefix, depth)
+                .await;
+            self.running.pop();
+            ran?;
+            let output = match &procedure.output {
+                Some(e) => e.eval_one(&self.context(&scope)).map_err(|e| {
+                    Failure::new(
+                        "expression_failed",
+                        e.to_string(),
+                        &format!("{where_}.output"),
+                    )
+                })?,
+                None => Value::Null,
+            };
+            if self.validate_schemas
+                && let Some(schema) = &procedure.output_schema
+                && let Some(e) = schema.iter_errors(&output).next()
+            {
+                return Err(Failure::new(
+                    "output_invalid",
+                    format!(
+                        "output does not match the output schema at `{}`: {e}",
+                        e.instance_path()
+                    ),
+                    where_,
+                ));
+            }
+            if let Some(expr) = &procedure.audit_data {
+                let mut ctx = self.context(&scope);
+                ctx["output"] = output.clone();
+                let data = expr.eval_one(&ctx).map_err(|e| {
+                    Failure::new(
+                        "expression_failed",
+                        e.to_string(),
+                        &format!("{where_}.audit"),
+                    )
+                })?;
+                self.audit_data
+                    .push(json!({"procedure": qualified, "path": prefix, "data": data}));
+            }
+            Ok(output)
+        })
+    }
+
+    fn context(&self, scope: &Scope) -> Value {
+        let mut m = Map::new();
+        m.insert("input".into(), scope.input.clone());
+        m.insert("steps".into(), Value::Object(scope.steps.clone()));
+        m.insert("vars".into(), Value::Object(scope.vars.clone()));
+        m.insert(
+            "caller".into(),
+            self.principal
+                .as_ref()
+                .map_or(Value::Null, |p| json!({"id": p.id, "name": p.name})),
+        );
+        m.insert("request".into(), self.request.clone());
+        for (k, v) in &scope.locals {
+            m.insert(k.clone(), v.clone());
+        }
+        if let Some(e) = &scope.error {
+            m.insert("error".into(), e.clone());
+        }
+        Value::Object(m)
+    }
+
+    fn run_steps<'b>(
+        &'b mut self,
+        ns: &'b Arc<Namespace>,
+        steps: &'b [Step],
+        scope: &'b mut Scope,
+        prefix: &'b str,
+        depth: usize,
+    ) -> BoxFuture<'b, Result<(), Failure>> {
+        Box::pin(async move {
+            for (i, step) in steps.iter().enumerate() {
+                let path = if prefix.is_empty() {
+                    i.to_string()
+                } else {
+                    format!("{prefix}.{i}")
+                };
+                self.run_step(ns, step, scope, &path, depth).await?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Makes pending step records durable (before the next provider call), all in one commit.
+    async fn flush(&mut self) -> Result<(), Failure> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let records = std::mem::take(&mut self.pending);
+        self.txlog.write_record(Record::Steps(records)).await?;
+        self.logged = self.completed.len();
+        Ok(())
+    }
+
+    fn step_record(
+        &mut self,
+        kind: &'static str,
+        path: &str,
+        provider: &str,
+        action: &str,
+    ) -> StepRecord {
+        let seq = self.next_seq();
+        StepRecord {
+            tx_id: self.tx_id,
+            seq,
+            kind,
+            path: path.to_owned(),
+            provider: Some(provider.to_owned()),
+            action: Some(action.to_owned()),
+            input: None,
+            output: None,
+            rollback_data: None,
+            error: None,
+            owner: self.owner.clone(),
+            procedure: self.running.last().cloned(),
+        }
+    }
+
+    fn next_seq(&mut self) -> i32 {
+        self.seq += 1;
+        self.seq
+    }
+}
+
+#[cfg(test)]
+mod tests;
