@@ -119,158 +119,207 @@ pub fn accepted_procedure_label(procedure: &str, inline: bool) -> String {
     }
 }
 
-/// Registers descriptions with the installed recorder; call once after installing it.
-pub fn describe() {
-    describe_counter!(
+/// The kind of a metric, for [`DESCRIPTIONS`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// Every metric with its kind, unit and help text: the one place a metric is described.
+pub const DESCRIPTIONS: &[(Kind, &str, Unit, &str)] = &[
+    (
+        Kind::Counter,
         REQUESTS_ACCEPTED,
         Unit::Count,
-        "Requests accepted (durable) by the queue manager, by namespace, procedure and lane."
-    );
-    describe_counter!(
+        "Requests accepted (durable) by the queue manager, by namespace, procedure and lane.",
+    ),
+    (
+        Kind::Counter,
         REQUESTS_REJECTED,
         Unit::Count,
-        "Submissions (POST /v1/requests, /v1/requests/trusted, each element of /v1/requests:batch) the queue manager refused, by error code."
-    );
-    describe_counter!(
+        "Submissions (POST /v1/requests, /v1/requests/trusted, each element of /v1/requests:batch) the queue manager refused, by error code.",
+    ),
+    (
+        Kind::Counter,
         REQUESTS_FINISHED,
         Unit::Count,
-        "Requests that reached a final status, by namespace, procedure and status."
-    );
-    describe_histogram!(
+        "Requests that reached a final status, by namespace, procedure and status.",
+    ),
+    (
+        Kind::Histogram,
         REQUEST_DURATION,
         Unit::Seconds,
-        "From submission (or, for a scheduled request, the later `not_before`) to final status, by namespace, procedure and status."
-    );
-    describe_histogram!(
+        "From submission (or, for a scheduled request, the later `not_before`) to final status, by namespace, procedure and status.",
+    ),
+    (
+        Kind::Histogram,
         REQUEST_RUN_DURATION,
         Unit::Seconds,
-        "From delivery to final status in the engine, by namespace, procedure and status."
-    );
-    describe_histogram!(
+        "From delivery to final status in the engine, by namespace, procedure and status.",
+    ),
+    (
+        Kind::Histogram,
         STEP_DURATION,
         Unit::Seconds,
-        "Provider call duration (retries included), by provider."
-    );
-    describe_counter!(
+        "Provider call duration (retries included), by provider.",
+    ),
+    (
+        Kind::Counter,
         STEP_RETRIES,
         Unit::Count,
-        "Step retries after retryable provider errors, by provider."
-    );
-    describe_counter!(
+        "Step retries after retryable provider errors, by provider.",
+    ),
+    (
+        Kind::Counter,
         ROLLBACKS,
         Unit::Count,
-        "Transactions rolled back, by namespace and procedure."
-    );
-    describe_histogram!(
+        "Transactions rolled back, by namespace and procedure.",
+    ),
+    (
+        Kind::Histogram,
         PUBLISH_DURATION,
         Unit::Seconds,
-        "Publish to broker confirm, as seen by the queue manager."
-    );
-    describe_gauge!(
+        "Publish to broker confirm, as seen by the queue manager.",
+    ),
+    (
+        Kind::Gauge,
         BROKER_UP,
         Unit::Count,
-        "1 while the process has a working broker connection."
-    );
-    describe_counter!(
+        "1 while the process has a working broker connection.",
+    ),
+    (
+        Kind::Counter,
         DEAD_LETTERS,
         Unit::Count,
-        "Messages sent to the dead-letter queue, by reason."
-    );
-    describe_gauge!(
+        "Messages sent to the dead-letter queue, by reason.",
+    ),
+    (
+        Kind::Gauge,
         INFLIGHT,
         Unit::Count,
-        "Requests an engine is running right now."
-    );
-    describe_gauge!(
+        "Requests an engine is running right now.",
+    ),
+    (
+        Kind::Gauge,
         QUEUE_DEPTH,
         Unit::Count,
-        "Messages ready in each request lane and in the dead-letter queue, sampled by the queue manager."
-    );
-    describe_histogram!(
+        "Messages ready in each request lane and in the dead-letter queue, sampled by the queue manager.",
+    ),
+    (
+        Kind::Histogram,
         TXLOG_BATCH_SIZE,
         Unit::Count,
-        "Records committed together by the transaction-log group-commit writer."
-    );
-    describe_histogram!(
+        "Records committed together by the transaction-log group-commit writer.",
+    ),
+    (
+        Kind::Histogram,
         TXLOG_COMMIT_DURATION,
         Unit::Seconds,
-        "Duration of one group commit of the transaction log."
-    );
-    describe_gauge!(
+        "Duration of one group commit of the transaction log.",
+    ),
+    (
+        Kind::Gauge,
         TXLOG_POOL_IN_USE,
         Unit::Count,
-        "Transaction-log connections in use, by server."
-    );
-    describe_gauge!(
+        "Transaction-log connections in use, by server.",
+    ),
+    (
+        Kind::Gauge,
         TXLOG_BAD_SERVERS,
         Unit::Count,
-        "Transaction-log servers currently on the bad-server list."
-    );
-    describe_gauge!(
+        "Transaction-log servers currently on the bad-server list.",
+    ),
+    (
+        Kind::Gauge,
         TXLOG_SERVER_UP,
         Unit::Count,
-        "0 while a transaction-log server is on the bad-server list, else 1, by server."
-    );
-    describe_gauge!(
+        "0 while a transaction-log server is on the bad-server list, else 1, by server.",
+    ),
+    (
+        Kind::Gauge,
         IN_DOUBT,
         Unit::Count,
-        "Transactions whose rollback could not complete, counted in the log by the leading auditor."
-    );
-    describe_counter!(
+        "Transactions whose rollback could not complete, counted in the log by the leading auditor.",
+    ),
+    (
+        Kind::Counter,
         PROVIDER_CALLS,
         Unit::Count,
-        "Provider calls, by provider, action and outcome."
-    );
-    describe_counter!(
+        "Provider calls, by provider, action and outcome.",
+    ),
+    (
+        Kind::Counter,
         FENCED,
         Unit::Count,
-        "Transactions an engine lost to recovery (lease expired while it stalled): it stopped and wrote nothing more."
-    );
-    describe_counter!(
+        "Transactions an engine lost to recovery (lease expired while it stalled): it stopped and wrote nothing more.",
+    ),
+    (
+        Kind::Counter,
         AUDIT_ROWS_SWEPT,
         Unit::Count,
-        "Rows moved from the transaction log into audit tables."
-    );
-    describe_gauge!(
+        "Rows moved from the transaction log into audit tables.",
+    ),
+    (
+        Kind::Gauge,
         AUDITOR_LEADER,
         Unit::Count,
-        "1 while this auditor holds the leader lock (recovers and sweeps), 0 on standby."
-    );
-    describe_counter!(
+        "1 while this auditor holds the leader lock (recovers and sweeps), 0 on standby.",
+    ),
+    (
+        Kind::Counter,
         AUDITOR_STEP_DOWNS,
         Unit::Count,
-        "Times this auditor stopped leading because its lock session was lost."
-    );
-    describe_counter!(
+        "Times this auditor stopped leading because its lock session was lost.",
+    ),
+    (
+        Kind::Counter,
         DEAD_LETTERS_SETTLED,
         Unit::Count,
-        "Dead letters read by the auditors, by outcome (marked_dead, not_queued, unknown_request, mismatch)."
-    );
-    describe_counter!(
+        "Dead letters read by the auditors, by outcome (marked_dead, not_queued, unknown_request, mismatch).",
+    ),
+    (
+        Kind::Counter,
         RECOVERED,
         Unit::Count,
-        "Transactions finished for an engine that died (rolled back or completed), by the leading auditor or by the engine that runs the request again."
-    );
-    describe_gauge!(
+        "Transactions finished for an engine that died (rolled back or completed), by the leading auditor or by the engine that runs the request again.",
+    ),
+    (
+        Kind::Gauge,
         PROVIDER_INFLIGHT,
         Unit::Count,
-        "Calls running now on a provider with limits, by provider."
-    );
-    describe_counter!(
+        "Calls running now on a provider with limits, by provider.",
+    ),
+    (
+        Kind::Counter,
         PROVIDER_THROTTLED,
         Unit::Count,
-        "Times a call waited for its provider's rate limit, by provider."
-    );
-    describe_histogram!(
+        "Times a call waited for its provider's rate limit, by provider.",
+    ),
+    (
+        Kind::Histogram,
         PROVIDER_WAIT,
         Unit::Seconds,
-        "Time a call waited for its provider's rate limit, by provider."
-    );
-    describe_histogram!(
+        "Time a call waited for its provider's rate limit, by provider.",
+    ),
+    (
+        Kind::Histogram,
         SCHEDULED_WAIT,
         Unit::Seconds,
-        "From submission to `not_before` (or to a request-level retry's due time), by namespace and procedure: the wait a producer asked for, kept out of the request duration."
-    );
+        "From submission to `not_before` (or to a request-level retry's due time), by namespace and procedure: the wait a producer asked for, kept out of the request duration.",
+    ),
+];
+
+/// Registers descriptions with the installed recorder; call once after installing it.
+pub fn describe() {
+    for &(kind, name, unit, help) in DESCRIPTIONS {
+        match kind {
+            Kind::Counter => describe_counter!(name, unit, help),
+            Kind::Gauge => describe_gauge!(name, unit, help),
+            Kind::Histogram => describe_histogram!(name, unit, help),
+        }
+    }
 }
 
 /// Zero series of the queue manager's counters and histograms, so that dashboards show 0
@@ -331,6 +380,26 @@ mod tests {
     use crate::catalog::StandardCatalog;
     use crate::config::Config;
     use crate::procedure::{NoExternal, compile, parse_document, with_inline};
+
+    #[test]
+    fn every_metric_name_is_described_once() {
+        let source = include_str!("metrics.rs");
+        let declared: Vec<&str> = source
+            .lines()
+            .filter_map(|l| l.strip_prefix("pub const "))
+            .filter_map(|l| l.split_once(": &str = \"provisio_"))
+            .map(|(name, _)| name)
+            .collect();
+        assert_eq!(declared.len(), DESCRIPTIONS.len(), "{declared:?}");
+        let mut described: Vec<&str> = DESCRIPTIONS.iter().map(|d| d.1).collect();
+        described.sort_unstable();
+        described.dedup();
+        assert_eq!(
+            described.len(),
+            DESCRIPTIONS.len(),
+            "a metric described twice"
+        );
+    }
 
     #[test]
     fn only_applied_names_become_labels() {
