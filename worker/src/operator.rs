@@ -9,6 +9,7 @@
 //!   audit sweep then keeps with the transaction's errors.
 
 use anyhow::Context;
+use provisio_shared::domain::{Status, TxStatus};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -115,15 +116,15 @@ impl Recovery {
         let (tx_status, req_status) = if kind == "retry_rollback" {
             let not_undone = self.roll_back_logged(server, tx_id).await?;
             if not_undone.is_empty() {
-                ("rolled_back", "failed")
+                (TxStatus::RolledBack, Status::Failed)
             } else {
                 error["not_undone"] = Value::Array(not_undone);
-                ("in_doubt", "in_doubt")
+                (TxStatus::InDoubt, Status::InDoubt)
             }
         } else {
-            ("rolled_back", "failed")
+            (TxStatus::RolledBack, Status::Failed)
         };
-        if tx_status == "rolled_back" {
+        if tx_status == TxStatus::RolledBack {
             error["resolution"] = resolution;
         }
         self.finish(
@@ -135,7 +136,7 @@ impl Recovery {
             Some(&error),
         )
         .await?;
-        tracing::info!(%tx_id, %request_id, %kind, %by, tx_status, "operator command carried out");
+        tracing::info!(%tx_id, %request_id, %kind, %by, %tx_status, "operator command carried out");
         Ok(json!({"transaction_status": tx_status, "request_status": req_status, "error": error}))
     }
 

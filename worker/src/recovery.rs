@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use deadpool_postgres::Pool;
+use provisio_shared::domain::{Status, TxStatus};
 use provisio_shared::provider::{ProviderError, Rollback};
 use provisio_shared::retry::{Attempt, Backoff, retry};
 use serde_json::{Value, json};
@@ -138,13 +139,13 @@ impl Recovery {
             // The engine decided the outcome in the request row before it could finish the
             // transaction on its server: complete the transaction from that decision.
             let tx_status = match decided.as_str() {
-                "succeeded" => "committed",
-                "in_doubt" => "in_doubt",
-                _ => "rolled_back",
+                "succeeded" => TxStatus::Committed,
+                "in_doubt" => TxStatus::InDoubt,
+                _ => TxStatus::RolledBack,
             };
             self.finish_tx(server, tx_id, tx_status, None).await?;
             tracing::info!(%tx_id, %request_id, %decided, "completed a transaction from its recorded outcome");
-            return Ok(if tx_status == "committed" {
+            return Ok(if tx_status == TxStatus::Committed {
                 Resolved::Committed
             } else {
                 Resolved::RolledBack
@@ -154,9 +155,9 @@ impl Recovery {
             // The decision was logged: finish the commit.
             let ok = self.commit_two_phase(tx_id).await;
             let (tx_status, req_status) = if ok {
-                ("committed", "succeeded")
+                (TxStatus::Committed, Status::Succeeded)
             } else {
-                ("in_doubt", "in_doubt")
+                (TxStatus::InDoubt, Status::InDoubt)
             };
             let error = (!ok).then(|| json!({"code": "commit_failed", "message": "recovery could not commit every participant"}));
             self.finish(
@@ -192,9 +193,9 @@ impl Recovery {
         // the request again: so the request is queued again, not finished. Its error field
         // says what happened to the lost attempt until the next one finishes.
         let (tx_status, req_status) = if ok {
-            ("rolled_back", "queued")
+            (TxStatus::RolledBack, Status::Queued)
         } else {
-            ("in_doubt", "in_doubt")
+            (TxStatus::InDoubt, Status::InDoubt)
         };
         self.finish(
             server,
@@ -429,8 +430,8 @@ impl Recovery {
         server: usize,
         request_id: &str,
         tx_id: Uuid,
-        tx_status: &str,
-        req_status: &str,
+        tx_status: TxStatus,
+        req_status: Status,
         error: Option<&Value>,
     ) -> anyhow::Result<()> {
         const REQUEST: &str = "UPDATE requests SET status = $2, error = $3, \
@@ -444,7 +445,7 @@ impl Recovery {
                     REQUEST,
                     &[
                         &request_id,
-                        &req_status,
+                        &req_status.as_str(),
                         &error,
                         &tx_id,
                         &Some(self.owner.as_str()),
@@ -456,19 +457,28 @@ impl Recovery {
             let mut client = self.server_pool(server)?.get().await.context("database")?;
             let t = client.transaction().await?;
             let n = t
-                .execute(SQL_FINISH_TX, &[&tx_id, &tx_status, &error, &self.owner])
+                .execute(
+                    SQL_FINISH_TX,
+                    &[&tx_id, &tx_status.as_str(), &error, &self.owner],
+                )
                 .await?;
             if n == 0 {
                 anyhow::bail!("transaction {tx_id} was taken over during its recovery");
             }
             t.execute(
                 REQUEST,
-                &[&request_id, &req_status, &error, &tx_id, &None::<&str>],
+                &[
+                    &request_id,
+                    &req_status.as_str(),
+                    &error,
+                    &tx_id,
+                    &None::<&str>,
+                ],
             )
             .await?;
             t.commit().await?;
         }
-        if tx_status == "in_doubt" {
+        if tx_status == TxStatus::InDoubt {
             tracing::error!(%tx_id, %request_id, "transaction is in doubt");
         }
         Ok(())
@@ -479,9 +489,10 @@ impl Recovery {
         &self,
         server: usize,
         tx_id: Uuid,
-        tx_status: &str,
+        tx_status: TxStatus,
         error: Option<&Value>,
     ) -> anyhow::Result<()> {
+        let tx_status = tx_status.as_str();
         let client = self.server_pool(server)?.get().await.context("database")?;
         let n = client
             .execute(SQL_FINISH_TX, &[&tx_id, &tx_status, &error, &self.owner])

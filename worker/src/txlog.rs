@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use deadpool_postgres::Pool;
 use futures_util::future::BoxFuture;
+use provisio_shared::domain::{Status, TxStatus};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
@@ -88,9 +89,9 @@ pub struct Finish {
     /// For `read` transactions, which were never opened: the row to create.
     pub open: Option<Begin>,
     pub steps: Vec<StepRecord>,
-    pub tx_status: &'static str,
+    pub tx_status: TxStatus,
     pub request_id: String,
-    pub request_status: &'static str,
+    pub request_status: Status,
     pub output: Option<Value>,
     pub error: Option<Value>,
     pub summary: Value,
@@ -304,7 +305,7 @@ async fn write_together(
             } => statuses.push((i, *tx_id, status, owner)),
             Record::Finish(f) => {
                 if let Some(b) = &f.open {
-                    begins.push((None, b, f.tx_status));
+                    begins.push((None, b, f.tx_status.as_str()));
                 }
                 steps.extend(f.steps.iter().map(|s| (i, s)));
                 finishes.push((i, &**f));
@@ -468,12 +469,15 @@ async fn write_together(
             .await
             .map_err(|e| unavailable(&e))?;
         let tx_ids: Vec<Uuid> = finishes.iter().map(|(_, f)| f.tx_id).collect();
-        let tx_status: Vec<&str> = finishes.iter().map(|(_, f)| f.tx_status).collect();
+        let tx_status: Vec<&str> = finishes.iter().map(|(_, f)| f.tx_status.as_str()).collect();
         let request_ids: Vec<&str> = finishes
             .iter()
             .map(|(_, f)| f.request_id.as_str())
             .collect();
-        let request_status: Vec<&str> = finishes.iter().map(|(_, f)| f.request_status).collect();
+        let request_status: Vec<&str> = finishes
+            .iter()
+            .map(|(_, f)| f.request_status.as_str())
+            .collect();
         let outputs: Vec<Option<&Value>> =
             finishes.iter().map(|(_, f)| f.output.as_ref()).collect();
         let errors: Vec<Option<&Value>> = finishes.iter().map(|(_, f)| f.error.as_ref()).collect();

@@ -246,10 +246,10 @@ async fn accept_one(
             .map_err(|e| ApiError::Malformed(format!("{e}: use high, normal or low")))?,
     };
     if let Some(r) = &body.retry
-        && (r.count > 100 || !matches!(r.on_exhausted.as_str(), "fail" | "park"))
+        && r.count > 100
     {
         return Err(ApiError::Invalid {
-            message: "`retry`: count at most 100, on_exhausted `fail` or `park`".into(),
+            message: "`retry`: count at most 100".into(),
             details: json!([{"path": "/retry"}]),
         });
     }

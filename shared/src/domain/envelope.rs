@@ -2,7 +2,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{Name, Priority, RequestId};
+use super::{Name, OnExhausted, Priority, RequestId};
 
 /// The request as it travels through RabbitMQ: the queue manager publishes it, AMQP producers
 /// may publish it directly, engines consume it. The JSON Schema in
@@ -75,12 +75,8 @@ impl PrincipalRef {
 pub struct RetryPolicy {
     pub count: u32,
     pub interval_ms: u64,
-    #[serde(default = "default_on_exhausted")]
-    pub on_exhausted: String,
-}
-
-fn default_on_exhausted() -> String {
-    "fail".to_owned()
+    #[serde(default)]
+    pub on_exhausted: OnExhausted,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

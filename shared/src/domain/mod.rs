@@ -9,4 +9,4 @@ mod status;
 pub use envelope::{Envelope, EnvelopeError, PrincipalRef, RequestKind, RetryPolicy};
 pub use names::{Name, NameError};
 pub use request_id::{RequestId, RequestIdError};
-pub use status::{Priority, Status, TxModel, UnknownVariant};
+pub use status::{OnExhausted, Permission, Priority, Status, TxModel, TxStatus, UnknownVariant};

@@ -91,6 +91,52 @@ string_enum!(
     }
 );
 
+string_enum!(
+    /// A transaction's state in the log (`transactions.status`; docs/design.md §6).
+    TxStatus, "transaction status", {
+        Running => "running",
+        /// Two-phase: every participant prepared, the decision not yet taken.
+        Prepared => "prepared",
+        /// Two-phase: the decision to commit is durable; every participant must commit.
+        Committing => "committing",
+        Committed => "committed",
+        RollingBack => "rolling_back",
+        RolledBack => "rolled_back",
+        /// Rollback could not complete; an operator must look.
+        InDoubt => "in_doubt",
+        /// Refused or failed before anything needed undoing (and every `read` failure).
+        Failed => "failed",
+    }
+);
+
+string_enum!(
+    /// What a request-level retry policy does once its retries are spent.
+    #[derive(Default)]
+    OnExhausted, "on_exhausted", {
+        /// The request ends `failed`.
+        #[default]
+        Fail => "fail",
+        /// The request waits, `parked`, for an operator to resume it.
+        Park => "park",
+    }
+);
+
+string_enum!(
+    /// What a grant allows (`grants.permission`; docs/design.md §8).
+    Permission, "permission", {
+        /// Queued requests for public procedures.
+        Execute => "execute",
+        /// Requests that carry credentials for the providers.
+        ExecuteWithCredentials => "execute_with_credentials",
+        /// The trusted lane: `run_as` and inline steps.
+        ExecuteTrusted => "execute_trusted",
+        /// Procedures marked `access: private`.
+        ExecutePrivate => "execute_private",
+        /// Everything, including the admin routes.
+        Admin => "admin",
+    }
+);
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -116,5 +162,64 @@ mod tests {
     fn priority_defaults_to_normal() {
         assert_eq!(Priority::default(), Priority::Normal);
         assert_eq!("high".parse::<Priority>(), Ok(Priority::High));
+    }
+
+    #[test]
+    fn the_small_vocabularies_round_trip_and_refuse_strangers() {
+        for s in TxStatus::ALL {
+            assert_eq!(s.as_str().parse::<TxStatus>(), Ok(*s));
+        }
+        for p in Permission::ALL {
+            assert_eq!(p.as_str().parse::<Permission>(), Ok(*p));
+        }
+        assert_eq!(OnExhausted::default(), OnExhausted::Fail);
+        assert_eq!(
+            serde_json::from_str::<OnExhausted>("\"park\"").ok(),
+            Some(OnExhausted::Park)
+        );
+        assert!(serde_json::from_str::<OnExhausted>("\"retry\"").is_err());
+        assert!("root".parse::<Permission>().is_err());
+    }
+
+    /// The enums and the database's CHECK constraints must name the same values.
+    #[test]
+    fn the_enums_match_the_schema_constraints() {
+        let check = |sql: &str, column: &str| -> Vec<String> {
+            let at = sql
+                .rfind(&format!("{column} IN"))
+                .expect("the constraint is in the migration");
+            let list = &sql[at..];
+            let list = &list[list.find('(').expect("(") + 1..list.find(')').expect(")")];
+            let mut v: Vec<String> = list
+                .split(',')
+                .map(|x| x.trim().trim_matches('\'').to_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        let sorted = |mut v: Vec<String>| {
+            v.sort();
+            v
+        };
+        let v1 = include_str!("../../../schemas/migrations/V1__initial.sql");
+        let v3 = include_str!("../../../schemas/migrations/V3__two_phase.sql");
+        assert_eq!(
+            check(v1, "permission"),
+            sorted(
+                Permission::ALL
+                    .iter()
+                    .map(|p| p.as_str().to_owned())
+                    .collect()
+            )
+        );
+        assert_eq!(
+            check(v3, "status"),
+            sorted(
+                TxStatus::ALL
+                    .iter()
+                    .map(|p| p.as_str().to_owned())
+                    .collect()
+            )
+        );
     }
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
-use provisio_shared::domain::Status;
+use provisio_shared::domain::{Status, TxStatus};
 use serde_json::Value;
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
@@ -24,6 +24,21 @@ pub(super) enum Opened {
     /// Another attempt is running (or being recovered), or no log server answers: try again
     /// later.
     Busy,
+}
+
+/// An attempt's outcome as decided, ready to be written.
+pub(super) struct Decided {
+    pub steps: Vec<StepRecord>,
+    pub tx_status: TxStatus,
+    pub status: Status,
+    pub output: Option<Value>,
+    pub error: Option<Value>,
+    pub summary: Value,
+    /// Run again at this time from this envelope (or, parked, keep the envelope).
+    pub retry_at: Option<(chrono::DateTime<chrono::Utc>, Value)>,
+    /// Some procedure that ran was marked for audit.
+    pub audit: bool,
+    pub audit_data: Option<Value>,
 }
 
 /// What became of an attempt's outcome.
@@ -219,35 +234,27 @@ impl Engine {
     }
 
     /// Writes an attempt's outcome.
-    #[allow(clippy::too_many_arguments)]
     pub(super) async fn finish(
         &self,
         begin: Begin,
         server: usize,
         open_now: bool,
-        steps: Vec<StepRecord>,
-        tx_status: &'static str,
-        status: Status,
-        output: Option<Value>,
-        error: Option<Value>,
-        summary: Value,
-        retry_at: Option<(chrono::DateTime<chrono::Utc>, Value)>,
-        audit: (bool, Option<Value>),
+        d: Decided,
     ) -> anyhow::Result<Written> {
         let f = Finish {
             tx_id: begin.tx_id,
             request_id: begin.request_id.clone(),
             open: open_now.then_some(begin),
-            steps,
-            tx_status,
-            request_status: status.as_str(),
-            output,
-            error,
-            summary,
-            retry_at,
+            steps: d.steps,
+            tx_status: d.tx_status,
+            request_status: d.status,
+            output: d.output,
+            error: d.error,
+            summary: d.summary,
+            retry_at: d.retry_at,
             owner: self.owner.clone(),
-            audit: audit.0,
-            audit_data: audit.1,
+            audit: d.audit,
+            audit_data: d.audit_data,
         };
         let r = if self.log.separate {
             self.finish_separate(f, server).await
@@ -300,7 +307,7 @@ impl Engine {
                     &f.request_id,
                     &f.tx_id,
                     &&*f.owner,
-                    &f.request_status,
+                    &f.request_status.as_str(),
                     &f.output,
                     &f.error,
                     &f.summary,
@@ -321,12 +328,12 @@ impl Engine {
                 .run(server, |pool| async move {
                     let c = pool.get().await?;
                     if let Some(b) = &f.open {
-                        insert_tx_row(&c, b, 1, f.tx_status).await?;
+                        insert_tx_row(&c, b, 1, f.tx_status.as_str()).await?;
                     }
                     let owner: &str = &f.owner;
                     let params: [&(dyn ToSql + Sync); 7] = [
                         &f.tx_id,
-                        &f.tx_status,
+                        &f.tx_status.as_str(),
                         &f.output,
                         &f.error,
                         &owner,
