@@ -523,23 +523,7 @@ async fn resource_pools_are_listed_with_their_use_to_admins_only() -> R {
     );
 
     // Not for producers: pools and dead letters are admin surfaces.
-    let r = env
-        .http
-        .post(format!("{}/v1/principals", qm.url))
-        .bearer_auth(&env.admin_key)
-        .json(&json!({"name": "producer", "groups": ["producers"]}))
-        .send()
-        .await?;
-    assert_eq!(r.status().as_u16(), 201);
-    let key: Value = env
-        .http
-        .post(format!("{}/v1/principals/producer/keys", qm.url))
-        .bearer_auth(&env.admin_key)
-        .send()
-        .await?
-        .json()
-        .await?;
-    let key = key["key"].as_str().unwrap_or_default().to_owned();
+    let (_, key) = env.principal(&qm, "producer", &["producers"]).await?;
     for url in [pools_url, format!("{}/v1/dead-letters", qm.url)] {
         let r = env.http.get(&url).bearer_auth(&key).send().await?;
         assert_eq!(r.status().as_u16(), 403, "{url}");
