@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
-use deadpool_postgres::Pool;
+use deadpool_postgres::{Pool, Transaction};
 use futures_util::future::join_all;
 use provisio_shared::amqp::{Outgoing, Publisher};
 use provisio_shared::config::Secret;
@@ -177,6 +177,36 @@ async fn accept_batch(ctx: &Ctx, batch: Vec<Job>) {
 async fn run_batch(ctx: &Ctx, mut subs: Vec<Submission>) -> Result<Vec<Accepted>, ApiError> {
     let mut client = ctx.pool.get().await.map_err(ApiError::db)?;
     let tx = client.transaction().await.map_err(ApiError::db)?;
+    let versions_now = insert_rows(&tx, &subs).await?;
+    // Ids that were not inserted belong to earlier requests (or to an earlier one in this batch).
+    let mut answers: Vec<Option<Accepted>> = (0..subs.len()).map(|_| None).collect();
+    let mut inserted = versions_now.clone();
+    let is_new: Vec<bool> = subs
+        .iter()
+        // Only the first of several submissions with one id inserted its row.
+        .map(|s| inserted.remove(s.envelope.id.as_str()).is_some())
+        .collect();
+    answer_duplicates(&tx, &subs, &is_new, &mut answers).await?;
+    revalidate(ctx, &mut subs, &is_new, &versions_now, &mut answers).await;
+    let (failed, in_doubt) = publish_new(ctx, &subs, &is_new, &mut answers).await;
+    let broker_up = failed.is_empty() && in_doubt.is_empty();
+    clean_up(&tx, &subs, &is_new, &answers, failed, &in_doubt).await?;
+    // Also sets `provisio_broker_up`.
+    ctx.ready.set(broker_up);
+    tx.commit().await.map_err(ApiError::db)?;
+    count_accepted(&subs, &is_new, &answers);
+    Ok(answers
+        .into_iter()
+        .map(|a| a.unwrap_or_else(|| Err(ApiError::Internal("request was not answered".into()))))
+        .collect())
+}
+
+/// Inserts every submission's row with one statement; the ids inserted, with the namespace
+/// version current in this transaction.
+async fn insert_rows(
+    tx: &Transaction<'_>,
+    subs: &[Submission],
+) -> Result<HashMap<String, Option<i32>>, ApiError> {
     let stmt = tx.prepare_cached(SQL_INSERT).await.map_err(ApiError::db)?;
     let ids: Vec<&str> = subs.iter().map(|s| s.envelope.id.as_str()).collect();
     let hashes: Vec<&str> = subs.iter().map(|s| s.body_hash.as_str()).collect();
@@ -219,26 +249,23 @@ async fn run_batch(ctx: &Ctx, mut subs: Vec<Submission>) -> Result<Vec<Accepted>
         )
         .await
         .map_err(ApiError::db)?;
-    let mut inserted: HashMap<String, Option<i32>> = rows
+    Ok(rows
         .iter()
         .map(|r| (r.get::<_, String>(0), r.get::<_, Option<i32>>(1)))
-        .collect();
+        .collect())
+}
 
-    // Ids that were not inserted belong to earlier requests (or to an earlier one in this batch).
-    let mut answers: Vec<Option<Accepted>> = (0..subs.len()).map(|_| None).collect();
-    let mut is_new = vec![false; subs.len()];
-    for (i, s) in subs.iter().enumerate() {
-        // Only the first of several submissions with one id inserted its row.
-        is_new[i] = inserted.remove(s.envelope.id.as_str()).is_some();
-    }
-    // Re-read versions for the new rows (the map was consumed above for duplicate detection).
-    let versions_now: HashMap<String, Option<i32>> = rows
-        .iter()
-        .map(|r| (r.get::<_, String>(0), r.get::<_, Option<i32>>(1)))
-        .collect();
+/// Answers the submissions whose id was already used: the earlier request's status when the
+/// bodies match, a conflict when they do not.
+async fn answer_duplicates(
+    tx: &Transaction<'_>,
+    subs: &[Submission],
+    is_new: &[bool],
+    answers: &mut [Option<Accepted>],
+) -> Result<(), ApiError> {
     let dup_ids: Vec<&str> = subs
         .iter()
-        .zip(&is_new)
+        .zip(is_new)
         .filter(|(_, n)| !**n)
         .map(|(s, _)| s.envelope.id.as_str())
         .collect();
@@ -275,8 +302,18 @@ async fn run_batch(ctx: &Ctx, mut subs: Vec<Submission>) -> Result<Vec<Accepted>
             });
         }
     }
+    Ok(())
+}
 
-    // A version applied since validation is the one that runs: validate against it.
+/// Validates again, against the version current in this transaction, the new submissions
+/// checked against an older one: a version applied since validation is the one that runs.
+async fn revalidate(
+    ctx: &Ctx,
+    subs: &mut [Submission],
+    is_new: &[bool],
+    versions_now: &HashMap<String, Option<i32>>,
+    answers: &mut [Option<Accepted>],
+) {
     for (i, s) in subs.iter_mut().enumerate() {
         if !is_new[i] {
             continue;
@@ -311,8 +348,16 @@ async fn run_batch(ctx: &Ctx, mut subs: Vec<Submission>) -> Result<Vec<Accepted>
             }
         }
     }
+}
 
-    // Publish every new, still valid request; confirms are awaited concurrently.
+/// Publishes every new, still valid request (confirms awaited concurrently) and answers it;
+/// the ids whose publish failed, and the submissions whose publish is in doubt.
+async fn publish_new<'a>(
+    ctx: &Ctx,
+    subs: &'a [Submission],
+    is_new: &[bool],
+    answers: &mut [Option<Accepted>],
+) -> (Vec<&'a str>, Vec<usize>) {
     let exchange = ctx.publisher.topology().requests_exchange();
     let trusted_exchange = ctx.publisher.topology().trusted_exchange();
     let key = ctx.signing_key.expose().as_bytes();
@@ -380,9 +425,22 @@ async fn run_batch(ctx: &Ctx, mut subs: Vec<Submission>) -> Result<Vec<Accepted>
             }
         }
     }
+    (failed, in_doubt)
+}
+
+/// Deletes the rows whose message is not in the broker, and turns the in-doubt ones into
+/// scheduled requests the scheduler republishes.
+async fn clean_up(
+    tx: &Transaction<'_>,
+    subs: &[Submission],
+    is_new: &[bool],
+    answers: &[Option<Accepted>],
+    failed: Vec<&str>,
+    in_doubt: &[usize],
+) -> Result<(), ApiError> {
     // Rows whose message is not in the broker (publish failed, or a newer version refused
     // the request) must not outlive this transaction.
-    let mut remove: Vec<&str> = failed.clone();
+    let mut remove = failed;
     for (i, s) in subs.iter().enumerate() {
         if is_new[i]
             && matches!(answers[i], Some(Err(_)))
@@ -418,10 +476,10 @@ async fn run_batch(ctx: &Ctx, mut subs: Vec<Submission>) -> Result<Vec<Accepted>
         .await
         .map_err(ApiError::db)?;
     }
-    let broker_up = failed.is_empty() && in_doubt.is_empty();
-    // Also sets `provisio_broker_up`.
-    ctx.ready.set(broker_up);
-    tx.commit().await.map_err(ApiError::db)?;
+    Ok(())
+}
+
+fn count_accepted(subs: &[Submission], is_new: &[bool], answers: &[Option<Accepted>]) {
     for (i, s) in subs.iter().enumerate() {
         if is_new[i] && matches!(answers[i], Some(Ok(_))) {
             // The names were checked against the namespace above; an inline procedure's name
@@ -436,8 +494,4 @@ async fn run_batch(ctx: &Ctx, mut subs: Vec<Submission>) -> Result<Vec<Accepted>
             .increment(1);
         }
     }
-    Ok(answers
-        .into_iter()
-        .map(|a| a.unwrap_or_else(|| Err(ApiError::Internal("request was not answered".into()))))
-        .collect())
 }

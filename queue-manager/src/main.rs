@@ -3,12 +3,13 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use deadpool_postgres::Pool;
 use provisio_queue_manager::api;
 use provisio_queue_manager::app::App;
 use provisio_queue_manager::auth::{KeyStore, bootstrap_admin};
 use provisio_shared::amqp::{Publisher, Topology};
 use provisio_shared::catalog::StandardCatalog;
-use provisio_shared::config::ConfigArgs;
+use provisio_shared::config::{Config, ConfigArgs};
 use provisio_shared::namespaces::NamespaceCache;
 use provisio_shared::telemetry::{self, Readiness};
 use provisio_shared::{db, shutdown};
@@ -46,18 +47,7 @@ async fn main() -> anyhow::Result<()> {
         .map_err(anyhow::Error::msg)
         .context("installing the metrics recorder")?;
 
-    db::migrate(&cfg.database.url)
-        .await
-        .context("migrating the configuration database")?;
-    let pool = db::pool(&cfg.database.url, cfg.database.pool_size).context("database pool")?;
-    if !cfg.security.bootstrap_admin_key.is_empty()
-        && bootstrap_admin(&pool, cfg.security.bootstrap_admin_key.expose())
-            .await
-            .context("bootstrapping the admin key")?
-    {
-        tracing::info!("bootstrap admin key installed");
-    }
-
+    let pool = prepare_database(&cfg).await?;
     let publisher = Publisher::new(
         cfg.amqp.url.expose(),
         Topology::new(&cfg.amqp),
@@ -73,38 +63,7 @@ async fn main() -> anyhow::Result<()> {
         // Not fatal: requests get 503 until the broker is back, and `/readyz` says so.
         Err(e) => tracing::warn!(error = %e, "broker not reachable at start-up"),
     }
-
-    let namespaces = Arc::new(NamespaceCache::new(
-        pool.clone(),
-        Box::new(StandardCatalog::from_config(&cfg)),
-    ));
-    namespaces.listen(&cfg.database.url);
-    let acceptor = provisio_queue_manager::accept::Acceptor::start(
-        pool.clone(),
-        publisher.clone(),
-        namespaces.clone(),
-        cfg.validation.enable_schema_validation,
-        cfg.security.signing_key.clone(),
-        ready.clone(),
-    );
-    let waiters = Arc::new(provisio_queue_manager::wait::Waiters::default());
-    waiters.follow(cfg.amqp.url.expose().to_owned(), Topology::new(&cfg.amqp));
-    let app = Arc::new(App {
-        rate_limits: provisio_queue_manager::ratelimit::RateLimits::new(
-            &cfg.queue_manager.rate_limit,
-        ),
-        acceptor,
-        waiters,
-        keys: KeyStore::new(
-            pool.clone(),
-            Duration::from_secs(cfg.queue_manager.key_cache_seconds),
-        ),
-        namespaces: namespaces.clone(),
-        publisher: publisher.clone(),
-        ready: ready.clone(),
-        pool: pool.clone(),
-        cfg: cfg.clone(),
-    });
+    let app = build_app(&cfg, &pool, &publisher, &ready);
 
     // Keep readiness and the broker gauge current without waiting for traffic.
     let watch = {
@@ -151,4 +110,55 @@ async fn main() -> anyhow::Result<()> {
     let _ = tokio::join!(scheduler, depth);
     tracing::info!("queue manager stopped");
     Ok(())
+}
+
+/// Migrates the configuration database and installs the bootstrap admin key, if configured.
+async fn prepare_database(cfg: &Config) -> anyhow::Result<Pool> {
+    db::migrate(&cfg.database.url)
+        .await
+        .context("migrating the configuration database")?;
+    let pool = db::pool(&cfg.database.url, cfg.database.pool_size).context("database pool")?;
+    if !cfg.security.bootstrap_admin_key.is_empty()
+        && bootstrap_admin(&pool, cfg.security.bootstrap_admin_key.expose())
+            .await
+            .context("bootstrapping the admin key")?
+    {
+        tracing::info!("bootstrap admin key installed");
+    }
+    Ok(pool)
+}
+
+/// The state the API handlers share, with the acceptor and the waiters started.
+fn build_app(cfg: &Config, pool: &Pool, publisher: &Publisher, ready: &Readiness) -> Arc<App> {
+    let namespaces = Arc::new(NamespaceCache::new(
+        pool.clone(),
+        Box::new(StandardCatalog::from_config(cfg)),
+    ));
+    namespaces.listen(&cfg.database.url);
+    let acceptor = provisio_queue_manager::accept::Acceptor::start(
+        pool.clone(),
+        publisher.clone(),
+        namespaces.clone(),
+        cfg.validation.enable_schema_validation,
+        cfg.security.signing_key.clone(),
+        ready.clone(),
+    );
+    let waiters = Arc::new(provisio_queue_manager::wait::Waiters::default());
+    waiters.follow(cfg.amqp.url.expose().to_owned(), Topology::new(&cfg.amqp));
+    Arc::new(App {
+        rate_limits: provisio_queue_manager::ratelimit::RateLimits::new(
+            &cfg.queue_manager.rate_limit,
+        ),
+        acceptor,
+        waiters,
+        keys: KeyStore::new(
+            pool.clone(),
+            Duration::from_secs(cfg.queue_manager.key_cache_seconds),
+        ),
+        namespaces,
+        publisher: publisher.clone(),
+        ready: ready.clone(),
+        pool: pool.clone(),
+        cfg: cfg.clone(),
+    })
 }

@@ -269,6 +269,49 @@ impl TestEnv {
         Ok((status, resp.json().await.unwrap_or(Value::Null)))
     }
 
+    /// Creates principal `name` in `groups` (groups carry the permissions) and an API key for
+    /// it, through the admin API as the bootstrap admin: the same path an operator takes, so
+    /// tests never write principals or keys into the database behind the queue manager's back.
+    /// Returns the principal's id and its key.
+    pub async fn principal(
+        &self,
+        qm: &Proc,
+        name: &str,
+        groups: &[&str],
+    ) -> anyhow::Result<(uuid::Uuid, String)> {
+        let r = self
+            .http
+            .post(format!("{}/v1/principals", qm.url))
+            .bearer_auth(&self.admin_key)
+            .json(&json!({"name": name, "groups": groups}))
+            .send()
+            .await?;
+        let status = r.status().as_u16();
+        let created: Value = r.json().await.unwrap_or(Value::Null);
+        anyhow::ensure!(
+            status == 201,
+            "creating principal {name}: {status} {created}"
+        );
+        let id = created["id"]
+            .as_str()
+            .and_then(|s| uuid::Uuid::parse_str(s).ok())
+            .with_context(|| format!("principal {name} created without an id: {created}"))?;
+        let r = self
+            .http
+            .post(format!("{}/v1/principals/{name}/keys", qm.url))
+            .bearer_auth(&self.admin_key)
+            .send()
+            .await?;
+        let status = r.status().as_u16();
+        let key: Value = r.json().await.unwrap_or(Value::Null);
+        anyhow::ensure!(status == 201, "creating a key for {name}: {status} {key}");
+        let key = key["key"]
+            .as_str()
+            .with_context(|| format!("key for {name} without its secret: {key}"))?
+            .to_owned();
+        Ok((id, key))
+    }
+
     /// Subscribes to the outcome exchange. Create it before submitting, then `wait_for`.
     pub async fn outcomes(&self) -> anyhow::Result<Outcomes> {
         let conn =

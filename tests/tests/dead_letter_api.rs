@@ -143,23 +143,11 @@ async fn settle(outcomes: &mut Outcomes, id: &str) -> anyhow::Result<Value> {
     }
 }
 
-#[tokio::test]
-async fn a_dead_letter_is_listed_redacted_requeued_to_run_once_or_discarded() -> R {
-    let (env, topology, qm, aud) = limited("dl-api").await?;
-    assert_eq!(env.apply(&qm, "dla", NS).await?.0, 201);
-    let mut with_secret = request("dla", "echo", json!({"n": 1}));
-    with_secret["id"] = json!("dl-secret");
-    with_secret["credentials"] = json!({"password": "hunter2"});
-    let mut plain = request("dla", "echo", json!({"n": 2}));
-    plain["id"] = json!("dl-plain");
-    for body in [&with_secret, &plain] {
-        let (status, answer) = env.submit(&qm, body).await?;
-        assert_eq!(status, 202, "{answer}");
-    }
-    dead_by_delivery_limit(&env, &topology, &qm, &["dl-secret", "dl-plain"]).await?;
-
-    // Both are listed (the record commits with the request's status), oldest first.
-    let list = letters(&env, &qm, "").await?;
+/// Both dead letters are listed (the record commits with the request's status), oldest
+/// first, the credentials redacted and never stored; the list pages by id. Returns the
+/// letters of `dl-secret` and `dl-plain`.
+async fn listed_and_redacted(env: &TestEnv, qm: &Proc) -> anyhow::Result<(Value, Value)> {
+    let list = letters(env, qm, "").await?;
     assert_eq!(list.len(), 2, "{list:?}");
     let by_request = |id: &str| {
         list.iter()
@@ -193,15 +181,35 @@ async fn a_dead_letter_is_listed_redacted_requeued_to_run_once_or_discarded() ->
     assert_eq!(in_clear, 0, "credentials are never stored");
     // Keyset pagination by id.
     let (_, page) = call(
-        &env,
+        env,
         env.http.get(format!("{}/v1/dead-letters?limit=1", qm.url)),
     )
     .await?;
     assert_eq!(page["dead_letters"].as_array().map(Vec::len), Some(1));
     let next = page["next"].as_i64().unwrap_or_default();
-    let rest = letters(&env, &qm, &format!("?limit=1&after={next}")).await?;
+    let rest = letters(env, qm, &format!("?limit=1&after={next}")).await?;
     assert_eq!(rest.len(), 1);
     assert!(rest[0]["id"].as_i64() > Some(next));
+    Ok((secret, plain_letter))
+}
+
+#[tokio::test]
+async fn a_dead_letter_is_listed_redacted_requeued_to_run_once_or_discarded() -> R {
+    let (env, topology, qm, aud) = limited("dl-api").await?;
+    assert_eq!(env.apply(&qm, "dla", NS).await?.0, 201);
+    let mut with_secret = request("dla", "echo", json!({"n": 1}));
+    with_secret["id"] = json!("dl-secret");
+    with_secret["credentials"] = json!({"password": "hunter2"});
+    let mut plain = request("dla", "echo", json!({"n": 2}));
+    plain["id"] = json!("dl-plain");
+    for body in [&with_secret, &plain] {
+        let (status, answer) = env.submit(&qm, body).await?;
+        assert_eq!(status, 202, "{answer}");
+    }
+    dead_by_delivery_limit(&env, &topology, &qm, &["dl-secret", "dl-plain"]).await?;
+
+    let (secret, plain_letter) = listed_and_redacted(&env, &qm).await?;
+    let pg = env.pg().await?;
 
     // Requeued: the request runs once, under its own id.
     let engine = env.engine().await?;
@@ -523,23 +531,7 @@ async fn resource_pools_are_listed_with_their_use_to_admins_only() -> R {
     );
 
     // Not for producers: pools and dead letters are admin surfaces.
-    let r = env
-        .http
-        .post(format!("{}/v1/principals", qm.url))
-        .bearer_auth(&env.admin_key)
-        .json(&json!({"name": "producer", "groups": ["producers"]}))
-        .send()
-        .await?;
-    assert_eq!(r.status().as_u16(), 201);
-    let key: Value = env
-        .http
-        .post(format!("{}/v1/principals/producer/keys", qm.url))
-        .bearer_auth(&env.admin_key)
-        .send()
-        .await?
-        .json()
-        .await?;
-    let key = key["key"].as_str().unwrap_or_default().to_owned();
+    let (_, key) = env.principal(&qm, "producer", &["producers"]).await?;
     for url in [pools_url, format!("{}/v1/dead-letters", qm.url)] {
         let r = env.http.get(&url).bearer_auth(&key).send().await?;
         assert_eq!(r.status().as_u16(), 403, "{url}");

@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 use std::process::Stdio;
 
+use anyhow::Context;
 use provisio_tests::{TestEnv, request};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -13,9 +14,9 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-#[tokio::test]
-async fn hosting_demo_creates_and_deletes_a_mailbox() -> anyhow::Result<()> {
-    // The mail platform stand-in that ops/up runs too.
+/// Starts the mail platform stand-in that ops/up runs too; the process (killed on drop) and
+/// its URL.
+async fn mail_platform() -> anyhow::Result<(tokio::process::Child, String)> {
     let mut platform = tokio::process::Command::new("python3")
         .arg(repo().join("ops/demo/mailplatform.py"))
         .arg("0")
@@ -23,7 +24,7 @@ async fn hosting_demo_creates_and_deletes_a_mailbox() -> anyhow::Result<()> {
         .stderr(Stdio::null())
         .kill_on_drop(true)
         .spawn()?;
-    let mut lines = BufReader::new(platform.stdout.take().expect("stdout")).lines();
+    let mut lines = BufReader::new(platform.stdout.take().context("stdout")?).lines();
     let platform_url = loop {
         let line = lines
             .next_line()
@@ -33,6 +34,12 @@ async fn hosting_demo_creates_and_deletes_a_mailbox() -> anyhow::Result<()> {
             break u.to_owned();
         }
     };
+    Ok((platform, platform_url))
+}
+
+#[tokio::test]
+async fn hosting_demo_creates_and_deletes_a_mailbox() -> anyhow::Result<()> {
+    let (_platform, platform_url) = mail_platform().await?;
 
     let mut env = TestEnv::new("hosting").await?;
     let config = std::env::temp_dir().join(format!("provisio-{}.toml", env.prefix));

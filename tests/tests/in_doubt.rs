@@ -60,6 +60,104 @@ async fn in_doubt(env: &TestEnv, qm: &Proc) -> anyhow::Result<Vec<Value>> {
     Ok(r["transactions"].as_array().cloned().unwrap_or_default())
 }
 
+/// Bad requests get clear errors: an unknown target, a resolution without a note, an
+/// unknown action.
+async fn bad_actions_get_clear_errors(env: &TestEnv, qm: &Proc, tx: &str) -> R {
+    let (s, _) = post(env, qm, "/v1/transactions/nope:retry-rollback", &json!({})).await?;
+    assert_eq!(s, 400);
+    let (s, _) = post(
+        env,
+        qm,
+        &format!("/v1/transactions/{tx}:resolve"),
+        &json!({}),
+    )
+    .await?;
+    assert_eq!(s, 400, "a resolution needs a note");
+    let (s, _) = post(
+        env,
+        qm,
+        &format!("/v1/transactions/{tx}:explode"),
+        &json!({}),
+    )
+    .await?;
+    assert_eq!(s, 404);
+    Ok(())
+}
+
+/// Fix the provider, retry: undone, the request failed cleanly; step 1's undo was retried
+/// until it worked, step 0 was not undone a second time.
+async fn retried_after_the_fix(
+    env: &TestEnv,
+    qm: &Proc,
+    pg: &tokio_postgres::Client,
+    tx: &str,
+    id: &str,
+) -> R {
+    pg.execute(
+        "DELETE FROM provider_test.counters WHERE key = 'broken-a'",
+        &[],
+    )
+    .await?;
+    let (s, r) = post(
+        env,
+        qm,
+        &format!("/v1/transactions/{tx}:retry-rollback?wait=30"),
+        &json!({"note": "provider fixed"}),
+    )
+    .await?;
+    assert_eq!(s, 200, "{r}");
+    assert_eq!(r["result"]["transaction_status"], "rolled_back", "{r}");
+    let (_, rec) = env.get_request(qm, id).await?;
+    assert_eq!(rec["status"], "failed", "{rec}");
+    assert_eq!(rec["error"]["resolution"]["command"], "retry_rollback");
+    // Step 1's undo was retried until it worked; step 0 was not undone a second time.
+    let undo: Vec<(String, i64)> = pg
+        .query(
+            "SELECT c.step_path, count(*) FROM provider_test.calls c JOIN transactions t ON t.id = c.tx_id \
+             WHERE t.request_id = $1 AND c.kind = 'rollback' GROUP BY c.step_path ORDER BY 1",
+            &[&id],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(undo[0], ("0".to_owned(), 1), "{undo:?}");
+    assert_eq!(undo[1].0, "1");
+    assert!(
+        undo[1].1 >= 3,
+        "step 1's undo tried at each retry: {undo:?}"
+    );
+    Ok(())
+}
+
+/// The other one is resolved by hand, with a note; a second action on it is a conflict.
+async fn resolved_by_hand(env: &TestEnv, qm: &Proc, tx: &str, id: &str) -> R {
+    let (s, r) = post(
+        env,
+        qm,
+        &format!("/v1/transactions/{tx}:resolve?wait=30"),
+        &json!({"note": "removed the echo by hand, ticket OPS-7"}),
+    )
+    .await?;
+    assert_eq!(s, 200, "{r}");
+    assert_eq!(r["result"]["transaction_status"], "rolled_back", "{r}");
+    let (_, rec) = env.get_request(qm, id).await?;
+    assert_eq!(rec["status"], "failed");
+    assert_eq!(
+        rec["error"]["resolution"]["note"],
+        "removed the echo by hand, ticket OPS-7"
+    );
+    let (s, _) = post(
+        env,
+        qm,
+        &format!("/v1/transactions/{tx}:resolve"),
+        &json!({"note": "again"}),
+    )
+    .await?;
+    assert_eq!(s, 409);
+    Ok(())
+}
+
 #[tokio::test]
 async fn an_in_doubt_transaction_is_listed_retried_after_a_fix_and_another_resolved() -> R {
     let env = TestEnv::new("in-doubt").await?;
@@ -115,31 +213,7 @@ async fn an_in_doubt_transaction_is_listed_retried_after_a_fix_and_another_resol
     })
     .await?;
 
-    // Bad requests get clear errors.
-    let (s, _) = post(
-        &env,
-        &qm,
-        "/v1/transactions/nope:retry-rollback",
-        &json!({}),
-    )
-    .await?;
-    assert_eq!(s, 400);
-    let (s, _) = post(
-        &env,
-        &qm,
-        &format!("/v1/transactions/{tx_b}:resolve"),
-        &json!({}),
-    )
-    .await?;
-    assert_eq!(s, 400, "a resolution needs a note");
-    let (s, _) = post(
-        &env,
-        &qm,
-        &format!("/v1/transactions/{tx_b}:explode"),
-        &json!({}),
-    )
-    .await?;
-    assert_eq!(s, 404);
+    bad_actions_get_clear_errors(&env, &qm, &tx_b).await?;
 
     // Retrying while the provider is still broken: still in doubt.
     let (s, r) = post(
@@ -153,66 +227,8 @@ async fn an_in_doubt_transaction_is_listed_retried_after_a_fix_and_another_resol
     assert_eq!(r["status"], "done", "{r}");
     assert_eq!(r["result"]["transaction_status"], "in_doubt", "{r}");
 
-    // Fix the provider, retry: undone, the request failed cleanly.
-    pg.execute(
-        "DELETE FROM provider_test.counters WHERE key = 'broken-a'",
-        &[],
-    )
-    .await?;
-    let (s, r) = post(
-        &env,
-        &qm,
-        &format!("/v1/transactions/{tx_a}:retry-rollback?wait=30"),
-        &json!({"note": "provider fixed"}),
-    )
-    .await?;
-    assert_eq!(s, 200, "{r}");
-    assert_eq!(r["result"]["transaction_status"], "rolled_back", "{r}");
-    let (_, rec) = env.get_request(&qm, &ids[0]).await?;
-    assert_eq!(rec["status"], "failed", "{rec}");
-    assert_eq!(rec["error"]["resolution"]["command"], "retry_rollback");
-    // Step 1's undo was retried until it worked; step 0 was not undone a second time.
-    let undo: Vec<(String, i64)> = pg
-        .query(
-            "SELECT c.step_path, count(*) FROM provider_test.calls c JOIN transactions t ON t.id = c.tx_id \
-             WHERE t.request_id = $1 AND c.kind = 'rollback' GROUP BY c.step_path ORDER BY 1",
-            &[&ids[0]],
-        )
-        .await?
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
-    assert_eq!(undo[0], ("0".to_owned(), 1), "{undo:?}");
-    assert_eq!(undo[1].0, "1");
-    assert!(
-        undo[1].1 >= 3,
-        "step 1's undo tried at each retry: {undo:?}"
-    );
-
-    // The other one is resolved by hand, with a note; a second action on it is a conflict.
-    let (s, r) = post(
-        &env,
-        &qm,
-        &format!("/v1/transactions/{tx_b}:resolve?wait=30"),
-        &json!({"note": "removed the echo by hand, ticket OPS-7"}),
-    )
-    .await?;
-    assert_eq!(s, 200, "{r}");
-    assert_eq!(r["result"]["transaction_status"], "rolled_back", "{r}");
-    let (_, rec) = env.get_request(&qm, &ids[1]).await?;
-    assert_eq!(rec["status"], "failed");
-    assert_eq!(
-        rec["error"]["resolution"]["note"],
-        "removed the echo by hand, ticket OPS-7"
-    );
-    let (s, _) = post(
-        &env,
-        &qm,
-        &format!("/v1/transactions/{tx_b}:resolve"),
-        &json!({"note": "again"}),
-    )
-    .await?;
-    assert_eq!(s, 409);
+    retried_after_the_fix(&env, &qm, &pg, &tx_a, &ids[0]).await?;
+    resolved_by_hand(&env, &qm, &tx_b, &ids[1]).await?;
 
     assert!(in_doubt(&env, &qm).await?.is_empty());
     eventually(Duration::from_secs(30), "the gauge back at 0", || async {

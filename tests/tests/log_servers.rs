@@ -79,6 +79,10 @@ async fn submit_many(
     Ok(accepted)
 }
 
+#[expect(
+    clippy::too_many_lines,
+    reason = "one outage story on the same fleet: both servers used, one stops, traffic moves, it returns, and every request is accounted for at the end"
+)]
 #[tokio::test]
 async fn a_log_server_that_stops_answering_goes_on_the_bad_list_and_nothing_is_lost() -> R {
     let mut env = TestEnv::new("logservers").await?;

@@ -255,29 +255,8 @@ async fn a_private_procedure_needs_execute_private() -> R {
     let env = TestEnv::new("private").await?;
     let qm = env.queue_manager().await?;
     env.apply(&qm, "kinds", EVERY_KIND).await?;
-    let pg = env.pg().await?;
-    let id = uuid::Uuid::now_v7();
-    pg.execute(
-        "INSERT INTO principals (id, name) VALUES ($1, 'portal')",
-        &[&id],
-    )
-    .await?;
-    pg.execute(
-        "INSERT INTO group_members (group_name, principal_id) VALUES ('producers', $1)",
-        &[&id],
-    )
-    .await?;
-    let key = "portal-key-1";
-    pg.execute(
-        "INSERT INTO api_keys (id, principal_id, lookup, hash) VALUES ($1, $2, $3, $4)",
-        &[
-            &uuid::Uuid::now_v7(),
-            &id,
-            &provisio_queue_manager::auth::lookup_of(key),
-            &provisio_queue_manager::auth::hash_key(key)?,
-        ],
-    )
-    .await?;
+    let (_, key) = env.principal(&qm, "portal", &["producers"]).await?;
+    let key = key.as_str();
     let url = format!("{}/v1/requests", qm.url);
     let r = env
         .http
@@ -360,29 +339,8 @@ async fn trusted_requests_run_inline_steps_as_another_principal() -> R {
     let env = TestEnv::new("trusted").await?;
     let (qm, engine) = tokio::try_join!(env.queue_manager(), env.engine())?;
     assert_eq!(env.apply(&qm, "kinds", EVERY_KIND).await?.0, 201);
-    let pg = env.pg().await?;
-    let alice = uuid::Uuid::now_v7();
-    pg.execute(
-        "INSERT INTO principals (id, name) VALUES ($1, 'alice')",
-        &[&alice],
-    )
-    .await?;
-    pg.execute(
-        "INSERT INTO group_members (group_name, principal_id) VALUES ('producers', $1)",
-        &[&alice],
-    )
-    .await?;
-    let key = "alice-key-1";
-    pg.execute(
-        "INSERT INTO api_keys (id, principal_id, lookup, hash) VALUES ($1, $2, $3, $4)",
-        &[
-            &uuid::Uuid::now_v7(),
-            &alice,
-            &provisio_queue_manager::auth::lookup_of(key),
-            &provisio_queue_manager::auth::hash_key(key)?,
-        ],
-    )
-    .await?;
+    let (_, key) = env.principal(&qm, "alice", &["producers"]).await?;
+    let key = key.as_str();
     let url = format!("{}/v1/requests/trusted?wait=30", qm.url);
     let body = json!({
         "namespace": "kinds", "procedure": "adhoc", "input": {"user": "zed"}, "run_as": "alice",

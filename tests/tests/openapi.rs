@@ -74,6 +74,10 @@ impl Spec {
     }
 }
 
+#[expect(
+    clippy::too_many_lines,
+    reason = "one running service walked through every documented operation in order, each call recorded in `spec`, which the final check needs complete: split up, the coverage check would need the same state threaded through every piece"
+)]
 #[tokio::test]
 async fn the_running_service_matches_its_openapi_document() -> anyhow::Result<()> {
     let mut spec = Spec::load()?;

@@ -156,6 +156,183 @@ async fn apply_dry_runs_uploads_and_namespaces_are_listed() -> R {
     Ok(())
 }
 
+/// The failed request is audited; describe shows steps, rollbacks and audit rows; a success
+/// at the default audit level is not audited, and describe says so.
+async fn describe_shows_steps_rollbacks_and_audit(
+    url: &str,
+    key: &str,
+    broken: &str,
+    odd: &str,
+) -> R {
+    eventually(Duration::from_mins(1), "the audit row", || async {
+        let out = run(
+            url,
+            key,
+            &["get", "audit", "--request-id", broken, "-o", "json"],
+            None,
+        )
+        .await?;
+        Ok(out.json()["transactions"]
+            .as_array()
+            .is_some_and(|t| !t.is_empty())
+            .then_some(()))
+    })
+    .await?;
+    let out = run(
+        url,
+        key,
+        &["get", "audit", "--outcome", "rolled_back"],
+        None,
+    )
+    .await?;
+    assert_eq!(nth_row(&out.stdout, 0).get(1), Some(&broken), "{out:?}");
+    let out = run(url, key, &["describe", "request", broken], None).await?;
+    assert_eq!(out.code, 0, "{out:?}");
+    let text = &out.stdout;
+    for want in [
+        "Status:    failed",
+        "Error:     quota_exceeded: no room left",
+        "Steps:",
+        "test.fail",
+        "Rollbacks:",
+        "rolled_back",
+        "Audit:",
+        "Errors:",
+        "quota_exceeded",
+    ] {
+        assert!(text.contains(want), "`{want}` missing from:\n{text}");
+    }
+    let rollbacks = text
+        .split("Rollbacks:")
+        .nth(1)
+        .and_then(|t| t.split("Audit:").next())
+        .unwrap_or("");
+    assert_eq!(
+        rollbacks.matches("rolled_back").count(),
+        2,
+        "the two steps done were undone:\n{text}"
+    );
+    let out = run(
+        url,
+        key,
+        &["describe", "request", broken, "-o", "json"],
+        None,
+    )
+    .await?;
+    let v = out.json();
+    assert_eq!(v["request"]["id"], broken, "{out:?}");
+    assert_eq!(v["audit"][0]["outcome"], "rolled_back", "{out:?}");
+    assert!(
+        v["audit"][0]["errors"]
+            .as_array()
+            .is_some_and(|e| !e.is_empty()),
+        "{out:?}"
+    );
+    // A success at the default audit level is not audited; describe says so.
+    let out = run(url, key, &["describe", "request", odd], None).await?;
+    assert!(out.stdout.contains("(not audited"), "{out:?}");
+    Ok(())
+}
+
+/// Cancel: a scheduled request is cancelled, a finished one is a conflict. Trusted
+/// submissions go to their own route; --run-as needs --trusted.
+async fn cancel_and_trusted_submissions(url: &str, key: &str) -> R {
+    let out = run(
+        url,
+        key,
+        &[
+            "submit",
+            "demo",
+            "hello",
+            "--input",
+            r#"{"name": "Later"}"#,
+            "--id",
+            "later",
+            "--not-before",
+            "2999-01-01T00:00:00Z",
+        ],
+        None,
+    )
+    .await?;
+    assert_eq!(
+        row(&out.stdout, "later").unwrap_or_default().get(1),
+        Some(&"scheduled"),
+        "{out:?}"
+    );
+    let out = run(url, key, &["cancel", "later", "-o", "json"], None).await?;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(out.json()["status"], "cancelled", "{out:?}");
+    let out = run(url, key, &["cancel", "later"], None).await?;
+    assert_eq!(out.code, 3, "{out:?}");
+    assert!(out.stderr.contains("error: conflict:"), "{out:?}");
+    assert!(out.stdout.is_empty(), "{out:?}");
+
+    // Trusted submissions go to their own route; --run-as needs --trusted.
+    let out = run(
+        url,
+        key,
+        &[
+            "submit",
+            "demo",
+            "hello",
+            "--trusted",
+            "--run-as",
+            "nobody",
+            "--input",
+            r#"{"name": "T"}"#,
+        ],
+        None,
+    )
+    .await?;
+    assert_eq!(out.code, 3, "{out:?}");
+    assert!(
+        out.stderr
+            .contains("`run_as`: no enabled principal `nobody`"),
+        "{out:?}"
+    );
+    let out = run(
+        url,
+        key,
+        &["submit", "demo", "hello", "--run-as", "x"],
+        None,
+    )
+    .await?;
+    assert_eq!(out.code, 1, "{out:?}");
+    Ok(())
+}
+
+/// Errors: not found, refused input, usage.
+async fn errors_have_their_exit_codes(url: &str, key: &str) -> R {
+    let out = run(url, key, &["get", "request", "nope"], None).await?;
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(
+        out.stderr
+            .contains("error: not_found: request `nope` does not exist"),
+        "{out:?}"
+    );
+    let out = run(url, key, &["describe", "request", "nope"], None).await?;
+    assert_eq!(out.code, 2, "{out:?}");
+    let out = run(
+        url,
+        key,
+        &["submit", "demo", "hello", "--priority", "urgent"],
+        None,
+    )
+    .await?;
+    assert_eq!(out.code, 3, "{out:?}");
+    assert!(out.stderr.contains("error: malformed:"), "{out:?}");
+    let out = run(
+        url,
+        key,
+        &["submit", "demo", "hello", "--input", "{nope"],
+        None,
+    )
+    .await?;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("--input is not JSON"), "{out:?}");
+    Ok(())
+}
+
 #[tokio::test]
 async fn requests_are_submitted_listed_described_and_cancelled() -> R {
     let env = TestEnv::new("ctl-requests").await?;
@@ -253,170 +430,9 @@ async fn requests_are_submitted_listed_described_and_cancelled() -> R {
     assert_eq!(out.code, 3, "{out:?}");
     assert!(out.stderr.contains("error: malformed:"), "{out:?}");
 
-    // The failed request is audited; describe shows steps, rollbacks and audit rows.
-    eventually(Duration::from_mins(1), "the audit row", || async {
-        let out = run(
-            url,
-            key,
-            &["get", "audit", "--request-id", &broken, "-o", "json"],
-            None,
-        )
-        .await?;
-        Ok(out.json()["transactions"]
-            .as_array()
-            .is_some_and(|t| !t.is_empty())
-            .then_some(()))
-    })
-    .await?;
-    let out = run(
-        url,
-        key,
-        &["get", "audit", "--outcome", "rolled_back"],
-        None,
-    )
-    .await?;
-    assert_eq!(
-        nth_row(&out.stdout, 0).get(1),
-        Some(&broken.as_str()),
-        "{out:?}"
-    );
-    let out = run(url, key, &["describe", "request", &broken], None).await?;
-    assert_eq!(out.code, 0, "{out:?}");
-    let text = &out.stdout;
-    for want in [
-        "Status:    failed",
-        "Error:     quota_exceeded: no room left",
-        "Steps:",
-        "test.fail",
-        "Rollbacks:",
-        "rolled_back",
-        "Audit:",
-        "Errors:",
-        "quota_exceeded",
-    ] {
-        assert!(text.contains(want), "`{want}` missing from:\n{text}");
-    }
-    let rollbacks = text
-        .split("Rollbacks:")
-        .nth(1)
-        .and_then(|t| t.split("Audit:").next())
-        .unwrap_or("");
-    assert_eq!(
-        rollbacks.matches("rolled_back").count(),
-        2,
-        "the two steps done were undone:\n{text}"
-    );
-    let out = run(
-        url,
-        key,
-        &["describe", "request", &broken, "-o", "json"],
-        None,
-    )
-    .await?;
-    let v = out.json();
-    assert_eq!(v["request"]["id"], broken.as_str(), "{out:?}");
-    assert_eq!(v["audit"][0]["outcome"], "rolled_back", "{out:?}");
-    assert!(
-        v["audit"][0]["errors"]
-            .as_array()
-            .is_some_and(|e| !e.is_empty()),
-        "{out:?}"
-    );
-    // A success at the default audit level is not audited; describe says so.
-    let out = run(url, key, &["describe", "request", odd], None).await?;
-    assert!(out.stdout.contains("(not audited"), "{out:?}");
-
-    // Cancel: a scheduled request is cancelled; a finished one is a conflict.
-    let out = run(
-        url,
-        key,
-        &[
-            "submit",
-            "demo",
-            "hello",
-            "--input",
-            r#"{"name": "Later"}"#,
-            "--id",
-            "later",
-            "--not-before",
-            "2999-01-01T00:00:00Z",
-        ],
-        None,
-    )
-    .await?;
-    assert_eq!(
-        row(&out.stdout, "later").unwrap_or_default().get(1),
-        Some(&"scheduled"),
-        "{out:?}"
-    );
-    let out = run(url, key, &["cancel", "later", "-o", "json"], None).await?;
-    assert_eq!(out.code, 0, "{out:?}");
-    assert_eq!(out.json()["status"], "cancelled", "{out:?}");
-    let out = run(url, key, &["cancel", "later"], None).await?;
-    assert_eq!(out.code, 3, "{out:?}");
-    assert!(out.stderr.contains("error: conflict:"), "{out:?}");
-    assert!(out.stdout.is_empty(), "{out:?}");
-
-    // Trusted submissions go to their own route; --run-as needs --trusted.
-    let out = run(
-        url,
-        key,
-        &[
-            "submit",
-            "demo",
-            "hello",
-            "--trusted",
-            "--run-as",
-            "nobody",
-            "--input",
-            r#"{"name": "T"}"#,
-        ],
-        None,
-    )
-    .await?;
-    assert_eq!(out.code, 3, "{out:?}");
-    assert!(
-        out.stderr
-            .contains("`run_as`: no enabled principal `nobody`"),
-        "{out:?}"
-    );
-    let out = run(
-        url,
-        key,
-        &["submit", "demo", "hello", "--run-as", "x"],
-        None,
-    )
-    .await?;
-    assert_eq!(out.code, 1, "{out:?}");
-
-    // Errors: not found, refused input, usage.
-    let out = run(url, key, &["get", "request", "nope"], None).await?;
-    assert_eq!(out.code, 2, "{out:?}");
-    assert!(
-        out.stderr
-            .contains("error: not_found: request `nope` does not exist"),
-        "{out:?}"
-    );
-    let out = run(url, key, &["describe", "request", "nope"], None).await?;
-    assert_eq!(out.code, 2, "{out:?}");
-    let out = run(
-        url,
-        key,
-        &["submit", "demo", "hello", "--priority", "urgent"],
-        None,
-    )
-    .await?;
-    assert_eq!(out.code, 3, "{out:?}");
-    assert!(out.stderr.contains("error: malformed:"), "{out:?}");
-    let out = run(
-        url,
-        key,
-        &["submit", "demo", "hello", "--input", "{nope"],
-        None,
-    )
-    .await?;
-    assert_eq!(out.code, 1, "{out:?}");
-    assert!(out.stderr.contains("--input is not JSON"), "{out:?}");
+    describe_shows_steps_rollbacks_and_audit(url, key, &broken, odd).await?;
+    cancel_and_trusted_submissions(url, key).await?;
+    errors_have_their_exit_codes(url, key).await?;
     drop((auditor, engine, qm));
     env.cleanup().await;
     Ok(())
@@ -433,6 +449,45 @@ procedures:
       - {call: test.echo, input: '{n: 2, fail_rollback_while: .input.flag}'}
       - {call: test.fail, input: '{code: "boom"}'}
 "#;
+
+/// Resolved by hand; again is a conflict; a note is required; a bad id is refused; then
+/// nothing is in doubt any more.
+async fn resolved_by_hand(url: &str, key: &str, tx: &str) -> R {
+    let out = run(url, key, &["resolve", tx], None).await?;
+    assert_eq!(out.code, 1, "{out:?}");
+    let out = run(
+        url,
+        key,
+        &[
+            "resolve",
+            tx,
+            "--note",
+            "removed by hand, OPS-7",
+            "--wait",
+            "30",
+            "-o",
+            "json",
+        ],
+        None,
+    )
+    .await?;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(out.json()["kind"], "resolve", "{out:?}");
+    assert_eq!(
+        out.json()["result"]["transaction_status"],
+        "rolled_back",
+        "{out:?}"
+    );
+    let out = run(url, key, &["resolve", tx, "--note", "again"], None).await?;
+    assert_eq!(out.code, 3, "{out:?}");
+    assert!(out.stderr.contains("error: conflict:"), "{out:?}");
+    let out = run(url, key, &["retry-rollback", "not-a-uuid"], None).await?;
+    assert_eq!(out.code, 3, "{out:?}");
+    assert!(out.stderr.contains("error: malformed:"), "{out:?}");
+    let out = run(url, key, &["get", "transactions", "-o", "json"], None).await?;
+    assert_eq!(out.json(), json!({"transactions": []}), "{out:?}");
+    Ok(())
+}
 
 #[tokio::test]
 async fn in_doubt_transactions_are_listed_retried_and_resolved() -> R {
@@ -528,40 +583,7 @@ async fn in_doubt_transactions_are_listed_retried_and_resolved() -> R {
         "{out:?}"
     );
 
-    // Resolved by hand; again is a conflict; a note is required; a bad id is refused.
-    let out = run(url, key, &["resolve", &tx_b], None).await?;
-    assert_eq!(out.code, 1, "{out:?}");
-    let out = run(
-        url,
-        key,
-        &[
-            "resolve",
-            &tx_b,
-            "--note",
-            "removed by hand, OPS-7",
-            "--wait",
-            "30",
-            "-o",
-            "json",
-        ],
-        None,
-    )
-    .await?;
-    assert_eq!(out.code, 0, "{out:?}");
-    assert_eq!(out.json()["kind"], "resolve", "{out:?}");
-    assert_eq!(
-        out.json()["result"]["transaction_status"],
-        "rolled_back",
-        "{out:?}"
-    );
-    let out = run(url, key, &["resolve", &tx_b, "--note", "again"], None).await?;
-    assert_eq!(out.code, 3, "{out:?}");
-    assert!(out.stderr.contains("error: conflict:"), "{out:?}");
-    let out = run(url, key, &["retry-rollback", "not-a-uuid"], None).await?;
-    assert_eq!(out.code, 3, "{out:?}");
-    assert!(out.stderr.contains("error: malformed:"), "{out:?}");
-    let out = run(url, key, &["get", "transactions", "-o", "json"], None).await?;
-    assert_eq!(out.json(), json!({"transactions": []}), "{out:?}");
+    resolved_by_hand(url, key, &tx_b).await?;
     drop((auditor, engine, qm));
     env.cleanup().await;
     Ok(())

@@ -218,21 +218,8 @@ async fn api_errors_are_json_with_the_right_status() -> R {
     assert_eq!(status, 404);
 
     // A principal without `execute` is refused with 403.
-    let pg = env.pg().await?;
-    let id = uuid::Uuid::now_v7();
-    pg.execute(
-        "INSERT INTO principals (id, name) VALUES ($1, 'nobody')",
-        &[&id],
-    )
-    .await?;
-    let key = "nobody-key-123";
-    let hash = provisio_queue_manager::auth::hash_key(key)?;
-    let lookup = provisio_queue_manager::auth::lookup_of(key);
-    pg.execute(
-        "INSERT INTO api_keys (id, principal_id, lookup, hash) VALUES ($1, $2, $3, $4)",
-        &[&uuid::Uuid::now_v7(), &id, &lookup, &hash],
-    )
-    .await?;
+    let (_, key) = env.principal(&qm, "nobody", &[]).await?;
+    let key = key.as_str();
     let r = env
         .http
         .post(&url)
@@ -243,28 +230,8 @@ async fn api_errors_are_json_with_the_right_status() -> R {
     assert_eq!(r.status().as_u16(), 403);
     assert_eq!(r.json::<Value>().await?["error"]["code"], "forbidden");
     // A producer may execute, but not pass credentials.
-    let producer = uuid::Uuid::now_v7();
-    pg.execute(
-        "INSERT INTO principals (id, name) VALUES ($1, 'portal')",
-        &[&producer],
-    )
-    .await?;
-    pg.execute(
-        "INSERT INTO group_members (group_name, principal_id) VALUES ('producers', $1)",
-        &[&producer],
-    )
-    .await?;
-    let pkey = "portal-key-123";
-    pg.execute(
-        "INSERT INTO api_keys (id, principal_id, lookup, hash) VALUES ($1, $2, $3, $4)",
-        &[
-            &uuid::Uuid::now_v7(),
-            &producer,
-            &provisio_queue_manager::auth::lookup_of(pkey),
-            &provisio_queue_manager::auth::hash_key(pkey)?,
-        ],
-    )
-    .await?;
+    let (_, pkey) = env.principal(&qm, "portal", &["producers"]).await?;
+    let pkey = pkey.as_str();
     let mut with_creds = body.clone();
     with_creds["credentials"] = json!({"token": "x"});
     let r = env

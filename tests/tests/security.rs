@@ -6,36 +6,6 @@ use std::path::PathBuf;
 use provisio_tests::{Proc, TestEnv, demo_namespace, request};
 use serde_json::{Value, json};
 
-/// Creates a principal in `groups` through the admin API; returns its API key.
-async fn principal(
-    env: &TestEnv,
-    qm: &Proc,
-    name: &str,
-    groups: &[&str],
-) -> anyhow::Result<String> {
-    let r = env
-        .http
-        .post(format!("{}/v1/principals", qm.url))
-        .bearer_auth(&env.admin_key)
-        .json(&json!({"name": name, "groups": groups}))
-        .send()
-        .await?;
-    anyhow::ensure!(
-        r.status().as_u16() == 201,
-        "creating {name}: {}",
-        r.status()
-    );
-    let r = env
-        .http
-        .post(format!("{}/v1/principals/{name}/keys", qm.url))
-        .bearer_auth(&env.admin_key)
-        .send()
-        .await?;
-    anyhow::ensure!(r.status().as_u16() == 201, "key for {name}: {}", r.status());
-    let created: Value = r.json().await?;
-    Ok(created["key"].as_str().unwrap_or_default().to_owned())
-}
-
 /// POSTs `body` to `path` with `key`; returns (status, Retry-After, body).
 async fn post(
     env: &TestEnv,
@@ -89,7 +59,7 @@ async fn a_principal_over_its_rate_limit_gets_429_and_others_are_unaffected() ->
     ]);
     let qm = env.queue_manager().await?;
     assert_eq!(env.apply(&qm, "demo", &demo_namespace()).await?.0, 201);
-    let portal = principal(&env, &qm, "portal", &["producers"]).await?;
+    let (_, portal) = env.principal(&qm, "portal", &["producers"]).await?;
     let admin = env.admin_key.clone();
     let hello = request("demo", "hello", json!({"name": "r"}));
 

@@ -1,0 +1,367 @@
+//! `provisio-bench`: throughput, latency and per-process cost of the whole fleet, next to a
+//! reference figure measured on the same broker and database in the same run
+//! (docs/design.md §10).
+//!
+//! Provisio run: requests of a procedure (default `demo.hello`, three compensating steps)
+//! submitted over HTTP to one queue manager feeding E engines; a request is finished when its
+//! outcome is published on `{prefix}.results`. Reference run: the same number of messages,
+//! published with confirms and consumed with the same prefetch, each doing two PostgreSQL
+//! commits and an ack — the irreducible work of a durable queue-driven system with no
+//! application logic.
+//!
+//! Load: closed loop by default (C clients, each submitting when its previous submission was
+//! answered), or open loop with `--rate` (a submission every 1/R s whether or not earlier
+//! ones were answered — what producers do, and the only way a slow answer shows up in the
+//! latency tail instead of silently lowering the load).
+
+mod drive;
+mod provisio;
+mod reference;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::bail;
+use clap::Parser;
+use serde::Serialize;
+
+use drive::RunFigures;
+
+#[derive(Parser, Debug, Clone)]
+#[command(about = "Provisio benchmark: throughput, latency and cost per request")]
+struct Args {
+    /// Requests to submit [closed loop: 5000 unless --duration; open loop: instead of --duration].
+    #[arg(long)]
+    requests: Option<usize>,
+    /// Open loop: submit at this fixed rate (requests/s), each submission on its own whether
+    /// or not earlier ones were answered. Without it the load is closed loop (--concurrency).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Seconds to submit for [open loop: 30 unless --requests; closed loop: stop submitting
+    /// after this, or after --requests, whichever comes first].
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Closed loop: concurrent HTTP clients (and concurrent publishers in the reference run).
+    /// Also the number of publisher channels of the reference run in open loop.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Engines to start.
+    #[arg(long, default_value_t = 2)]
+    engines: usize,
+    /// Engine prefetch per lane (also the reference consumer's prefetch).
+    #[arg(long, default_value_t = 64)]
+    prefetch: u16,
+    /// The procedure to run, NAMESPACE.PROCEDURE.
+    #[arg(long, default_value = "demo.hello")]
+    procedure: String,
+    /// Namespace document (YAML or JSON) to apply for --procedure's namespace; the shipped
+    /// schemas/examples/demo.yaml for `demo`.
+    #[arg(long)]
+    namespace_file: Option<PathBuf>,
+    /// Request input (JSON) [default: {"name": "User<i>"}, which demo.hello needs].
+    #[arg(long)]
+    input: Option<String>,
+    /// Run with MPF's "Enable Schema Validation" on (input validated at submit, output at end).
+    #[arg(long)]
+    schema_validation: bool,
+    /// Skip the reference run.
+    #[arg(long)]
+    no_reference: bool,
+    /// Print one JSON object with every figure on stdout (the readable lines go to stderr).
+    #[arg(long)]
+    json: bool,
+}
+
+/// How submissions are paced.
+#[derive(Debug, Clone, Copy)]
+enum Plan {
+    /// `concurrency` clients, each waiting for its answer before the next submission.
+    Closed {
+        concurrency: usize,
+        requests: usize,
+        deadline: Option<Duration>,
+    },
+    /// Request `i` is due at `i / rate` seconds after the start.
+    Open { rate: f64, requests: usize },
+}
+
+impl Plan {
+    fn from_args(args: &Args) -> anyhow::Result<Self> {
+        let duration = match args.duration {
+            Some(d) if !(d.is_finite() && d > 0.0) => bail!("--duration must be positive"),
+            d => d.map(Duration::from_secs_f64),
+        };
+        match args.rate {
+            None => {
+                if args.concurrency == 0 {
+                    bail!("--concurrency must be at least 1");
+                }
+                Ok(Self::Closed {
+                    concurrency: args.concurrency,
+                    requests: args.requests.unwrap_or(if duration.is_some() {
+                        usize::MAX
+                    } else {
+                        5000
+                    }),
+                    deadline: duration,
+                })
+            }
+            Some(rate) if !(rate.is_finite() && rate > 0.0) => bail!("--rate must be positive"),
+            Some(rate) => {
+                let requests = match (args.requests, duration) {
+                    (Some(_), Some(_)) => {
+                        bail!("open loop: give --duration or --requests, not both")
+                    }
+                    (Some(n), None) => n,
+                    (None, d) => {
+                        (rate * d.unwrap_or(Duration::from_secs(30)).as_secs_f64()).ceil() as usize
+                    }
+                };
+                Ok(Self::Open { rate, requests })
+            }
+        }
+    }
+
+    fn requests(&self) -> usize {
+        match self {
+            Self::Closed { requests, .. } | Self::Open { requests, .. } => *requests,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Self::Closed {
+                concurrency,
+                requests,
+                deadline,
+            } => {
+                let n = if *requests == usize::MAX {
+                    "as many requests as fit".to_owned()
+                } else {
+                    format!("{requests} requests")
+                };
+                let d = deadline.map_or(String::new(), |d| {
+                    format!(" within {:.0} s", d.as_secs_f64())
+                });
+                format!("closed loop, {n}{d}, concurrency {concurrency}")
+            }
+            Self::Open { rate, requests } => format!(
+                "open loop, {rate} requests/s for {:.1} s ({requests} requests)",
+                *requests as f64 / rate
+            ),
+        }
+    }
+}
+
+/// Where the readable lines go: stdout, or stderr when stdout carries the JSON.
+#[derive(Clone, Copy)]
+struct Out {
+    json: bool,
+}
+
+impl Out {
+    fn line(self, s: &str) {
+        if self.json {
+            eprintln!("{s}");
+        } else {
+            println!("{s}");
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    mode: &'static str,
+    rate: Option<f64>,
+    duration_seconds: Option<f64>,
+    requests: Option<usize>,
+    concurrency: usize,
+    engines: usize,
+    prefetch: u16,
+    procedure: String,
+    schema_validation: bool,
+    provisio: RunFigures,
+    reference: Option<RunFigures>,
+    /// finished/s provisio ÷ reference.
+    ratio: Option<f64>,
+}
+
+fn print(out: Out, name: &str, f: &RunFigures) {
+    let l = &f.latency_ms;
+    out.line(&format!(
+        "{name:<10} accepted/s {:>8.1}   finished/s {:>8.1}   p50 {:>8.1} ms   p95 {:>8.1} ms   p99 {:>8.1} ms   p99.9 {:>8.1} ms   max {:>8.1} ms",
+        f.accepted_per_s, f.finished_per_s, l.p50, l.p95, l.p99, l.p99_9, l.max
+    ));
+    let a = &f.accept_latency_ms;
+    let lag = f
+        .max_submit_lag_ms
+        .map_or(String::new(), |m| format!("   generator lag max {m:.1} ms"));
+    out.line(&format!(
+        "{:<10} accepted {}/{}   finished {}   outcomes {:?}   accept p50 {:.1} ms p99 {:.1} ms p99.9 {:.1} ms{lag}",
+        "", f.accepted, f.submitted, f.finished, f.outcomes, a.p50, a.p99, a.p99_9
+    ));
+    if !f.rejected.is_empty() {
+        out.line(&format!("{:<10} rejected {:?}", "", f.rejected));
+    }
+    out.line(&format!(
+        "{:<10} cost over {:.1} s: {:<34} {:>12} {:>12} {:>12}",
+        "", f.window_seconds, "process", "CPU s", "CPU s/1000", "peak RSS"
+    ));
+    for c in &f.cost {
+        out.line(&format!(
+            "{:<10} {:<48} {:>12.2} {:>12.3} {:>12}",
+            "",
+            c.process,
+            c.cpu_seconds,
+            c.cpu_seconds_per_1000_requests,
+            c.peak_rss_mib
+                .map_or_else(|| "-".to_owned(), |m| format!("{m:.1} MiB"))
+        ));
+    }
+}
+
+/// mimalloc: the engine and the queue manager allocate many small JSON values per request,
+/// where glibc's allocator showed up at ~8 % of all CPU under `ops/bench`.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    // On Ctrl-C or SIGTERM the run is dropped, and with it the fleet it started
+    // (`kill_on_drop`): an interrupted benchmark leaves no processes behind.
+    tokio::select! {
+        r = run() => r,
+        () = provisio_shared::shutdown::signal() => {
+            eprintln!("interrupted; stopping the fleet");
+            Ok(())
+        }
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let plan = Plan::from_args(&args)?;
+    let out = Out { json: args.json };
+    out.line(&format!(
+        "provisio-bench: {} ({}), {}, {} engines, prefetch {}, schema validation {}",
+        args.procedure,
+        if args.procedure == "demo.hello" {
+            "3 compensating steps"
+        } else {
+            "custom"
+        },
+        plan.describe(),
+        args.engines,
+        args.prefetch,
+        if args.schema_validation { "on" } else { "off" }
+    ));
+    let p = provisio::run(&args, plan).await?;
+    print(out, "provisio", &p);
+    let r = if args.no_reference {
+        None
+    } else {
+        let r = reference::run(&args, plan).await?;
+        print(out, "reference", &r);
+        Some(r)
+    };
+    let ratio = r.as_ref().map(|r| p.finished_per_s / r.finished_per_s);
+    if let Some(ratio) = ratio {
+        out.line(&format!(
+            "ratio      finished/s provisio ÷ reference = {ratio:.2}"
+        ));
+    }
+    if args.json {
+        let report = Report {
+            mode: if args.rate.is_some() {
+                "open"
+            } else {
+                "closed"
+            },
+            rate: args.rate,
+            duration_seconds: args.duration,
+            requests: args.requests,
+            concurrency: args.concurrency,
+            engines: args.engines,
+            prefetch: args.prefetch,
+            procedure: args.procedure.clone(),
+            schema_validation: args.schema_validation,
+            provisio: p,
+            reference: r,
+            ratio,
+        };
+        println!("{}", serde_json::to_string(&report)?);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::drive::database_name;
+    use crate::provisio::request_input;
+
+    fn args(argv: &[&str]) -> Args {
+        Args::parse_from(std::iter::once("provisio-bench").chain(argv.iter().copied()))
+    }
+
+    #[test]
+    fn closed_loop_is_the_default() {
+        let Plan::Closed {
+            concurrency,
+            requests,
+            deadline,
+        } = Plan::from_args(&args(&[])).expect("plan")
+        else {
+            panic!("not closed loop");
+        };
+        assert_eq!((concurrency, requests, deadline), (64, 5000, None));
+        let Plan::Closed {
+            requests, deadline, ..
+        } = Plan::from_args(&args(&["--duration", "10"])).expect("plan")
+        else {
+            panic!("not closed loop");
+        };
+        assert_eq!(
+            (requests, deadline),
+            (usize::MAX, Some(Duration::from_secs(10)))
+        );
+    }
+
+    #[test]
+    fn open_loop_requests_from_rate_and_duration() {
+        let plan = |a: &[&str]| match Plan::from_args(&args(a)) {
+            Ok(Plan::Open { rate, requests }) => Ok((rate, requests)),
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => Err(e.to_string()),
+        };
+        assert_eq!(
+            plan(&["--rate", "200", "--duration", "15"]),
+            Ok((200.0, 3000))
+        );
+        assert_eq!(
+            plan(&["--rate", "200", "--requests", "10"]),
+            Ok((200.0, 10))
+        );
+        assert_eq!(plan(&["--rate", "2.5"]), Ok((2.5, 75)));
+        assert!(plan(&["--rate", "200", "--duration", "1", "--requests", "5"]).is_err());
+        assert!(plan(&["--rate", "0"]).is_err());
+        assert!(plan(&["--rate", "10", "--duration=-1"]).is_err());
+    }
+
+    #[test]
+    fn database_name_is_the_last_path_segment() {
+        assert_eq!(
+            database_name("postgres://postgres@127.0.0.1:5432/pv_0123456789ab"),
+            "pv_0123456789ab"
+        );
+    }
+
+    #[test]
+    fn default_input_names_the_request() {
+        assert_eq!(request_input(None, 7), json!({"name": "User7"}));
+        let t = json!({"x": 1});
+        assert_eq!(request_input(Some(&t), 7), t);
+    }
+}
