@@ -199,71 +199,7 @@ async fn sweep_batch(
         // "bad audit command"), the failure is kept in `audit_failures`, the transaction stays
         // in the log, and the next sweep tries again; its neighbours are swept as usual.
         w.batch_execute("SAVEPOINT audit_one").await?;
-        let written: Result<(), tokio_postgres::Error> = async {
-            let (namespace, procedure): (String, String) = (r.get(2), r.get(3));
-            let my_steps: Vec<&tokio_postgres::Row> =
-                steps.iter().filter(|s| s.get::<_, Uuid>(0) == id).collect();
-            let output: Option<Value> = r.get(7);
-            // What the procedures' `audit:` expressions gave (nested procedures included).
-            let audit_data: Option<Value> = r.get(10);
-            let data = if level.all_transaction_data {
-                let list: Vec<Value> = my_steps
-                    .iter()
-                    .filter(|s| s.get::<_, String>(2) != "intent")
-                    .map(|s| json!({"seq": s.get::<_, i32>(1), "kind": s.get::<_, String>(2), "path": s.get::<_, String>(3),
-                                    "provider": s.get::<_, Option<String>>(4), "action": s.get::<_, Option<String>>(5)}))
-                    .collect();
-                Some(json!({"output": output, "error": error, "steps": list, "audit": audit_data}))
-            } else if level.audit_data && t.marked {
-                Some(json!({"output": output, "audit": audit_data}))
-            } else {
-                None
-            };
-            w.execute(
-                "INSERT INTO audit_transactions (tx_id, request_id, namespace, procedure, status, started_at, finished_at, data) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (tx_id) DO NOTHING",
-                &[&id, &r.get::<_, String>(1), &namespace, &procedure, &t.status,
-                  &r.get::<_, chrono::DateTime<chrono::Utc>>(8), &r.get::<_, Option<chrono::DateTime<chrono::Utc>>>(9), &data],
-            )
-            .await?;
-            if procedures_selected(level, &t) {
-                for s in my_steps
-                    .iter()
-                    .filter(|s| s.get::<_, String>(2) == "execute")
-                {
-                    // The procedure the step ran in (a nested one names itself), else the
-                    // transaction's own.
-                    let ran: Option<String> = s.get(7);
-                    let (step_ns, step_proc) = ran
-                        .as_deref()
-                        .and_then(|q| q.split_once('.'))
-                        .map_or((namespace.as_str(), procedure.as_str()), |(n, p)| (n, p));
-                    w.execute(
-                        "INSERT INTO audit_procedures (tx_id, step_number, namespace, procedure) VALUES ($1, $2, $3, $4) \
-                         ON CONFLICT DO NOTHING",
-                        &[&id, &s.get::<_, i32>(1), &step_ns, &step_proc],
-                    )
-                    .await?;
-                }
-            }
-            if level.errors {
-                if let Some(e) = &error {
-                    insert_error(w, id, 0, "transaction", e).await?;
-                }
-                for s in &my_steps {
-                    if let Some(e) = s.get::<_, Option<Value>>(6) {
-                        let source = format!(
-                            "{}:{}",
-                            s.get::<_, Option<String>>(4).unwrap_or_default(),
-                            s.get::<_, String>(3)
-                        );
-                        insert_error(w, id, s.get::<_, i32>(1), &source, &e).await?;
-                    }
-                }
-            }
-            Ok(())
-        }
-        .await;
+        let written = write_audit(w, level, r, &t, &steps).await;
         match written {
             Ok(()) => {
                 w.batch_execute("RELEASE SAVEPOINT audit_one").await?;
@@ -296,6 +232,81 @@ async fn sweep_batch(
     // Counted against the batch size as selected, so that a failing transaction never makes
     // the sweep stop early or loop.
     Ok((ids.len(), settled.len(), audited))
+}
+
+/// One transaction's audit rows, per the audit level: the transaction (with its data as the
+/// level asks), the procedures its steps ran in, and every error.
+async fn write_audit(
+    w: &deadpool_postgres::Transaction<'_>,
+    level: &AuditLevel,
+    r: &tokio_postgres::Row,
+    t: &Finished,
+    steps: &[tokio_postgres::Row],
+) -> Result<(), tokio_postgres::Error> {
+    let id: Uuid = r.get(0);
+    let error: Option<Value> = r.get(6);
+    let (namespace, procedure): (String, String) = (r.get(2), r.get(3));
+    let my_steps: Vec<&tokio_postgres::Row> =
+        steps.iter().filter(|s| s.get::<_, Uuid>(0) == id).collect();
+    let output: Option<Value> = r.get(7);
+    // What the procedures' `audit:` expressions gave (nested procedures included).
+    let audit_data: Option<Value> = r.get(10);
+    let data = if level.all_transaction_data {
+        let list: Vec<Value> = my_steps
+            .iter()
+            .filter(|s| s.get::<_, String>(2) != "intent")
+            .map(|s| json!({"seq": s.get::<_, i32>(1), "kind": s.get::<_, String>(2), "path": s.get::<_, String>(3),
+                            "provider": s.get::<_, Option<String>>(4), "action": s.get::<_, Option<String>>(5)}))
+            .collect();
+        Some(json!({"output": output, "error": error, "steps": list, "audit": audit_data}))
+    } else if level.audit_data && t.marked {
+        Some(json!({"output": output, "audit": audit_data}))
+    } else {
+        None
+    };
+    w.execute(
+        "INSERT INTO audit_transactions (tx_id, request_id, namespace, procedure, status, started_at, finished_at, data) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (tx_id) DO NOTHING",
+        &[&id, &r.get::<_, String>(1), &namespace, &procedure, &t.status,
+          &r.get::<_, chrono::DateTime<chrono::Utc>>(8), &r.get::<_, Option<chrono::DateTime<chrono::Utc>>>(9), &data],
+    )
+    .await?;
+    if procedures_selected(level, t) {
+        for s in my_steps
+            .iter()
+            .filter(|s| s.get::<_, String>(2) == "execute")
+        {
+            // The procedure the step ran in (a nested one names itself), else the
+            // transaction's own.
+            let ran: Option<String> = s.get(7);
+            let (step_ns, step_proc) = ran
+                .as_deref()
+                .and_then(|q| q.split_once('.'))
+                .map_or((namespace.as_str(), procedure.as_str()), |(n, p)| (n, p));
+            w.execute(
+                "INSERT INTO audit_procedures (tx_id, step_number, namespace, procedure) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT DO NOTHING",
+                &[&id, &s.get::<_, i32>(1), &step_ns, &step_proc],
+            )
+            .await?;
+        }
+    }
+    if level.errors {
+        if let Some(e) = &error {
+            insert_error(w, id, 0, "transaction", e).await?;
+        }
+        for s in &my_steps {
+            if let Some(e) = s.get::<_, Option<Value>>(6) {
+                let source = format!(
+                    "{}:{}",
+                    s.get::<_, Option<String>>(4).unwrap_or_default(),
+                    s.get::<_, String>(3)
+                );
+                insert_error(w, id, s.get::<_, i32>(1), &source, &e).await?;
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn insert_error(

@@ -301,83 +301,12 @@ impl Recovery {
             .query("SELECT seq, kind, path, provider, action, input, rollback_data, error FROM tx_steps WHERE tx_id = $1 ORDER BY seq", &[&tx_id])
             .await?;
         let first_seq = rows.iter().map(|r| r.get::<_, i32>(0)).max().unwrap_or(0) + 1;
-        let kind = |r: &tokio_postgres::Row| r.get::<_, String>(1);
-        let path = |r: &tokio_postgres::Row| r.get::<_, String>(2);
-        let undone: Vec<String> = rows
-            .iter()
-            .filter(|r| kind(r) == "rollback" && r.get::<_, Option<Value>>(7).is_none())
-            .map(path)
-            .collect();
-        let settled: Vec<String> = rows
-            .iter()
-            .filter(|r| matches!(kind(r).as_str(), "execute" | "error"))
-            .map(path)
-            .collect();
-        let mut todo = Vec::new();
-        for r in rows.iter().rev() {
-            let p = path(r);
-            if undone.contains(&p) {
-                continue;
-            }
-            let Some(provider) = r.get::<_, Option<String>>(3) else {
-                continue;
-            };
-            let action = r.get::<_, Option<String>>(4).unwrap_or_default();
-            match kind(r).as_str() {
-                "execute" => {
-                    let Some(data) = r.get::<_, Option<Value>>(6) else {
-                        continue; // nothing to undo
-                    };
-                    if data.get("two_phase").is_some() {
-                        continue; // undone by the participant's abort
-                    }
-                    todo.push((p, provider, action, data, false));
-                }
-                "intent" if !settled.contains(&p) => {
-                    let input = r.get::<_, Option<Value>>(5).unwrap_or(Value::Null);
-                    todo.push((p, provider, action, json!({"input": input}), true));
-                }
-                _ => {}
-            }
-        }
+        let todo = rollback_plan(&rows);
         let mut not_undone = Vec::new();
         for (next_seq, (path, provider_name, action, data, unknown)) in (first_seq..).zip(todo) {
-            let r: Result<(), ProviderError> = match self.registry.get(&provider_name).cloned() {
-                None => Err(ProviderError::permanent(
-                    "unknown_provider",
-                    format!("provider `{provider_name}` is not configured on this recoverer"),
-                )),
-                Some(provider) => {
-                    let rb = Rollback {
-                        tx_id,
-                        idempotency_key: format!("{tx_id}:{path}"),
-                        step_path: path.clone(),
-                        action: action.clone(),
-                        data: data.clone(),
-                    };
-                    retry(
-                        &Backoff::attempts(5, Duration::from_millis(100), Duration::from_secs(2)),
-                        |_| {
-                            let (p, rb) = (provider.clone(), &rb);
-                            async move {
-                                let r = if unknown {
-                                    p.rollback_unknown(rb).await
-                                } else {
-                                    p.rollback(rb).await
-                                };
-                                r.map_err(|e| {
-                                    if e.retryable {
-                                        Attempt::Retry(e)
-                                    } else {
-                                        Attempt::Stop(e)
-                                    }
-                                })
-                            }
-                        },
-                    )
-                    .await
-                }
-            };
+            let r = self
+                .undo(tx_id, &path, &provider_name, &action, &data, unknown)
+                .await;
             let error = r
                 .as_ref()
                 .err()
@@ -401,6 +330,51 @@ impl Recovery {
             }
         }
         Ok(not_undone)
+    }
+
+    /// One undo, retried with back-off: `rollback`, or `rollback_unknown` for a call whose
+    /// completion was never logged.
+    async fn undo(
+        &self,
+        tx_id: Uuid,
+        path: &str,
+        provider_name: &str,
+        action: &str,
+        data: &Value,
+        unknown: bool,
+    ) -> Result<(), ProviderError> {
+        let Some(provider) = self.registry.get(provider_name).cloned() else {
+            return Err(ProviderError::permanent(
+                "unknown_provider",
+                format!("provider `{provider_name}` is not configured on this recoverer"),
+            ));
+        };
+        let rb = Rollback {
+            tx_id,
+            idempotency_key: format!("{tx_id}:{path}"),
+            step_path: path.to_owned(),
+            action: action.to_owned(),
+            data: data.clone(),
+        };
+        let policy = Backoff::attempts(5, Duration::from_millis(100), Duration::from_secs(2));
+        retry(&policy, |_| {
+            let (p, rb) = (provider.clone(), &rb);
+            async move {
+                let r = if unknown {
+                    p.rollback_unknown(rb).await
+                } else {
+                    p.rollback(rb).await
+                };
+                r.map_err(|e| {
+                    if e.retryable {
+                        Attempt::Retry(e)
+                    } else {
+                        Attempt::Stop(e)
+                    }
+                })
+            }
+        })
+        .await
     }
 
     async fn abort_two_phase(&self, tx_id: Uuid) -> bool {
@@ -555,4 +529,51 @@ impl Recovery {
         }
         Ok(n)
     }
+}
+
+/// What recovery must undo, newest first, from a transaction's step rows (seq, kind, path,
+/// provider, action, input, rollback_data, error): completed calls with rollback data (not
+/// two-phase ones, which abort undoes), and intents never settled (the engine died during the
+/// call); steps already rolled back without error are skipped.
+fn rollback_plan(rows: &[tokio_postgres::Row]) -> Vec<(String, String, String, Value, bool)> {
+    let kind = |r: &tokio_postgres::Row| r.get::<_, String>(1);
+    let path = |r: &tokio_postgres::Row| r.get::<_, String>(2);
+    let undone: Vec<String> = rows
+        .iter()
+        .filter(|r| kind(r) == "rollback" && r.get::<_, Option<Value>>(7).is_none())
+        .map(path)
+        .collect();
+    let settled: Vec<String> = rows
+        .iter()
+        .filter(|r| matches!(kind(r).as_str(), "execute" | "error"))
+        .map(path)
+        .collect();
+    let mut todo = Vec::new();
+    for r in rows.iter().rev() {
+        let p = path(r);
+        if undone.contains(&p) {
+            continue;
+        }
+        let Some(provider) = r.get::<_, Option<String>>(3) else {
+            continue;
+        };
+        let action = r.get::<_, Option<String>>(4).unwrap_or_default();
+        match kind(r).as_str() {
+            "execute" => {
+                let Some(data) = r.get::<_, Option<Value>>(6) else {
+                    continue; // nothing to undo
+                };
+                if data.get("two_phase").is_some() {
+                    continue; // undone by the participant's abort
+                }
+                todo.push((p, provider, action, data, false));
+            }
+            "intent" if !settled.contains(&p) => {
+                let input = r.get::<_, Option<Value>>(5).unwrap_or(Value::Null);
+                todo.push((p, provider, action, json!({"input": input}), true));
+            }
+            _ => {}
+        }
+    }
+    todo
 }

@@ -280,177 +280,223 @@ const SQL_FINISH: &str = "WITH u AS (\
        WHERE requests.id = ANY($3::text[]) AND requests.id = u.request_id AND requests.current_tx = u.tx_id) \
      SELECT id FROM t";
 
+/// A batch's records by kind, each with the index of the record it answers.
+#[derive(Default)]
+struct Sorted<'r> {
+    /// (the record it answers, if any; the begin; the transaction's status)
+    begins: Vec<(Option<usize>, &'r Begin, &'r str)>,
+    steps: Vec<(usize, &'r StepRecord)>,
+    statuses: Vec<(usize, Uuid, &'r str, &'r str)>,
+    finishes: Vec<(usize, &'r Finish)>,
+}
+
+impl<'r> Sorted<'r> {
+    fn of(records: &[&'r Record]) -> Self {
+        let mut b = Self::default();
+        for (i, r) in records.iter().enumerate() {
+            match r {
+                Record::Begin(begin) => b.begins.push((Some(i), begin, "running")),
+                Record::Steps(list) => b.steps.extend(list.iter().map(|s| (i, s))),
+                Record::Status {
+                    tx_id,
+                    status,
+                    owner,
+                } => b.statuses.push((i, *tx_id, status, owner)),
+                Record::Finish(f) => {
+                    if let Some(begin) = &f.open {
+                        b.begins.push((None, begin, f.tx_status.as_str()));
+                    }
+                    b.steps.extend(f.steps.iter().map(|s| (i, s)));
+                    b.finishes.push((i, &**f));
+                }
+            }
+        }
+        b
+    }
+}
+
+type Replies = Vec<Result<Reply, LogError>>;
+type Tx<'c> = deadpool_postgres::Transaction<'c>;
+
+fn unavailable(e: &dyn std::fmt::Display) -> LogError {
+    LogError::Unavailable(e.to_string())
+}
+
 /// Commits `records` in one PostgreSQL transaction with a fixed number of statements —
 /// one per kind of record, whatever the batch size (arrays through `unnest`). Each record
 /// gets its own answer: a fenced record fails alone, its neighbours commit.
-async fn write_together(
-    pool: &Pool,
-    records: &[&Record],
-) -> Result<Vec<Result<Reply, LogError>>, LogError> {
-    let unavailable = |e: &dyn std::fmt::Display| LogError::Unavailable(e.to_string());
-    // (index of the record it answers, if any; the begin; the transaction's status)
-    let mut begins: Vec<(Option<usize>, &Begin, &str)> = Vec::new();
-    // (index of the record it belongs to, the step)
-    let mut steps: Vec<(usize, &StepRecord)> = Vec::new();
-    let mut statuses: Vec<(usize, Uuid, &str, &str)> = Vec::new();
-    let mut finishes: Vec<(usize, &Finish)> = Vec::new();
-    for (i, r) in records.iter().enumerate() {
-        match r {
-            Record::Begin(b) => begins.push((Some(i), b, "running")),
-            Record::Steps(list) => steps.extend(list.iter().map(|s| (i, s))),
-            Record::Status {
-                tx_id,
-                status,
-                owner,
-            } => statuses.push((i, *tx_id, status, owner)),
-            Record::Finish(f) => {
-                if let Some(b) = &f.open {
-                    begins.push((None, b, f.tx_status.as_str()));
-                }
-                steps.extend(f.steps.iter().map(|s| (i, s)));
-                finishes.push((i, &**f));
-            }
-        }
-    }
-    let mut replies: Vec<Result<Reply, LogError>> = vec![Ok(Reply::Done); records.len()];
-
+async fn write_together(pool: &Pool, records: &[&Record]) -> Result<Replies, LogError> {
+    let sorted = Sorted::of(records);
+    let mut replies: Replies = vec![Ok(Reply::Done); records.len()];
     let mut client = pool.get().await.map_err(|e| unavailable(&e))?;
     let tx = client.transaction().await.map_err(|e| unavailable(&e))?;
-    if !begins.is_empty() {
-        let stmt = tx
-            .prepare_cached(SQL_BEGIN)
-            .await
-            .map_err(|e| unavailable(&e))?;
-        let col = |f: &dyn Fn(&Begin) -> String| {
-            begins.iter().map(|(_, b, _)| f(b)).collect::<Vec<String>>()
-        };
-        let request_ids = col(&|b| b.request_id.clone());
-        let namespaces = col(&|b| b.namespace.clone());
-        let procedures = col(&|b| b.procedure.clone());
-        let versions: Vec<i32> = begins.iter().map(|(_, b, _)| b.namespace_version).collect();
-        let principals: Vec<Option<Uuid>> = begins.iter().map(|(_, b, _)| b.principal_id).collect();
-        let priorities: Vec<&str> = begins.iter().map(|(_, b, _)| b.priority).collect();
-        let inputs: Vec<&Value> = begins.iter().map(|(_, b, _)| &b.input).collect();
-        let tx_ids: Vec<Uuid> = begins.iter().map(|(_, b, _)| b.tx_id).collect();
-        let models: Vec<&str> = begins.iter().map(|(_, b, _)| b.model).collect();
-        let status: Vec<&str> = begins.iter().map(|(_, _, s)| *s).collect();
-        let audits: Vec<bool> = begins.iter().map(|(_, b, _)| b.audit).collect();
-        let engines = col(&|b| b.engine_id.clone());
-        let leases: Vec<f64> = begins.iter().map(|(_, b, _)| b.lease_seconds).collect();
-        let rows = tx
-            .query(
-                &stmt,
-                &[
-                    &request_ids,
-                    &namespaces,
-                    &procedures,
-                    &versions,
-                    &principals,
-                    &priorities,
-                    &inputs,
-                    &tx_ids,
-                    &models,
-                    &status,
-                    &audits,
-                    &engines,
-                    &leases,
-                ],
-            )
-            .await
-            .map_err(|e| unavailable(&e))?;
-        let opened: std::collections::HashMap<String, i32> = rows
-            .iter()
-            .map(|r| (r.get::<_, String>(0), r.get::<_, i32>(1)))
-            .collect();
-        let not_opened: Vec<&str> = begins
-            .iter()
-            .filter(|(i, b, _)| i.is_some() && !opened.contains_key(&b.request_id))
-            .map(|(_, b, _)| b.request_id.as_str())
-            .collect();
-        let mut why = std::collections::HashMap::new();
-        if !not_opened.is_empty() {
-            for r in tx
-                .query(SQL_NOT_OPENED, &[&not_opened])
-                .await
-                .map_err(|e| unavailable(&e))?
-            {
-                let status: String = r.get(1);
-                let reply = if matches!(
-                    status.as_str(),
-                    "succeeded" | "failed" | "in_doubt" | "dead" | "cancelled"
-                ) {
-                    Reply::AlreadyFinished
-                } else if r.get::<_, bool>(4) {
-                    Reply::Busy
-                } else {
-                    Reply::Unsettled {
-                        tx: r.get::<_, Option<Uuid>>(2),
-                    }
-                };
-                why.insert(r.get::<_, String>(0), reply);
-            }
-        }
-        for (i, b, _) in &begins {
-            if let Some(i) = i {
-                replies[*i] = Ok(match opened.get(&b.request_id) {
-                    Some(attempt) => Reply::Began { attempt: *attempt },
-                    None => why.remove(&b.request_id).unwrap_or(Reply::Busy),
-                });
-            }
-        }
+    if !sorted.begins.is_empty() {
+        write_begins(&tx, &sorted.begins, &mut replies).await?;
     }
-    if !steps.is_empty() {
-        let stmt = tx
-            .prepare_cached(SQL_STEPS)
-            .await
-            .map_err(|e| unavailable(&e))?;
-        let tx_ids: Vec<Uuid> = steps.iter().map(|(_, s)| s.tx_id).collect();
-        let seqs: Vec<i32> = steps.iter().map(|(_, s)| s.seq).collect();
-        let kinds: Vec<&str> = steps.iter().map(|(_, s)| s.kind).collect();
-        let paths: Vec<&str> = steps.iter().map(|(_, s)| s.path.as_str()).collect();
-        let providers: Vec<Option<&str>> =
-            steps.iter().map(|(_, s)| s.provider.as_deref()).collect();
-        let actions: Vec<Option<&str>> = steps.iter().map(|(_, s)| s.action.as_deref()).collect();
-        let inputs: Vec<Option<&Value>> = steps.iter().map(|(_, s)| s.input.as_ref()).collect();
-        let outputs: Vec<Option<&Value>> = steps.iter().map(|(_, s)| s.output.as_ref()).collect();
-        let rollbacks: Vec<Option<&Value>> = steps
-            .iter()
-            .map(|(_, s)| s.rollback_data.as_ref())
-            .collect();
-        let errors: Vec<Option<&Value>> = steps.iter().map(|(_, s)| s.error.as_ref()).collect();
-        let owners: Vec<&str> = steps.iter().map(|(_, s)| &*s.owner).collect();
-        let procedures: Vec<Option<&str>> =
-            steps.iter().map(|(_, s)| s.procedure.as_deref()).collect();
-        let written: HashSet<(Uuid, i32)> = tx
-            .query(
-                &stmt,
-                &[
-                    &tx_ids,
-                    &seqs,
-                    &kinds,
-                    &paths,
-                    &providers,
-                    &actions,
-                    &inputs,
-                    &outputs,
-                    &rollbacks,
-                    &errors,
-                    &owners,
-                    &procedures,
-                ],
-            )
+    if !sorted.steps.is_empty() {
+        write_steps(&tx, &sorted.steps, &mut replies).await?;
+    }
+    write_statuses(&tx, &sorted.statuses, &mut replies).await?;
+    if !sorted.finishes.is_empty() {
+        write_finishes(&tx, &sorted.finishes, &mut replies).await?;
+    }
+    tx.commit().await.map_err(|e| unavailable(&e))?;
+    Ok(replies)
+}
+
+/// Opens transactions; a request that cannot be opened is answered with why (finished, busy
+/// or unsettled).
+async fn write_begins(
+    tx: &Tx<'_>,
+    begins: &[(Option<usize>, &Begin, &str)],
+    replies: &mut Replies,
+) -> Result<(), LogError> {
+    let stmt = tx
+        .prepare_cached(SQL_BEGIN)
+        .await
+        .map_err(|e| unavailable(&e))?;
+    let col =
+        |f: &dyn Fn(&Begin) -> String| begins.iter().map(|(_, b, _)| f(b)).collect::<Vec<String>>();
+    let request_ids = col(&|b| b.request_id.clone());
+    let namespaces = col(&|b| b.namespace.clone());
+    let procedures = col(&|b| b.procedure.clone());
+    let versions: Vec<i32> = begins.iter().map(|(_, b, _)| b.namespace_version).collect();
+    let principals: Vec<Option<Uuid>> = begins.iter().map(|(_, b, _)| b.principal_id).collect();
+    let priorities: Vec<&str> = begins.iter().map(|(_, b, _)| b.priority).collect();
+    let inputs: Vec<&Value> = begins.iter().map(|(_, b, _)| &b.input).collect();
+    let tx_ids: Vec<Uuid> = begins.iter().map(|(_, b, _)| b.tx_id).collect();
+    let models: Vec<&str> = begins.iter().map(|(_, b, _)| b.model).collect();
+    let status: Vec<&str> = begins.iter().map(|(_, _, s)| *s).collect();
+    let audits: Vec<bool> = begins.iter().map(|(_, b, _)| b.audit).collect();
+    let engines = col(&|b| b.engine_id.clone());
+    let leases: Vec<f64> = begins.iter().map(|(_, b, _)| b.lease_seconds).collect();
+    let rows = tx
+        .query(
+            &stmt,
+            &[
+                &request_ids,
+                &namespaces,
+                &procedures,
+                &versions,
+                &principals,
+                &priorities,
+                &inputs,
+                &tx_ids,
+                &models,
+                &status,
+                &audits,
+                &engines,
+                &leases,
+            ],
+        )
+        .await
+        .map_err(|e| unavailable(&e))?;
+    let opened: std::collections::HashMap<String, i32> = rows
+        .iter()
+        .map(|r| (r.get::<_, String>(0), r.get::<_, i32>(1)))
+        .collect();
+    let not_opened: Vec<&str> = begins
+        .iter()
+        .filter(|(i, b, _)| i.is_some() && !opened.contains_key(&b.request_id))
+        .map(|(_, b, _)| b.request_id.as_str())
+        .collect();
+    let mut why = std::collections::HashMap::new();
+    if !not_opened.is_empty() {
+        for r in tx
+            .query(SQL_NOT_OPENED, &[&not_opened])
             .await
             .map_err(|e| unavailable(&e))?
-            .iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect();
-        for (i, s) in &steps {
-            if !written.contains(&(s.tx_id, s.seq)) {
-                replies[*i] = Err(LogError::Fenced(s.tx_id));
-            }
+        {
+            let status: String = r.get(1);
+            let reply = if matches!(
+                status.as_str(),
+                "succeeded" | "failed" | "in_doubt" | "dead" | "cancelled"
+            ) {
+                Reply::AlreadyFinished
+            } else if r.get::<_, bool>(4) {
+                Reply::Busy
+            } else {
+                Reply::Unsettled {
+                    tx: r.get::<_, Option<Uuid>>(2),
+                }
+            };
+            why.insert(r.get::<_, String>(0), reply);
         }
     }
-    for (i, tx_id, status, owner) in &statuses {
+    for (i, b, _) in begins {
+        if let Some(i) = i {
+            replies[*i] = Ok(match opened.get(&b.request_id) {
+                Some(attempt) => Reply::Began { attempt: *attempt },
+                None => why.remove(&b.request_id).unwrap_or(Reply::Busy),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Step records, each only while its writer still owns the transaction.
+async fn write_steps(
+    tx: &Tx<'_>,
+    steps: &[(usize, &StepRecord)],
+    replies: &mut Replies,
+) -> Result<(), LogError> {
+    let stmt = tx
+        .prepare_cached(SQL_STEPS)
+        .await
+        .map_err(|e| unavailable(&e))?;
+    let tx_ids: Vec<Uuid> = steps.iter().map(|(_, s)| s.tx_id).collect();
+    let seqs: Vec<i32> = steps.iter().map(|(_, s)| s.seq).collect();
+    let kinds: Vec<&str> = steps.iter().map(|(_, s)| s.kind).collect();
+    let paths: Vec<&str> = steps.iter().map(|(_, s)| s.path.as_str()).collect();
+    let providers: Vec<Option<&str>> = steps.iter().map(|(_, s)| s.provider.as_deref()).collect();
+    let actions: Vec<Option<&str>> = steps.iter().map(|(_, s)| s.action.as_deref()).collect();
+    let inputs: Vec<Option<&Value>> = steps.iter().map(|(_, s)| s.input.as_ref()).collect();
+    let outputs: Vec<Option<&Value>> = steps.iter().map(|(_, s)| s.output.as_ref()).collect();
+    let rollbacks: Vec<Option<&Value>> = steps
+        .iter()
+        .map(|(_, s)| s.rollback_data.as_ref())
+        .collect();
+    let errors: Vec<Option<&Value>> = steps.iter().map(|(_, s)| s.error.as_ref()).collect();
+    let owners: Vec<&str> = steps.iter().map(|(_, s)| &*s.owner).collect();
+    let procedures: Vec<Option<&str>> = steps.iter().map(|(_, s)| s.procedure.as_deref()).collect();
+    let written: HashSet<(Uuid, i32)> = tx
+        .query(
+            &stmt,
+            &[
+                &tx_ids,
+                &seqs,
+                &kinds,
+                &paths,
+                &providers,
+                &actions,
+                &inputs,
+                &outputs,
+                &rollbacks,
+                &errors,
+                &owners,
+                &procedures,
+            ],
+        )
+        .await
+        .map_err(|e| unavailable(&e))?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    for (i, s) in steps {
+        if !written.contains(&(s.tx_id, s.seq)) {
+            replies[*i] = Err(LogError::Fenced(s.tx_id));
+        }
+    }
+    Ok(())
+}
+
+/// Two-phase status changes, fenced like every write.
+async fn write_statuses(
+    tx: &Tx<'_>,
+    statuses: &[(usize, Uuid, &str, &str)],
+    replies: &mut Replies,
+) -> Result<(), LogError> {
+    for (i, tx_id, status, owner) in statuses {
         let stmt = tx
             .prepare_cached(SQL_STATUS)
             .await
@@ -463,68 +509,73 @@ async fn write_together(
             replies[*i] = Err(LogError::Fenced(*tx_id));
         }
     }
-    if !finishes.is_empty() {
-        let stmt = tx
-            .prepare_cached(SQL_FINISH)
-            .await
-            .map_err(|e| unavailable(&e))?;
-        let tx_ids: Vec<Uuid> = finishes.iter().map(|(_, f)| f.tx_id).collect();
-        let tx_status: Vec<&str> = finishes.iter().map(|(_, f)| f.tx_status.as_str()).collect();
-        let request_ids: Vec<&str> = finishes
-            .iter()
-            .map(|(_, f)| f.request_id.as_str())
-            .collect();
-        let request_status: Vec<&str> = finishes
-            .iter()
-            .map(|(_, f)| f.request_status.as_str())
-            .collect();
-        let outputs: Vec<Option<&Value>> =
-            finishes.iter().map(|(_, f)| f.output.as_ref()).collect();
-        let errors: Vec<Option<&Value>> = finishes.iter().map(|(_, f)| f.error.as_ref()).collect();
-        let summaries: Vec<&Value> = finishes.iter().map(|(_, f)| &f.summary).collect();
-        let retry_at: Vec<Option<chrono::DateTime<chrono::Utc>>> = finishes
-            .iter()
-            .map(|(_, f)| f.retry_at.as_ref().map(|(t, _)| *t))
-            .collect();
-        let envelopes: Vec<Option<&Value>> = finishes
-            .iter()
-            .map(|(_, f)| f.retry_at.as_ref().map(|(_, e)| e))
-            .collect();
-        let owners: Vec<&str> = finishes.iter().map(|(_, f)| &*f.owner).collect();
-        let audits: Vec<bool> = finishes.iter().map(|(_, f)| f.audit).collect();
-        let audit_data: Vec<Option<&Value>> = finishes
-            .iter()
-            .map(|(_, f)| f.audit_data.as_ref())
-            .collect();
-        let finished: HashSet<Uuid> = tx
-            .query(
-                &stmt,
-                &[
-                    &tx_ids,
-                    &tx_status,
-                    &request_ids,
-                    &request_status,
-                    &outputs,
-                    &errors,
-                    &summaries,
-                    &retry_at,
-                    &envelopes,
-                    &owners,
-                    &audits,
-                    &audit_data,
-                ],
-            )
-            .await
-            .map_err(|e| unavailable(&e))?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        for (i, f) in &finishes {
-            if !finished.contains(&f.tx_id) {
-                replies[*i] = Err(LogError::Fenced(f.tx_id));
-            }
+    Ok(())
+}
+
+/// Outcomes: the transaction row and the request row, in the same commit.
+async fn write_finishes(
+    tx: &Tx<'_>,
+    finishes: &[(usize, &Finish)],
+    replies: &mut Replies,
+) -> Result<(), LogError> {
+    let stmt = tx
+        .prepare_cached(SQL_FINISH)
+        .await
+        .map_err(|e| unavailable(&e))?;
+    let tx_ids: Vec<Uuid> = finishes.iter().map(|(_, f)| f.tx_id).collect();
+    let tx_status: Vec<&str> = finishes.iter().map(|(_, f)| f.tx_status.as_str()).collect();
+    let request_ids: Vec<&str> = finishes
+        .iter()
+        .map(|(_, f)| f.request_id.as_str())
+        .collect();
+    let request_status: Vec<&str> = finishes
+        .iter()
+        .map(|(_, f)| f.request_status.as_str())
+        .collect();
+    let outputs: Vec<Option<&Value>> = finishes.iter().map(|(_, f)| f.output.as_ref()).collect();
+    let errors: Vec<Option<&Value>> = finishes.iter().map(|(_, f)| f.error.as_ref()).collect();
+    let summaries: Vec<&Value> = finishes.iter().map(|(_, f)| &f.summary).collect();
+    let retry_at: Vec<Option<chrono::DateTime<chrono::Utc>>> = finishes
+        .iter()
+        .map(|(_, f)| f.retry_at.as_ref().map(|(t, _)| *t))
+        .collect();
+    let envelopes: Vec<Option<&Value>> = finishes
+        .iter()
+        .map(|(_, f)| f.retry_at.as_ref().map(|(_, e)| e))
+        .collect();
+    let owners: Vec<&str> = finishes.iter().map(|(_, f)| &*f.owner).collect();
+    let audits: Vec<bool> = finishes.iter().map(|(_, f)| f.audit).collect();
+    let audit_data: Vec<Option<&Value>> = finishes
+        .iter()
+        .map(|(_, f)| f.audit_data.as_ref())
+        .collect();
+    let finished: HashSet<Uuid> = tx
+        .query(
+            &stmt,
+            &[
+                &tx_ids,
+                &tx_status,
+                &request_ids,
+                &request_status,
+                &outputs,
+                &errors,
+                &summaries,
+                &retry_at,
+                &envelopes,
+                &owners,
+                &audits,
+                &audit_data,
+            ],
+        )
+        .await
+        .map_err(|e| unavailable(&e))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for (i, f) in finishes {
+        if !finished.contains(&f.tx_id) {
+            replies[*i] = Err(LogError::Fenced(f.tx_id));
         }
     }
-    tx.commit().await.map_err(|e| unavailable(&e))?;
-    Ok(replies)
+    Ok(())
 }

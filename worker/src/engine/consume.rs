@@ -122,27 +122,7 @@ impl Engine {
                 None => break Err(anyhow::anyhow!("consumer stream ended")),
             };
             let me = self.clone();
-            tasks.spawn(async move {
-                metrics::gauge!(provisio_shared::metrics::INFLIGHT).increment(1.0);
-                let disposition = me
-                    .handle(&delivery.data, &delivery.properties, source, delivery.redelivered)
-                    .await;
-                let r = match disposition {
-                    Disposition::Ack => delivery.ack(BasicAckOptions::default()).await,
-                    Disposition::Requeue => {
-                        // Whatever made it undurable (the database, usually) will not be back
-                        // in a millisecond: do not spin the message through the broker, whose
-                        // delivery limit would dead-letter it.
-                        tokio::time::sleep(REQUEUE_DELAY).await;
-                        delivery.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }).await
-                    }
-                };
-                if let Err(e) = r {
-                    tracing::warn!(error = %e, "cannot settle a delivery; the broker will redeliver it");
-                }
-                metrics::gauge!(provisio_shared::metrics::INFLIGHT).decrement(1.0);
-                drop(permit);
-            });
+            tasks.spawn(me.settle(delivery, source, permit));
         };
         // Stop new deliveries first, then drain what we hold.
         for (ch, tag, _) in &channels {
@@ -151,18 +131,7 @@ impl Engine {
                 .await;
         }
         if result.is_ok() {
-            let grace = Duration::from_secs(self.cfg.engine.grace_seconds);
-            tracing::info!(running = tasks.len(), ?grace, "draining");
-            let drained =
-                tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} })
-                    .await;
-            if drained.is_err() {
-                tracing::warn!(
-                    abandoned = tasks.len(),
-                    "grace period over; leaving the rest to redelivery and recovery"
-                );
-                tasks.abort_all();
-            }
+            self.drain(&mut tasks).await;
             let _ = conn.close(200, "engine shutting down".into()).await;
         } else {
             // Running requests finish on their own; their acks may fail, and the redelivery is
@@ -170,5 +139,59 @@ impl Engine {
             tasks.detach_all();
         }
         result
+    }
+
+    /// Handles one delivery and acks or requeues it; the permit bounds how many run at once.
+    async fn settle(
+        self: Arc<Self>,
+        delivery: lapin::message::Delivery,
+        source: Source,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) {
+        metrics::gauge!(provisio_shared::metrics::INFLIGHT).increment(1.0);
+        let disposition = self
+            .handle(
+                &delivery.data,
+                &delivery.properties,
+                source,
+                delivery.redelivered,
+            )
+            .await;
+        let r = match disposition {
+            Disposition::Ack => delivery.ack(BasicAckOptions::default()).await,
+            Disposition::Requeue => {
+                // Whatever made it undurable (the database, usually) will not be back in a
+                // millisecond: do not spin the message through the broker, whose delivery
+                // limit would dead-letter it.
+                tokio::time::sleep(REQUEUE_DELAY).await;
+                delivery
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..BasicNackOptions::default()
+                    })
+                    .await
+            }
+        };
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "cannot settle a delivery; the broker will redeliver it");
+        }
+        metrics::gauge!(provisio_shared::metrics::INFLIGHT).decrement(1.0);
+        drop(permit);
+    }
+
+    /// Lets running requests finish within the grace period; the rest is left to redelivery
+    /// and recovery.
+    async fn drain(&self, tasks: &mut JoinSet<()>) {
+        let grace = Duration::from_secs(self.cfg.engine.grace_seconds);
+        tracing::info!(running = tasks.len(), ?grace, "draining");
+        let drained =
+            tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+        if drained.is_err() {
+            tracing::warn!(
+                abandoned = tasks.len(),
+                "grace period over; leaving the rest to redelivery and recovery"
+            );
+            tasks.abort_all();
+        }
     }
 }
