@@ -3,11 +3,11 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use provisio_providers::catalog::StandardCatalog;
 use provisio_queue_manager::api;
 use provisio_queue_manager::app::App;
 use provisio_queue_manager::auth::{KeyStore, bootstrap_admin};
 use provisio_shared::amqp::{Publisher, Topology};
-use provisio_shared::catalog::StandardCatalog;
 use provisio_shared::config::ConfigArgs;
 use provisio_shared::namespaces::NamespaceCache;
 use provisio_shared::telemetry::{self, Readiness};

@@ -21,8 +21,8 @@ use provisio_shared::retry::{Attempt, retry};
 use serde_json::{Map, Value, json};
 use uuid::Uuid;
 
-use crate::providers::Registry;
 use crate::txlog::{LogError, LogSink, Record, StepRecord};
+use provisio_providers::Registry;
 
 /// Nested `procedure` steps deeper than this fail (cycles are rejected at apply time; this
 /// bounds cross-namespace chains that validation cannot see whole).

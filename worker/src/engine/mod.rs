@@ -40,11 +40,11 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::logset::LogSet;
-use crate::providers::Registry;
 use crate::txlog::Begin;
 use attempt::{Opened, Written};
 use interpreter::Run;
 use outcome::{outcome_record, record_durations};
+use provisio_providers::Registry;
 
 /// Pause before a delivery that could not be made durable goes back to the queue.
 const REQUEUE_DELAY: Duration = Duration::from_secs(2);
