@@ -98,3 +98,7 @@ impl Registry {
         self.actions.get(name).map(Vec::as_slice)
     }
 }
+
+#[cfg(test)]
+#[path = "registry_tests.rs"]
+mod tests;

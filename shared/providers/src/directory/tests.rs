@@ -1,5 +1,7 @@
 use super::*;
 use crate::testing::{call, rollback_of};
+use serde_json::{Value, json};
+use uuid::Uuid;
 
 /// A fresh, migrated database of its own; dropped when the value is.
 struct TestDb {

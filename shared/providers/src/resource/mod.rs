@@ -18,7 +18,13 @@
 //! same allocation); a release records its result in `provider_resource.idempotency`; a
 //! rollback records `rollback:{idempotency_key}` there, so that repeating it does nothing.
 
-use crate::input::{boolean, invalid, kind, object, string, uuid};
+use crate::input::{boolean, object, uuid};
+use parse::{AllocateReq, name};
+mod parse;
+mod pools;
+
+pub use pools::{define_pool, define_pools};
+
 use std::sync::Arc;
 
 use crate::ledger::{Ledger, require_key};
@@ -26,10 +32,8 @@ use crate::{BuildContext, BuildError};
 use deadpool_postgres::{Pool, Transaction};
 use futures_util::future::BoxFuture;
 use provisio_provider::{Call, Executed, Provider, ProviderError, Rollback};
-use provisio_shared::config::Config;
-use serde_json::{Map, Value, json};
+use serde_json::json;
 use tokio_postgres::Row;
-use tokio_postgres::error::SqlState;
 use tokio_postgres::types::FromSql;
 use uuid::Uuid;
 
@@ -40,19 +44,6 @@ pub const ACTIONS: &[&str] = &["allocate", "release", "query"];
 /// database.
 pub fn build(ctx: &mut BuildContext<'_>) -> Result<Arc<dyn Provider>, BuildError> {
     Ok(Arc::new(ResourceProvider::new(ctx.pool.clone())))
-}
-
-/// Upserts the resource pools named in configuration (engines do this at start-up).
-pub async fn define_pools(cfg: &Config, pool: &Pool) -> Result<(), ProviderError> {
-    for p in &cfg.providers.resource.pools {
-        let resources: Vec<(String, i32, i32)> = p
-            .resources
-            .iter()
-            .map(|r| (r.name.clone(), r.capacity, r.rank))
-            .collect();
-        define_pool(pool, &p.name, &p.strategy, &resources).await?;
-    }
-    Ok(())
 }
 
 /// Where this provider records the calls it performed (an allocation records its key in its
@@ -328,154 +319,8 @@ impl Provider for ResourceProvider {
     }
 }
 
-/// Creates pool `name` or updates its strategy, and creates or updates its `resources`
-/// (`(name, capacity, rank)`): capacity and rank are set, `used` is left as it is, resources
-/// not listed are left alone. Used by engines at start-up (from configuration) and by tests.
-/// A capacity below a resource's current use is refused (`invalid_input`).
-pub async fn define_pool(
-    pool: &Pool,
-    name: &str,
-    strategy: &str,
-    resources: &[(String, i32, i32)],
-) -> Result<(), ProviderError> {
-    check_name("pool", name)?;
-    let strategy = Strategy::parse(strategy).ok_or_else(|| {
-        invalid(format!(
-            "pool {name:?}: strategy must be `least_used` or `ranked`, not {strategy:?}"
-        ))
-    })?;
-    let mut seen = std::collections::HashSet::new();
-    for (resource, capacity, _) in resources {
-        check_name("resource", resource)?;
-        if *capacity < 0 {
-            return Err(invalid(format!(
-                "pool {name:?}: resource {resource:?} has a negative capacity ({capacity})"
-            )));
-        }
-        if !seen.insert(resource.as_str()) {
-            return Err(invalid(format!(
-                "pool {name:?}: resource {resource:?} is listed twice"
-            )));
-        }
-    }
-    let mut client = pool.get().await.map_err(|e| pool_error(&e))?;
-    let tx = client.transaction().await.map_err(|e| db_error(&e))?;
-    // The upsert locks the pool row, as an allocation does.
-    tx.execute(
-        "INSERT INTO provider_resource.pools (name, strategy) VALUES ($1, $2) \
-         ON CONFLICT (name) DO UPDATE SET strategy = EXCLUDED.strategy",
-        &[&name, &strategy.as_str()],
-    )
-    .await
-    .map_err(|e| db_error(&e))?;
-    for (resource, capacity, rank) in resources {
-        tx.execute(
-            "INSERT INTO provider_resource.resources (id, pool, name, capacity, rank) \
-             VALUES ($1, $2, $3, $4, $5) \
-             ON CONFLICT (pool, name) DO UPDATE SET capacity = EXCLUDED.capacity, rank = EXCLUDED.rank",
-            &[&Uuid::now_v7(), &name, resource, capacity, rank],
-        )
-        .await
-        .map_err(|e| {
-            if e.code() == Some(&SqlState::CHECK_VIOLATION) {
-                invalid(format!(
-                    "pool {name:?}: resource {resource:?} uses more than the new capacity {capacity}"
-                ))
-            } else {
-                db_error(&e)
-            }
-        })?;
-    }
-    tx.commit().await.map_err(|e| db_error(&e))?;
-    Ok(())
-}
-
-// ------------------------------------------------------------------------------------ input
-
-struct AllocateReq {
-    pool: String,
-    amount: i32,
-    consumer: Option<String>,
-    strategy: Option<Strategy>,
-}
-
-impl AllocateReq {
-    fn parse(input: &Value, what: &str) -> Result<Self, ProviderError> {
-        let m = object(input, what)?;
-        let amount = match m.get("amount") {
-            None | Some(Value::Null) => 1,
-            Some(v) => v
-                .as_i64()
-                .and_then(|a| i32::try_from(a).ok())
-                .filter(|a| *a >= 1)
-                .ok_or_else(|| {
-                    invalid(format!(
-                        "{what}: `amount` must be a whole number from 1 to {}, not {v}",
-                        i32::MAX
-                    ))
-                })?,
-        };
-        let consumer = match m.get("consumer") {
-            None | Some(Value::Null) => None,
-            Some(Value::String(s)) if s.chars().count() <= MAX_NAME => Some(s.clone()),
-            Some(Value::String(_)) => {
-                return Err(invalid(format!(
-                    "{what}: `consumer` is longer than {MAX_NAME} characters"
-                )));
-            }
-            Some(other) => {
-                return Err(invalid(format!(
-                    "{what}: `consumer` must be a string, not {}",
-                    kind(other)
-                )));
-            }
-        };
-        let strategy = match m.get("strategy") {
-            None | Some(Value::Null) => None,
-            Some(Value::String(s)) => Some(Strategy::parse(s).ok_or_else(|| {
-                invalid(format!(
-                    "{what}: `strategy` must be `least_used` or `ranked`, not {s:?}"
-                ))
-            })?),
-            Some(other) => {
-                return Err(invalid(format!(
-                    "{what}: `strategy` must be a string, not {}",
-                    kind(other)
-                )));
-            }
-        };
-        Ok(Self {
-            pool: name(m, "pool", what)?,
-            amount,
-            consumer,
-            strategy,
-        })
-    }
-}
-
 fn not_found_pool(pool: &str) -> ProviderError {
     ProviderError::permanent("not_found", format!("no resource pool {pool:?}"))
-}
-
-fn check_name(what: &str, s: &str) -> Result<(), ProviderError> {
-    let problem = if s.is_empty() {
-        "is empty"
-    } else if s.chars().count() > MAX_NAME {
-        "is too long"
-    } else if s.trim() != s {
-        "has leading or trailing blanks"
-    } else if s.chars().any(char::is_control) {
-        "contains control characters"
-    } else {
-        return Ok(());
-    };
-    Err(invalid(format!("{what} name {problem}: {s:?}")))
-}
-
-fn name(m: &Map<String, Value>, field: &str, what: &str) -> Result<String, ProviderError> {
-    let s = string(m, field, what)?;
-    check_name(&format!("{what}: `{field}`"), s)?;
-    Ok(s.to_owned())
 }
 
 // ------------------------------------------------------------------------------------ database
@@ -615,5 +460,4 @@ fn col<'r, T: FromSql<'r>>(row: &'r Row, idx: usize) -> Result<T, ProviderError>
 }
 
 #[cfg(test)]
-#[path = "resource_tests.rs"]
 mod tests;

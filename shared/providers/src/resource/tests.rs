@@ -1,5 +1,7 @@
 use std::sync::Arc;
 
+use serde_json::Value;
+
 use super::*;
 use crate::testing::{call, rollback_of};
 
