@@ -277,6 +277,55 @@ async fn add_alias_and_rollback() {
     assert_eq!(db.scalar_i64(owner, &[&bob]).await, 1);
 }
 
+/// A user's row (`created_at` as text), aliases and group ids: what deleting takes away.
+type UserState = (
+    Option<(Uuid, Uuid, String, Option<String>, String)>,
+    Vec<String>,
+    Vec<Uuid>,
+);
+
+async fn user_state(db: &TestDb, ann: Uuid) -> UserState {
+    let client = db.pool.get().await.expect("connection");
+    let user = client
+        .query_opt(
+            "SELECT id, org_id, name, display_name, created_at::text \
+             FROM provider_directory.users WHERE id = $1",
+            &[&ann],
+        )
+        .await
+        .expect("user")
+        .map(|r| {
+            (
+                r.get::<_, Uuid>(0),
+                r.get::<_, Uuid>(1),
+                r.get::<_, String>(2),
+                r.get::<_, Option<String>>(3),
+                r.get::<_, String>(4),
+            )
+        });
+    let aliases: Vec<String> = client
+        .query(
+            "SELECT alias FROM provider_directory.aliases WHERE user_id = $1 ORDER BY alias",
+            &[&ann],
+        )
+        .await
+        .expect("aliases")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let groups: Vec<Uuid> = client
+        .query(
+            "SELECT group_id FROM provider_directory.group_members WHERE user_id = $1 ORDER BY group_id",
+            &[&ann],
+        )
+        .await
+        .expect("groups")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    (user, aliases, groups)
+}
+
 #[tokio::test]
 async fn delete_user_and_rollback_restores_everything() {
     let db = TestDb::new().await;
@@ -307,47 +356,7 @@ async fn delete_user_and_rollback_restores_everything() {
     db.ok("add_to_group", json!({"user": bob, "group": "staff"}))
         .await;
 
-    let state = || async {
-        let client = db.pool.get().await.expect("connection");
-        let user = client
-            .query_opt(
-                "SELECT id, org_id, name, display_name, created_at::text \
-                 FROM provider_directory.users WHERE id = $1",
-                &[&ann],
-            )
-            .await
-            .expect("user")
-            .map(|r| {
-                (
-                    r.get::<_, Uuid>(0),
-                    r.get::<_, Uuid>(1),
-                    r.get::<_, String>(2),
-                    r.get::<_, Option<String>>(3),
-                    r.get::<_, String>(4),
-                )
-            });
-        let aliases: Vec<String> = client
-            .query(
-                "SELECT alias FROM provider_directory.aliases WHERE user_id = $1 ORDER BY alias",
-                &[&ann],
-            )
-            .await
-            .expect("aliases")
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        let groups: Vec<Uuid> = client
-            .query(
-                "SELECT group_id FROM provider_directory.group_members WHERE user_id = $1 ORDER BY group_id",
-                &[&ann],
-            )
-            .await
-            .expect("groups")
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        (user, aliases, groups)
-    };
+    let state = || user_state(&db, ann);
     let before = state().await;
     assert!(before.0.is_some());
     assert_eq!(before.1.len(), 2);
