@@ -17,13 +17,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::{BuildContext, BuildError};
 use futures_util::future::BoxFuture;
 use percent_encoding::percent_decode_str;
 use provisio_provider::{Call, Executed, Provider, ProviderError, Rollback};
 use provisio_shared::config::{ConfigError, HttpProviderConfig, HttpService, RemoteProviderConfig};
 use reqwest::Url;
 use serde_json::{Value, json};
+
+use crate::{BuildContext, BuildError};
 
 /// The actions namespaces may call (remote providers have the actions configured for them).
 pub const ACTIONS: &[&str] = &["request"];

@@ -11,7 +11,6 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::{BuildContext, BuildError};
 use deadpool_postgres::{Object, Pool};
 use futures_util::future::BoxFuture;
 use provisio_provider::{Call, Executed, Participation, Provider, ProviderError, Rollback};
@@ -19,6 +18,8 @@ use serde_json::{Value, json};
 use tokio::sync::Mutex;
 use tokio_postgres::types::{ToSql, Type};
 use uuid::Uuid;
+
+use crate::{BuildContext, BuildError};
 
 /// Prefix of every global transaction id this provider prepares; recovery looks for it.
 pub const GID_PREFIX: &str = "provisio_";

@@ -7,12 +7,13 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::{BuildContext, BuildError};
 use deadpool_postgres::Pool;
 use futures_util::future::BoxFuture;
 use provisio_provider::{Call, Executed, Provider, ProviderError, Rollback};
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
+
+use crate::{BuildContext, BuildError};
 
 /// The actions namespaces may call.
 pub const ACTIONS: &[&str] = &["echo", "sleep", "fail", "fail_n_times", "panic"];

@@ -15,26 +15,26 @@
 //! `provider_directory.idempotency`, keyed by the call's idempotency key: a repeated call
 //! returns the first result and has no further effect. A rollback records
 //! `rollback:{idempotency_key}` in the same way, so repeating it does nothing, and treats
-//! "already gone" as done.
+//! "already gone" as done. (The record keeping is [`crate::ledger`], shared with `resource`.)
 
 mod parse;
 mod store;
 
-use parse::{Op, Undo};
-use store::{
-    add_alias, add_to_group, create_user, delete_user, ensure_org, restore_user, undo_add_to_group,
-    undo_ensure_org,
-};
-
 use std::sync::Arc;
 
-use crate::ledger::{Ledger, require_key};
-use crate::{BuildContext, BuildError};
 use deadpool_postgres::Pool;
 use futures_util::future::BoxFuture;
 use provisio_provider::{Call, Executed, Provider, ProviderError, Rollback};
 use tokio_postgres::Row;
 use tokio_postgres::types::FromSql;
+
+use crate::ledger::{Ledger, require_key};
+use crate::{BuildContext, BuildError};
+use parse::{Op, Undo};
+use store::{
+    add_alias, add_to_group, create_user, delete_user, ensure_org, restore_user, undo_add_to_group,
+    undo_ensure_org,
+};
 
 /// Where this provider records the calls it performed.
 const LEDGER: Ledger = Ledger {

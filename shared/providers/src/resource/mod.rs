@@ -16,10 +16,9 @@
 //!
 //! Idempotency: an allocation records its call's idempotency key (a repeated call returns the
 //! same allocation); a release records its result in `provider_resource.idempotency`; a
-//! rollback records `rollback:{idempotency_key}` there, so that repeating it does nothing.
+//! rollback records `rollback:{idempotency_key}` there, so that repeating it does nothing. (The record keeping is [`crate::ledger`], shared with
+//! `directory`.)
 
-use crate::input::{boolean, object, uuid};
-use parse::{AllocateReq, name};
 mod parse;
 mod pools;
 
@@ -27,8 +26,6 @@ pub use pools::{define_pool, define_pools};
 
 use std::sync::Arc;
 
-use crate::ledger::{Ledger, require_key};
-use crate::{BuildContext, BuildError};
 use deadpool_postgres::{Pool, Transaction};
 use futures_util::future::BoxFuture;
 use provisio_provider::{Call, Executed, Provider, ProviderError, Rollback};
@@ -36,6 +33,11 @@ use serde_json::json;
 use tokio_postgres::Row;
 use tokio_postgres::types::FromSql;
 use uuid::Uuid;
+
+use crate::input::{boolean, object, uuid};
+use crate::ledger::{Ledger, require_key};
+use crate::{BuildContext, BuildError};
+use parse::{AllocateReq, name};
 
 /// The actions namespaces may call (see the table above).
 pub const ACTIONS: &[&str] = &["allocate", "release", "query"];
