@@ -5,7 +5,6 @@
 
 pub mod amqp;
 pub mod batch;
-pub mod catalog;
 pub mod config;
 pub mod db;
 pub mod domain;
@@ -13,7 +12,8 @@ pub mod jq;
 pub mod metrics;
 pub mod namespaces;
 pub mod procedure;
-pub mod provider;
+/// The provider contract, a crate of its own so that out-of-tree providers need only it.
+pub use provisio_provider as provider;
 pub mod reconnect;
 pub mod retry;
 pub mod security;

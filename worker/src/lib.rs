@@ -8,7 +8,6 @@ pub mod engine;
 pub mod logservers;
 pub mod logset;
 pub mod operator;
-pub mod providers;
 pub mod recovery;
 pub mod txlog;
 

@@ -3,8 +3,8 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
+use provisio_providers::catalog::StandardCatalog;
 use provisio_shared::amqp::{Publisher, Topology};
-use provisio_shared::catalog::StandardCatalog;
 use provisio_shared::config::ConfigArgs;
 use provisio_shared::namespaces::NamespaceCache;
 use provisio_shared::telemetry::{self, Readiness};
@@ -12,7 +12,6 @@ use provisio_shared::{db, shutdown};
 use provisio_worker::engine::Engine;
 use provisio_worker::logservers::LogServers;
 use provisio_worker::logset::LogSet;
-use provisio_worker::providers;
 use provisio_worker::recovery::Recovery;
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -75,8 +74,8 @@ async fn main() -> anyhow::Result<()> {
     let _probe = servers.spawn_probe(stop.clone());
     let log = Arc::new(LogSet::start(servers.clone(), separate, &cfg));
 
-    let built = providers::build(&cfg, &pool).context("building providers")?;
-    providers::define_pools(&cfg, &pool)
+    let built = provisio_providers::build(&cfg, &pool).context("building providers")?;
+    provisio_providers::define_pools(&cfg, &pool)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))
         .context("defining resource pools")?;

@@ -20,8 +20,8 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::logservers::LogServers;
-use crate::providers::Registry;
-use crate::providers::sql::SqlProvider;
+use provisio_providers::Registry;
+use provisio_providers::sql::SqlProvider;
 
 const SQL_FINISH_TX: &str = "UPDATE transactions SET status = $2, error = coalesce($3, error), finished_at = now(), lease_until = NULL \
      WHERE id = $1 AND engine_id = $4 AND finished_at IS NULL";

@@ -51,23 +51,8 @@ pub enum RequestKind {
     Trusted,
 }
 
-/// The principal as the queue manager authenticated it, with the permissions it had then.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PrincipalRef {
-    pub id: uuid::Uuid,
-    pub name: String,
-    #[serde(default)]
-    pub permissions: Vec<String>,
-}
-
-impl PrincipalRef {
-    pub fn has(&self, permission: &str) -> bool {
-        self.permissions
-            .iter()
-            .any(|p| p == permission || p == "admin")
-    }
-}
+/// Defined in the provider contract, which hands it to providers with each call.
+pub use provisio_provider::PrincipalRef;
 
 /// Request-level retries (docs/design.md §2.4), distinct from a step's `retry`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -40,7 +40,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::logset::LogSet;
-use crate::providers::Registry;
+use provisio_providers::Registry;
 
 /// Pause before a delivery that could not be made durable goes back to the queue.
 const REQUEUE_DELAY: Duration = Duration::from_secs(2);

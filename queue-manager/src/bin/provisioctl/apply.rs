@@ -5,40 +5,13 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use provisio_shared::catalog::{
-    DIRECTORY_ACTIONS, HTTP_ACTIONS, RESOURCE_ACTIONS, SQL_ACTIONS, TEST_ACTIONS,
-};
-use provisio_shared::procedure::{self, Catalog, ExternalProcedures, Problem};
+use provisio_providers::catalog::OfflineCatalog;
+use provisio_shared::procedure::{self, ExternalProcedures, Problem};
 use reqwest::Method;
 use serde_json::{Value, json};
 
 use crate::Format;
 use crate::client::{Api, Body, Exit, Failure, seg};
-
-/// The built-in providers' actions; any other provider may be configured on the server as a
-/// remote one, and whether `test` is enabled is the server's setting, so those pass here.
-struct LocalCatalog;
-
-impl Catalog for LocalCatalog {
-    fn check_action(&self, provider: &str, action: &str) -> Result<(), String> {
-        let actions: &[&str] = match provider {
-            "test" => TEST_ACTIONS,
-            "directory" => DIRECTORY_ACTIONS,
-            "resource" => RESOURCE_ACTIONS,
-            "sql" => SQL_ACTIONS,
-            "http" => HTTP_ACTIONS,
-            _ => return Ok(()),
-        };
-        if actions.contains(&action) {
-            Ok(())
-        } else {
-            Err(format!(
-                "provider `{provider}` has no action `{action}` (it has: {})",
-                actions.join(", ")
-            ))
-        }
-    }
-}
 
 /// Other namespaces live on the server; calls into them are checked when applied.
 struct AnyExternal;
@@ -130,7 +103,7 @@ pub async fn run(api: &Api, path: &Path, dry_run: bool, format: Format) -> anyho
                 Exit::Refused,
             )),
             (Ok(value), Some(name)) if dry_run => {
-                match procedure::compile(&value, 0, &LocalCatalog, &AnyExternal) {
+                match procedure::compile(&value, 0, &OfflineCatalog, &AnyExternal) {
                     Ok(_) => Ok((name.clone(), json!({"namespace": name, "dry_run": true}))),
                     Err(problems) => Err((
                         name,

@@ -17,7 +17,7 @@ use provisio_shared::procedure::{Namespace, Procedure, Step};
 use serde_json::{Map, Value, json};
 use uuid::Uuid;
 
-use crate::providers::Registry;
+use provisio_providers::Registry;
 
 mod call;
 mod rollback;

@@ -12,8 +12,8 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use super::{Completed, Failure, Run};
-use crate::providers::Registry;
 use crate::txlog::Record;
+use provisio_providers::Registry;
 
 /// Undoes calls whose completion never became durable, newest first, without logging (the
 /// log is no longer ours to write). Used when a run is fenced: recovery undoes what the log

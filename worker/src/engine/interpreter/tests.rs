@@ -14,8 +14,8 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use super::{Outcome, Run};
-use crate::providers::Registry;
 use crate::txlog::TxLog;
+use provisio_providers::Registry;
 
 /// Records every call; `fail` fails, `flaky` fails (retryably) its first `n` calls per key.
 #[derive(Default)]

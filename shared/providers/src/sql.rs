@@ -13,11 +13,13 @@ use std::sync::Arc;
 
 use deadpool_postgres::{Object, Pool};
 use futures_util::future::BoxFuture;
-use provisio_shared::provider::{Call, Executed, Participation, Provider, ProviderError, Rollback};
+use provisio_provider::{Call, Executed, Participation, Provider, ProviderError, Rollback};
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 use tokio_postgres::types::{ToSql, Type};
 use uuid::Uuid;
+
+use crate::{BuildContext, BuildError};
 
 /// Prefix of every global transaction id this provider prepares; recovery looks for it.
 pub const GID_PREFIX: &str = "provisio_";
@@ -31,6 +33,23 @@ pub fn parse_gid(gid: &str) -> Option<(Uuid, String)> {
     let rest = gid.strip_prefix(GID_PREFIX)?;
     let (id, target) = rest.split_once('_')?;
     Some((Uuid::parse_str(id).ok()?, target.to_owned()))
+}
+
+/// The actions namespaces may call.
+pub const ACTIONS: &[&str] = &["execute", "query"];
+
+/// The constructor of [`crate::BUILTINS`]: one pool per configured target. The provider is
+/// also left in `ctx.sql`, for recovery.
+pub fn build(ctx: &mut BuildContext<'_>) -> Result<Arc<dyn Provider>, BuildError> {
+    let mut targets = HashMap::new();
+    for (name, t) in &ctx.config.providers.sql.targets {
+        let p = provisio_shared::db::pool(&t.url, t.pool_size.unwrap_or(8))
+            .map_err(|e| BuildError::SqlTarget(name.clone(), e.to_string()))?;
+        targets.insert(name.clone(), p);
+    }
+    let sql = Arc::new(SqlProvider::new(targets));
+    ctx.sql = Some(sql.clone());
+    Ok(sql)
 }
 
 pub struct SqlProvider {
@@ -404,16 +423,5 @@ impl Provider for SqlProvider {
 pub type Shared = Arc<SqlProvider>;
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn gids_round_trip() {
-        let id = Uuid::now_v7();
-        assert_eq!(
-            parse_gid(&gid(id, "billing_eu")),
-            Some((id, "billing_eu".to_owned()))
-        );
-        assert_eq!(parse_gid("other_1"), None);
-    }
-}
+#[path = "sql_tests.rs"]
+mod tests;

@@ -1,11 +1,36 @@
-//! The provider contract (docs/design.md §5). Implementations live in the worker; the trait
-//! lives here so that out-of-tree providers depend on the contract crate only.
+//! The provider contract (docs/design.md §5). The built-in implementations live in
+//! `provisio-providers`; the trait lives in a crate of its own, without the server's
+//! dependencies, so that an out-of-tree provider depends on this crate only.
 
-use futures_util::future::BoxFuture;
+use std::future::Future;
+use std::pin::Pin;
+
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::domain::PrincipalRef;
+/// A boxed, sendable future: the same type as `futures_util::future::BoxFuture`, spelled out
+/// so that implementing a provider needs no further dependency.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The principal as the queue manager authenticated it, with the permissions it had then.
+/// (Part of the request envelope too; it lives here because a call hands it to providers.)
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrincipalRef {
+    pub id: uuid::Uuid,
+    pub name: String,
+    #[serde(default)]
+    pub permissions: Vec<String>,
+}
+
+impl PrincipalRef {
+    pub fn has(&self, permission: &str) -> bool {
+        self.permissions
+            .iter()
+            .any(|p| p == permission || p == "admin")
+    }
+}
 
 /// One call of a provider action.
 #[derive(Debug, Clone)]

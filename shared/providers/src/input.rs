@@ -1,7 +1,7 @@
 //! Reading provider inputs: typed fields with errors that name the field and what was
 //! found instead, always `invalid_input` (permanent).
 
-use provisio_shared::provider::ProviderError;
+use provisio_provider::ProviderError;
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
