@@ -7,6 +7,7 @@
 //! handler waits only for the batch that carries its request. Under light load a batch is one
 //! request; the durability contract is unchanged: a `2xx` only after confirm and commit.
 
+use provisio_shared::domain::Permission;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
@@ -137,7 +138,7 @@ pub fn check_procedure(
             ns.name, ns.version
         ))
     })?;
-    if procedure.access == Access::Private && !principal.has("execute_private") {
+    if procedure.access == Access::Private && !principal.has(Permission::ExecutePrivate.as_str()) {
         return Err(ApiError::Forbidden(format!(
             "procedure `{procedure_name}` is private; naming it needs `execute_private`"
         )));

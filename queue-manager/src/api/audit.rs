@@ -2,6 +2,7 @@
 //! Newest first, keyset-paginated (`after` = the `next` of the previous page), filtered by
 //! time range (`from` ≤ started_at < `to`), namespace, procedure, outcome and request id.
 
+use provisio_shared::domain::Permission;
 use std::sync::Arc;
 
 use axum::Json;
@@ -63,7 +64,7 @@ pub async fn list(
     caller: Caller,
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    caller.require("admin")?;
+    caller.require(Permission::Admin)?;
     let Query(q) = query.map_err(|e| ApiError::Malformed(e.body_text()))?;
     if let Some(o) = &q.outcome
         && !OUTCOMES.contains(&o.as_str())
@@ -111,7 +112,7 @@ pub async fn get(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    caller.require("admin")?;
+    caller.require(Permission::Admin)?;
     let id = Uuid::parse_str(&id)
         .map_err(|_| ApiError::Malformed(format!("`{id}` is not a transaction id")))?;
     let client = app.pool.get().await.map_err(ApiError::db)?;

@@ -11,6 +11,7 @@
 //! (stray or forged letters, a direct AMQP producer's message, a request with credentials,
 //! which are never stored) can only be deleted, and their producer must submit again.
 
+use provisio_shared::domain::Permission;
 use std::sync::Arc;
 
 use axum::Json;
@@ -101,7 +102,7 @@ pub async fn list(
     caller: Caller,
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    caller.require("admin")?;
+    caller.require(Permission::Admin)?;
     let Query(q) = query.map_err(|e| ApiError::Malformed(format!("query: {}", e.body_text())))?;
     let status = match q.status.as_deref() {
         None | Some("dead") => Some("dead"),
@@ -154,7 +155,7 @@ pub async fn action(
     caller: Caller,
     Path(target): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    caller.require("admin")?;
+    caller.require(Permission::Admin)?;
     let (id, verb) = target
         .rsplit_once(':')
         .ok_or_else(|| ApiError::NotFound("no such route: use {id}:requeue".into()))?;
@@ -180,7 +181,7 @@ pub async fn requeue_many(
     caller: Caller,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    caller.require("admin")?;
+    caller.require(Permission::Admin)?;
     let filter: Filter = if body.iter().all(u8::is_ascii_whitespace) {
         Filter::default()
     } else {
@@ -238,7 +239,7 @@ pub async fn delete(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    caller.require("admin")?;
+    caller.require(Permission::Admin)?;
     let id = parse_id(&id)?;
     let client = app.pool.get().await.map_err(ApiError::db)?;
     let n = client

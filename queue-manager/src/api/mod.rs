@@ -19,7 +19,7 @@ use axum::handler::Handler;
 use axum::http::request::Parts;
 use axum::middleware::from_fn;
 use axum::routing::{delete, get, post, put};
-use provisio_shared::domain::PrincipalRef;
+use provisio_shared::domain::{Permission, PrincipalRef};
 
 use crate::app::App;
 pub use error::ApiError;
@@ -75,8 +75,8 @@ pub fn router(app: Arc<App>) -> Router {
 pub struct Caller(pub PrincipalRef);
 
 impl Caller {
-    pub fn require(&self, permission: &str) -> Result<(), ApiError> {
-        if self.0.has(permission) {
+    pub fn require(&self, permission: Permission) -> Result<(), ApiError> {
+        if self.has(permission) {
             Ok(())
         } else {
             Err(ApiError::Forbidden(format!(
@@ -84,6 +84,11 @@ impl Caller {
                 self.0.name
             )))
         }
+    }
+
+    /// `admin` implies every permission.
+    pub fn has(&self, permission: Permission) -> bool {
+        self.0.has(permission.as_str())
     }
 }
 

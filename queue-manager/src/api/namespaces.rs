@@ -1,6 +1,7 @@
 //! Namespace administration: apply a new version (validated with every error reported),
 //! list, show with history.
 
+use provisio_shared::domain::Permission;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
@@ -36,7 +37,7 @@ pub async fn apply(
     Path(name): Path<String>,
     body: Bytes,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    caller.require("admin")?;
+    caller.require(Permission::Admin)?;
     let limit = app.cfg.queue_manager.max_body_bytes;
     if body.len() > limit {
         return Err(ApiError::TooLarge(limit));
@@ -121,7 +122,7 @@ pub async fn apply(
 }
 
 pub async fn list(State(app): State<Arc<App>>, caller: Caller) -> Result<Json<Value>, ApiError> {
-    caller.require("admin")?;
+    caller.require(Permission::Admin)?;
     let client = app.pool.get().await.map_err(ApiError::db)?;
     let rows = client
         .query(
@@ -145,7 +146,7 @@ pub async fn get(
     caller: Caller,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    caller.require("admin")?;
+    caller.require(Permission::Admin)?;
     let client = app.pool.get().await.map_err(ApiError::db)?;
     let rows = client
         .query(

@@ -1,6 +1,7 @@
 //! Principals and their API keys (admin). Keys are shown once, at creation, and stored as
 //! argon2 hashes; revoking one takes effect within `queue_manager.key_cache_seconds`.
 
+use provisio_shared::domain::Permission;
 use std::sync::Arc;
 
 use axum::Json;
@@ -81,7 +82,7 @@ pub async fn create(
     caller: Caller,
     JsonBody(body): JsonBody<NewPrincipal>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    caller.require("admin")?;
+    caller.require(Permission::Admin)?;
     if body.name.is_empty() || body.name.len() > 128 || body.name.chars().any(char::is_control) {
         return Err(ApiError::Malformed(
             "`name` must be 1-128 printable characters".into(),
@@ -126,7 +127,7 @@ pub async fn put_groups(
     Path(name): Path<String>,
     JsonBody(body): JsonBody<Groups>,
 ) -> Result<Json<Value>, ApiError> {
-    caller.require("admin")?;
+    caller.require(Permission::Admin)?;
     let mut client = app.pool.get().await.map_err(ApiError::db)?;
     let id = principal_id(&client, &name).await?;
     let tx = client.transaction().await.map_err(ApiError::db)?;
@@ -141,7 +142,7 @@ pub async fn create_key(
     caller: Caller,
     Path(name): Path<String>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    caller.require("admin")?;
+    caller.require(Permission::Admin)?;
     let client = app.pool.get().await.map_err(ApiError::db)?;
     let id = principal_id(&client, &name).await?;
     let key = generate_key();
@@ -172,7 +173,7 @@ pub async fn revoke_key(
     caller: Caller,
     Path((name, key_id)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    caller.require("admin")?;
+    caller.require(Permission::Admin)?;
     let key_id = uuid::Uuid::parse_str(&key_id)
         .map_err(|_| ApiError::NotFound(format!("key `{key_id}` does not exist")))?;
     let client = app.pool.get().await.map_err(ApiError::db)?;

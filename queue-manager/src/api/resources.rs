@@ -2,6 +2,7 @@
 //! configuration database: what capacity planning and "why did this allocation fail" need,
 //! without running a procedure that calls `resource.query`.
 
+use provisio_shared::domain::Permission;
 use std::sync::Arc;
 
 use axum::Json;
@@ -13,7 +14,7 @@ use crate::app::App;
 
 /// `GET /v1/resources/pools`: every pool with its totals and its resources.
 pub async fn pools(State(app): State<Arc<App>>, caller: Caller) -> Result<Json<Value>, ApiError> {
-    caller.require("admin")?;
+    caller.require(Permission::Admin)?;
     let client = app.pool.get().await.map_err(ApiError::db)?;
     // One statement, so that totals and resources are of the same moment.
     let rows = client

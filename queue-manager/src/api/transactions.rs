@@ -3,6 +3,7 @@
 //! note. Actions are recorded in `operator_commands` and carried out by the leading auditor,
 //! which has the providers and every log server; `?wait=SECONDS` waits for the result.
 
+use provisio_shared::domain::Permission;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -50,7 +51,7 @@ pub async fn list(
     caller: Caller,
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    caller.require("admin")?;
+    caller.require(Permission::Admin)?;
     let Query(q) = query.map_err(|e| ApiError::Malformed(e.body_text()))?;
     if q.status.as_deref().is_some_and(|s| s != "in_doubt") {
         return Err(ApiError::Malformed(
@@ -102,7 +103,7 @@ pub async fn action(
     query: Result<Query<ActionQuery>, QueryRejection>,
     body: Bytes,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    caller.require("admin")?;
+    caller.require(Permission::Admin)?;
     let Query(q) = query.map_err(|e| ApiError::Malformed(e.body_text()))?;
     let (id, verb) = target.split_once(':').ok_or_else(|| {
         ApiError::NotFound("no such route: use {id}:retry-rollback or {id}:resolve".into())

@@ -27,7 +27,7 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel};
 use provisio_shared::amqp::{self, Outgoing, Publisher, Topology, header_str, long_str};
 use provisio_shared::config::Config;
-use provisio_shared::domain::{Envelope, PrincipalRef, Priority, RequestKind, Status};
+use provisio_shared::domain::{Envelope, Permission, PrincipalRef, Priority, RequestKind, Status};
 use provisio_shared::namespaces::NamespaceCache;
 use provisio_shared::security::PrincipalBy;
 use provisio_shared::signing;
@@ -137,10 +137,10 @@ impl Engine {
             }
         };
         let needed = match (source, envelope.kind) {
-            (Source::Trusted, _) | (_, RequestKind::Trusted) => "execute_trusted",
-            _ => "execute",
+            (Source::Trusted, _) | (_, RequestKind::Trusted) => Permission::ExecuteTrusted,
+            _ => Permission::Execute,
         };
-        if !principal.has(needed) {
+        if !principal.has(needed.as_str()) {
             let why = format!("principal `{}` lacks `{needed}`", principal.name);
             return self.dead_letter(body, props, "forbidden", &why).await;
         }

@@ -4,6 +4,7 @@
 //! transaction that commits only after the broker confirmed the message, so a `2xx` means both
 //! are durable, and any failure before that leaves neither (`503`, nothing accepted).
 
+use provisio_shared::domain::Permission;
 use std::sync::Arc;
 
 use axum::Json;
@@ -39,7 +40,7 @@ pub async fn get(
     let owner = rec["principal_id"]
         .as_str()
         .and_then(|s| uuid::Uuid::parse_str(s).ok());
-    if owner != Some(caller.0.id) && !caller.0.has("admin") {
+    if owner != Some(caller.0.id) && !caller.has(Permission::Admin) {
         return Err(not_found());
     }
     Ok(Json(strip_owner(rec)))
@@ -57,7 +58,7 @@ pub async fn cancel(
     let owner = rec["principal_id"]
         .as_str()
         .and_then(|s| uuid::Uuid::parse_str(s).ok());
-    if owner != Some(caller.0.id) && !caller.0.has("admin") {
+    if owner != Some(caller.0.id) && !caller.has(Permission::Admin) {
         return Err(not_found());
     }
     let client = app.pool.get().await.map_err(ApiError::db)?;
@@ -99,7 +100,7 @@ pub async fn action(
     let owner = rec["principal_id"]
         .as_str()
         .and_then(|s| uuid::Uuid::parse_str(s).ok());
-    if owner != Some(caller.0.id) && !caller.0.has("admin") {
+    if owner != Some(caller.0.id) && !caller.has(Permission::Admin) {
         return Err(not_found());
     }
     let client = app.pool.get().await.map_err(ApiError::db)?;
@@ -165,7 +166,7 @@ pub async fn list(
             "limit must be between 1 and 500".into(),
         ));
     }
-    let owner: Option<uuid::Uuid> = (!caller.0.has("admin")).then_some(caller.0.id);
+    let owner: Option<uuid::Uuid> = (!caller.has(Permission::Admin)).then_some(caller.0.id);
     let client = app.pool.get().await.map_err(ApiError::db)?;
     if let Some(after) = &q.after {
         let known = client

@@ -1,6 +1,7 @@
 //! Submitting requests: one, trusted, or a batch; validated, then made durable by the
 //! [`crate::accept::Acceptor`].
 
+use provisio_shared::domain::Permission;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -301,9 +302,9 @@ async fn accept_one(
 /// The permissions the request needs, and trusted-only fields kept off the queued route.
 fn check_permissions(caller: &Caller, body: &SubmitBody, trusted: bool) -> Result<(), ApiError> {
     if trusted {
-        caller.require("execute_trusted")?;
+        caller.require(Permission::ExecuteTrusted)?;
     } else {
-        caller.require("execute")?;
+        caller.require(Permission::Execute)?;
         if body.has_trusted_fields() {
             return Err(ApiError::Malformed(
                 "`run_as`, `steps`, `output` and `transaction` belong to POST /v1/requests/trusted"
@@ -311,7 +312,7 @@ fn check_permissions(caller: &Caller, body: &SubmitBody, trusted: bool) -> Resul
             ));
         }
         if body.credentials.is_some() {
-            caller.require("execute_with_credentials")?;
+            caller.require(Permission::ExecuteWithCredentials)?;
         }
     }
     Ok(())
