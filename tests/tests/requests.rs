@@ -628,11 +628,19 @@ async fn scheduled_requests_wait_in_postgres_run_when_due_and_can_be_cancelled()
         409,
         "a finished request cannot be cancelled"
     );
-    // Credentials are never stored, so a scheduled request cannot carry them.
+    // A scheduled request may carry credentials: they wait in PostgreSQL sealed.
     let mut with_creds = later.clone();
     with_creds["id"] = json!("s-3");
-    with_creds["credentials"] = json!({"k": "v"});
-    assert_eq!(env.submit(&qm, &with_creds).await?.0, 422);
+    with_creds["credentials"] = json!({"k": "clear-value-s3"});
+    assert_eq!(env.submit(&qm, &with_creds).await?.0, 202);
+    let stored: Value = env
+        .pg()
+        .await?
+        .query_one("SELECT envelope FROM requests WHERE id = 's-3'", &[])
+        .await?
+        .get(0);
+    assert_eq!(stored["credentials"]["sealed"], "chacha20poly1305", "{stored}");
+    assert!(!stored.to_string().contains("clear-value-s3"), "{stored}");
     drop((qm, engine));
     env.cleanup().await;
     Ok(())

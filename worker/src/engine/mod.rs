@@ -79,6 +79,8 @@ pub struct Engine {
     amqp_users: Mutex<HashMap<String, (PrincipalRef, Instant)>>,
     /// Recovers an earlier attempt of a redelivered request before running it again.
     pub recovery: Option<Arc<crate::recovery::Recovery>>,
+    /// Opens sealed credentials for the provider call, seals them again for a retry.
+    pub keyring: provisio_shared::sealing::Keyring,
 }
 
 impl Engine {
@@ -93,6 +95,8 @@ impl Engine {
         ready: Readiness,
     ) -> Self {
         let topology = Topology::new(&cfg.amqp);
+        // The configured keyring replaces this default in `main` (configuration checked it).
+        let cfg_signing_key = cfg.security.signing_key.clone();
         let engine_id = format!("engine-{}", Uuid::now_v7());
         Self {
             cfg,
@@ -108,6 +112,9 @@ impl Engine {
             leases: Mutex::new(HashMap::new()),
             amqp_users: Mutex::new(HashMap::new()),
             recovery: None,
+            keyring: provisio_shared::sealing::Keyring::derived(
+                cfg_signing_key.expose(),
+            ),
         }
     }
 
