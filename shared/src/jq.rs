@@ -11,6 +11,9 @@ use jaq_core::{Compiler, Ctx, Vars, data, unwrap_valr};
 use jaq_json::{Num, Val};
 use serde_json::Value;
 
+#[path = "jq_nesting.rs"]
+mod nesting;
+
 type JqFilter = jaq_core::Filter<data::JustLut<Val>>;
 
 /// Why an expression does not compile. Carries the source so that the message can point at it.
@@ -48,6 +51,13 @@ impl Expr {
             expr: source.to_owned(),
             reason,
         };
+        let depth = nesting::depth(source);
+        if depth > nesting::MAX_NESTING {
+            return Err(fail(format!(
+                "nested {depth} levels deep; at most {} are allowed",
+                nesting::MAX_NESTING
+            )));
+        }
         let defs = jaq_core::defs()
             .chain(jaq_std::defs())
             .chain(jaq_json::defs());

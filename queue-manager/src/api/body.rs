@@ -28,8 +28,12 @@ impl<T: DeserializeOwned> FromRequest<Arc<App>> for JsonBody<T> {
         let bytes = axum::body::to_bytes(req.into_body(), limit)
             .await
             .map_err(|_| ApiError::TooLarge(limit))?;
-        let value: T = serde_json::from_slice(&bytes)
-            .map_err(|e| ApiError::Malformed(format!("request body: {e}")))?;
-        Ok(JsonBody(value))
+        parse_json(&bytes).map(JsonBody)
     }
+}
+
+/// A JSON body as every route reads it: any failure (not UTF-8, truncated, wrong type,
+/// unknown field, nested past serde_json's recursion limit) is a `400 malformed`.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| ApiError::Malformed(format!("request body: {e}")))
 }

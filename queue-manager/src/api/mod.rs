@@ -3,6 +3,7 @@
 
 mod audit;
 mod body;
+pub mod checks;
 mod dead_letters;
 pub mod error;
 mod namespaces;

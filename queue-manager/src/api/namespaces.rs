@@ -31,6 +31,40 @@ fn invalid(problems: Vec<Problem>) -> ApiError {
     }
 }
 
+/// The body of `PUT /v1/namespaces/{name}` read as a document of that namespace (not yet
+/// compiled): `413` past `limit`, `400` when not UTF-8, `422` when not YAML or JSON or when it
+/// names another namespace. Also the property tests' way in (`check_namespace_body`).
+pub(crate) fn read_document<'b>(
+    name: &str,
+    body: &'b [u8],
+    limit: usize,
+) -> Result<(Value, &'b str), ApiError> {
+    if body.len() > limit {
+        return Err(ApiError::TooLarge(limit));
+    }
+    let text = std::str::from_utf8(body)
+        .map_err(|_| ApiError::Malformed("namespace document is not UTF-8".into()))?;
+    let doc = procedure::parse_document(text).map_err(|p| invalid(vec![p]))?;
+    if doc.get("namespace").and_then(Value::as_str) != Some(name) {
+        return Err(invalid(vec![Problem {
+            path: "namespace".into(),
+            message: format!("the document must name the namespace `{name}` of its URL"),
+        }]));
+    }
+    Ok((doc, text))
+}
+
+/// Compiles a document read by [`read_document`]; `422` with every problem when invalid.
+pub(crate) fn compile_document(
+    doc: &Value,
+    catalog: &dyn procedure::Catalog,
+    known: &dyn ExternalProcedures,
+) -> Result<(), ApiError> {
+    procedure::compile(doc, 0, catalog, known)
+        .map(|_| ())
+        .map_err(invalid)
+}
+
 pub async fn apply(
     State(app): State<Arc<App>>,
     caller: Caller,
@@ -38,19 +72,7 @@ pub async fn apply(
     body: Bytes,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     caller.require(Permission::Admin)?;
-    let limit = app.cfg.queue_manager.max_body_bytes;
-    if body.len() > limit {
-        return Err(ApiError::TooLarge(limit));
-    }
-    let text = std::str::from_utf8(&body)
-        .map_err(|_| ApiError::Malformed("namespace document is not UTF-8".into()))?;
-    let doc = procedure::parse_document(text).map_err(|p| invalid(vec![p]))?;
-    if doc.get("namespace").and_then(Value::as_str) != Some(name.as_str()) {
-        return Err(invalid(vec![Problem {
-            path: "namespace".into(),
-            message: format!("the document must name the namespace `{name}` of its URL"),
-        }]));
-    }
+    let (doc, text) = read_document(&name, &body, app.cfg.queue_manager.max_body_bytes)?;
     let mut client = app.pool.get().await.map_err(ApiError::db)?;
     let rows = client
         .query(
@@ -72,7 +94,7 @@ pub async fn apply(
             })
             .collect(),
     );
-    procedure::compile(&doc, 0, app.namespaces.catalog(), &known).map_err(invalid)?;
+    compile_document(&doc, app.namespaces.catalog(), &known)?;
 
     let tx = client.transaction().await.map_err(ApiError::db)?;
     // Serialize concurrent applies of the same namespace.

@@ -187,8 +187,33 @@ pub fn with_inline(
     })
 }
 
+/// Past this many brackets open at once, a document is refused before the YAML parser sees
+/// it: its time grows with the square of the nesting (seconds for a few thousand levels), and
+/// it refuses anything past 128 levels anyway.
+const MAX_OPEN_BRACKETS: usize = 1024;
+
 /// Parses YAML or JSON text into a document; YAML is a superset, so one parser serves both.
 pub fn parse_document(text: &str) -> Result<serde_json::Value, Problem> {
+    // Counted without regard to quoting: a bound, not a measure.
+    let (mut open, mut most) = (0usize, 0usize);
+    for b in text.bytes() {
+        match b {
+            b'[' | b'{' => {
+                open += 1;
+                most = most.max(open);
+            }
+            b']' | b'}' => open = open.saturating_sub(1),
+            _ => {}
+        }
+    }
+    if most > MAX_OPEN_BRACKETS {
+        return Err(Problem {
+            path: String::new(),
+            message: format!(
+                "not valid YAML or JSON: more than {MAX_OPEN_BRACKETS} brackets open at once"
+            ),
+        });
+    }
     serde_norway::from_str::<serde_json::Value>(text).map_err(|e| Problem {
         path: String::new(),
         message: format!("not valid YAML or JSON: {e}"),

@@ -17,6 +17,7 @@ use serde_json::{Value, json};
 
 mod submit;
 
+pub(crate) use submit::{check_batch_body, check_body};
 pub use submit::{submit, submit_batch, submit_trusted};
 
 use super::{ApiError, Caller};

@@ -135,14 +135,10 @@ pub async fn submit_batch(
     query: Result<Query<SubmitQuery>, QueryRejection>,
     JsonBody(items): JsonBody<Vec<Value>>,
 ) -> Result<Json<Value>, ApiError> {
-    const MAX_ITEMS: usize = 1000;
     let Query(query) =
         query.map_err(|e| ApiError::Malformed(format!("query: {}", e.body_text())))?;
-    if items.len() > MAX_ITEMS {
-        return Err(ApiError::Malformed(format!(
-            "a batch holds at most {MAX_ITEMS} requests, this one {}",
-            items.len()
-        )));
+    if items.len() > MAX_BATCH_ITEMS {
+        return Err(too_many(items.len()));
     }
     rate_limit(&app, &caller, items.len())?;
     let deadline = query.wait.map(|w| {
@@ -181,6 +177,14 @@ pub async fn submit_batch(
     });
     let results = futures_util::future::join_all(work).await;
     Ok(Json(json!({"results": results})))
+}
+
+const MAX_BATCH_ITEMS: usize = 1000;
+
+fn too_many(n: usize) -> ApiError {
+    ApiError::Malformed(format!(
+        "a batch holds at most {MAX_BATCH_ITEMS} requests, this one {n}"
+    ))
 }
 
 /// Waits until `deadline` for request `id`, accepted with `status`, to finish; its record
@@ -302,6 +306,46 @@ async fn accept_one(
             trusted,
         })
         .await
+}
+
+/// What the submission routes answer for a body before anything is looked up, for a caller
+/// with every permission: the same extractor and the same checks, in the same order, as
+/// [`submit`] and [`submit_trusted`]. The property tests' way in (`api::checks`).
+pub(crate) fn check_body(bytes: &[u8], trusted: bool) -> Result<(), ApiError> {
+    check_parsed(crate::api::body::parse_json(bytes)?, trusted)
+}
+
+/// As [`check_body`] for `POST /v1/requests:batch`: the whole body refused, or one answer
+/// per element.
+pub(crate) fn check_batch_body(bytes: &[u8]) -> Result<Vec<Result<(), ApiError>>, ApiError> {
+    let items: Vec<Value> = crate::api::body::parse_json(bytes)?;
+    if items.len() > MAX_BATCH_ITEMS {
+        return Err(too_many(items.len()));
+    }
+    Ok(items
+        .into_iter()
+        .map(|item| {
+            let body = serde_json::from_value(item)
+                .map_err(|e| ApiError::Malformed(format!("request: {e}")))?;
+            check_parsed(body, false)
+        })
+        .collect())
+}
+
+fn check_parsed(body: SubmitBody, trusted: bool) -> Result<(), ApiError> {
+    let everyone = Caller(provisio_shared::domain::PrincipalRef {
+        id: uuid::Uuid::nil(),
+        name: "property-test".into(),
+        permissions: vec![Permission::Admin.as_str().into()],
+    });
+    if let Some(id) = &body.id {
+        RequestId::parse(id.clone()).map_err(|e| ApiError::Malformed(e.to_string()))?;
+    }
+    check_permissions(&everyone, &body, trusted)?;
+    check_options(&body)?;
+    Name::parse(body.namespace).map_err(|e| ApiError::NotFound(format!("namespace: {e}")))?;
+    Name::parse(body.procedure).map_err(|e| ApiError::NotFound(format!("procedure: {e}")))?;
+    Ok(())
 }
 
 /// The permissions the request needs, and trusted-only fields kept off the queued route.
