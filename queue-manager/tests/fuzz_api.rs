@@ -127,7 +127,8 @@ enum Defect {
     BadName(&'static str, String),
     BadPriority(String),
     TooManyRetries(u32),
-    CredentialsWithRetry,
+    /// `retry.on_exhausted` other than `fail`/`park` (credentials with a retry are fine: sealed).
+    UnknownOnExhausted,
     /// `input` nested past serde_json's recursion limit.
     Deep(usize),
     /// A trusted-only field on the queued route.
@@ -186,7 +187,7 @@ fn defect() -> impl Strategy<Value = Defect> {
                 .contains(&p.as_str()))
             .prop_map(Defect::BadPriority),
         (101u32..).prop_map(Defect::TooManyRetries),
-        Just(Defect::CredentialsWithRetry),
+        Just(Defect::UnknownOnExhausted),
         (128usize..50_000).prop_map(Defect::Deep),
         prop::sample::select(vec!["run_as", "steps", "output", "transaction"])
             .prop_map(Defect::TrustedField),
@@ -220,7 +221,7 @@ fn broken(d: &Defect) -> (Vec<u8>, bool) {
         Defect::BadName(f, n) => v[*f] = json!(n),
         Defect::BadPriority(p) => v["priority"] = json!(p),
         Defect::TooManyRetries(n) => v["retry"]["count"] = json!(n),
-        Defect::CredentialsWithRetry => v["credentials"] = json!({"token": "t"}),
+        Defect::UnknownOnExhausted => v["retry"]["on_exhausted"] = json!("never"),
         Defect::Deep(depth) => {
             let text = v.to_string().replace(
                 r#"{"name":"Ada"}"#,
