@@ -143,6 +143,11 @@ fn build_app(cfg: &Config, pool: &Pool, publisher: &Publisher, ready: &Readiness
         cfg.security.signing_key.clone(),
         ready.clone(),
     );
+    let keys = Arc::new(KeyStore::new(
+        pool.clone(),
+        Duration::from_secs(cfg.queue_manager.key_cache_seconds),
+    ));
+    keys.listen(&cfg.database.url);
     let waiters = Arc::new(provisio_queue_manager::wait::Waiters::default());
     waiters.follow(cfg.amqp.url.expose().to_owned(), Topology::new(&cfg.amqp));
     Arc::new(App {
@@ -151,10 +156,8 @@ fn build_app(cfg: &Config, pool: &Pool, publisher: &Publisher, ready: &Readiness
         ),
         acceptor,
         waiters,
-        keys: KeyStore::new(
-            pool.clone(),
-            Duration::from_secs(cfg.queue_manager.key_cache_seconds),
-        ),
+        keys,
+        security: provisio_queue_manager::denials::SecurityEvents::start(pool.clone()),
         namespaces,
         publisher: publisher.clone(),
         ready: ready.clone(),
