@@ -265,7 +265,8 @@ async fn denials_are_audited_and_counted(env: &TestEnv, qm: &Proc) -> R {
 }
 
 /// A scheduled request runs with its principal's permissions when it is due, not with those
-/// it was submitted with: withdrawn meanwhile, it is dead-lettered as `forbidden`.
+/// it was submitted with: withdrawn meanwhile, it is dead-lettered as `forbidden`. (Request-level
+/// retries and resumed requests come back through the same scheduler and engine check.)
 #[tokio::test]
 async fn a_scheduled_request_whose_principal_lost_execute_is_not_run() -> R {
     let env = TestEnv::new("grants-scheduled").await?;
@@ -279,7 +280,8 @@ async fn a_scheduled_request_whose_principal_lost_execute_is_not_run() -> R {
     put_grants(&env, &qm, "later", json!(["execute"])).await?;
     let mut body = request("demo", "hello", json!({"name": "later"}));
     body["id"] = json!("grants-later");
-    body["not_before"] = json!((chrono::Utc::now() + chrono::Duration::seconds(3)).to_rfc3339());
+    // Due later than the withdrawal below can take on a loaded machine; made due after it.
+    body["not_before"] = json!((chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339());
     let r = env
         .http
         .post(format!("{}/v1/requests", qm.url))
@@ -295,6 +297,15 @@ async fn a_scheduled_request_whose_principal_lost_execute_is_not_run() -> R {
         "{accepted}"
     );
     put_grants(&env, &qm, "later", json!([])).await?;
+    let due = env
+        .pg()
+        .await?
+        .execute(
+            "UPDATE requests SET not_before = now() WHERE id = 'grants-later' AND status = 'scheduled'",
+            &[],
+        )
+        .await?;
+    assert_eq!(due, 1, "still scheduled when the grant was withdrawn");
 
     let record = eventually(Duration::from_mins(1), "the request refused", || async {
         let (_, r) = env.get_request(&qm, "grants-later").await?;
