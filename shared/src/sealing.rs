@@ -70,8 +70,15 @@ impl Keyring {
                 .split_once(':')
                 .ok_or_else(|| SealError::BadKeys("each key is `id:hex`".into()))?;
             let id = id.trim();
-            if id.is_empty() || id.len() > 32 || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-                return Err(SealError::BadKeys(format!("`{id}` is not a key id (letters, digits, - and _, at most 32)")));
+            if id.is_empty()
+                || id.len() > 32
+                || !id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(SealError::BadKeys(format!(
+                    "`{id}` is not a key id (letters, digits, - and _, at most 32)"
+                )));
             }
             let bytes = hex::decode(hex_key.trim())
                 .map_err(|_| SealError::BadKeys(format!("key `{id}` is not hex")))?;
@@ -81,7 +88,10 @@ impl Keyring {
                     bytes.len()
                 )));
             }
-            if keys.insert(id.to_owned(), *Key::from_slice(&bytes)).is_some() {
+            if keys
+                .insert(id.to_owned(), *Key::from_slice(&bytes))
+                .is_some()
+            {
                 return Err(SealError::BadKeys(format!("key id `{id}` appears twice")));
             }
             current.get_or_insert_with(|| id.to_owned());
@@ -99,7 +109,7 @@ impl Keyring {
     pub fn derived(signing_key: &str) -> Self {
         let mut keys = HashMap::new();
         // HMAC accepts keys of any length; `new_from_slice` cannot fail for it.
-        let key = match Hmac::<Sha256>::new_from_slice(signing_key.as_bytes()) {
+        let key = match <Hmac<Sha256> as Mac>::new_from_slice(signing_key.as_bytes()) {
             Ok(mut mac) => {
                 mac.update(b"provisio credentials sealing v1");
                 *Key::from_slice(&mac.finalize().into_bytes())
@@ -231,7 +241,11 @@ mod tests {
         assert_eq!(ring.current_id(), DERIVED_KEY_ID);
         let mut sealed = ring.seal(&json!({"a": 1}), "r");
         let ct = sealed["ct"].as_str().expect("ct").to_owned();
-        let flipped = format!("{}{}", if ct.starts_with('0') { "1" } else { "0" }, &ct[1..]);
+        let flipped = format!(
+            "{}{}",
+            if ct.starts_with('0') { "1" } else { "0" },
+            &ct[1..]
+        );
         sealed["ct"] = json!(flipped);
         assert_eq!(ring.open(&sealed, "r"), Err(SealError::DoesNotOpen));
         sealed["nonce"] = json!("zz");
@@ -240,7 +254,10 @@ mod tests {
         assert!(Keyring::new("nocolon", "s").is_err());
         assert!(Keyring::new(&format!("k1:{K1},k1:{K2}"), "s").is_err());
         // Debug output names key ids, never keys.
-        let shown = format!("{:?}", Keyring::new(&format!("k1:{K1}"), "s").expect("keys"));
+        let shown = format!(
+            "{:?}",
+            Keyring::new(&format!("k1:{K1}"), "s").expect("keys")
+        );
         assert!(!shown.contains(K1) && shown.contains("k1"), "{shown}");
     }
 }

@@ -639,7 +639,10 @@ async fn scheduled_requests_wait_in_postgres_run_when_due_and_can_be_cancelled()
         .query_one("SELECT envelope FROM requests WHERE id = 's-3'", &[])
         .await?
         .get(0);
-    assert_eq!(stored["credentials"]["sealed"], "chacha20poly1305", "{stored}");
+    assert_eq!(
+        stored["credentials"]["sealed"], "chacha20poly1305",
+        "{stored}"
+    );
     assert!(!stored.to_string().contains("clear-value-s3"), "{stored}");
     drop((qm, engine));
     env.cleanup().await;

@@ -112,9 +112,7 @@ impl Engine {
             leases: Mutex::new(HashMap::new()),
             amqp_users: Mutex::new(HashMap::new()),
             recovery: None,
-            keyring: provisio_shared::sealing::Keyring::derived(
-                cfg_signing_key.expose(),
-            ),
+            keyring: provisio_shared::sealing::Keyring::derived(cfg_signing_key.expose()),
         }
     }
 

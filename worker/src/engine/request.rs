@@ -97,7 +97,13 @@ impl Engine {
         };
         let credentials = resolved.credentials.unwrap_or_default();
         let outcome = self
-            .execute(env, resolved.acting, credentials, (&ns, &procedure), attempt)
+            .execute(
+                env,
+                resolved.acting,
+                credentials,
+                (&ns, &procedure),
+                attempt,
+            )
             .await;
         // Labels from the namespace that ran, never from what the client chose: inline
         // procedures are `inline`, so metric cardinality stays bounded.
@@ -112,13 +118,8 @@ impl Engine {
         if outcome.rolled_back > 0 {
             metrics::counter!(provisio_shared::metrics::ROLLBACKS, "namespace" => ns_label.clone(), "procedure" => proc_label.clone()).increment(1);
         }
-        let (decided, leftovers) = decide(
-            env,
-            outcome,
-            procedure.model,
-            attempt.number,
-            &self.keyring,
-        );
+        let (decided, leftovers) =
+            decide(env, outcome, procedure.model, attempt.number, &self.keyring);
         let (status, output, error) = (
             decided.status,
             decided.output.clone(),
@@ -183,10 +184,9 @@ impl Engine {
         };
         let model = procedure.as_ref().map_or(TxModel::Read, |p| p.model);
         let credentials = match &env.credentials {
-            Some(c) if principal.has(Permission::ExecuteWithCredentials.as_str()) => self
-                .keyring
-                .open(c, env.id.as_str())
-                .map(Some),
+            Some(c) if principal.has(Permission::ExecuteWithCredentials.as_str()) => {
+                self.keyring.open(c, env.id.as_str()).map(Some)
+            }
             _ => Ok(None),
         };
         Ok(Resolved {
