@@ -403,20 +403,12 @@ async fn publish_new<'a>(
             // The broker may have the message: refusing would be a 503 for a request that
             // runs. Keep the row instead, as a scheduled request the scheduler publishes
             // unless an engine has started it by then: accepted either way.
-            Err(e) if e.may_have_been_published() && subs[i].envelope.credentials.is_none() => {
+            // (Credentials, if any, are sealed: the kept envelope holds them only sealed.)
+            Err(e) if e.may_have_been_published() => {
                 tracing::warn!(request_id = %subs[i].envelope.id, error = %e,
                     "publish in doubt; accepted, republished later unless an engine starts it");
                 in_doubt.push(i);
                 answers[i] = Some(Ok("queued".to_owned()));
-            }
-            // Credentials are never stored, so such a request cannot wait for republishing:
-            // the producer must learn that it may have been queued.
-            Err(e) if e.may_have_been_published() => {
-                failed.push(subs[i].envelope.id.as_str());
-                answers[i] = Some(Err(ApiError::Unavailable(format!(
-                    "the broker connection failed before it confirmed this request, which may \
-                     therefore be queued; retry with the same id: {e}"
-                ))));
             }
             Err(e) => {
                 failed.push(subs[i].envelope.id.as_str());

@@ -20,6 +20,8 @@ pub struct App {
     pub ready: Readiness,
     pub acceptor: crate::accept::Acceptor,
     pub waiters: std::sync::Arc<crate::wait::Waiters>,
+    /// Seals request credentials before they are stored or published.
+    pub keyring: provisio_shared::sealing::Keyring,
     /// Per-principal submission limits; `None` when off.
     pub rate_limits: Option<crate::ratelimit::RateLimits>,
 }

@@ -63,7 +63,7 @@ async fn main() -> anyhow::Result<()> {
         // Not fatal: requests get 503 until the broker is back, and `/readyz` says so.
         Err(e) => tracing::warn!(error = %e, "broker not reachable at start-up"),
     }
-    let app = build_app(&cfg, &pool, &publisher, &ready);
+    let app = build_app(&cfg, &pool, &publisher, &ready)?;
 
     // Keep readiness and the broker gauge current without waiting for traffic.
     let watch = {
@@ -129,7 +129,12 @@ async fn prepare_database(cfg: &Config) -> anyhow::Result<Pool> {
 }
 
 /// The state the API handlers share, with the acceptor and the waiters started.
-fn build_app(cfg: &Config, pool: &Pool, publisher: &Publisher, ready: &Readiness) -> Arc<App> {
+fn build_app(
+    cfg: &Config,
+    pool: &Pool,
+    publisher: &Publisher,
+    ready: &Readiness,
+) -> anyhow::Result<Arc<App>> {
     let namespaces = Arc::new(NamespaceCache::new(
         pool.clone(),
         Box::new(StandardCatalog::from_config(cfg)),
@@ -150,7 +155,9 @@ fn build_app(cfg: &Config, pool: &Pool, publisher: &Publisher, ready: &Readiness
     keys.listen(&cfg.database.url);
     let waiters = Arc::new(provisio_queue_manager::wait::Waiters::default());
     waiters.follow(cfg.amqp.url.expose().to_owned(), Topology::new(&cfg.amqp));
-    Arc::new(App {
+    Ok(Arc::new(App {
+        keyring: provisio_shared::sealing::Keyring::from_config(&cfg.security)
+            .context("security.credential_keys")?,
         rate_limits: provisio_queue_manager::ratelimit::RateLimits::new(
             &cfg.queue_manager.rate_limit,
         ),
@@ -163,5 +170,5 @@ fn build_app(cfg: &Config, pool: &Pool, publisher: &Publisher, ready: &Readiness
         ready: ready.clone(),
         pool: pool.clone(),
         cfg: cfg.clone(),
-    })
+    }))
 }

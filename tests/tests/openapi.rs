@@ -234,7 +234,7 @@ async fn the_running_service_matches_its_openapi_document() -> anyhow::Result<()
         .0,
         413
     );
-    let scheduled = json!({"namespace": "demo", "procedure": "hello", "retry": {"count": 1, "interval_ms": 10, "on_exhausted": "never"}});
+    let scheduled = json!({"namespace": "demo", "procedure": "hello", "retry": {"count": 101, "interval_ms": 10}});
     assert_eq!(
         call!(
             "/v1/requests",

@@ -4,7 +4,7 @@ use futures_util::StreamExt;
 use lapin::BasicProperties;
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions};
 use lapin::types::FieldTable;
-use provisio_tests::{TestEnv, demo_namespace, request};
+use provisio_tests::{Proc, TestEnv, demo_namespace, request};
 use serde_json::{Value, json};
 
 type R = anyhow::Result<()>;
@@ -156,6 +156,25 @@ async fn a_malformed_message_lands_in_the_dead_queue_and_the_engine_goes_on() ->
     Ok(())
 }
 
+/// `on_exhausted` has two values; anything else is a malformed body that names them.
+async fn on_exhausted_is_typed(env: &TestEnv, qm: &Proc) -> R {
+    let (status, b) = env
+        .submit(
+            qm,
+            &json!({"namespace": "demo", "procedure": "hello",
+                    "retry": {"count": 1, "interval_ms": 10, "on_exhausted": "never"}}),
+        )
+        .await?;
+    assert_eq!(status, 400, "{b}");
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("`fail`") && m.contains("`park`")),
+        "{b}"
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn api_errors_are_json_with_the_right_status() -> R {
     let env = TestEnv::new("errors").await?;
@@ -208,6 +227,7 @@ async fn api_errors_are_json_with_the_right_status() -> R {
         )
         .await?;
     assert_eq!(status, 400);
+    on_exhausted_is_typed(&env, &qm).await?;
 
     let big = json!({"namespace": "demo", "procedure": "hello", "input": {"pad": "x".repeat(300 * 1024)}});
     let (status, b) = env.submit(&qm, &big).await?;
@@ -608,11 +628,22 @@ async fn scheduled_requests_wait_in_postgres_run_when_due_and_can_be_cancelled()
         409,
         "a finished request cannot be cancelled"
     );
-    // Credentials are never stored, so a scheduled request cannot carry them.
+    // A scheduled request may carry credentials: they wait in PostgreSQL sealed.
     let mut with_creds = later.clone();
     with_creds["id"] = json!("s-3");
-    with_creds["credentials"] = json!({"k": "v"});
-    assert_eq!(env.submit(&qm, &with_creds).await?.0, 422);
+    with_creds["credentials"] = json!({"k": "clear-value-s3"});
+    assert_eq!(env.submit(&qm, &with_creds).await?.0, 202);
+    let stored: Value = env
+        .pg()
+        .await?
+        .query_one("SELECT envelope FROM requests WHERE id = 's-3'", &[])
+        .await?
+        .get(0);
+    assert_eq!(
+        stored["credentials"]["sealed"], "chacha20poly1305",
+        "{stored}"
+    );
+    assert!(!stored.to_string().contains("clear-value-s3"), "{stored}");
     drop((qm, engine));
     env.cleanup().await;
     Ok(())

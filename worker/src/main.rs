@@ -109,6 +109,8 @@ async fn main() -> anyhow::Result<()> {
         ready.clone(),
     );
     engine.recovery = Some(recovery);
+    engine.keyring = provisio_shared::sealing::Keyring::from_config(&cfg.security)
+        .context("security.credential_keys")?;
     let engine = Arc::new(engine);
 
     let listener = tokio::net::TcpListener::bind(cfg.engine.listen)

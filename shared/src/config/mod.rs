@@ -262,6 +262,11 @@ pub struct SecurityConfig {
     /// Becomes the first admin's API key when no admin exists yet.
     pub bootstrap_admin_key: Secret,
     pub bootstrap_admin_key_file: Option<PathBuf>,
+    /// Keys that seal request credentials at rest: `id:hex[,id:hex…]` (32-byte keys, 64 hex
+    /// digits), the first one sealing, all of them opening (rotation). Empty: one key derived
+    /// from `signing_key` (`shared::sealing`).
+    pub credential_keys: Secret,
+    pub credential_keys_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
@@ -399,6 +404,7 @@ const SECRET_KEYS: &[&str] = &[
     "amqp.url",
     "security.signing_key",
     "security.bootstrap_admin_key",
+    "security.credential_keys",
 ];
 
 impl Config {
@@ -485,6 +491,10 @@ impl Config {
             &mut self.security.bootstrap_admin_key,
             self.security.bootstrap_admin_key_file.as_ref(),
         )?;
+        read(
+            &mut self.security.credential_keys,
+            self.security.credential_keys_file.as_ref(),
+        )?;
         for target in self.providers.sql.targets.values_mut() {
             let file = target.url_file.clone();
             read(&mut target.url, file.as_ref())?;
@@ -493,6 +503,8 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        crate::sealing::Keyring::from_config(&self.security)
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         let p = &self.amqp.prefix;
         if p.is_empty()
             || p.len() > 64

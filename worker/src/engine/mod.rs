@@ -80,6 +80,8 @@ pub struct Engine {
     principals: Mutex<HashMap<envelope::Who, (Option<PrincipalRef>, Instant)>>,
     /// Recovers an earlier attempt of a redelivered request before running it again.
     pub recovery: Option<Arc<crate::recovery::Recovery>>,
+    /// Opens sealed credentials for the provider call, seals them again for a retry.
+    pub keyring: provisio_shared::sealing::Keyring,
 }
 
 impl Engine {
@@ -94,6 +96,8 @@ impl Engine {
         ready: Readiness,
     ) -> Self {
         let topology = Topology::new(&cfg.amqp);
+        // The configured keyring replaces this default in `main` (configuration checked it).
+        let cfg_signing_key = cfg.security.signing_key.clone();
         let engine_id = format!("engine-{}", Uuid::now_v7());
         Self {
             cfg,
@@ -109,6 +113,7 @@ impl Engine {
             leases: Mutex::new(HashMap::new()),
             principals: Mutex::new(HashMap::new()),
             recovery: None,
+            keyring: provisio_shared::sealing::Keyring::derived(cfg_signing_key.expose()),
         }
     }
 

@@ -13,6 +13,7 @@ use provisio_shared::domain::{
     Envelope, OnExhausted, Permission, PrincipalRef, RequestKind, Status, TxModel, TxStatus,
 };
 use provisio_shared::procedure::{Access, Namespace, Problem, Procedure};
+use provisio_shared::sealing::{Keyring, SealError};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -30,6 +31,9 @@ struct Resolved {
     inline_problems: Option<Vec<Problem>>,
     /// `None`: `run_as` names no enabled principal.
     acting: Option<PrincipalRef>,
+    /// The credentials in clear, for a submitter allowed to pass them; `Err` when sealed
+    /// credentials do not open (a key this engine lacks, or tampering).
+    credentials: Result<Option<Value>, SealError>,
     model: TxModel,
 }
 
@@ -94,8 +98,15 @@ impl Engine {
                 .refuse(env, props, begin, attempt, resolved.model, refusal)
                 .await;
         };
+        let credentials = resolved.credentials.unwrap_or_default();
         let outcome = self
-            .execute(env, &principal, resolved.acting, (&ns, &procedure), attempt)
+            .execute(
+                env,
+                resolved.acting,
+                credentials,
+                (&ns, &procedure),
+                attempt,
+            )
             .await;
         // Labels from the namespace that ran, never from what the client chose: inline
         // procedures are `inline`, so metric cardinality stays bounded.
@@ -110,7 +121,8 @@ impl Engine {
         if outcome.rolled_back > 0 {
             metrics::counter!(provisio_shared::metrics::ROLLBACKS, "namespace" => ns_label.clone(), "procedure" => proc_label.clone()).increment(1);
         }
-        let (decided, leftovers) = decide(env, outcome, procedure.model, attempt.number);
+        let (decided, leftovers) =
+            decide(env, outcome, procedure.model, attempt.number, &self.keyring);
         let (status, output, error) = (
             decided.status,
             decided.output.clone(),
@@ -174,11 +186,18 @@ impl Engine {
             _ => Some(principal.clone()),
         };
         let model = procedure.as_ref().map_or(TxModel::Read, |p| p.model);
+        let credentials = match &env.credentials {
+            Some(c) if principal.has(Permission::ExecuteWithCredentials.as_str()) => {
+                self.keyring.open(c, env.id.as_str()).map(Some)
+            }
+            _ => Ok(None),
+        };
         Ok(Resolved {
             namespace,
             procedure,
             inline_problems,
             acting,
+            credentials,
             model,
         })
     }
@@ -236,8 +255,8 @@ impl Engine {
     async fn execute(
         &self,
         env: &Envelope,
-        principal: &PrincipalRef,
         acting: Option<PrincipalRef>,
+        credentials: Option<Value>,
         (ns, procedure): (&Arc<Namespace>, &Arc<Procedure>),
         attempt: Attempt,
     ) -> Outcome {
@@ -248,11 +267,6 @@ impl Engine {
             self.hold_lease(tx_id, attempt.server)
         };
         let sink = self.log.sink(attempt.server);
-        let credentials = if principal.has(Permission::ExecuteWithCredentials.as_str()) {
-            env.credentials.clone()
-        } else {
-            None
-        };
         let request_ctx = json!({"id": env.id, "namespace": env.namespace, "procedure": env.procedure, "priority": env.priority, "attempt": attempt.number});
         let test = &self.cfg.providers.test;
         let run = Run::new(
@@ -348,6 +362,9 @@ fn refusal(env: &Envelope, principal: &PrincipalRef, r: &Resolved) -> Option<Val
             format!("the inline procedure is invalid: {:?}", Some(problems)),
         );
     }
+    if let Err(e) = &r.credentials {
+        return refuse("credentials_unreadable", e.to_string());
+    }
     if r.acting.is_none() {
         return refuse(
             "unknown_principal",
@@ -388,7 +405,13 @@ struct Leftovers {
 /// The outcome to write: statuses from the run's result, and a request-level retry — a cleanly
 /// failed attempt runs again later (from PostgreSQL, via the scheduler), or parks for an
 /// operator once the retries are spent.
-fn decide(env: &Envelope, outcome: Outcome, model: TxModel, attempt: i32) -> (Decided, Leftovers) {
+fn decide(
+    env: &Envelope,
+    outcome: Outcome,
+    model: TxModel,
+    attempt: i32,
+    keyring: &Keyring,
+) -> (Decided, Leftovers) {
     let (tx_status, status, output, error) = match &outcome.result {
         Ok(out) => (
             TxStatus::Committed,
@@ -420,7 +443,7 @@ fn decide(env: &Envelope, outcome: Outcome, model: TxModel, attempt: i32) -> (De
                 + chrono::Duration::milliseconds(
                     i64::try_from(policy.interval_ms).unwrap_or(i64::MAX),
                 );
-            (Status::Scheduled, kept_envelope(env, at))
+            (Status::Scheduled, kept_envelope(env, at, keyring))
         }
         (Some(policy), Status::Failed)
             if model != TxModel::Read && policy.on_exhausted == OnExhausted::Park =>
@@ -428,7 +451,7 @@ fn decide(env: &Envelope, outcome: Outcome, model: TxModel, attempt: i32) -> (De
             // The envelope is kept as for a retry, so that an operator can resume the request
             // (`POST /v1/requests/{id}:resume`); the time is only where the row's `not_before`
             // points meanwhile: nothing publishes a parked request.
-            (Status::Parked, kept_envelope(env, Utc::now()))
+            (Status::Parked, kept_envelope(env, Utc::now(), keyring))
         }
         (_, s) => (s, None),
     };
@@ -450,10 +473,17 @@ fn decide(env: &Envelope, outcome: Outcome, model: TxModel, attempt: i32) -> (De
     (decided, leftovers)
 }
 
-/// The envelope a retried or parked request runs from later, without credentials (they are
-/// never stored at rest).
-fn kept_envelope(env: &Envelope, at: DateTime<Utc>) -> Option<(DateTime<Utc>, Value)> {
+/// The envelope a retried or parked request runs from later, its credentials sealed (those
+/// of a direct AMQP producer arrive clear; nothing is stored clear).
+fn kept_envelope(
+    env: &Envelope,
+    at: DateTime<Utc>,
+    keyring: &Keyring,
+) -> Option<(DateTime<Utc>, Value)> {
     let mut again = env.clone();
-    again.credentials = None;
+    again.credentials = env
+        .credentials
+        .as_ref()
+        .map(|c| keyring.seal(c, env.id.as_str()));
     serde_json::to_value(&again).ok().map(|e| (at, e))
 }

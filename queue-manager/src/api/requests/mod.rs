@@ -29,20 +29,26 @@ fn strip_owner(mut rec: Value) -> Value {
     rec
 }
 
-pub async fn get(
-    State(app): State<Arc<App>>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+/// The request's record if the caller may see it: its submitter and admins may; anyone else
+/// is told it does not exist (so ids cannot be probed).
+async fn visible_record(app: &App, caller: &Caller, id: &str) -> Result<Value, ApiError> {
     let not_found = || ApiError::NotFound(format!("request `{id}` does not exist"));
-    let rec = record(&app, &id).await?.ok_or_else(not_found)?;
-    // Only the submitter and admins may see a request; others are told it does not exist.
+    let rec = record(app, id).await?.ok_or_else(not_found)?;
     let owner = rec["principal_id"]
         .as_str()
         .and_then(|s| uuid::Uuid::parse_str(s).ok());
     if owner != Some(caller.0.id) && !caller.has(Permission::Admin) {
         return Err(not_found());
     }
+    Ok(rec)
+}
+
+pub async fn get(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let rec = visible_record(&app, &caller, &id).await?;
     Ok(Json(strip_owner(rec)))
 }
 
@@ -53,14 +59,7 @@ pub async fn cancel(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let not_found = || ApiError::NotFound(format!("request `{id}` does not exist"));
-    let rec = record(&app, &id).await?.ok_or_else(not_found)?;
-    let owner = rec["principal_id"]
-        .as_str()
-        .and_then(|s| uuid::Uuid::parse_str(s).ok());
-    if owner != Some(caller.0.id) && !caller.has(Permission::Admin) {
-        return Err(not_found());
-    }
+    let rec = visible_record(&app, &caller, &id).await?;
     let client = app.pool.get().await.map_err(ApiError::db)?;
     let n = client
         .execute(
@@ -76,7 +75,7 @@ pub async fn cancel(
             rec["status"].as_str().unwrap_or("?")
         )));
     }
-    let rec = record(&app, &id).await?.ok_or_else(not_found)?;
+    let rec = visible_record(&app, &caller, &id).await?;
     Ok(Json(strip_owner(rec)))
 }
 
@@ -95,14 +94,7 @@ pub async fn action(
     if verb != "resume" {
         return Err(ApiError::NotFound(format!("no action `{verb}`")));
     }
-    let not_found = || ApiError::NotFound(format!("request `{id}` does not exist"));
-    let rec = record(&app, id).await?.ok_or_else(not_found)?;
-    let owner = rec["principal_id"]
-        .as_str()
-        .and_then(|s| uuid::Uuid::parse_str(s).ok());
-    if owner != Some(caller.0.id) && !caller.has(Permission::Admin) {
-        return Err(not_found());
-    }
+    let rec = visible_record(&app, &caller, id).await?;
     let client = app.pool.get().await.map_err(ApiError::db)?;
     let n = client
         .execute(
@@ -130,7 +122,7 @@ pub async fn action(
         "parked request resumed"
     );
     super::publish_now(&app, id).await;
-    let rec = record(&app, id).await?.ok_or_else(not_found)?;
+    let rec = visible_record(&app, &caller, id).await?;
     Ok(Json(strip_owner(rec)))
 }
 

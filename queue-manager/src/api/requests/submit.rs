@@ -281,7 +281,12 @@ async fn accept_one(
         principal: Some(caller.0.clone()),
         run_as: body.run_as.clone(),
         steps: inline,
-        credentials: body.credentials.clone(),
+        // Sealed here, before the envelope reaches PostgreSQL or RabbitMQ; opened by the
+        // engine for the provider call only.
+        credentials: body
+            .credentials
+            .as_ref()
+            .map(|c| app.keyring.seal(c, id.as_str())),
         retry: body.retry.clone(),
         submitted_at: Some(Utc::now()),
         // The scheduler sets it when it publishes the request.
@@ -334,15 +339,9 @@ fn check_options(body: &SubmitBody) -> Result<(Priority, Option<DateTime<Utc>>),
             details: json!([{"path": "/retry"}]),
         });
     }
+    // Scheduled and retried requests may carry credentials: they are sealed before they are
+    // stored or published (`shared::sealing`).
     let not_before = body.not_before.filter(|t| *t > Utc::now());
-    if (not_before.is_some() || body.retry.is_some()) && body.credentials.is_some() {
-        return Err(ApiError::Invalid {
-            message:
-                "a scheduled or retried request cannot carry credentials: they are never stored"
-                    .into(),
-            details: json!([{"path": "/credentials"}]),
-        });
-    }
     Ok((priority, not_before))
 }
 

@@ -1,0 +1,263 @@
+//! Credentials sealed at rest: a request's `credentials` are encrypted (ChaCha20-Poly1305, an
+//! AEAD) by the queue manager before they reach RabbitMQ or PostgreSQL, and opened by the
+//! engine only to hand them to the provider call that needs them.
+//!
+//! Why an AEAD with a key id: an operator must be able to rotate the key without losing the
+//! requests already queued or scheduled under the old one. The keyring's first key seals;
+//! every key opens what carries its id. The request id is the associated data, so a sealed
+//! value cannot be moved into another request's envelope.
+//!
+//! Without configured keys, the key is derived from the signing key (which every queue
+//! manager and engine already share), under the id `signing`: sealing is never off.
+
+use std::collections::HashMap;
+
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
+use hmac::{Hmac, Mac};
+use serde_json::{Value, json};
+use sha2::Sha256;
+
+/// The marker of a sealed value; its presence is what tells sealed from clear.
+pub const SEALED: &str = "chacha20poly1305";
+
+/// The key id of a key derived from the signing key.
+pub const DERIVED_KEY_ID: &str = "signing";
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SealError {
+    #[error("credential keys: {0}")]
+    BadKeys(String),
+    #[error("sealed credentials name key `{0}`, which this process does not have")]
+    UnknownKey(String),
+    #[error("sealed credentials are malformed: {0}")]
+    Malformed(&'static str),
+    #[error("sealed credentials do not open (wrong key, or not for this request)")]
+    DoesNotOpen,
+}
+
+/// The keys a process seals and opens with.
+#[derive(Clone)]
+pub struct Keyring {
+    current: String,
+    keys: HashMap<String, Key>,
+}
+
+impl std::fmt::Debug for Keyring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Key ids only: the keys themselves never reach a log.
+        let mut ids: Vec<&String> = self.keys.keys().collect();
+        ids.sort();
+        f.debug_struct("Keyring")
+            .field("current", &self.current)
+            .field("ids", &ids)
+            .finish()
+    }
+}
+
+impl Keyring {
+    /// `spec`: `id:hex32bytes[,id:hex32bytes…]`, the first one current; empty → one key derived
+    /// from `signing_key`.
+    pub fn new(spec: &str, signing_key: &str) -> Result<Self, SealError> {
+        let spec = spec.trim();
+        if spec.is_empty() {
+            return Ok(Self::derived(signing_key));
+        }
+        let mut keys = HashMap::new();
+        let mut current = None;
+        for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let (id, hex_key) = item
+                .split_once(':')
+                .ok_or_else(|| SealError::BadKeys("each key is `id:hex`".into()))?;
+            let id = id.trim();
+            if id.is_empty()
+                || id.len() > 32
+                || !id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(SealError::BadKeys(format!(
+                    "`{id}` is not a key id (letters, digits, - and _, at most 32)"
+                )));
+            }
+            let bytes = hex::decode(hex_key.trim())
+                .map_err(|_| SealError::BadKeys(format!("key `{id}` is not hex")))?;
+            if bytes.len() != 32 {
+                return Err(SealError::BadKeys(format!(
+                    "key `{id}` has {} bytes; it needs 32 (64 hex digits)",
+                    bytes.len()
+                )));
+            }
+            if keys
+                .insert(id.to_owned(), *Key::from_slice(&bytes))
+                .is_some()
+            {
+                return Err(SealError::BadKeys(format!("key id `{id}` appears twice")));
+            }
+            current.get_or_insert_with(|| id.to_owned());
+        }
+        let current = current.ok_or_else(|| SealError::BadKeys("no key".into()))?;
+        Ok(Self { current, keys })
+    }
+
+    /// The keyring `security.credential_keys` describes (checked when configuration loads).
+    pub fn from_config(sec: &crate::config::SecurityConfig) -> Result<Self, SealError> {
+        Self::new(sec.credential_keys.expose(), sec.signing_key.expose())
+    }
+
+    /// One key derived from the signing key, under the id `signing`.
+    pub fn derived(signing_key: &str) -> Self {
+        let mut keys = HashMap::new();
+        // HMAC accepts keys of any length; `new_from_slice` cannot fail for it.
+        let key = match <Hmac<Sha256> as Mac>::new_from_slice(signing_key.as_bytes()) {
+            Ok(mut mac) => {
+                mac.update(b"provisio credentials sealing v1");
+                *Key::from_slice(&mac.finalize().into_bytes())
+            }
+            Err(_) => Key::default(),
+        };
+        keys.insert(DERIVED_KEY_ID.to_owned(), key);
+        Self {
+            current: DERIVED_KEY_ID.to_owned(),
+            keys,
+        }
+    }
+
+    /// The id of the key that seals.
+    pub fn current_id(&self) -> &str {
+        &self.current
+    }
+
+    /// Seals `clear` for the request `request_id`. Already sealed values are returned as they
+    /// are (a retried request keeps what it had).
+    pub fn seal(&self, clear: &Value, request_id: &str) -> Value {
+        if is_sealed(clear) {
+            return clear.clone();
+        }
+        let Some(key) = self.keys.get(&self.current) else {
+            return Value::Null;
+        };
+        let nonce_bytes: [u8; 12] = rand::random();
+        let plaintext = clear.to_string();
+        let cipher = ChaCha20Poly1305::new(key);
+        let Ok(ct) = cipher.encrypt(
+            Nonce::from_slice(&nonce_bytes),
+            Payload {
+                msg: plaintext.as_bytes(),
+                aad: request_id.as_bytes(),
+            },
+        ) else {
+            // Encryption cannot fail for in-memory buffers of this size; never leak clear text.
+            return Value::Null;
+        };
+        json!({
+            "sealed": SEALED,
+            "kid": self.current,
+            "nonce": hex::encode(nonce_bytes),
+            "ct": hex::encode(ct),
+        })
+    }
+
+    /// Opens a sealed value of the request `request_id`; a clear value (from a direct AMQP
+    /// producer) is returned as it is.
+    pub fn open(&self, value: &Value, request_id: &str) -> Result<Value, SealError> {
+        if !is_sealed(value) {
+            return Ok(value.clone());
+        }
+        let field = |name: &'static str| {
+            value
+                .get(name)
+                .and_then(Value::as_str)
+                .ok_or(SealError::Malformed(name))
+        };
+        let kid = field("kid")?;
+        let key = self
+            .keys
+            .get(kid)
+            .ok_or_else(|| SealError::UnknownKey(kid.to_owned()))?;
+        let nonce = hex::decode(field("nonce")?).map_err(|_| SealError::Malformed("nonce"))?;
+        if nonce.len() != 12 {
+            return Err(SealError::Malformed("nonce"));
+        }
+        let ct = hex::decode(field("ct")?).map_err(|_| SealError::Malformed("ct"))?;
+        let clear = ChaCha20Poly1305::new(key)
+            .decrypt(
+                Nonce::from_slice(&nonce),
+                Payload {
+                    msg: &ct,
+                    aad: request_id.as_bytes(),
+                },
+            )
+            .map_err(|_| SealError::DoesNotOpen)?;
+        serde_json::from_slice(&clear).map_err(|_| SealError::DoesNotOpen)
+    }
+}
+
+/// Whether `v` is a sealed value (rather than clear credentials).
+pub fn is_sealed(v: &Value) -> bool {
+    v.get("sealed").and_then(Value::as_str) == Some(SEALED)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const K1: &str = "0101010101010101010101010101010101010101010101010101010101010101";
+    const K2: &str = "0202020202020202020202020202020202020202020202020202020202020202";
+
+    #[test]
+    fn seals_and_opens_for_the_same_request_only() {
+        let ring = Keyring::new(&format!("k1:{K1}"), "sig").expect("keys");
+        let clear = json!({"password": "S3cret-pass"});
+        let sealed = ring.seal(&clear, "req-1");
+        assert!(is_sealed(&sealed));
+        assert!(!sealed.to_string().contains("S3cret-pass"));
+        assert_eq!(sealed["kid"], "k1");
+        assert_eq!(ring.open(&sealed, "req-1"), Ok(clear.clone()));
+        assert_eq!(ring.open(&sealed, "req-2"), Err(SealError::DoesNotOpen));
+        // Sealing twice does not nest; clear values pass through `open`.
+        assert_eq!(ring.seal(&sealed, "req-1"), sealed);
+        assert_eq!(ring.open(&clear, "req-1"), Ok(clear));
+    }
+
+    #[test]
+    fn rotation_old_keys_open_the_new_one_seals() {
+        let old = Keyring::new(&format!("k1:{K1}"), "sig").expect("keys");
+        let sealed_old = old.seal(&json!("x"), "r");
+        let rotated = Keyring::new(&format!("k2:{K2}, k1:{K1}"), "sig").expect("keys");
+        assert_eq!(rotated.current_id(), "k2");
+        assert_eq!(rotated.open(&sealed_old, "r"), Ok(json!("x")));
+        assert_eq!(rotated.seal(&json!("y"), "r")["kid"], "k2");
+        let retired = Keyring::new(&format!("k2:{K2}"), "sig").expect("keys");
+        assert_eq!(
+            retired.open(&sealed_old, "r"),
+            Err(SealError::UnknownKey("k1".into()))
+        );
+    }
+
+    #[test]
+    fn a_tampered_value_does_not_open_and_bad_keys_are_refused() {
+        let ring = Keyring::new("", "the signing key").expect("derived");
+        assert_eq!(ring.current_id(), DERIVED_KEY_ID);
+        let mut sealed = ring.seal(&json!({"a": 1}), "r");
+        let ct = sealed["ct"].as_str().expect("ct").to_owned();
+        let flipped = format!(
+            "{}{}",
+            if ct.starts_with('0') { "1" } else { "0" },
+            &ct[1..]
+        );
+        sealed["ct"] = json!(flipped);
+        assert_eq!(ring.open(&sealed, "r"), Err(SealError::DoesNotOpen));
+        sealed["nonce"] = json!("zz");
+        assert_eq!(ring.open(&sealed, "r"), Err(SealError::Malformed("nonce")));
+        assert!(Keyring::new("k1:abcd", "s").is_err());
+        assert!(Keyring::new("nocolon", "s").is_err());
+        assert!(Keyring::new(&format!("k1:{K1},k1:{K2}"), "s").is_err());
+        // Debug output names key ids, never keys.
+        let shown = format!(
+            "{:?}",
+            Keyring::new(&format!("k1:{K1}"), "s").expect("keys")
+        );
+        assert!(!shown.contains(K1) && shown.contains("k1"), "{shown}");
+    }
+}
