@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use argon2::Argon2;
@@ -49,6 +49,8 @@ pub struct KeyStore {
     pool: Pool,
     ttl: Duration,
     cache: RwLock<HashMap<String, Cached>>,
+    /// Verifications in progress, by key (see [`KeyStore::authenticate`]).
+    gates: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     listening: AtomicBool,
     /// Bumped by every invalidation: a key read before a bump is not cached after it.
     epoch: AtomicU64,
@@ -80,6 +82,7 @@ impl KeyStore {
             pool,
             ttl,
             cache: RwLock::new(HashMap::new()),
+            gates: Mutex::new(HashMap::new()),
             listening: AtomicBool::new(false),
             epoch: AtomicU64::new(0),
         }
@@ -89,6 +92,15 @@ impl KeyStore {
     /// or a permission change is seen at the next request on every queue manager.
     pub fn listen(self: &Arc<Self>, url: &Secret) {
         provisio_shared::notify::follow(Arc::downgrade(self), url, AUTH_CHANNEL);
+    }
+
+    /// Waits (at most `limit`) for the listener's first session, so that the first keys
+    /// verified are not thrown away by the emptying that starts it.
+    pub async fn wait_listening(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while !self.listening.load(Ordering::SeqCst) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     fn ttl(&self) -> Duration {
@@ -108,29 +120,61 @@ impl KeyStore {
 
     pub async fn authenticate(&self, key: &str) -> Result<PrincipalRef, AuthError> {
         let cache_key = hex::encode(Sha256::digest(key.as_bytes()));
-        let ttl = self.ttl();
-        let cached = self
-            .cache
-            .read()
-            .ok()
-            .and_then(|c| c.get(&cache_key).cloned())
-            .filter(|c| c.at.elapsed() < ttl);
-        if let Some(c) = cached {
+        if let Some(c) = self.cached(&cache_key) {
             return still_valid(c.principal, c.expires_at);
         }
+        // One verification per key at a time: after the cache is emptied (any change of
+        // access), every client's next requests arrive at once, and argon2 for each of them
+        // would hold a connection and a core. The others wait, then find the cache filled.
+        let gate = self.gate(&cache_key);
+        let turn = gate.lock().await;
+        let result = match self.cached(&cache_key) {
+            Some(c) => still_valid(c.principal, c.expires_at),
+            None => self.load(key, cache_key.clone()).await,
+        };
+        drop(turn);
+        drop(gate);
+        if let Ok(mut gates) = self.gates.lock() {
+            gates.retain(|_, g| Arc::strong_count(g) > 1);
+        }
+        result
+    }
+
+    fn cached(&self, cache_key: &str) -> Option<Cached> {
+        let ttl = self.ttl();
+        self.cache
+            .read()
+            .ok()
+            .and_then(|c| c.get(cache_key).cloned())
+            .filter(|c| c.at.elapsed() < ttl)
+    }
+
+    fn gate(&self, cache_key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        match self.gates.lock() {
+            Ok(mut gates) => gates.entry(cache_key.to_owned()).or_default().clone(),
+            // A poisoned map only costs the deduplication.
+            Err(_) => Arc::default(),
+        }
+    }
+
+    /// Verifies `key` against the database and caches the principal (unless access changed
+    /// meanwhile).
+    async fn load(&self, key: &str, cache_key: String) -> Result<PrincipalRef, AuthError> {
         let epoch = self.epoch.load(Ordering::SeqCst);
+        let (id, name, expires_at) = self.verify(key).await?;
         let client = self
             .pool
             .get()
             .await
             .map_err(|e| AuthError::Db(e.to_string()))?;
-        let (id, name, expires_at) = self.verify(&client, key).await?;
         let permissions = permissions_of(&client, id).await?;
+        drop(client);
         let principal = PrincipalRef {
             id,
             name,
             permissions,
         };
+        let ttl = self.ttl();
         if self.epoch.load(Ordering::SeqCst) == epoch
             && let Ok(mut cache) = self.cache.write()
             // Re-checked under the lock: an invalidation may have come in between.
@@ -152,9 +196,13 @@ impl KeyStore {
     /// The principal whose active key `key` is: (id, name, the key's expiry).
     async fn verify(
         &self,
-        client: &tokio_postgres::Client,
         key: &str,
     ) -> Result<(uuid::Uuid, String, Option<DateTime<Utc>>), AuthError> {
+        let client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| AuthError::Db(e.to_string()))?;
         let rows = client
             .query(
                 "SELECT k.hash, p.id, p.name, k.expires_at FROM api_keys k \
@@ -164,6 +212,8 @@ impl KeyStore {
             )
             .await
             .map_err(|e| AuthError::Db(e.to_string()))?;
+        // No connection held through argon2.
+        drop(client);
         for row in rows {
             let hash: String = row.get(0);
             let key = key.to_owned();

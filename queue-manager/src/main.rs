@@ -64,6 +64,7 @@ async fn main() -> anyhow::Result<()> {
         Err(e) => tracing::warn!(error = %e, "broker not reachable at start-up"),
     }
     let app = build_app(&cfg, &pool, &publisher, &ready)?;
+    app.keys.wait_listening(Duration::from_secs(2)).await;
 
     // Keep readiness and the broker gauge current without waiting for traffic.
     let watch = {
