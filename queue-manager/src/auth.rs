@@ -123,6 +123,10 @@ impl KeyStore {
         if let Some(c) = self.cached(&cache_key) {
             return still_valid(c.principal, c.expires_at);
         }
+        if self.ttl().is_zero() {
+            // No cache to fill: nothing to wait for.
+            return self.load(key, cache_key).await;
+        }
         // One verification per key at a time: after the cache is emptied (any change of
         // access), every client's next requests arrive at once, and argon2 for each of them
         // would hold a connection and a core. The others wait, then find the cache filled.
