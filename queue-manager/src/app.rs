@@ -12,7 +12,9 @@ pub struct App {
     pub cfg: Config,
     pub pool: Pool,
     pub publisher: Publisher,
-    pub keys: KeyStore,
+    pub keys: std::sync::Arc<KeyStore>,
+    /// Refused calls: counted, and stored in `security_events` off the answer's path.
+    pub security: crate::denials::SecurityEvents,
     pub namespaces: std::sync::Arc<NamespaceCache>,
     /// `/readyz`: false while the broker is unreachable.
     pub ready: Readiness,

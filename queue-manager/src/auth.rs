@@ -1,15 +1,22 @@
 //! API keys: shown once, stored as argon2 hashes, and cached after a successful check so that
-//! argon2's deliberate slowness is paid once per key per cache period, not per request.
+//! argon2's deliberate slowness is paid once per key per cache period, not per request. The
+//! cache is emptied whenever access changes anywhere (PostgreSQL notifications), so caching
+//! costs no revocation delay.
 
 use std::collections::HashMap;
-use std::sync::RwLock;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use argon2::Argon2;
 use argon2::password_hash::rand_core::OsRng;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
+use provisio_shared::config::Secret;
 use provisio_shared::domain::PrincipalRef;
+use provisio_shared::notify::Follower;
+use provisio_shared::security::AUTH_CHANNEL;
 use rand::Rng;
 use sha2::{Digest, Sha256};
 
@@ -17,14 +24,36 @@ use sha2::{Digest, Sha256};
 pub enum AuthError {
     #[error("invalid API key")]
     Invalid,
+    /// A genuine key past its `expires_at`: refused, but the principal is known (for audit).
+    #[error("API key expired")]
+    Expired(PrincipalRef),
     #[error("database: {0}")]
     Db(String),
 }
 
+/// How long a verified key is trusted while the `provisio_auth` listener is down, whatever
+/// `key_cache_seconds` says: revocations must take effect within seconds even then.
+const UNFOLLOWED_TTL: Duration = Duration::from_secs(5);
+
+#[derive(Clone)]
+struct Cached {
+    principal: PrincipalRef,
+    expires_at: Option<DateTime<Utc>>,
+    at: Instant,
+}
+
+/// Verified keys with their principals' permissions. Emptied on every `provisio_auth`
+/// notification (a key revoked, a grant or membership changed, a principal disabled: see
+/// [`KeyStore::listen`]); the TTL is the backstop for a missed one.
 pub struct KeyStore {
     pool: Pool,
     ttl: Duration,
-    cache: RwLock<HashMap<String, (PrincipalRef, Instant)>>,
+    cache: RwLock<HashMap<String, Cached>>,
+    /// Verifications in progress, by key (see [`KeyStore::authenticate`]).
+    gates: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    listening: AtomicBool,
+    /// Bumped by every invalidation: a key read before a bump is not cached after it.
+    epoch: AtomicU64,
 }
 
 /// The lookup column: a short prefix of the key's SHA-256, enough to find the row.
@@ -53,17 +82,126 @@ impl KeyStore {
             pool,
             ttl,
             cache: RwLock::new(HashMap::new()),
+            gates: Mutex::new(HashMap::new()),
+            listening: AtomicBool::new(false),
+            epoch: AtomicU64::new(0),
+        }
+    }
+
+    /// Empties the cache on every change announced on [`AUTH_CHANNEL`], so that a revocation
+    /// or a permission change is seen at the next request on every queue manager.
+    pub fn listen(self: &Arc<Self>, url: &Secret) {
+        provisio_shared::notify::follow(Arc::downgrade(self), url, AUTH_CHANNEL);
+    }
+
+    /// Waits (at most `limit`) for the listener's first session, so that the first keys
+    /// verified are not thrown away by the emptying that starts it.
+    pub async fn wait_listening(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while !self.listening.load(Ordering::SeqCst) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn ttl(&self) -> Duration {
+        if self.listening.load(Ordering::SeqCst) {
+            self.ttl
+        } else {
+            self.ttl.min(UNFOLLOWED_TTL)
+        }
+    }
+
+    fn clear(&self) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        if let Ok(mut cache) = self.cache.write() {
+            cache.clear();
         }
     }
 
     pub async fn authenticate(&self, key: &str) -> Result<PrincipalRef, AuthError> {
         let cache_key = hex::encode(Sha256::digest(key.as_bytes()));
-        if let Ok(cache) = self.cache.read()
-            && let Some((p, at)) = cache.get(&cache_key)
-            && at.elapsed() < self.ttl
-        {
-            return Ok(p.clone());
+        if let Some(c) = self.cached(&cache_key) {
+            return still_valid(c.principal, c.expires_at);
         }
+        if self.ttl().is_zero() {
+            // No cache to fill: nothing to wait for.
+            return self.load(key, cache_key).await;
+        }
+        // One verification per key at a time: after the cache is emptied (any change of
+        // access), every client's next requests arrive at once, and argon2 for each of them
+        // would hold a connection and a core. The others wait, then find the cache filled.
+        let gate = self.gate(&cache_key);
+        let turn = gate.lock().await;
+        let result = match self.cached(&cache_key) {
+            Some(c) => still_valid(c.principal, c.expires_at),
+            None => self.load(key, cache_key.clone()).await,
+        };
+        drop(turn);
+        drop(gate);
+        if let Ok(mut gates) = self.gates.lock() {
+            gates.retain(|_, g| Arc::strong_count(g) > 1);
+        }
+        result
+    }
+
+    fn cached(&self, cache_key: &str) -> Option<Cached> {
+        let ttl = self.ttl();
+        self.cache
+            .read()
+            .ok()
+            .and_then(|c| c.get(cache_key).cloned())
+            .filter(|c| c.at.elapsed() < ttl)
+    }
+
+    fn gate(&self, cache_key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        match self.gates.lock() {
+            Ok(mut gates) => gates.entry(cache_key.to_owned()).or_default().clone(),
+            // A poisoned map only costs the deduplication.
+            Err(_) => Arc::default(),
+        }
+    }
+
+    /// Verifies `key` against the database and caches the principal (unless access changed
+    /// meanwhile).
+    async fn load(&self, key: &str, cache_key: String) -> Result<PrincipalRef, AuthError> {
+        let epoch = self.epoch.load(Ordering::SeqCst);
+        let (id, name, expires_at) = self.verify(key).await?;
+        let client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| AuthError::Db(e.to_string()))?;
+        let permissions = permissions_of(&client, id).await?;
+        drop(client);
+        let principal = PrincipalRef {
+            id,
+            name,
+            permissions,
+        };
+        let ttl = self.ttl();
+        if self.epoch.load(Ordering::SeqCst) == epoch
+            && let Ok(mut cache) = self.cache.write()
+            // Re-checked under the lock: an invalidation may have come in between.
+            && self.epoch.load(Ordering::SeqCst) == epoch
+        {
+            cache.retain(|_, c| c.at.elapsed() < ttl);
+            cache.insert(
+                cache_key,
+                Cached {
+                    principal: principal.clone(),
+                    expires_at,
+                    at: Instant::now(),
+                },
+            );
+        }
+        still_valid(principal, expires_at)
+    }
+
+    /// The principal whose active key `key` is: (id, name, the key's expiry).
+    async fn verify(
+        &self,
+        key: &str,
+    ) -> Result<(uuid::Uuid, String, Option<DateTime<Utc>>), AuthError> {
         let client = self
             .pool
             .get()
@@ -71,13 +209,15 @@ impl KeyStore {
             .map_err(|e| AuthError::Db(e.to_string()))?;
         let rows = client
             .query(
-                "SELECT k.hash, p.id, p.name FROM api_keys k JOIN principals p ON p.id = k.principal_id \
+                "SELECT k.hash, p.id, p.name, k.expires_at FROM api_keys k \
+                 JOIN principals p ON p.id = k.principal_id \
                  WHERE k.lookup = $1 AND k.revoked_at IS NULL AND NOT p.disabled",
                 &[&lookup_of(key)],
             )
             .await
             .map_err(|e| AuthError::Db(e.to_string()))?;
-        let mut found = None;
+        // No connection held through argon2.
+        drop(client);
         for row in rows {
             let hash: String = row.get(0);
             let key = key.to_owned();
@@ -92,22 +232,36 @@ impl KeyStore {
             .await
             .unwrap_or(false);
             if ok {
-                found = Some((row.get::<_, uuid::Uuid>(1), row.get::<_, String>(2)));
-                break;
+                return Ok((row.get(1), row.get(2), row.get(3)));
             }
         }
-        let (id, name) = found.ok_or(AuthError::Invalid)?;
-        let permissions = permissions_of(&client, id).await?;
-        let principal = PrincipalRef {
-            id,
-            name,
-            permissions,
-        };
-        if let Ok(mut cache) = self.cache.write() {
-            cache.retain(|_, (_, at)| at.elapsed() < self.ttl);
-            cache.insert(cache_key, (principal.clone(), Instant::now()));
-        }
-        Ok(principal)
+        Err(AuthError::Invalid)
+    }
+}
+
+/// The principal, unless its key has expired by now (a cached key expires in the cache too).
+fn still_valid(
+    principal: PrincipalRef,
+    expires_at: Option<DateTime<Utc>>,
+) -> Result<PrincipalRef, AuthError> {
+    match expires_at {
+        Some(at) if at <= Utc::now() => Err(AuthError::Expired(principal)),
+        _ => Ok(principal),
+    }
+}
+
+impl Follower for KeyStore {
+    fn connected(&self) {
+        self.clear();
+        self.listening.store(true, Ordering::SeqCst);
+    }
+
+    fn notified(&self, _table: &str) {
+        self.clear();
+    }
+
+    fn disconnected(&self) {
+        self.listening.store(false, Ordering::SeqCst);
     }
 }
 

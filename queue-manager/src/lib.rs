@@ -6,6 +6,7 @@ pub mod accept;
 pub mod api;
 pub mod app;
 pub mod auth;
+pub mod denials;
 pub mod depth;
 pub mod ratelimit;
 pub mod scheduler;

@@ -64,6 +64,7 @@ async fn main() -> anyhow::Result<()> {
         Err(e) => tracing::warn!(error = %e, "broker not reachable at start-up"),
     }
     let app = build_app(&cfg, &pool, &publisher, &ready)?;
+    app.keys.wait_listening(Duration::from_secs(2)).await;
 
     // Keep readiness and the broker gauge current without waiting for traffic.
     let watch = {
@@ -148,6 +149,11 @@ fn build_app(
         cfg.security.signing_key.clone(),
         ready.clone(),
     );
+    let keys = Arc::new(KeyStore::new(
+        pool.clone(),
+        Duration::from_secs(cfg.queue_manager.key_cache_seconds),
+    ));
+    keys.listen(&cfg.database.url);
     let waiters = Arc::new(provisio_queue_manager::wait::Waiters::default());
     waiters.follow(cfg.amqp.url.expose().to_owned(), Topology::new(&cfg.amqp));
     Ok(Arc::new(App {
@@ -158,10 +164,8 @@ fn build_app(
         ),
         acceptor,
         waiters,
-        keys: KeyStore::new(
-            pool.clone(),
-            Duration::from_secs(cfg.queue_manager.key_cache_seconds),
-        ),
+        keys,
+        security: provisio_queue_manager::denials::SecurityEvents::start(pool.clone()),
         namespaces,
         publisher: publisher.clone(),
         ready: ready.clone(),

@@ -11,6 +11,7 @@ pub mod domain;
 pub mod jq;
 pub mod metrics;
 pub mod namespaces;
+pub mod notify;
 pub mod procedure;
 /// The provider contract, a crate of its own so that out-of-tree providers need only it.
 pub use provisio_provider as provider;

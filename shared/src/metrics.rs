@@ -35,6 +35,7 @@ pub const AUDITOR_LEADER: &str = "provisio_auditor_leader";
 pub const AUDITOR_STEP_DOWNS: &str = "provisio_auditor_step_downs_total";
 pub const DEAD_LETTERS_SETTLED: &str = "provisio_dead_letters_settled_total";
 pub const SCHEDULED_WAIT: &str = "provisio_scheduled_wait_seconds";
+pub const DENIALS: &str = "provisio_denials_total";
 
 /// Every metric above, for tests that check each one is served.
 pub const ALL: &[&str] = &[
@@ -68,6 +69,7 @@ pub const ALL: &[&str] = &[
     AUDITOR_STEP_DOWNS,
     DEAD_LETTERS_SETTLED,
     SCHEDULED_WAIT,
+    DENIALS,
 ];
 
 /// The statuses an engine finishes a request with (`scheduled`: a request-level retry is due
@@ -76,6 +78,14 @@ pub const ENGINE_FINISHED_STATUSES: &[&str] =
     &["succeeded", "failed", "in_doubt", "parked", "scheduled"];
 /// Why an engine dead-letters a message.
 pub const DEAD_LETTER_REASONS: &[&str] = &["malformed", "unauthenticated", "forbidden"];
+/// Why a call or a delivery was refused (`provisio_denials_total`): no or an unknown key, an
+/// expired key, a permission the principal lacks (or a disabled principal), a submission limit.
+pub const DENIAL_REASONS: &[&str] = &[
+    "unauthenticated",
+    "expired_key",
+    "forbidden",
+    "rate_limited",
+];
 /// The `lane` label of queue depth and accepted requests: the three priority lanes, the
 /// trusted lane and (queue depth only) the dead-letter queue kept for operators.
 pub const LANES: &[&str] = &["high", "normal", "low", "trusted"];
@@ -309,6 +319,12 @@ pub const DESCRIPTIONS: &[(Kind, &str, Unit, &str)] = &[
         Unit::Seconds,
         "From submission to `not_before` (or to a request-level retry's due time), by namespace and procedure: the wait a producer asked for, kept out of the request duration.",
     ),
+    (
+        Kind::Counter,
+        DENIALS,
+        Unit::Count,
+        "Calls and deliveries refused for security, by reason (unauthenticated, expired_key, forbidden, rate_limited).",
+    ),
 ];
 
 /// Registers descriptions with the installed recorder; call once after installing it.
@@ -333,6 +349,13 @@ pub fn queue_manager_baseline(rejection_codes: &[&'static str]) {
     }
     let _ = metrics::histogram!(PUBLISH_DURATION);
     metrics::gauge!(BROKER_UP).set(0.0);
+    denials_baseline();
+}
+
+fn denials_baseline() {
+    for reason in DENIAL_REASONS {
+        metrics::counter!(DENIALS, "reason" => *reason).increment(0);
+    }
 }
 
 /// Zero series of an engine's metrics; `providers` are the names of its providers.
@@ -363,6 +386,7 @@ pub fn engine_baseline<'a>(providers: impl IntoIterator<Item = &'a str>) {
     let _ = metrics::histogram!(SCHEDULED_WAIT);
     let _ = metrics::histogram!(TXLOG_BATCH_SIZE);
     let _ = metrics::histogram!(TXLOG_COMMIT_DURATION);
+    denials_baseline();
 }
 
 /// Zero series of an auditor's counters (in-doubt and leadership gauges are set by the roles

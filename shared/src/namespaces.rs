@@ -53,57 +53,7 @@ impl NamespaceCache {
     /// the database, so a missed notification can never serve a stale version for long: the
     /// cache is emptied on every reconnect.
     pub fn listen(self: &Arc<Self>, url: &crate::config::Secret) {
-        let me = Arc::downgrade(self);
-        let url = url.clone();
-        tokio::spawn(async move {
-            // Ends when the cache is dropped, never by a stop of its own.
-            let never = tokio_util::sync::CancellationToken::new();
-            let mut reconnect = crate::reconnect::Reconnect::broker();
-            loop {
-                let Some(cache) = me.upgrade() else { return };
-                let started = std::time::Instant::now();
-                if let Err(e) = cache.listen_once(&url).await {
-                    tracing::debug!(error = %e, "namespace listener stopped; reconnecting");
-                }
-                cache.listening.store(false, Ordering::SeqCst);
-                drop(cache);
-                reconnect.lasted(started.elapsed());
-                reconnect.pause(&never).await;
-            }
-        });
-    }
-
-    async fn listen_once(&self, url: &crate::config::Secret) -> Result<(), tokio_postgres::Error> {
-        use futures_util::StreamExt;
-        let (client, mut conn) =
-            tokio_postgres::connect(url.expose(), tokio_postgres::NoTls).await?;
-        let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let pump = tokio::spawn(async move {
-            while let Some(m) = messages.next().await {
-                match m {
-                    Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
-                        if tx.send(Some(n.payload().to_owned())).is_err() {
-                            return;
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(_) => break,
-                }
-            }
-            let _ = tx.send(None);
-        });
-        client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
-        self.epoch.fetch_add(1, Ordering::SeqCst);
-        if let Ok(mut c) = self.current.write() {
-            c.clear();
-        }
-        self.listening.store(true, Ordering::SeqCst);
-        while let Some(Some(name)) = rx.recv().await {
-            self.invalidate(&name);
-        }
-        pump.abort();
-        Ok(())
+        crate::notify::follow(Arc::downgrade(self), url, CHANNEL);
     }
 
     /// Forgets the cached current version of `name` (after applying one here).
@@ -216,5 +166,23 @@ impl NamespaceCache {
 
     fn read_cache(&self, key: &(String, i32)) -> Option<Arc<Namespace>> {
         self.compiled.read().ok()?.get(key).cloned()
+    }
+}
+
+impl crate::notify::Follower for NamespaceCache {
+    fn connected(&self) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        if let Ok(mut c) = self.current.write() {
+            c.clear();
+        }
+        self.listening.store(true, Ordering::SeqCst);
+    }
+
+    fn notified(&self, name: &str) {
+        self.invalidate(name);
+    }
+
+    fn disconnected(&self) {
+        self.listening.store(false, Ordering::SeqCst);
     }
 }

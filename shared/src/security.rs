@@ -3,6 +3,10 @@
 
 use crate::domain::PrincipalRef;
 
+/// The channel on which PostgreSQL announces every change to keys, grants, group membership
+/// and principals (triggers of migration V11): caches of permissions are emptied on it.
+pub const AUTH_CHANNEL: &str = "provisio_auth";
+
 /// Which column identifies the principal.
 #[derive(Debug, Clone, Copy)]
 pub enum PrincipalBy {
@@ -53,6 +57,28 @@ pub async fn principal(
     Ok(Some(PrincipalRef {
         id,
         name: row.get(1),
+        permissions: permissions_of(client, id).await?,
+    }))
+}
+
+/// The principal `id` with its current permissions, or `None` when it is gone or disabled:
+/// what a scheduled or retried request runs with, rather than what it was submitted with.
+pub async fn principal_by_id(
+    client: &tokio_postgres::Client,
+    id: uuid::Uuid,
+) -> Result<Option<PrincipalRef>, tokio_postgres::Error> {
+    let Some(row) = client
+        .query_opt(
+            "SELECT name FROM principals WHERE id = $1 AND NOT disabled",
+            &[&id],
+        )
+        .await?
+    else {
+        return Ok(None);
+    };
+    Ok(Some(PrincipalRef {
+        id,
+        name: row.get(0),
         permissions: permissions_of(client, id).await?,
     }))
 }

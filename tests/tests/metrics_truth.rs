@@ -56,6 +56,7 @@ const OWNERS: &[(&str, &[&str])] = &[
     (m::AUDITOR_LEADER, &[AUDITOR]),
     (m::AUDITOR_STEP_DOWNS, &[AUDITOR]),
     (m::DEAD_LETTERS_SETTLED, &[AUDITOR]),
+    (m::DENIALS, &[QM, ENGINE]),
 ];
 
 const HISTOGRAMS: &[&str] = &[

@@ -453,6 +453,85 @@ async fn the_running_service_matches_its_openapi_document() -> anyhow::Result<()
         .0,
         404
     );
+    let expiring = json!({"ttl_seconds": 3600});
+    assert_eq!(
+        call!(
+            "/v1/principals/{name}/keys",
+            "post",
+            http.post(format!("{principals}/svc/keys"))
+                .bearer_auth(&key)
+                .json(&expiring)
+        )
+        .0,
+        201
+    );
+    let grants = format!("{principals}/svc/grants");
+    assert_eq!(
+        call!(
+            "/v1/principals/{name}/grants",
+            "put",
+            http.put(&grants)
+                .bearer_auth(&key)
+                .json(&json!(["execute_private"]))
+        )
+        .0,
+        200
+    );
+    assert_eq!(
+        call!(
+            "/v1/principals/{name}/grants",
+            "put",
+            http.put(&grants).bearer_auth(&key).json(&json!(["root"]))
+        )
+        .0,
+        422
+    );
+    assert_eq!(
+        call!(
+            "/v1/principals/{name}/grants",
+            "get",
+            http.get(&grants).bearer_auth(&key)
+        )
+        .0,
+        200
+    );
+    assert_eq!(
+        call!(
+            "/v1/principals/{name}/grants",
+            "get",
+            http.get(format!("{principals}/nobody/grants"))
+                .bearer_auth(&key)
+        )
+        .0,
+        404
+    );
+    // A refusal, which the security events record.
+    assert_eq!(
+        call!(
+            "/v1/principals/{name}/grants",
+            "get",
+            http.get(&grants).bearer_auth("pv_not-a-key")
+        )
+        .0,
+        401
+    );
+    let (status, text) = call!(
+        "/v1/audit/security-events",
+        "get",
+        http.get(format!("{base}/v1/audit/security-events?limit=10"))
+            .bearer_auth(&key)
+    );
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(
+        call!(
+            "/v1/audit/security-events",
+            "get",
+            http.get(format!("{base}/v1/audit/security-events?reason=bored"))
+                .bearer_auth(&key)
+        )
+        .0,
+        400
+    );
 
     // In-doubt transactions (the whole flow is in tests/in_doubt.rs): the list, and the
     // actions' refusals.

@@ -668,8 +668,41 @@ async fn principals_and_keys_are_managed() -> R {
     assert_eq!(out.code, 3, "a revoked key is refused: {out:?}");
     let out = run(url, key, &["keys", "create", "nobody"], None).await?;
     assert_eq!(out.code, 2, "{out:?}");
+    grants_and_expiring_keys(url, key).await?;
     drop(qm);
     env.cleanup().await;
+    Ok(())
+}
+
+/// Own grants, shown and set; keys with an expiry.
+async fn grants_and_expiring_keys(url: &str, key: &str) -> R {
+    let set = ["principals", "grants", "alice", "--set", "execute_private"];
+    let out = run(url, key, &[&set[..], &["-o", "json"]].concat(), None).await?;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(out.json()["grants"], json!(["execute_private"]), "{out:?}");
+    let out = run(url, key, &["principals", "grants", "alice"], None).await?;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.contains("execute_private"), "{out:?}");
+    let out = run(
+        url,
+        key,
+        &["principals", "grants", "alice", "--set", "root"],
+        None,
+    )
+    .await?;
+    assert_ne!(out.code, 0, "an unknown permission: {out:?}");
+    let ttl = [
+        "keys",
+        "create",
+        "alice",
+        "--ttl-seconds",
+        "600",
+        "-o",
+        "json",
+    ];
+    let out = run(url, key, &ttl, None).await?;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.json()["expires_at"].is_string(), "{out:?}");
     Ok(())
 }
 

@@ -153,3 +153,78 @@ pub async fn get(
     t["errors"] = Value::Array(errors);
     Ok(Json(t))
 }
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsQuery {
+    #[serde(default)]
+    from: Option<DateTime<Utc>>,
+    #[serde(default)]
+    to: Option<DateTime<Utc>>,
+    #[serde(default)]
+    reason: Option<String>,
+    /// The principal's name.
+    #[serde(default)]
+    principal: Option<String>,
+    #[serde(default)]
+    limit: Option<i64>,
+    /// The `next` of the previous page.
+    #[serde(default)]
+    after: Option<i64>,
+}
+
+/// `GET /v1/audit/security-events`: refused calls, newest first, paged like the transactions
+/// (`after` = the previous page's `next`).
+pub async fn security_events(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    query: Result<Query<EventsQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Permission::Admin)?;
+    let Query(q) = query.map_err(|e| ApiError::Malformed(e.body_text()))?;
+    let reasons = provisio_shared::metrics::DENIAL_REASONS;
+    if let Some(r) = &q.reason
+        && !reasons.contains(&r.as_str())
+    {
+        return Err(ApiError::Malformed(format!(
+            "`reason` must be one of {reasons:?}, not `{r}`"
+        )));
+    }
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let params: [&(dyn ToSql + Sync); 6] =
+        [&q.from, &q.to, &q.reason, &q.principal, &q.after, &limit];
+    let client = app.pool.get().await.map_err(ApiError::db)?;
+    let rows = client
+        .query(
+            "SELECT id, at, principal_id, principal_name, source, reason, detail \
+             FROM security_events \
+             WHERE ($1::timestamptz IS NULL OR at >= $1) \
+               AND ($2::timestamptz IS NULL OR at < $2) \
+               AND ($3::text IS NULL OR reason = $3) \
+               AND ($4::text IS NULL OR principal_name = $4) \
+               AND ($5::bigint IS NULL OR (at, id) < \
+                    (SELECT at, id FROM security_events WHERE id = $5)) \
+             ORDER BY at DESC, id DESC LIMIT $6",
+            &params,
+        )
+        .await
+        .map_err(ApiError::db)?;
+    let events: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            json!({
+                "id": r.get::<_, i64>(0),
+                "at": r.get::<_, DateTime<Utc>>(1),
+                "principal_id": r.get::<_, Option<Uuid>>(2),
+                "principal": r.get::<_, Option<String>>(3),
+                "source": r.get::<_, String>(4),
+                "reason": r.get::<_, String>(5),
+                "detail": r.get::<_, Value>(6),
+            })
+        })
+        .collect();
+    let next = (rows.len() as i64 == limit)
+        .then(|| rows.last().map(|r| r.get::<_, i64>(0)))
+        .flatten();
+    Ok(Json(json!({"events": events, "next": next})))
+}

@@ -36,6 +36,10 @@ pub enum ApiError {
 #[derive(Clone, Copy, Debug)]
 pub struct ErrorCode(pub &'static str);
 
+/// The message of a refusal (401, 403, 429), for the security event that records it.
+#[derive(Clone, Debug)]
+pub struct ErrorMessage(pub String);
+
 impl ApiError {
     /// Every `code` (the `provisio_requests_rejected_total` series that exist from the start).
     pub const CODES: &'static [&'static str] = &[
@@ -119,6 +123,12 @@ impl IntoResponse for ApiError {
         }
         let mut resp = (self.status(), Json(body)).into_response();
         resp.extensions_mut().insert(ErrorCode(self.code()));
+        if matches!(
+            self,
+            Self::Unauthorized | Self::Forbidden(_) | Self::RateLimited { .. }
+        ) {
+            resp.extensions_mut().insert(ErrorMessage(self.to_string()));
+        }
         if matches!(self, Self::Unauthorized) {
             resp.headers_mut().insert(
                 axum::http::header::WWW_AUTHENTICATE,

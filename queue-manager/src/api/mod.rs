@@ -68,6 +68,16 @@ pub fn router(app: Arc<App>) -> Router {
             "/v1/namespaces/{name}",
             put(namespaces::apply).get(namespaces::get),
         )
+        .route(
+            "/v1/principals/{name}/grants",
+            put(principals::put_grants).get(principals::get_grants),
+        )
+        .route("/v1/audit/security-events", get(audit::security_events))
+        // Only matched routes: the route's pattern names the denial's source.
+        .route_layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            crate::denials::audit,
+        ))
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .with_state(app)
 }
@@ -107,8 +117,20 @@ impl FromRequestParts<Arc<App>> for Caller {
             .map(str::trim)
             .filter(|k| !k.is_empty())
             .ok_or(ApiError::Unauthorized)?;
+        let seen = parts.extensions.get::<crate::denials::Seen>();
         match app.keys.authenticate(key).await {
-            Ok(p) => Ok(Caller(p)),
+            Ok(p) => {
+                if let Some(seen) = seen {
+                    seen.principal(p.id, &p.name, false);
+                }
+                Ok(Caller(p))
+            }
+            Err(crate::auth::AuthError::Expired(p)) => {
+                if let Some(seen) = seen {
+                    seen.principal(p.id, &p.name, true);
+                }
+                Err(ApiError::Unauthorized)
+            }
             Err(crate::auth::AuthError::Invalid) => Err(ApiError::Unauthorized),
             Err(crate::auth::AuthError::Db(e)) => Err(ApiError::db(e)),
         }

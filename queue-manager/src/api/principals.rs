@@ -1,5 +1,7 @@
 //! Principals and their API keys (admin). Keys are shown once, at creation, and stored as
-//! argon2 hashes; revoking one takes effect within `queue_manager.key_cache_seconds`.
+//! argon2 hashes, optionally with an expiry. Principals hold permissions through groups and
+//! grants of their own. Every change here is announced by PostgreSQL (`provisio_auth`) and
+//! empties the key caches of every queue manager.
 
 use provisio_shared::domain::Permission;
 use std::sync::Arc;
@@ -7,6 +9,7 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
+use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -136,13 +139,64 @@ pub async fn put_groups(
     Ok(Json(json!({"name": name, "groups": body.groups})))
 }
 
-/// `POST /v1/principals/{name}/keys`: a new key, shown this once.
+/// The optional body of `POST /v1/principals/{name}/keys`: when the key stops working.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewKey {
+    #[serde(default)]
+    expires_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    ttl_seconds: Option<u64>,
+}
+
+impl NewKey {
+    /// An empty body is a key that does not expire (older clients send none).
+    fn parse(body: &[u8]) -> Result<Self, ApiError> {
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Self::default());
+        }
+        serde_json::from_slice(body).map_err(|e| ApiError::Malformed(format!("request body: {e}")))
+    }
+
+    fn expires_at(&self) -> Result<Option<DateTime<Utc>>, ApiError> {
+        let at = match (self.expires_at, self.ttl_seconds) {
+            (Some(_), Some(_)) => {
+                return Err(ApiError::Malformed(
+                    "give `expires_at` or `ttl_seconds`, not both".into(),
+                ));
+            }
+            (Some(at), None) => at,
+            (None, Some(ttl)) => {
+                let ttl = i64::try_from(ttl)
+                    .ok()
+                    .and_then(chrono::Duration::try_seconds)
+                    .ok_or_else(|| ApiError::Malformed("`ttl_seconds` is too large".into()))?;
+                Utc::now()
+                    .checked_add_signed(ttl)
+                    .ok_or_else(|| ApiError::Malformed("`ttl_seconds` is too large".into()))?
+            }
+            (None, None) => return Ok(None),
+        };
+        if at <= Utc::now() {
+            return Err(ApiError::Invalid {
+                message: "the key would expire before it is created".into(),
+                details: json!([{"path": "/expires_at"}]),
+            });
+        }
+        Ok(Some(at))
+    }
+}
+
+/// `POST /v1/principals/{name}/keys`: a new key, shown this once; optionally expiring
+/// (`expires_at`, or `ttl_seconds` from now).
 pub async fn create_key(
     State(app): State<Arc<App>>,
     caller: Caller,
     Path(name): Path<String>,
+    body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     caller.require(Permission::Admin)?;
+    let expires_at = NewKey::parse(&body)?.expires_at()?;
     let client = app.pool.get().await.map_err(ApiError::db)?;
     let id = principal_id(&client, &name).await?;
     let key = generate_key();
@@ -156,15 +210,123 @@ pub async fn create_key(
     let key_id = uuid::Uuid::now_v7();
     client
         .execute(
-            "INSERT INTO api_keys (id, principal_id, lookup, hash) VALUES ($1, $2, $3, $4)",
-            &[&key_id, &id, &lookup_of(&key), &hash],
+            "INSERT INTO api_keys (id, principal_id, lookup, hash, expires_at) VALUES ($1, $2, $3, $4, $5)",
+            &[&key_id, &id, &lookup_of(&key), &hash, &expires_at],
         )
         .await
         .map_err(ApiError::db)?;
     Ok((
         StatusCode::CREATED,
-        Json(json!({"id": key_id, "principal": name, "key": key})),
+        Json(json!({"id": key_id, "principal": name, "key": key, "expires_at": expires_at})),
     ))
+}
+
+/// The permissions of a `PUT .../grants` body: a JSON list, or `{"grants": [...]}` (the shape
+/// of `PUT .../groups`). Unknown permissions are named with their index.
+fn parse_grants(body: &Value) -> Result<Vec<Permission>, ApiError> {
+    let malformed =
+        || ApiError::Malformed("the body is a list of permissions, or {\"grants\": [...]}".into());
+    let (list, path) = match body {
+        Value::Array(list) => (list, ""),
+        Value::Object(o) if o.len() == 1 => match o.get("grants") {
+            Some(Value::Array(list)) => (list, "/grants"),
+            _ => return Err(malformed()),
+        },
+        _ => return Err(malformed()),
+    };
+    let mut perms = Vec::with_capacity(list.len());
+    for (i, v) in list.iter().enumerate() {
+        let p = v.as_str().and_then(|s| s.parse::<Permission>().ok());
+        let Some(p) = p else {
+            let known: Vec<&str> = Permission::ALL.iter().map(|p| p.as_str()).collect();
+            return Err(ApiError::Invalid {
+                message: format!("unknown permission {v}; known: {known:?}"),
+                details: json!([{"path": format!("{path}/{i}")}]),
+            });
+        };
+        if !perms.contains(&p) {
+            perms.push(p);
+        }
+    }
+    Ok(perms)
+}
+
+/// `PUT /v1/principals/{name}/grants`: the principal's own grants (besides its groups'),
+/// replaced. Effective on every queue manager at its next request (`provisio_auth`).
+pub async fn put_grants(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    Path(name): Path<String>,
+    JsonBody(body): JsonBody<Value>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Permission::Admin)?;
+    let perms = parse_grants(&body)?;
+    let names: Vec<&str> = perms.iter().map(|p| p.as_str()).collect();
+    let mut client = app.pool.get().await.map_err(ApiError::db)?;
+    let id = principal_id(&client, &name).await?;
+    let tx = client.transaction().await.map_err(ApiError::db)?;
+    tx.execute("DELETE FROM grants WHERE principal_id = $1", &[&id])
+        .await
+        .map_err(ApiError::db)?;
+    tx.execute(
+        "INSERT INTO grants (permission, principal_id) SELECT unnest($1::text[]), $2",
+        &[&names, &id],
+    )
+    .await
+    .map_err(ApiError::db)?;
+    tx.commit().await.map_err(ApiError::db)?;
+    describe_grants(&client, id, &name).await.map(Json)
+}
+
+/// `GET /v1/principals/{name}/grants`: its own grants, its groups, and the permissions they
+/// add up to (implications applied).
+pub async fn get_grants(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Permission::Admin)?;
+    let client = app.pool.get().await.map_err(ApiError::db)?;
+    let id = principal_id(&client, &name).await?;
+    describe_grants(&client, id, &name).await.map(Json)
+}
+
+async fn describe_grants(
+    client: &deadpool_postgres::Object,
+    id: uuid::Uuid,
+    name: &str,
+) -> Result<Value, ApiError> {
+    let column =
+        |rows: Vec<tokio_postgres::Row>| -> Vec<String> { rows.iter().map(|r| r.get(0)).collect() };
+    let grants = client
+        .query(
+            "SELECT permission FROM grants WHERE principal_id = $1 ORDER BY 1",
+            &[&id],
+        )
+        .await
+        .map_err(ApiError::db)?;
+    let groups = client
+        .query(
+            "SELECT group_name FROM group_members WHERE principal_id = $1 ORDER BY 1",
+            &[&id],
+        )
+        .await
+        .map_err(ApiError::db)?;
+    let disabled: bool = client
+        .query_one("SELECT disabled FROM principals WHERE id = $1", &[&id])
+        .await
+        .map_err(ApiError::db)?
+        .get(0);
+    let permissions = provisio_shared::security::permissions_of(client, id)
+        .await
+        .map_err(ApiError::db)?;
+    Ok(json!({
+        "name": name,
+        "grants": column(grants),
+        "groups": column(groups),
+        "permissions": if disabled { Vec::new() } else { permissions },
+        "disabled": disabled,
+    }))
 }
 
 /// `DELETE /v1/principals/{name}/keys/{key_id}`

@@ -76,7 +76,8 @@ pub struct Engine {
     /// Transactions this engine runs, each with the flag raised when its lease is lost.
     /// (log server, lost flag) of each.
     leases: Mutex<HashMap<Uuid, (usize, Arc<AtomicBool>)>>,
-    amqp_users: Mutex<HashMap<String, (PrincipalRef, Instant)>>,
+    /// Principals as the database has them now (`None`: gone or disabled), briefly cached.
+    principals: Mutex<HashMap<envelope::Who, (Option<PrincipalRef>, Instant)>>,
     /// Recovers an earlier attempt of a redelivered request before running it again.
     pub recovery: Option<Arc<crate::recovery::Recovery>>,
     /// Opens sealed credentials for the provider call, seals them again for a retry.
@@ -110,7 +111,7 @@ impl Engine {
             engine_id,
             ready,
             leases: Mutex::new(HashMap::new()),
-            amqp_users: Mutex::new(HashMap::new()),
+            principals: Mutex::new(HashMap::new()),
             recovery: None,
             keyring: provisio_shared::sealing::Keyring::derived(cfg_signing_key.expose()),
         }
@@ -135,10 +136,15 @@ impl Engine {
         };
         let principal = match self.authenticate(&envelope, body, props).await {
             Ok(p) => p,
-            Err(reason) => {
-                return self
-                    .dead_letter(body, props, "unauthenticated", &reason)
-                    .await;
+            Err(envelope::Refused::Dead(reason, detail)) => {
+                if reason == "forbidden" {
+                    count_denial();
+                }
+                return self.dead_letter(body, props, reason, &detail).await;
+            }
+            Err(envelope::Refused::Unavailable(e)) => {
+                tracing::warn!(request_id = %envelope.id, error = %e, "cannot check the principal; requeueing");
+                return Disposition::Requeue;
             }
         };
         let needed = match (source, envelope.kind) {
@@ -146,6 +152,7 @@ impl Engine {
             _ => Permission::Execute,
         };
         if !principal.has(needed.as_str()) {
+            count_denial();
             let why = format!("principal `{}` lacks `{needed}`", principal.name);
             return self.dead_letter(body, props, "forbidden", &why).await;
         }
@@ -168,4 +175,9 @@ impl Engine {
         let client = self.pool.get().await.context("database")?;
         Ok(provisio_shared::security::principal(&client, PrincipalBy::Name, name).await?)
     }
+}
+
+/// A delivery refused because its principal may not run it (any more).
+fn count_denial() {
+    metrics::counter!(provisio_shared::metrics::DENIALS, "reason" => "forbidden").increment(1);
 }

@@ -86,6 +86,9 @@ impl Engine {
             number,
         };
         let refusal = refusal(env, &principal, &resolved);
+        if refusal.as_ref().is_some_and(|r| r["code"] == "forbidden") {
+            super::count_denial();
+        }
         let (Some(ns), Some(procedure), None) = (
             resolved.namespace.clone(),
             resolved.procedure.clone(),

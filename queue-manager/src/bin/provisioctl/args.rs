@@ -252,12 +252,26 @@ pub(crate) enum Principals {
     },
     /// Set a principal's groups (replacing them; none = no group).
     Groups { name: String, groups: Vec<String> },
+    /// Show a principal's own grants and effective permissions, or set its own grants
+    /// (`--set`, with no permission to withdraw them all).
+    Grants {
+        name: String,
+        /// Replace its own grants with these permissions.
+        #[arg(long)]
+        set: bool,
+        permissions: Vec<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
 pub(crate) enum Keys {
     /// A new API key for a principal, printed this once.
-    Create { principal: String },
+    Create {
+        principal: String,
+        /// The key stops working after this many seconds.
+        #[arg(long)]
+        ttl_seconds: Option<u64>,
+    },
     /// Revoke a key.
     Revoke { principal: String, key_id: String },
 }

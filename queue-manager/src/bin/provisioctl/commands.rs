@@ -342,12 +342,36 @@ pub(crate) async fn set_groups(
     Ok(Exit::Ok)
 }
 
-pub(crate) async fn create_key(api: &Api, principal: &str, format: Format) -> anyhow::Result<Exit> {
+/// `principals grants NAME [--set PERM...]`: shows, or replaces, the principal's own grants.
+pub(crate) async fn grants(
+    api: &Api,
+    name: &str,
+    set: Option<&[String]>,
+    format: Format,
+) -> anyhow::Result<Exit> {
+    let path = format!("/v1/principals/{}/grants", seg(name));
+    let (_, v) = match set {
+        Some(perms) => {
+            let body = json!(perms);
+            api.call(Method::PUT, &path, &[], Body::Json(&body)).await?
+        }
+        None => api.call(Method::GET, &path, &[], Body::Empty).await?,
+    };
+    print(&v, format, "", table::GRANTS)?;
+    Ok(Exit::Ok)
+}
+
+pub(crate) async fn create_key(
+    api: &Api,
+    principal: &str,
+    ttl_seconds: Option<u64>,
+    format: Format,
+) -> anyhow::Result<Exit> {
     let v = post(
         api,
         &format!("/v1/principals/{}/keys", seg(principal)),
         &[],
-        None,
+        ttl_seconds.map(|t| json!({"ttl_seconds": t})),
     )
     .await?;
     print(&v, format, "", table::KEY)?;

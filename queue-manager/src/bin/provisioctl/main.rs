@@ -72,9 +72,15 @@ async fn run(cli: Cli) -> anyhow::Result<Exit> {
         Cmd::Principals(Principals::Groups { name, groups }) => {
             commands::set_groups(&api, name, groups, format).await
         }
-        Cmd::Keys(Keys::Create { principal }) => {
-            commands::create_key(&api, principal, format).await
-        }
+        Cmd::Principals(Principals::Grants {
+            name,
+            set,
+            permissions,
+        }) => commands::grants(&api, name, set.then_some(permissions.as_slice()), format).await,
+        Cmd::Keys(Keys::Create {
+            principal,
+            ttl_seconds,
+        }) => commands::create_key(&api, principal, *ttl_seconds, format).await,
         Cmd::Keys(Keys::Revoke { principal, key_id }) => {
             commands::revoke_key(&api, principal, key_id, format).await
         }

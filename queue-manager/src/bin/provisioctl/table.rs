@@ -89,7 +89,18 @@ pub const PRINCIPAL: &[Col] = &[
     ("GROUPS", "/groups"),
 ];
 pub const GROUPS: &[Col] = &[("NAME", "/name"), ("GROUPS", "/groups")];
-pub const KEY: &[Col] = &[("ID", "/id"), ("PRINCIPAL", "/principal"), ("KEY", "/key")];
+pub const KEY: &[Col] = &[
+    ("ID", "/id"),
+    ("PRINCIPAL", "/principal"),
+    ("KEY", "/key"),
+    ("EXPIRES", "/expires_at"),
+];
+pub const GRANTS: &[Col] = &[
+    ("NAME", "/name"),
+    ("GRANTS", "/grants"),
+    ("GROUPS", "/groups"),
+    ("PERMISSIONS", "/permissions"),
+];
 pub const REVOKED: &[Col] = &[("ID", "/id"), ("REVOKED", "/revoked")];
 pub const STEPS: &[Col] = &[
     ("PATH", "/path"),
