@@ -12,7 +12,7 @@ use lapin::types::FieldTable;
 use provisio_shared::amqp::{header_str, long_str};
 use provisio_shared::domain::Envelope;
 use provisio_shared::signing::{SIGNATURE_HEADER, sign};
-use provisio_tests::{TestEnv, demo_namespace, request};
+use provisio_tests::{TestEnv, demo_namespace, eventually, request};
 use serde_json::json;
 
 /// An envelope as the queue manager would write it, claiming to come from an admin.
@@ -39,6 +39,41 @@ fn with_signature(id: &str, signature: Option<String>) -> BasicProperties {
         .with_message_id(id.into())
         .with_content_type("application/json".into())
         .with_headers(headers)
+}
+
+/// Each refusal is a security event (source `engine`) and a counted denial.
+async fn refusals_are_recorded(
+    env: &TestEnv,
+    pg: &tokio_postgres::Client,
+    engine_url: &str,
+) -> anyhow::Result<()> {
+    let events = eventually(Duration::from_secs(10), "four security events", || async {
+        let n: i64 = pg
+            .query_one(
+                "SELECT count(*) FROM security_events WHERE source = 'engine' \
+                 AND reason = 'unauthenticated' AND detail->>'request_id' LIKE 'forged-%'",
+                &[],
+            )
+            .await?
+            .get(0);
+        Ok((n == 4).then_some(n))
+    })
+    .await?;
+    assert_eq!(events, 4);
+    let metrics = env
+        .http
+        .get(format!("{engine_url}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("provisio_denials_total{reason=\"unauthenticated\"} 4")),
+        "{metrics}"
+    );
+    Ok(())
 }
 
 #[tokio::test]
@@ -132,6 +167,7 @@ async fn forged_and_unsigned_envelopes_are_dead_lettered_and_never_run() -> anyh
         .await?
         .get(0);
     assert_eq!(ran, 0, "a forged envelope was executed");
+    refusals_are_recorded(&env, &pg, &engine.url).await?;
     drop((qm, engine));
     env.cleanup().await;
     Ok(())

@@ -137,8 +137,8 @@ impl Engine {
         let principal = match self.authenticate(&envelope, body, props).await {
             Ok(p) => p,
             Err(envelope::Refused::Dead(reason, detail)) => {
-                if reason == "forbidden" {
-                    count_denial();
+                if matches!(reason, "forbidden" | "unauthenticated") {
+                    self.deny(reason, None, &envelope, &detail);
                 }
                 return self.dead_letter(body, props, reason, &detail).await;
             }
@@ -152,8 +152,8 @@ impl Engine {
             _ => Permission::Execute,
         };
         if !principal.has(needed.as_str()) {
-            count_denial();
             let why = format!("principal `{}` lacks `{needed}`", principal.name);
+            self.deny("forbidden", Some(&principal), &envelope, &why);
             return self.dead_letter(body, props, "forbidden", &why).await;
         }
         let span = tracing::info_span!("request", request_id = %envelope.id, namespace = %envelope.namespace, procedure = %envelope.procedure, redelivered);
@@ -170,14 +170,42 @@ impl Engine {
         }
     }
 
+    /// A delivery refused for who sent it: counted, and recorded as a security event (in the
+    /// background: the refusal never waits for the insert, and never fails with it).
+    pub(super) fn deny(
+        &self,
+        reason: &'static str,
+        principal: Option<&PrincipalRef>,
+        envelope: &Envelope,
+        detail: &str,
+    ) {
+        metrics::counter!(provisio_shared::metrics::DENIALS, "reason" => reason).increment(1);
+        let pool = self.pool.clone();
+        let (id, name) = (principal.map(|p| p.id), principal.map(|p| p.name.clone()));
+        let detail = serde_json::json!({
+            "request_id": envelope.id, "engine": self.engine_id, "detail": detail,
+        });
+        tokio::spawn(async move {
+            let written = async {
+                let client = pool.get().await?;
+                client
+                    .execute(
+                        "INSERT INTO security_events (principal_id, principal_name, source, reason, detail) \
+                         VALUES ($1, $2, 'engine', $3, $4)",
+                        &[&id, &name, &reason, &detail],
+                    )
+                    .await?;
+                anyhow::Ok(())
+            };
+            if let Err(e) = written.await {
+                tracing::warn!(error = %e, "cannot record a security event");
+            }
+        });
+    }
+
     /// The enabled principal `name` with its permissions, or `None`.
     async fn principal_named(&self, name: &str) -> anyhow::Result<Option<PrincipalRef>> {
         let client = self.pool.get().await.context("database")?;
         Ok(provisio_shared::security::principal(&client, PrincipalBy::Name, name).await?)
     }
-}
-
-/// A delivery refused because its principal may not run it (any more).
-fn count_denial() {
-    metrics::counter!(provisio_shared::metrics::DENIALS, "reason" => "forbidden").increment(1);
 }

@@ -86,8 +86,9 @@ impl Engine {
             number,
         };
         let refusal = refusal(env, &principal, &resolved);
-        if refusal.as_ref().is_some_and(|r| r["code"] == "forbidden") {
-            super::count_denial();
+        if let Some(r) = refusal.as_ref().filter(|r| r["code"] == "forbidden") {
+            let detail = r["message"].as_str().unwrap_or_default();
+            self.deny("forbidden", Some(&principal), env, detail);
         }
         let (Some(ns), Some(procedure), None) = (
             resolved.namespace.clone(),
