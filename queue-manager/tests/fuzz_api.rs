@@ -5,6 +5,10 @@
 //!
 //! Case counts are fixed (docs/operations.md, "Property tests"): 1,000 + 1,000 + 1,200 + 500
 //! + 150 (four bodies each) + 500 = 4,350 cases here.
+#![allow(
+    clippy::expect_used,
+    reason = "test code: a failed expectation is the test failing"
+)]
 
 use axum::response::IntoResponse;
 use futures_util::FutureExt;

@@ -5,6 +5,10 @@
 //!
 //! Case counts are fixed so that the suite's total stays known (see docs/operations.md,
 //! "Property tests"): 3,000 + 1,000 + 2,000 + 2,500 + 1,000 = 9,500 envelopes here.
+#![allow(
+    clippy::expect_used,
+    reason = "test code: a failed expectation is the test failing"
+)]
 
 use proptest::prelude::*;
 use provisio_shared::domain::Envelope;

@@ -7,6 +7,10 @@
 //! Case counts are fixed (docs/operations.md, "Property tests"): 1,000 + 1,000 + 250 + 200 +
 //! 1,500 = 3,950 here (compiling the demo costs ~40 ms in a debug build, hence the small
 //! counts of the two properties that do).
+#![allow(
+    clippy::expect_used,
+    reason = "test code: a failed expectation is the test failing"
+)]
 
 use proptest::prelude::*;
 use provisio_shared::jq::Expr;

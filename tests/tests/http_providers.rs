@@ -1,5 +1,9 @@
 //! End-to-end: the `http` provider and a remote provider against a local HTTP server that the
 //! test starts.
+#![allow(
+    clippy::expect_used,
+    reason = "test code: a failed expectation is the test failing"
+)]
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -4,6 +4,10 @@
 //! ask `/readyz` (readiness) and `/healthz` (liveness) on a port the container declares; the
 //! KEDA triggers watch queues the broker topology declares, one for every lane engines
 //! consume.
+#![allow(
+    clippy::expect_used,
+    reason = "test code: a failed expectation is the test failing"
+)]
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;

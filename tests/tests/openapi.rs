@@ -1,6 +1,10 @@
 //! The OpenAPI document (`schemas/openapi.yaml`) is checked against the running service: every
 //! answer below must be documented for its path, method and status, and its body must match
 //! the documented schema; every documented operation must be exercised here.
+#![allow(
+    clippy::expect_used,
+    reason = "test code: a failed expectation is the test failing"
+)]
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;

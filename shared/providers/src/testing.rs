@@ -1,5 +1,9 @@
 //! Helpers for tests of providers, here and in the crates that depend on this one (feature
 //! `testing`): a throw-away migrated database, and calls as the engine would make them.
+#![allow(
+    clippy::expect_used,
+    reason = "test code: a failed expectation is the test failing"
+)]
 
 use deadpool_postgres::Pool;
 use provisio_provider::{Call, Executed, Participation, Rollback};
