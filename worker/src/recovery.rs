@@ -9,13 +9,11 @@
 //! ([`Recovery::recover_tx`]), so two attempts never overlap.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use deadpool_postgres::Pool;
 use provisio_shared::domain::{Status, TxStatus};
 use provisio_shared::provider::{ProviderError, Rollback};
-use provisio_shared::retry::{Attempt, Backoff, retry};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -356,25 +354,7 @@ impl Recovery {
             action: action.to_owned(),
             data: data.clone(),
         };
-        let policy = Backoff::attempts(5, Duration::from_millis(100), Duration::from_secs(2));
-        retry(&policy, |_| {
-            let (p, rb) = (provider.clone(), &rb);
-            async move {
-                let r = if unknown {
-                    p.rollback_unknown(rb).await
-                } else {
-                    p.rollback(rb).await
-                };
-                r.map_err(|e| {
-                    if e.retryable {
-                        Attempt::Retry(e)
-                    } else {
-                        Attempt::Stop(e)
-                    }
-                })
-            }
-        })
-        .await
+        crate::engine::interpreter::undo_with_retry(&provider, &rb, unknown).await
     }
 
     async fn abort_two_phase(&self, tx_id: Uuid) -> bool {

@@ -25,7 +25,7 @@ mod steps;
 mod two_phase;
 
 use crate::txlog::{LogError, LogSink, Record, StepRecord};
-pub use rollback::compensate_unlogged;
+pub use rollback::{compensate_unlogged, undo_with_retry};
 
 /// Nested `procedure` steps deeper than this fail (cycles are rejected at apply time; this
 /// bounds cross-namespace chains that validation cannot see whole).

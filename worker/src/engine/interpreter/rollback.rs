@@ -36,7 +36,7 @@ pub async fn compensate_unlogged(
             action: c.action.clone(),
             data: c.data.clone(),
         };
-        if let Err(e) = rollback_with_retry(&provider, &rb).await {
+        if let Err(e) = undo_with_retry(&provider, &rb, false).await {
             tracing::error!(%tx_id, path = %c.path, error = %e, "cannot undo an unlogged call of a fenced transaction");
             failed.push(c.path.clone());
         } else {
@@ -46,10 +46,13 @@ pub async fn compensate_unlogged(
     failed
 }
 
-/// One rollback call, retried with back-off; a panic counts as a permanent failure.
-async fn rollback_with_retry(
+/// One undo, retried with back-off: `rollback`, or `rollback_unknown` for a call whose
+/// completion was never logged. A panic counts as a permanent failure. The engine's
+/// rollbacks and recovery's share it, so both survive a panicking provider alike.
+pub async fn undo_with_retry(
     provider: &Arc<dyn provisio_shared::provider::Provider>,
     rb: &Rollback,
+    unknown: bool,
 ) -> Result<(), ProviderError> {
     let policy = provisio_shared::retry::Backoff::attempts(
         5,
@@ -59,7 +62,14 @@ async fn rollback_with_retry(
     retry(&policy, |_| {
         let (provider, rb) = (provider.clone(), rb);
         async move {
-            match AssertUnwindSafe(provider.rollback(rb)).catch_unwind().await {
+            let call = async {
+                if unknown {
+                    provider.rollback_unknown(rb).await
+                } else {
+                    provider.rollback(rb).await
+                }
+            };
+            match AssertUnwindSafe(call).catch_unwind().await {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(e)) if e.retryable => Err(Attempt::Retry(e)),
                 Ok(Err(e)) => Err(Attempt::Stop(e)),
@@ -98,7 +108,7 @@ impl Run<'_> {
                         action: c.action.clone(),
                         data: c.data.clone(),
                     };
-                    rollback_with_retry(&provider, &rb).await
+                    undo_with_retry(&provider, &rb, false).await
                 }
                 None => Err(ProviderError::permanent(
                     "unknown_provider",
