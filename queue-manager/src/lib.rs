@@ -8,6 +8,7 @@ pub mod app;
 pub mod auth;
 pub mod denials;
 pub mod depth;
+pub mod https;
 pub mod ratelimit;
 pub mod scheduler;
 pub mod wait;

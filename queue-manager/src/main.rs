@@ -98,13 +98,26 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", cfg.queue_manager.listen))?;
     let addr = listener.local_addr().context("local address")?;
-    tracing::info!(%addr, "queue manager listening");
-    // Machine-readable line for scripts and tests that start us on port 0.
-    println!("listening on http://{addr}");
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown::signal())
-        .await
-        .context("serving HTTP")?;
+    let qm = &cfg.queue_manager;
+    if let (Some(cert), Some(key)) = (&qm.tls_cert_file, &qm.tls_key_file) {
+        let tls = provisio_shared::tls::server_config(cert, key).context("HTTPS certificate")?;
+        let listener = provisio_queue_manager::https::TlsListener::new(listener, tls)
+            .context("HTTPS listener")?;
+        tracing::info!(%addr, "queue manager listening (HTTPS)");
+        // Machine-readable line for scripts and tests that start us on port 0.
+        println!("listening on https://{addr}");
+        axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown::signal())
+            .await
+            .context("serving HTTPS")?;
+    } else {
+        tracing::info!(%addr, "queue manager listening");
+        println!("listening on http://{addr}");
+        axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown::signal())
+            .await
+            .context("serving HTTP")?;
+    }
     watch.abort();
     db_watch.abort();
     scheduler_stop.cancel();

@@ -4,10 +4,12 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use tokio_postgres::NoTls;
+use tokio_postgres::config::SslMode;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::config::Secret;
 use crate::retry::{Attempt, Backoff, retry};
+use crate::tls::{self, Verify};
 
 mod embedded {
     refinery::embed_migrations!("../schemas/migrations");
@@ -20,6 +22,8 @@ const MIGRATION_LOCK: i64 = 0x7072_6f76_6973_696f; // "provisio"
 pub enum DbError {
     #[error("database URL is invalid: {0}")]
     BadUrl(String),
+    #[error("database TLS: {0}")]
+    Tls(#[from] tls::TlsError),
     #[error("cannot connect to PostgreSQL: {0}")]
     Connect(#[source] tokio_postgres::Error),
     #[error("database pool: {0}")]
@@ -30,8 +34,131 @@ pub enum DbError {
     Postgres(#[from] tokio_postgres::Error),
 }
 
+/// A PostgreSQL server as a URL names it: what tokio-postgres parses, plus the TLS that the
+/// URL's `sslmode` and `sslrootcert` ask for. tokio-postgres knows only `disable`, `prefer`
+/// and `require`, and verifies nothing itself, so the verifying modes are taken out of the
+/// URL here and become the rustls configuration.
+#[derive(Clone)]
+pub struct PgTarget {
+    config: tokio_postgres::Config,
+    tls: MakeRustlsConnect,
+    mode: &'static str,
+}
+
+impl std::fmt::Debug for PgTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgTarget")
+            .field("hosts", &self.config.get_hosts())
+            .field("sslmode", &self.mode)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgTarget {
+    pub fn parse(url: &Secret) -> Result<Self, DbError> {
+        let (rest, mode, rootcert) = split_tls_params(url.expose());
+        let mut config =
+            tokio_postgres::Config::from_str(&rest).map_err(|e| DbError::BadUrl(e.to_string()))?;
+        let (ssl, verify, mode) = match mode.as_deref().unwrap_or("prefer") {
+            "disable" => (SslMode::Disable, Verify::Nothing, "disable"),
+            "prefer" => (SslMode::Prefer, Verify::Nothing, "prefer"),
+            // libpq: `require` with a root certificate behaves as `verify-ca`.
+            "require" if rootcert.is_some() => (SslMode::Require, Verify::Chain, "require"),
+            "require" => (SslMode::Require, Verify::Nothing, "require"),
+            "verify-ca" => (SslMode::Require, Verify::Chain, "verify-ca"),
+            "verify-full" => (SslMode::Require, Verify::Full, "verify-full"),
+            other => {
+                return Err(DbError::BadUrl(format!(
+                    "sslmode={other} is not supported (disable, prefer, require, verify-ca, verify-full)"
+                )));
+            }
+        };
+        config.ssl_mode(ssl);
+        let roots = match (&rootcert, verify) {
+            (Some(source), _) => tls::roots(source)?,
+            (None, Verify::Nothing) => rustls::RootCertStore::empty(),
+            (None, _) => {
+                return Err(DbError::BadUrl(format!(
+                    "sslmode={mode} needs sslrootcert=<PEM file> (or sslrootcert=system)"
+                )));
+            }
+        };
+        let tls = MakeRustlsConnect::new(tls::client_config(verify, roots)?);
+        Ok(Self { config, tls, mode })
+    }
+
+    pub fn config(&self) -> &tokio_postgres::Config {
+        &self.config
+    }
+
+    pub fn config_mut(&mut self) -> &mut tokio_postgres::Config {
+        &mut self.config
+    }
+
+    pub fn tls(&self) -> MakeRustlsConnect {
+        self.tls.clone()
+    }
+
+    /// One connection outside any pool; its driver future is the caller's to run.
+    pub async fn connect(
+        &self,
+    ) -> Result<
+        (
+            tokio_postgres::Client,
+            tokio_postgres::Connection<tokio_postgres::Socket, TlsStream>,
+        ),
+        tokio_postgres::Error,
+    > {
+        self.config.connect(self.tls.clone()).await
+    }
+}
+
+/// The stream under a connection made by [`PgTarget::connect`] (a TLS stream that may be plain).
+pub type TlsStream =
+    <MakeRustlsConnect as tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>>::Stream;
+
+/// Takes `sslmode` and `sslrootcert` out of a URL (`postgres://…?sslmode=…`) or a key/value
+/// string (`host=… sslmode=…`); the rest goes to tokio-postgres unchanged.
+fn split_tls_params(url: &str) -> (String, Option<String>, Option<String>) {
+    let (mut mode, mut rootcert) = (None, None);
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let Some((base, query)) = url.split_once('?') else {
+            return (url.to_owned(), None, None);
+        };
+        let mut kept = url::form_urlencoded::Serializer::new(String::new());
+        for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
+            match key.as_ref() {
+                "sslmode" => mode = Some(value.into_owned()),
+                "sslrootcert" => rootcert = Some(value.into_owned()),
+                _ => {
+                    kept.append_pair(&key, &value);
+                }
+            }
+        }
+        let kept = kept.finish();
+        let rest = if kept.is_empty() {
+            base.to_owned()
+        } else {
+            format!("{base}?{kept}")
+        };
+        return (rest, mode, rootcert);
+    }
+    let mut kept = Vec::new();
+    for token in url.split_whitespace() {
+        if let Some(v) = token.strip_prefix("sslmode=") {
+            mode = Some(v.trim_matches('\'').to_owned());
+        } else if let Some(v) = token.strip_prefix("sslrootcert=") {
+            rootcert = Some(v.trim_matches('\'').to_owned());
+        } else {
+            kept.push(token);
+        }
+    }
+    (kept.join(" "), mode, rootcert)
+}
+
+/// The tokio-postgres part of a URL (host, database, user…), TLS settings taken out.
 pub fn pg_config(url: &Secret) -> Result<tokio_postgres::Config, DbError> {
-    tokio_postgres::Config::from_str(url.expose()).map_err(|e| DbError::BadUrl(e.to_string()))
+    Ok(PgTarget::parse(url)?.config)
 }
 
 /// A pool whose connections are checked cheaply on reuse. Creating it does not connect.
@@ -45,7 +172,9 @@ pub fn pool_with_options(
     size: usize,
     options: Option<&str>,
 ) -> Result<Pool, DbError> {
-    let mut cfg = pg_config(url)?;
+    let target = PgTarget::parse(url)?;
+    let tls = target.tls();
+    let mut cfg = target.config;
     if let Some(o) = options {
         cfg.options(o);
     }
@@ -53,7 +182,7 @@ pub fn pool_with_options(
     cfg.application_name("provisio");
     let mgr = Manager::from_config(
         cfg,
-        NoTls,
+        tls,
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },
@@ -67,8 +196,8 @@ pub fn pool_with_options(
         .map_err(|e| DbError::Pool(e.to_string()))
 }
 
-async fn connect(cfg: &tokio_postgres::Config) -> Result<tokio_postgres::Client, DbError> {
-    let (client, conn) = cfg.connect(NoTls).await.map_err(DbError::Connect)?;
+async fn connect(target: &PgTarget) -> Result<tokio_postgres::Client, DbError> {
+    let (client, conn) = target.connect().await.map_err(DbError::Connect)?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             tracing::debug!(error = %e, "migration connection ended");
@@ -82,11 +211,11 @@ pub async fn connect_with_retry(
     url: &Secret,
     wait: Duration,
 ) -> Result<tokio_postgres::Client, DbError> {
-    let cfg = pg_config(url)?;
+    let target = PgTarget::parse(url)?;
     retry(&Backoff::for_duration(wait), |_| {
-        let cfg = cfg.clone();
+        let target = target.clone();
         async move {
-            connect(&cfg).await.map_err(|e| {
+            connect(&target).await.map_err(|e| {
                 tracing::warn!(error = %e, "PostgreSQL not reachable yet");
                 Attempt::Retry(e)
             })
@@ -115,13 +244,13 @@ pub async fn migrate(url: &Secret) -> Result<(), DbError> {
 
 /// Creates the database named in `url` when it does not exist (used by `ops/up` and tests).
 pub async fn create_database_if_missing(url: &Secret) -> Result<(), DbError> {
-    let cfg = pg_config(url)?;
-    let name = cfg
+    let mut admin = PgTarget::parse(url)?;
+    let name = admin
+        .config()
         .get_dbname()
         .ok_or_else(|| DbError::BadUrl("no database name".into()))?
         .to_owned();
-    let mut admin = cfg.clone();
-    admin.dbname("postgres");
+    admin.config_mut().dbname("postgres");
     let client = connect(&admin).await?;
     let exists = client
         .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
@@ -141,13 +270,13 @@ pub async fn create_database_if_missing(url: &Secret) -> Result<(), DbError> {
 
 /// Drops a database (tests clean up after themselves).
 pub async fn drop_database(url: &Secret) -> Result<(), DbError> {
-    let cfg = pg_config(url)?;
-    let name = cfg
+    let mut admin = PgTarget::parse(url)?;
+    let name = admin
+        .config()
         .get_dbname()
         .ok_or_else(|| DbError::BadUrl("no database name".into()))?
         .to_owned();
-    let mut admin = cfg.clone();
-    admin.dbname("postgres");
+    admin.config_mut().dbname("postgres");
     let client = connect(&admin).await?;
     let sql = format!(
         "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
@@ -155,4 +284,75 @@ pub async fn drop_database(url: &Secret) -> Result<(), DbError> {
     );
     client.batch_execute(&sql).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(url: &str) -> Result<PgTarget, DbError> {
+        PgTarget::parse(&Secret::new(url))
+    }
+
+    #[test]
+    fn tls_parameters_are_taken_out_of_urls_and_key_value_strings() {
+        assert_eq!(
+            split_tls_params(
+                "postgres://u@h:5/db?sslmode=verify-full&sslrootcert=%2Ftmp%2Fca.pem&application_name=x"
+            ),
+            (
+                "postgres://u@h:5/db?application_name=x".to_owned(),
+                Some("verify-full".to_owned()),
+                Some("/tmp/ca.pem".to_owned())
+            )
+        );
+        assert_eq!(
+            split_tls_params("postgresql://h/db?sslmode=require"),
+            (
+                "postgresql://h/db".to_owned(),
+                Some("require".to_owned()),
+                None
+            )
+        );
+        assert_eq!(
+            split_tls_params("host=h dbname=d sslmode=verify-ca sslrootcert=/ca.pem"),
+            (
+                "host=h dbname=d".to_owned(),
+                Some("verify-ca".to_owned()),
+                Some("/ca.pem".to_owned())
+            )
+        );
+    }
+
+    #[test]
+    fn sslmode_is_honoured_and_prefer_is_the_default() {
+        let mode = |url: &str| parse(url).map(|t| (t.mode, t.config.get_ssl_mode()));
+        assert_eq!(
+            mode("postgres://h/db").ok(),
+            Some(("prefer", SslMode::Prefer))
+        );
+        assert_eq!(
+            mode("postgres://h/db?sslmode=disable").ok(),
+            Some(("disable", SslMode::Disable))
+        );
+        assert_eq!(
+            mode("postgres://h/db?sslmode=require").ok(),
+            Some(("require", SslMode::Require))
+        );
+    }
+
+    #[test]
+    fn verifying_modes_need_a_root_certificate_and_unknown_modes_are_refused() {
+        for url in [
+            "postgres://h/db?sslmode=verify-full",
+            "postgres://h/db?sslmode=verify-ca",
+            "postgres://h/db?sslmode=allow",
+        ] {
+            assert!(matches!(parse(url), Err(DbError::BadUrl(_))), "{url}");
+        }
+        assert!(matches!(
+            parse("postgres://h/db?sslmode=verify-full&sslrootcert=/no/such/file.pem"),
+            Err(DbError::Tls(_))
+        ));
+    }
 }

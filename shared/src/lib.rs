@@ -22,3 +22,4 @@ pub mod security;
 pub mod shutdown;
 pub mod signing;
 pub mod telemetry;
+pub mod tls;

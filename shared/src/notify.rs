@@ -45,8 +45,9 @@ async fn listen_once<F: Follower>(
     follower: &F,
     url: &Secret,
     channel: &'static str,
-) -> Result<(), tokio_postgres::Error> {
-    let (client, mut conn) = tokio_postgres::connect(url.expose(), tokio_postgres::NoTls).await?;
+) -> Result<(), crate::db::DbError> {
+    let target = crate::db::PgTarget::parse(url)?;
+    let (client, mut conn) = target.connect().await?;
     let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let pump = tokio::spawn(async move {

@@ -19,6 +19,7 @@ use tokio::process::{Child, Command};
 pub mod load;
 pub mod measure;
 pub mod proxy;
+pub mod tls;
 
 /// PostgreSQL server URL without a database name.
 pub fn pg_base() -> String {

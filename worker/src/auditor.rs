@@ -20,7 +20,6 @@ use provisio_shared::config::{Config, Secret};
 use provisio_shared::reconnect::Reconnect;
 use provisio_shared::telemetry::{self, Readiness};
 use provisio_shared::{db, metrics as m, shutdown};
-use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 
 use crate::dead::DeadLetters;
@@ -266,10 +265,10 @@ impl Drop for LockSession {
 
 impl LockSession {
     async fn open(url: &Secret) -> anyhow::Result<Self> {
-        let mut pg = db::pg_config(url).context("database URL")?;
-        pg.application_name(LOCK_APPLICATION_NAME);
-        pg.connect_timeout(QUERY_TIMEOUT);
-        let (client, conn) = tokio::time::timeout(QUERY_TIMEOUT, pg.connect(NoTls))
+        let mut pg = db::PgTarget::parse(url).context("database URL")?;
+        pg.config_mut().application_name(LOCK_APPLICATION_NAME);
+        pg.config_mut().connect_timeout(QUERY_TIMEOUT);
+        let (client, conn) = tokio::time::timeout(QUERY_TIMEOUT, pg.connect())
             .await
             .context("connecting: timed out")?
             .context("connecting")?;

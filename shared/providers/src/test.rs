@@ -3,7 +3,6 @@
 //! `fail`, `fail_n_times`, `panic`, `sleep`; on `echo`'s input, `fail_rollback` and
 //! `rollback_sleep_ms` act on its rollback.
 
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,14 +20,12 @@ pub const ACTIONS: &[&str] = &["echo", "sleep", "fail", "fail_n_times", "panic"]
 /// The constructor of [`crate::BUILTINS`]: a pool of its own, with `synchronous_commit = off`
 /// (see [`TestProvider::new`]).
 pub fn build(ctx: &mut BuildContext<'_>) -> Result<Arc<dyn Provider>, BuildError> {
-    let mut pg = tokio_postgres::Config::from_str(ctx.config.database.url.expose())
-        .map_err(|e| BuildError::Pool(e.to_string()))?;
-    pg.options("-c synchronous_commit=off");
-    let mgr = deadpool_postgres::Manager::new(pg, tokio_postgres::NoTls);
-    let test_pool = Pool::builder(mgr)
-        .max_size(ctx.config.database.pool_size.min(8))
-        .build()
-        .map_err(|e| BuildError::Pool(e.to_string()))?;
+    let test_pool = provisio_shared::db::pool_with_options(
+        &ctx.config.database.url,
+        ctx.config.database.pool_size.min(8),
+        Some("-c synchronous_commit=off"),
+    )
+    .map_err(|e| BuildError::Pool(e.to_string()))?;
     Ok(Arc::new(TestProvider::new(test_pool)))
 }
 

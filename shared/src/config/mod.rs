@@ -134,6 +134,9 @@ pub struct QueueManagerConfig {
     pub max_wait_seconds: u64,
     /// Submissions each principal may make; off by default.
     pub rate_limit: RateLimitConfig,
+    /// PEM certificate chain and private key: with both, the API is served over HTTPS only.
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
 }
 
 /// Per-principal limits on submissions (`POST /v1/requests`, `/v1/requests/trusted`,
@@ -331,6 +334,8 @@ impl Default for QueueManagerConfig {
             max_wait_seconds: 60,
             key_cache_seconds: 60,
             rate_limit: RateLimitConfig::default(),
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 }
@@ -533,6 +538,11 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "txlog.pool_size, txlog.timeout_seconds and txlog.probe_interval_ms must be at least 1"
                     .into(),
+            ));
+        }
+        if self.queue_manager.tls_cert_file.is_some() != self.queue_manager.tls_key_file.is_some() {
+            return Err(ConfigError::Invalid(
+                "queue_manager.tls_cert_file and queue_manager.tls_key_file go together".into(),
             ));
         }
         let rl = &self.queue_manager.rate_limit;
