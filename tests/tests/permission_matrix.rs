@@ -145,7 +145,12 @@ fn body_of(kind: &str, i: usize) -> (&'static str, Value) {
 
 #[tokio::test]
 async fn every_permission_against_every_kind_of_request() -> R {
-    let env = TestEnv::new("matrix").await?;
+    let mut env = TestEnv::new("matrix").await?;
+    // Schema validation on (MPF's switch, off by default), for the direct producers' check.
+    env.extra_env.push((
+        "PROVISIO_VALIDATION__ENABLE_SCHEMA_VALIDATION".into(),
+        "true".into(),
+    ));
     let (qm, engine) = tokio::try_join!(env.queue_manager(), env.engine())?;
     let (status, b) = env.apply(&qm, "matrix", NAMESPACE).await?;
     assert_eq!(status, 201, "{b}");
@@ -192,6 +197,7 @@ async fn every_permission_against_every_kind_of_request() -> R {
     let mut disagreements = Vec::new();
     http_requests(&env, &qm, &keys, &mut disagreements).await?;
     direct_amqp(&env, &mut disagreements).await?;
+    direct_amqp_input_schema(&env, &mut disagreements).await?;
     admin_routes(&env, &qm, &keys, &mut disagreements).await?;
     assert!(
         disagreements.is_empty(),
@@ -241,6 +247,53 @@ async fn http_requests(
                     PRINCIPALS[i].0
                 ));
             }
+        }
+    }
+    Ok(())
+}
+
+/// With schema validation on, a direct producer's input meets the same top-level schema check
+/// as the HTTP path's `422`:
+/// `demo.hello` needs a non-empty `name`. The refusal is the request's outcome on the results
+/// exchange (where `reply_to` answers go), with every violation.
+async fn direct_amqp_input_schema(env: &TestEnv, out: &mut Vec<String>) -> R {
+    let topo = env.topology();
+    let user = format!("{}-p-execute", env.prefix);
+    let url = env
+        .amqp_url
+        .replacen("guest:guest@", &format!("{user}:pw@"), 1);
+    let mut outcomes = env.outcomes().await?;
+    let conn = lapin::Connection::connect(&url, lapin::ConnectionProperties::default()).await?;
+    let ch = conn.create_channel().await?;
+    let cases = [
+        ("schema-missing", json!({}), "failed"),
+        ("schema-empty", json!({"name": ""}), "failed"),
+        ("schema-ok", json!({"name": "Ada"}), "succeeded"),
+    ];
+    for (id, input, _) in &cases {
+        let envelope = json!({"id": id, "namespace": "demo", "procedure": "hello", "input": input});
+        ch.basic_publish(
+            topo.requests_exchange().into(),
+            "normal".into(),
+            BasicPublishOptions::default(),
+            envelope.to_string().as_bytes(),
+            BasicProperties::default()
+                .with_message_id((*id).into())
+                .with_user_id(user.clone().into()),
+        )
+        .await?
+        .await?;
+    }
+    let _ = conn.close(0, "done".into()).await;
+    for (id, _, expected) in cases {
+        let outcome = outcomes.wait_for(id).await?;
+        let refused_for_schema = outcome["error"]["code"] == "input_invalid"
+            && outcome["error"]["details"][0]["path"].is_string();
+        let ok = outcome["status"] == expected && (expected == "succeeded" || refused_for_schema);
+        if !ok {
+            out.push(format!(
+                "direct AMQP input {id}: {outcome} (expected {expected})"
+            ));
         }
     }
     Ok(())

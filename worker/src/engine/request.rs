@@ -22,6 +22,7 @@ use super::interpreter::{self, Outcome, Run};
 use super::outcome::{outcome_record, record_durations};
 use super::{Disposition, Engine};
 use crate::txlog::Begin;
+use provisio_shared::amqp::header_str;
 
 /// What a delivery names, looked up: the namespace version and procedure (an inline one for a
 /// trusted request with steps), and who the procedure acts for.
@@ -85,7 +86,14 @@ impl Engine {
             server,
             number,
         };
-        let refusal = refusal(env, &principal, &resolved);
+        let refusal = refusal(env, &principal, &resolved).or_else(|| {
+            // The queue manager validated the input of what it signed; a direct producer's
+            // input is checked here, against the same schema, with the same switch.
+            let direct = header_str(props, provisio_shared::signing::SIGNATURE_HEADER).is_none();
+            (direct && self.cfg.validation.enable_schema_validation)
+                .then(|| invalid_input(env, resolved.procedure.as_deref()))
+                .flatten()
+        });
         if let Some(r) = refusal.as_ref().filter(|r| r["code"] == "forbidden") {
             let detail = r["message"].as_str().unwrap_or_default();
             self.deny("forbidden", Some(&principal), env, detail);
@@ -395,6 +403,23 @@ fn refusal(env: &Envelope, principal: &PrincipalRef, r: &Resolved) -> Option<Val
             ),
         ),
     }
+}
+
+/// The top-level input against the procedure's input schema, as the queue manager checks it
+/// (its `422 invalid`): every violation, with its path.
+fn invalid_input(env: &Envelope, procedure: Option<&Procedure>) -> Option<Value> {
+    let schema = procedure?.input_schema.as_ref()?;
+    let details: Vec<Value> = schema
+        .iter_errors(&env.input)
+        .map(|e| json!({"path": e.instance_path().to_string(), "message": e.to_string()}))
+        .collect();
+    (!details.is_empty()).then(|| {
+        json!({
+            "code": "input_invalid",
+            "message": "input does not match the procedure's input schema",
+            "details": details,
+        })
+    })
 }
 
 /// The calls a run completed, for the case its outcome cannot be written.
