@@ -66,6 +66,23 @@ pub fn compile(
             }
         };
         let input_schema = c.schema(&format!("{base}.input_schema"), pdoc.input_schema.as_ref());
+        let mut sensitive_inputs = Vec::new();
+        if let Some(schema) = &pdoc.input_schema {
+            c.sensitive_properties(
+                schema,
+                &format!("{base}.input_schema"),
+                Some(&[]),
+                &mut sensitive_inputs,
+            );
+        }
+        if let Some(schema) = &pdoc.output_schema {
+            c.sensitive_properties(
+                schema,
+                &format!("{base}.output_schema"),
+                None,
+                &mut Vec::new(),
+            );
+        }
         let output_schema = c.schema(
             &format!("{base}.output_schema"),
             pdoc.output_schema.as_ref(),
@@ -95,6 +112,9 @@ pub fn compile(
                     audit_data,
                     input_schema,
                     output_schema,
+                    sensitive: !sensitive_inputs.is_empty()
+                        || steps.iter().any(Step::any_sensitive),
+                    sensitive_inputs,
                     steps,
                     output,
                 }),
@@ -233,8 +253,66 @@ impl Compiler<'_> {
             save,
             retry,
             timeout,
+            sensitive: d.sensitive.unwrap_or(false),
             kind,
         })
+    }
+
+    /// Collects the properties of an input schema marked `sensitive: true`. `prefix` is the
+    /// property path of `schema` when it is the input's schema or a property's (reached through
+    /// `properties` only), `None` elsewhere — where `sensitive` is a problem: the engine could
+    /// not tell which value it marks.
+    fn sensitive_properties(
+        &mut self,
+        schema: &serde_json::Value,
+        path: &str,
+        prefix: Option<&[String]>,
+        found: &mut Vec<Vec<String>>,
+    ) {
+        match schema {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m {
+                    let here = format!("{path}.{k}");
+                    match (k.as_str(), prefix) {
+                        ("sensitive", Some(prefix)) => match v {
+                            serde_json::Value::Bool(true) => found.push(prefix.to_vec()),
+                            serde_json::Value::Bool(false) => {}
+                            other => self.problem(
+                                &here,
+                                format!("`sensitive` is true or false, not {other}"),
+                            ),
+                        },
+                        ("sensitive", None) => self.problem(
+                            &here,
+                            "`sensitive` marks the input schema or one of its properties \
+                             (under `properties`, at any depth), nothing else"
+                                .into(),
+                        ),
+                        ("properties", Some(prefix)) if v.is_object() => {
+                            for (name, sub) in v.as_object().into_iter().flatten() {
+                                let mut p = prefix.to_vec();
+                                p.push(name.clone());
+                                self.sensitive_properties(
+                                    sub,
+                                    &format!("{here}.{name}"),
+                                    Some(&p),
+                                    found,
+                                );
+                            }
+                        }
+                        // Values, not schemas: a `sensitive` key in them is data.
+                        ("default" | "const" | "enum" | "examples", _) => {}
+                        _ => self.sensitive_properties(v, &here, None, found),
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => {
+                for (i, v) in items.iter().enumerate() {
+                    self.sensitive_properties(v, &format!("{path}[{i}]"), None, found);
+                }
+            }
+            _ => {}
+        }
     }
 
     /// The one kind key a step has; a step with none or several is a problem.

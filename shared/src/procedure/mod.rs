@@ -70,6 +70,13 @@ pub struct Procedure {
     pub output_schema: Option<jsonschema::Validator>,
     pub steps: Vec<Step>,
     pub output: Option<Expr>,
+    /// The input properties marked `sensitive: true` in `input_schema` (property names from
+    /// the top; `[]`: the whole input), sealed by the queue manager before the request is
+    /// stored or published.
+    pub sensitive_inputs: Vec<Vec<String>>,
+    /// The procedure declares a sensitive input property or a sensitive step: every record of
+    /// it that reaches the log (and the run's output, error messages and audit data) is sealed.
+    pub sensitive: bool,
 }
 
 impl fmt::Debug for Procedure {
@@ -80,6 +87,7 @@ impl fmt::Debug for Procedure {
             .field("access", &self.access)
             .field("model", &self.model)
             .field("steps", &self.steps)
+            .field("sensitive", &self.sensitive)
             .finish_non_exhaustive()
     }
 }
@@ -95,7 +103,26 @@ pub struct Step {
     pub save: Option<Expr>,
     pub retry: Option<Backoff>,
     pub timeout: Option<Duration>,
+    /// `sensitive: true` on the step.
+    pub sensitive: bool,
     pub kind: StepKind,
+}
+
+impl Step {
+    /// This step or one nested in it (`for_each`, `switch`, `try`/`catch`) is sensitive.
+    pub fn any_sensitive(&self) -> bool {
+        self.sensitive
+            || match &self.kind {
+                StepKind::ForEach { steps, .. } => steps.iter().any(Step::any_sensitive),
+                StepKind::Switch { cases, default, .. } => cases
+                    .iter()
+                    .flat_map(|(_, s)| s)
+                    .chain(default)
+                    .any(Step::any_sensitive),
+                StepKind::Try { body, catch } => body.iter().chain(catch).any(Step::any_sensitive),
+                _ => false,
+            }
+    }
 }
 
 #[derive(Debug)]
