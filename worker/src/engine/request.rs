@@ -34,6 +34,14 @@ struct Resolved {
     /// The credentials in clear, for a submitter allowed to pass them; `Err` when sealed
     /// credentials do not open (a key this engine lacks, or tampering).
     credentials: Result<Option<Value>, SealError>,
+    /// The input with its sensitive properties opened, for the run (in memory only); `Err`
+    /// when a sealed one does not open.
+    input: Result<Value, SealError>,
+    /// The input as it may be stored: its sensitive properties sealed (a direct AMQP
+    /// producer's arrive clear and are sealed here).
+    stored_input: Value,
+    /// The procedure's sensitive input properties.
+    sensitive_inputs: Vec<Vec<String>>,
     model: TxModel,
 }
 
@@ -100,11 +108,12 @@ impl Engine {
                 .await;
         };
         let credentials = resolved.credentials.unwrap_or_default();
+        let input = resolved.input.unwrap_or_default();
         let outcome = self
             .execute(
                 env,
                 resolved.acting,
-                credentials,
+                (credentials, input),
                 (&ns, &procedure),
                 attempt,
             )
@@ -122,8 +131,11 @@ impl Engine {
         if outcome.rolled_back > 0 {
             metrics::counter!(provisio_shared::metrics::ROLLBACKS, "namespace" => ns_label.clone(), "procedure" => proc_label.clone()).increment(1);
         }
-        let (decided, leftovers) =
-            decide(env, outcome, procedure.model, attempt.number, &self.keyring);
+        let sealing = Sealing {
+            keyring: &self.keyring,
+            sensitive_inputs: &resolved.sensitive_inputs,
+        };
+        let (decided, leftovers) = decide(env, outcome, procedure.model, attempt.number, &sealing);
         let (status, output, error) = (
             decided.status,
             decided.output.clone(),
@@ -193,7 +205,15 @@ impl Engine {
             }
             _ => Ok(None),
         };
+        let sensitive_inputs = procedure
+            .as_ref()
+            .map(|p| p.sensitive_inputs.clone())
+            .unwrap_or_default();
+        let id = env.id.as_str();
         Ok(Resolved {
+            input: self.keyring.open_paths(&env.input, &sensitive_inputs, id),
+            stored_input: self.keyring.seal_paths(&env.input, &sensitive_inputs, id),
+            sensitive_inputs,
             namespace,
             procedure,
             inline_problems,
@@ -214,7 +234,7 @@ impl Engine {
             audit: r.procedure.as_ref().is_some_and(|p| p.audit),
             engine_id: self.engine_id.clone(),
             lease_seconds: self.cfg.engine.lease_seconds as f64,
-            input: env.input.clone(),
+            input: r.stored_input.clone(),
             principal_id: Some(principal.id),
             priority: env.priority.as_str(),
         }
@@ -257,7 +277,7 @@ impl Engine {
         &self,
         env: &Envelope,
         acting: Option<PrincipalRef>,
-        credentials: Option<Value>,
+        (credentials, input): (Option<Value>, Value),
         (ns, procedure): (&Arc<Namespace>, &Arc<Procedure>),
         attempt: Attempt,
     ) -> Outcome {
@@ -283,11 +303,12 @@ impl Engine {
             self.cfg.validation.enable_schema_validation,
         )
         .with_lease_flag(lease_lost)
+        .with_sealing(self.keyring.clone(), env.id.as_str())
         .with_pause_after_prepare(
             (test.enabled && test.pause_after_prepare_ms > 0)
                 .then(|| Duration::from_millis(test.pause_after_prepare_ms)),
         );
-        run.execute(ns, procedure, env.input.clone()).await
+        run.execute(ns, procedure, input).await
     }
 
     /// The run lost its transaction: fenced (recovery took over), or its log server went bad
@@ -366,6 +387,9 @@ fn refusal(env: &Envelope, principal: &PrincipalRef, r: &Resolved) -> Option<Val
     if let Err(e) = &r.credentials {
         return refuse("credentials_unreadable", e.to_string());
     }
+    if let Err(e) = &r.input {
+        return refuse("sensitive_unreadable", e.to_string());
+    }
     if r.acting.is_none() {
         return refuse(
             "unknown_principal",
@@ -397,6 +421,13 @@ fn refusal(env: &Envelope, principal: &PrincipalRef, r: &Resolved) -> Option<Val
     }
 }
 
+/// How a decided outcome is sealed: the keyring, and the procedure's sensitive inputs (sealed
+/// in a kept envelope).
+struct Sealing<'a> {
+    keyring: &'a Keyring,
+    sensitive_inputs: &'a [Vec<String>],
+}
+
 /// The calls a run completed, for the case its outcome cannot be written.
 struct Leftovers {
     logged: Vec<interpreter::Completed>,
@@ -411,9 +442,9 @@ fn decide(
     outcome: Outcome,
     model: TxModel,
     attempt: i32,
-    keyring: &Keyring,
+    sealing: &Sealing<'_>,
 ) -> (Decided, Leftovers) {
-    let (tx_status, status, output, error) = match &outcome.result {
+    let (tx_status, status, mut output, mut error) = match &outcome.result {
         Ok(out) => (
             TxStatus::Committed,
             Status::Succeeded,
@@ -444,7 +475,7 @@ fn decide(
                 + chrono::Duration::milliseconds(
                     i64::try_from(policy.interval_ms).unwrap_or(i64::MAX),
                 );
-            (Status::Scheduled, kept_envelope(env, at, keyring))
+            (Status::Scheduled, kept_envelope(env, at, sealing))
         }
         (Some(policy), Status::Failed)
             if model != TxModel::Read && policy.on_exhausted == OnExhausted::Park =>
@@ -452,10 +483,19 @@ fn decide(
             // The envelope is kept as for a retry, so that an operator can resume the request
             // (`POST /v1/requests/{id}:resume`); the time is only where the row's `not_before`
             // points meanwhile: nothing publishes a parked request.
-            (Status::Parked, kept_envelope(env, Utc::now(), keyring))
+            (Status::Parked, kept_envelope(env, Utc::now(), sealing))
         }
         (_, s) => (s, None),
     };
+    let mut audit_data =
+        (!outcome.audit_data.is_empty()).then_some(Value::Array(outcome.audit_data));
+    if outcome.tainted {
+        // A sensitive procedure ran: jq may have copied a sensitive value into any of these.
+        let (ring, id) = (sealing.keyring, env.id.as_str());
+        output = output.map(|o| ring.seal_some(&o, id));
+        error = error.map(|e| ring.seal_messages(&e, id));
+        audit_data = audit_data.map(|a| ring.seal(&a, id));
+    }
     let decided = Decided {
         steps: outcome.pending,
         tx_status,
@@ -465,7 +505,7 @@ fn decide(
         summary: Value::Array(outcome.summary),
         retry_at,
         audit: outcome.marked,
-        audit_data: (!outcome.audit_data.is_empty()).then_some(Value::Array(outcome.audit_data)),
+        audit_data,
     };
     let leftovers = Leftovers {
         logged: outcome.logged,
@@ -474,17 +514,17 @@ fn decide(
     (decided, leftovers)
 }
 
-/// The envelope a retried or parked request runs from later, its credentials sealed (those
-/// of a direct AMQP producer arrive clear; nothing is stored clear).
+/// The envelope a retried or parked request runs from later, its credentials and sensitive
+/// input properties sealed (those of a direct AMQP producer arrive clear; nothing is stored
+/// clear).
 fn kept_envelope(
     env: &Envelope,
     at: DateTime<Utc>,
-    keyring: &Keyring,
+    sealing: &Sealing<'_>,
 ) -> Option<(DateTime<Utc>, Value)> {
+    let (keyring, id) = (sealing.keyring, env.id.as_str());
     let mut again = env.clone();
-    again.credentials = env
-        .credentials
-        .as_ref()
-        .map(|c| keyring.seal(c, env.id.as_str()));
+    again.credentials = env.credentials.as_ref().map(|c| keyring.seal(c, id));
+    again.input = keyring.seal_paths(&env.input, sealing.sensitive_inputs, id);
     serde_json::to_value(&again).ok().map(|e| (at, e))
 }

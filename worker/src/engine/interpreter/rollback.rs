@@ -122,6 +122,7 @@ impl Run<'_> {
             let mut rec = self.step_record("rollback", &c.path, &c.provider, &c.action);
             rec.input = Some(c.data.clone());
             rec.error.clone_from(&error);
+            let rec = self.sealed(rec);
             self.txlog.write_record(Record::Steps(vec![rec])).await?;
             if let Err(e) = r {
                 tracing::error!(path = %c.path, error = %e, "rollback failed; going on with the older steps");
