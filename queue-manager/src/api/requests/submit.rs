@@ -246,6 +246,7 @@ async fn accept_one(
     if let Some(run_as) = &body.run_as {
         principal_named(app, run_as).await?;
     }
+    let mut sensitive = Vec::new();
     let inline = if let Some(steps) = &body.steps {
         let inline = json!({
             "transaction": body.transaction.unwrap_or_default(),
@@ -255,7 +256,7 @@ async fn accept_one(
         compile_inline(app, &ns, procedure_name.as_str(), &inline).await?;
         Some(inline)
     } else {
-        crate::accept::check_procedure(
+        sensitive = crate::accept::check_procedure(
             &ns,
             &caller.0,
             &procedure_name,
@@ -274,7 +275,9 @@ async fn accept_one(
         id: id.clone(),
         namespace: namespace.clone(),
         procedure: procedure_name.clone(),
-        input: body.input.clone(),
+        // Sensitive input properties are sealed here, like credentials; the engine opens them
+        // for the run.
+        input: app.keyring.seal_paths(&body.input, &sensitive, id.as_str()),
         priority,
         kind: if trusted {
             RequestKind::Trusted
@@ -302,6 +305,7 @@ async fn accept_one(
             body_hash,
             checked_version: ns.version,
             envelope,
+            clear_input: body.input,
             not_before,
             trusted,
         })
