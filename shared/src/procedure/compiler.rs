@@ -66,27 +66,11 @@ pub fn compile(
             }
         };
         let input_schema = c.schema(&format!("{base}.input_schema"), pdoc.input_schema.as_ref());
-        let mut sensitive_inputs = Vec::new();
-        if let Some(schema) = &pdoc.input_schema {
-            c.sensitive_properties(
-                schema,
-                &format!("{base}.input_schema"),
-                Some(&[]),
-                &mut sensitive_inputs,
-            );
-        }
-        if let Some(schema) = &pdoc.output_schema {
-            c.sensitive_properties(
-                schema,
-                &format!("{base}.output_schema"),
-                None,
-                &mut Vec::new(),
-            );
-        }
         let output_schema = c.schema(
             &format!("{base}.output_schema"),
             pdoc.output_schema.as_ref(),
         );
+        let sensitive_inputs = c.sensitive_inputs(&base, pdoc);
         let mut ids = BTreeSet::new();
         let steps = c.steps(pname, &format!("{base}.steps"), "", &pdoc.steps, &mut ids);
         let output = c.expr(&format!("{base}.output"), pdoc.output.as_deref());
@@ -256,6 +240,21 @@ impl Compiler<'_> {
             sensitive: d.sensitive.unwrap_or(false),
             kind,
         })
+    }
+
+    /// The input properties `pdoc` marks `sensitive: true`; `sensitive` anywhere else in its
+    /// schemas is a problem.
+    fn sensitive_inputs(&mut self, base: &str, pdoc: &doc::ProcedureDoc) -> Vec<Vec<String>> {
+        let mut found = Vec::new();
+        if let Some(schema) = &pdoc.input_schema {
+            let path = format!("{base}.input_schema");
+            self.sensitive_properties(schema, &path, Some(&[]), &mut found);
+        }
+        if let Some(schema) = &pdoc.output_schema {
+            let path = format!("{base}.output_schema");
+            self.sensitive_properties(schema, &path, None, &mut Vec::new());
+        }
+        found
     }
 
     /// Collects the properties of an input schema marked `sensitive: true`. `prefix` is the
