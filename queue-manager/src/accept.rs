@@ -155,7 +155,19 @@ pub fn check_procedure(
     if validate && let Some(schema) = &procedure.input_schema {
         let details: Vec<Value> = schema
             .iter_errors(input)
-            .map(|e| json!({"path": e.instance_path().to_string(), "message": e.to_string()}))
+            .map(|e| {
+                let path = e.instance_path().to_string();
+                // The validator's message quotes the value: not a sensitive one (nor an object
+                // holding one).
+                let message = if is_sensitive(&path, &procedure.sensitive_inputs) {
+                    "does not match the schema (the message is withheld: it could quote a \
+                     sensitive value)"
+                        .to_owned()
+                } else {
+                    e.to_string()
+                };
+                json!({"path": path, "message": message})
+            })
             .collect();
         if !details.is_empty() {
             return Err(ApiError::Invalid {
@@ -367,6 +379,19 @@ async fn revalidate(
     }
 }
 
+/// Whether the JSON pointer `path` (`/a/b`) is at, inside or above one of the sensitive
+/// properties: a message about it may quote a sensitive value.
+fn is_sensitive(path: &str, sensitive: &[Vec<String>]) -> bool {
+    let segments: Vec<String> = path
+        .split('/')
+        .skip(1)
+        .map(|s| s.replace("~1", "/").replace("~0", "~"))
+        .collect();
+    sensitive
+        .iter()
+        .any(|p| segments.starts_with(p) || p.starts_with(&segments))
+}
+
 /// Seals a submission's input as namespace version `v` marks it; when that differs from what
 /// its row got (sealed as the version it was checked against), the row is corrected in the
 /// accepting transaction, so row and message carry the same input.
@@ -531,5 +556,24 @@ fn count_accepted(subs: &[Submission], is_new: &[bool], answers: &[Option<Accept
                 "lane" => if s.trusted { "trusted" } else { s.envelope.priority.as_str() })
             .increment(1);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn messages_at_above_or_inside_a_sensitive_property_are_withheld() {
+        let sensitive = vec![vec!["auth".to_owned(), "password".to_owned()]];
+        for (path, withheld) in [
+            ("/auth/password", true),
+            ("/auth/password/0", true),
+            ("/auth", true),
+            ("", true),
+            ("/auth/user", false),
+            ("/name", false),
+        ] {
+            assert_eq!(super::is_sensitive(path, &sensitive), withheld, "{path}");
+        }
+        assert!(!super::is_sensitive("", &[]));
     }
 }

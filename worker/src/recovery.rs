@@ -352,7 +352,13 @@ impl Recovery {
                 anyhow::bail!("transaction {tx_id} was taken over during its recovery");
             }
             if let Err(e) = r {
-                tracing::error!(%tx_id, %path, error = %e, "recovery could not undo a step; going on with the older ones");
+                // A sensitive procedure's provider messages may quote its values: the code only.
+                let shown = if sealed {
+                    e.code.clone()
+                } else {
+                    e.to_string()
+                };
+                tracing::error!(%tx_id, %path, error = %shown, "recovery could not undo a step; going on with the older ones");
                 not_undone.push(json!({"path": path, "provider": provider_name, "action": action, "error": error}));
             }
         }

@@ -378,6 +378,8 @@ impl<'a> Run<'a> {
         depth: usize,
     ) -> BoxFuture<'b, Result<Value, Failure>> {
         Box::pin(async move {
+            // Before anything else: an input-validation message quotes the value it refuses.
+            self.tainted |= procedure.sensitive;
             let where_ = if prefix.is_empty() {
                 procedure.name.as_str()
             } else {
@@ -399,7 +401,6 @@ impl<'a> Run<'a> {
                 ..Scope::default()
             };
             self.marked |= procedure.audit;
-            self.tainted |= procedure.sensitive;
             let qualified = format!("{}.{}", procedure.namespace, procedure.name);
             self.running.push(qualified.clone());
             let ran = self
