@@ -358,6 +358,14 @@ async fn sensitive_values_are_sealed_everywhere_but_the_provider_call() -> anyho
         .await?
         .get(0);
     assert_eq!(rolled_back, 1, "the minted token was revoked");
+    let hash: String = pg
+        .query_one("SELECT body_hash FROM requests WHERE id = 'v-ok'", &[])
+        .await?
+        .get(0);
+    assert!(
+        hash.starts_with("hmac:"),
+        "a body with secrets is fingerprinted with a key: {hash}"
+    );
 
     // Dead-lettered, then the sweep.
     dead_letter_one(&env, &qm).await?;
