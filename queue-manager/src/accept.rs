@@ -20,9 +20,10 @@ use provisio_shared::config::Secret;
 use provisio_shared::domain::{Envelope, Name, PrincipalRef};
 use provisio_shared::namespaces::NamespaceCache;
 use provisio_shared::procedure::{Access, Namespace};
+use provisio_shared::sealing::Keyring;
 use provisio_shared::signing;
 use provisio_shared::telemetry::Readiness;
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::api::ApiError;
@@ -38,7 +39,11 @@ pub struct Submission {
     pub body_hash: String,
     /// The namespace version it was validated against (from the cache).
     pub checked_version: i32,
+    /// Its input's sensitive properties sealed (`check_procedure` says which).
     pub envelope: Envelope,
+    /// The input as submitted, kept in memory for a validation against a newer version (which
+    /// sees clear values, and may mark other properties sensitive).
+    pub clear_input: Value,
     /// In the future: the request waits in PostgreSQL until then (the scheduler publishes it).
     pub not_before: Option<DateTime<Utc>>,
     /// Published to the trusted queue instead of a lane.
@@ -65,6 +70,7 @@ struct Ctx {
     validate: bool,
     signing_key: Secret,
     ready: Readiness,
+    keyring: Keyring,
 }
 
 /// Rows inserted with one statement; the version is read inside the transaction, so a
@@ -91,6 +97,7 @@ impl Acceptor {
         validate: bool,
         signing_key: Secret,
         ready: Readiness,
+        keyring: Keyring,
     ) -> Self {
         let (tx, rx) = mpsc::channel(4096);
         let ctx = Arc::new(Ctx {
@@ -100,6 +107,7 @@ impl Acceptor {
             validate,
             signing_key,
             ready,
+            keyring,
         });
         tokio::spawn(collector(ctx, rx));
         Self { tx }
@@ -124,14 +132,15 @@ async fn collector(ctx: Arc<Ctx>, rx: mpsc::Receiver<Job>) {
     .await;
 }
 
-/// The request may name this procedure of this namespace version with this input.
+/// The request may name this procedure of this namespace version with this input; answers
+/// the procedure's sensitive input properties (to seal before the request is stored).
 pub fn check_procedure(
     ns: &Namespace,
     principal: &PrincipalRef,
     procedure_name: &Name,
     input: &Value,
     validate: bool,
-) -> Result<(), ApiError> {
+) -> Result<Vec<Vec<String>>, ApiError> {
     let procedure = ns.procedures.get(procedure_name.as_str()).ok_or_else(|| {
         ApiError::NotFound(format!(
             "procedure `{procedure_name}` does not exist in namespace `{}` v{}",
@@ -143,11 +152,8 @@ pub fn check_procedure(
             "procedure `{procedure_name}` is private; naming it needs `execute_private`"
         )));
     }
-    if validate && let Some(schema) = &procedure.input_schema {
-        let details: Vec<Value> = schema
-            .iter_errors(input)
-            .map(|e| json!({"path": e.instance_path().to_string(), "message": e.to_string()}))
-            .collect();
+    if validate {
+        let details = procedure.input_violations(input);
         if !details.is_empty() {
             return Err(ApiError::Invalid {
                 message: "input does not match the procedure's input schema".into(),
@@ -155,7 +161,7 @@ pub fn check_procedure(
             });
         }
     }
-    Ok(())
+    Ok(procedure.sensitive_inputs.clone())
 }
 
 async fn accept_batch(ctx: &Ctx, batch: Vec<Job>) {
@@ -188,7 +194,7 @@ async fn run_batch(ctx: &Ctx, mut subs: Vec<Submission>) -> Result<Vec<Accepted>
         .map(|s| inserted.remove(s.envelope.id.as_str()).is_some())
         .collect();
     answer_duplicates(&tx, &subs, &is_new, &mut answers).await?;
-    revalidate(ctx, &mut subs, &is_new, &versions_now, &mut answers).await;
+    revalidate(ctx, &tx, &mut subs, &is_new, &versions_now, &mut answers).await;
     let (failed, in_doubt) = publish_new(ctx, &subs, &is_new, &mut answers).await;
     let broker_up = failed.is_empty() && in_doubt.is_empty();
     clean_up(&tx, &subs, &is_new, &answers, failed, &in_doubt).await?;
@@ -310,6 +316,7 @@ async fn answer_duplicates(
 /// checked against an older one: a version applied since validation is the one that runs.
 async fn revalidate(
     ctx: &Ctx,
+    tx: &Transaction<'_>,
     subs: &mut [Submission],
     is_new: &[bool],
     versions_now: &HashMap<String, Option<i32>>,
@@ -332,7 +339,7 @@ async fn revalidate(
                         &ns,
                         &principal,
                         &s.envelope.procedure,
-                        &s.envelope.input,
+                        &s.clear_input,
                         ctx.validate,
                     )
                 }
@@ -343,12 +350,47 @@ async fn revalidate(
                 Err(e) => Err(ApiError::db(e)),
             };
             ctx.namespaces.invalidate(s.envelope.namespace.as_str());
+            let checked = match checked {
+                Ok(sensitive) if s.envelope.steps.is_none() => {
+                    reseal(ctx, tx, s, &sensitive, v).await
+                }
+                other => other.map(|_| ()),
+            };
             match checked {
                 Ok(()) => s.envelope.namespace_version = Some(v),
                 Err(e) => answers[i] = Some(Err(e)),
             }
         }
     }
+}
+
+/// Seals a submission's input as namespace version `v` marks it; when that differs from what
+/// its row got (sealed as the version it was checked against), the row is corrected in the
+/// accepting transaction, so row and message carry the same input.
+async fn reseal(
+    ctx: &Ctx,
+    tx: &Transaction<'_>,
+    s: &mut Submission,
+    sensitive: &[Vec<String>],
+    v: i32,
+) -> Result<(), ApiError> {
+    let input = ctx
+        .keyring
+        .seal_paths(&s.clear_input, sensitive, s.envelope.id.as_str());
+    if input == s.envelope.input {
+        return Ok(());
+    }
+    s.envelope.input = input;
+    let mut kept = s.envelope.clone();
+    kept.namespace_version = Some(v);
+    let envelope = s.not_before.and_then(|_| serde_json::to_value(&kept).ok());
+    tx.execute(
+        "UPDATE requests SET input = $2, envelope = $3 WHERE id = $1",
+        &[&s.envelope.id.as_str(), &s.envelope.input, &envelope],
+    )
+    .await
+    .map_err(ApiError::db)?;
+    Ok(())
 }
 
 /// Publishes every new, still valid request (confirms awaited concurrently) and answers it;

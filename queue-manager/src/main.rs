@@ -161,6 +161,8 @@ fn build_app(
         cfg.validation.enable_schema_validation,
         cfg.security.signing_key.clone(),
         ready.clone(),
+        provisio_shared::sealing::Keyring::from_config(&cfg.security)
+            .context("security.credential_keys")?,
     );
     let keys = Arc::new(KeyStore::new(
         pool.clone(),

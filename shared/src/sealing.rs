@@ -193,6 +193,136 @@ impl Keyring {
     }
 }
 
+/// What API answers and outcome messages show in place of a sealed value.
+pub const REDACTED: &str = "[redacted]";
+
+/// Replaces every sealed value inside `v` by [`REDACTED`]: what an API answer or an outcome
+/// message shows (ciphertext is no business of a reader, and never clear text).
+pub fn redact(v: &mut Value) {
+    if is_sealed(v) {
+        *v = Value::String(REDACTED.to_owned());
+        return;
+    }
+    match v {
+        Value::Array(items) => items.iter_mut().for_each(redact),
+        Value::Object(m) => m.values_mut().for_each(redact),
+        _ => {}
+    }
+}
+
+/// A copy of `v` with every sealed value redacted.
+pub fn redacted(v: &Value) -> Value {
+    let mut v = v.clone();
+    redact(&mut v);
+    v
+}
+
+/// Whether `v` holds a sealed value anywhere.
+pub fn contains_sealed(v: &Value) -> bool {
+    is_sealed(v)
+        || match v {
+            Value::Array(items) => items.iter().any(contains_sealed),
+            Value::Object(m) => m.values().any(contains_sealed),
+            _ => false,
+        }
+}
+
+impl Keyring {
+    /// `input` with the value at each of `paths` (property names from the top; `[]` is the whole
+    /// input) sealed for `request_id`; absent properties stay absent, sealed ones stay as they
+    /// are. Used for a procedure's `sensitive` input properties.
+    pub fn seal_paths(&self, input: &Value, paths: &[Vec<String>], request_id: &str) -> Value {
+        let mut out = input.clone();
+        for path in paths {
+            if let Some(slot) = slot_at(&mut out, path) {
+                *slot = self.seal(slot, request_id);
+            }
+        }
+        out
+    }
+
+    /// `input` with the sealed values at `paths` opened (the reverse of
+    /// [`Keyring::seal_paths`]); clear values pass as they are.
+    pub fn open_paths(
+        &self,
+        input: &Value,
+        paths: &[Vec<String>],
+        request_id: &str,
+    ) -> Result<Value, SealError> {
+        let mut out = input.clone();
+        for path in paths {
+            if let Some(slot) = slot_at(&mut out, path) {
+                *slot = self.open(slot, request_id)?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// `v` sealed whole, unless it is `null` (nothing to hide; a `null` stays a `null` so that
+    /// "no value" still reads as such).
+    pub fn seal_some(&self, v: &Value, request_id: &str) -> Value {
+        if v.is_null() {
+            Value::Null
+        } else {
+            self.seal(v, request_id)
+        }
+    }
+
+    /// An error object (`{code, message, …}`, possibly with nested errors such as
+    /// `not_undone`) with every `message` sealed: codes and paths stay readable for operators,
+    /// messages (which may quote values) do not.
+    pub fn seal_messages(&self, error: &Value, request_id: &str) -> Value {
+        match error {
+            Value::Object(m) => Value::Object(
+                m.iter()
+                    .map(|(k, v)| {
+                        let v = if k == "message" && !v.is_null() {
+                            self.seal(v, request_id)
+                        } else {
+                            self.seal_messages(v, request_id)
+                        };
+                        (k.clone(), v)
+                    })
+                    .collect(),
+            ),
+            Value::Array(items) => Value::Array(
+                items
+                    .iter()
+                    .map(|v| self.seal_messages(v, request_id))
+                    .collect(),
+            ),
+            other => other.clone(),
+        }
+    }
+
+    /// Opens every sealed value inside `v` (the reverse of sealing whole values or messages).
+    pub fn open_all(&self, v: &Value, request_id: &str) -> Result<Value, SealError> {
+        if is_sealed(v) {
+            return self.open(v, request_id);
+        }
+        Ok(match v {
+            Value::Array(items) => Value::Array(
+                items
+                    .iter()
+                    .map(|i| self.open_all(i, request_id))
+                    .collect::<Result<_, _>>()?,
+            ),
+            Value::Object(m) => Value::Object(
+                m.iter()
+                    .map(|(k, i)| Ok((k.clone(), self.open_all(i, request_id)?)))
+                    .collect::<Result<_, SealError>>()?,
+            ),
+            other => other.clone(),
+        })
+    }
+}
+
+/// The value at `path` (object keys from the top), if every step of it exists.
+fn slot_at<'v>(v: &'v mut Value, path: &[String]) -> Option<&'v mut Value> {
+    path.iter()
+        .try_fold(v, |v, key| v.as_object_mut().and_then(|m| m.get_mut(key)))
+}
+
 /// Whether `v` is a sealed value (rather than clear credentials).
 pub fn is_sealed(v: &Value) -> bool {
     v.get("sealed").and_then(Value::as_str) == Some(SEALED)
@@ -218,6 +348,43 @@ mod tests {
         // Sealing twice does not nest; clear values pass through `open`.
         assert_eq!(ring.seal(&sealed, "req-1"), sealed);
         assert_eq!(ring.open(&clear, "req-1"), Ok(clear));
+    }
+
+    #[test]
+    fn paths_messages_and_redaction() {
+        let ring = Keyring::new(&format!("k1:{K1}"), "sig").expect("keys");
+        let input = json!({"user": "ann", "auth": {"password": "pw-1"}, "pin": 1234});
+        let paths = vec![
+            vec!["auth".to_owned(), "password".to_owned()],
+            vec!["pin".to_owned()],
+            vec!["absent".to_owned()],
+        ];
+        let sealed = ring.seal_paths(&input, &paths, "r");
+        let text = sealed.to_string();
+        assert!(!text.contains("pw-1") && !text.contains("1234"), "{text}");
+        assert_eq!(sealed["user"], "ann");
+        assert!(sealed.get("absent").is_none());
+        assert!(contains_sealed(&sealed));
+        // Sealing again changes nothing; opening restores the input.
+        assert_eq!(ring.seal_paths(&sealed, &paths, "r"), sealed);
+        assert_eq!(ring.open_paths(&sealed, &paths, "r"), Ok(input.clone()));
+        assert_eq!(ring.open_all(&sealed, "r"), Ok(input.clone()));
+        assert_eq!(
+            redacted(&sealed),
+            json!({"user": "ann", "auth": {"password": REDACTED}, "pin": REDACTED})
+        );
+        // The whole input.
+        let whole = ring.seal_paths(&input, &[vec![]], "r");
+        assert!(is_sealed(&whole));
+
+        let error = json!({"code": "x", "message": "pw-1 refused", "not_undone": [
+            {"path": "0", "error": {"code": "y", "message": "pw-1 again"}}]});
+        let sealed_error = ring.seal_messages(&error, "r");
+        assert!(!sealed_error.to_string().contains("pw-1"));
+        assert_eq!(sealed_error["code"], "x");
+        assert_eq!(sealed_error["not_undone"][0]["error"]["code"], "y");
+        assert_eq!(ring.open_all(&sealed_error, "r"), Ok(error));
+        assert_eq!(ring.seal_some(&Value::Null, "r"), Value::Null);
     }
 
     #[test]

@@ -317,7 +317,13 @@ async fn insert_error(
     e: &Value,
 ) -> Result<u64, tokio_postgres::Error> {
     let code = e.get("code").and_then(Value::as_str).unwrap_or("unknown");
-    let message = e.get("message").and_then(Value::as_str).unwrap_or("");
+    // A sensitive procedure's messages are sealed: kept sealed (as their JSON text), shown
+    // redacted by the audit API.
+    let message = match e.get("message") {
+        Some(Value::String(m)) => m.clone(),
+        Some(m) if provisio_shared::sealing::is_sealed(m) => m.to_string(),
+        _ => String::new(),
+    };
     tx.execute(
         "INSERT INTO audit_errors (tx_id, seq, source, code, description) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
         &[&id, &seq, &source, &code, &message],

@@ -87,6 +87,8 @@ async fn main() -> anyhow::Result<()> {
         sql: built.sql.clone(),
         owner: format!("recovery-{}", uuid::Uuid::now_v7()),
         lease_seconds: cfg.engine.lease_seconds as f64,
+        keyring: provisio_shared::sealing::Keyring::from_config(&cfg.security)
+            .context("security.credential_keys")?,
     });
     if cli.role == Role::Auditor {
         return provisio_worker::auditor::run(cfg, pool, recovery, metrics).await;

@@ -43,6 +43,9 @@ pub struct Recovery {
     pub sql: Option<Arc<SqlProvider>>,
     pub owner: String,
     pub lease_seconds: f64,
+    /// Opens the sealed records of a sensitive procedure's steps (their rollback data) for
+    /// the undo, and seals the records recovery adds to them.
+    pub keyring: provisio_shared::sealing::Keyring,
 }
 
 /// What recovering one transaction ended as.
@@ -296,19 +299,45 @@ impl Recovery {
     ) -> anyhow::Result<Vec<Value>> {
         let client = self.server_pool(server)?.get().await.context("database")?;
         let rows = client
-            .query("SELECT seq, kind, path, provider, action, input, rollback_data, error FROM tx_steps WHERE tx_id = $1 ORDER BY seq", &[&tx_id])
+            .query("SELECT s.seq, s.kind, s.path, s.provider, s.action, s.input, s.rollback_data, s.error, t.request_id \
+                    FROM tx_steps s JOIN transactions t ON t.id = s.tx_id WHERE s.tx_id = $1 ORDER BY s.seq", &[&tx_id])
             .await?;
         let first_seq = rows.iter().map(|r| r.get::<_, i32>(0)).max().unwrap_or(0) + 1;
-        let todo = rollback_plan(&rows);
+        let request_id: String = rows.first().map(|r| r.get(8)).unwrap_or_default();
+        let mut steps: Vec<StepRow> = rows.iter().map(StepRow::from).collect();
+        // A sensitive procedure's records are sealed: opened for planning and the undo (one
+        // that does not open stays sealed and fails its undo), and what recovery logs about
+        // them is sealed again.
+        let sealed = steps.iter().any(StepRow::sealed);
+        for s in &mut steps {
+            for v in [&mut s.input, &mut s.rollback_data].into_iter().flatten() {
+                if let Ok(clear) = self.keyring.open_all(v, &request_id) {
+                    *v = clear;
+                }
+            }
+        }
+        let todo = rollback_plan(&steps);
         let mut not_undone = Vec::new();
         for (next_seq, (path, provider_name, action, data, unknown)) in (first_seq..).zip(todo) {
-            let r = self
-                .undo(tx_id, &path, &provider_name, &action, &data, unknown)
-                .await;
-            let error = r
+            let r = match self.keyring.open_all(&data, &request_id) {
+                Ok(clear) => {
+                    self.undo(tx_id, &path, &provider_name, &action, &clear, unknown)
+                        .await
+                }
+                Err(e) => Err(ProviderError::permanent(
+                    "sensitive_unreadable",
+                    format!("the step's sealed rollback data do not open: {e}"),
+                )),
+            };
+            let mut error = r
                 .as_ref()
                 .err()
                 .map(|e| json!({"code": e.code, "message": e.message}));
+            let mut data = data;
+            if sealed {
+                error = error.map(|e| self.keyring.seal_messages(&e, &request_id));
+                data = self.keyring.seal(&data, &request_id);
+            }
             // Fenced like the engine's writes: only while this recoverer still owns it.
             let written = client
                 .query_opt(
@@ -323,7 +352,13 @@ impl Recovery {
                 anyhow::bail!("transaction {tx_id} was taken over during its recovery");
             }
             if let Err(e) = r {
-                tracing::error!(%tx_id, %path, error = %e, "recovery could not undo a step; going on with the older ones");
+                // A sensitive procedure's provider messages may quote its values: the code only.
+                let shown = if sealed {
+                    e.code.clone()
+                } else {
+                    e.to_string()
+                };
+                tracing::error!(%tx_id, %path, error = %shown, "recovery could not undo a step; going on with the older ones");
                 not_undone.push(json!({"path": path, "provider": provider_name, "action": action, "error": error}));
             }
         }
@@ -511,36 +546,70 @@ impl Recovery {
     }
 }
 
-/// What recovery must undo, newest first, from a transaction's step rows (seq, kind, path,
-/// provider, action, input, rollback_data, error): completed calls with rollback data (not
-/// two-phase ones, which abort undoes), and intents never settled (the engine died during the
-/// call); steps already rolled back without error are skipped.
-fn rollback_plan(rows: &[tokio_postgres::Row]) -> Vec<(String, String, String, Value, bool)> {
-    let kind = |r: &tokio_postgres::Row| r.get::<_, String>(1);
-    let path = |r: &tokio_postgres::Row| r.get::<_, String>(2);
-    let undone: Vec<String> = rows
+/// One row of `tx_steps`, as recovery reads it.
+struct StepRow {
+    kind: String,
+    path: String,
+    provider: Option<String>,
+    action: Option<String>,
+    input: Option<Value>,
+    rollback_data: Option<Value>,
+    error: Option<Value>,
+}
+
+impl From<&tokio_postgres::Row> for StepRow {
+    /// From (seq, kind, path, provider, action, input, rollback_data, error, …).
+    fn from(r: &tokio_postgres::Row) -> Self {
+        Self {
+            kind: r.get(1),
+            path: r.get(2),
+            provider: r.get(3),
+            action: r.get(4),
+            input: r.get(5),
+            rollback_data: r.get(6),
+            error: r.get(7),
+        }
+    }
+}
+
+impl StepRow {
+    /// A sensitive procedure's record: something in it is sealed.
+    fn sealed(&self) -> bool {
+        [&self.input, &self.rollback_data, &self.error]
+            .into_iter()
+            .flatten()
+            .any(provisio_shared::sealing::contains_sealed)
+    }
+}
+
+/// What recovery must undo, newest first, from a transaction's step rows: completed calls with
+/// rollback data (not two-phase ones, which abort undoes), and intents never settled (the
+/// engine died during the call); steps already rolled back without error are skipped. Sealed
+/// data are opened before the plan is made (a two-phase mark must be readable).
+fn rollback_plan(rows: &[StepRow]) -> Vec<(String, String, String, Value, bool)> {
+    let undone: Vec<&str> = rows
         .iter()
-        .filter(|r| kind(r) == "rollback" && r.get::<_, Option<Value>>(7).is_none())
-        .map(path)
+        .filter(|r| r.kind == "rollback" && r.error.is_none())
+        .map(|r| r.path.as_str())
         .collect();
-    let settled: Vec<String> = rows
+    let settled: Vec<&str> = rows
         .iter()
-        .filter(|r| matches!(kind(r).as_str(), "execute" | "error"))
-        .map(path)
+        .filter(|r| matches!(r.kind.as_str(), "execute" | "error"))
+        .map(|r| r.path.as_str())
         .collect();
     let mut todo = Vec::new();
     for r in rows.iter().rev() {
-        let p = path(r);
-        if undone.contains(&p) {
+        let p = r.path.clone();
+        if undone.contains(&p.as_str()) {
             continue;
         }
-        let Some(provider) = r.get::<_, Option<String>>(3) else {
+        let Some(provider) = r.provider.clone() else {
             continue;
         };
-        let action = r.get::<_, Option<String>>(4).unwrap_or_default();
-        match kind(r).as_str() {
+        let action = r.action.clone().unwrap_or_default();
+        match r.kind.as_str() {
             "execute" => {
-                let Some(data) = r.get::<_, Option<Value>>(6) else {
+                let Some(data) = r.rollback_data.clone() else {
                     continue; // nothing to undo
                 };
                 if data.get("two_phase").is_some() {
@@ -548,8 +617,8 @@ fn rollback_plan(rows: &[tokio_postgres::Row]) -> Vec<(String, String, String, V
                 }
                 todo.push((p, provider, action, data, false));
             }
-            "intent" if !settled.contains(&p) => {
-                let input = r.get::<_, Option<Value>>(5).unwrap_or(Value::Null);
+            "intent" if !settled.contains(&p.as_str()) => {
+                let input = r.input.clone().unwrap_or(Value::Null);
                 todo.push((p, provider, action, json!({"input": input}), true));
             }
             _ => {}

@@ -51,8 +51,20 @@ fn row_json(r: &tokio_postgres::Row) -> Value {
         "started_at": r.get::<_, DateTime<Utc>>(5),
         "finished_at": r.get::<_, Option<DateTime<Utc>>>(6),
         "swept_at": r.get::<_, DateTime<Utc>>(7),
-        "data": r.get::<_, Option<Value>>(8),
+        // A sensitive procedure's output and audit data are sealed: shown redacted.
+        "data": r.get::<_, Option<Value>>(8).map(|d| provisio_shared::sealing::redacted(&d)),
     })
+}
+
+/// An error's description as shown: a sealed one (a sensitive procedure's message, kept as
+/// its JSON text) is redacted.
+fn description(text: String) -> String {
+    match serde_json::from_str::<Value>(&text) {
+        Ok(v) if provisio_shared::sealing::is_sealed(&v) => {
+            provisio_shared::sealing::REDACTED.to_owned()
+        }
+        _ => text,
+    }
 }
 
 const COLUMNS: &str =
@@ -145,7 +157,7 @@ pub async fn get(
         .map_err(ApiError::db)?
         .iter()
         .map(|r| {
-            json!({"seq": r.get::<_, i32>(0), "source": r.get::<_, String>(1), "code": r.get::<_, String>(2), "description": r.get::<_, String>(3)})
+            json!({"seq": r.get::<_, i32>(0), "source": r.get::<_, String>(1), "code": r.get::<_, String>(2), "description": description(r.get::<_, String>(3))})
         })
         .collect();
     let mut t = row_json(&row);

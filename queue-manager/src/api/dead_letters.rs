@@ -93,6 +93,9 @@ fn item(r: &Row) -> Value {
     {
         env.insert("credentials".into(), json!("[redacted]"));
     }
+    // Sealed values (sensitive input properties) are shown redacted too; they stay sealed in
+    // the stored envelope, so a requeued letter still carries them.
+    provisio_shared::sealing::redact(&mut v);
     v
 }
 

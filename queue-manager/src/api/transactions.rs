@@ -73,7 +73,10 @@ pub async fn list(
     let list: Vec<Value> = rows
         .iter()
         .map(|r| {
-            let error: Option<Value> = r.get(5);
+            // A sensitive procedure's error messages are sealed: shown redacted.
+            let error: Option<Value> = r
+                .get::<_, Option<Value>>(5)
+                .map(|e| provisio_shared::sealing::redacted(&e));
             let not_undone = error
                 .as_ref()
                 .and_then(|e| e.get("not_undone"))

@@ -70,6 +70,7 @@ pub fn compile(
             &format!("{base}.output_schema"),
             pdoc.output_schema.as_ref(),
         );
+        let sensitive_inputs = c.sensitive_inputs(&base, pdoc);
         let mut ids = BTreeSet::new();
         let steps = c.steps(pname, &format!("{base}.steps"), "", &pdoc.steps, &mut ids);
         let output = c.expr(&format!("{base}.output"), pdoc.output.as_deref());
@@ -95,6 +96,9 @@ pub fn compile(
                     audit_data,
                     input_schema,
                     output_schema,
+                    sensitive: !sensitive_inputs.is_empty()
+                        || steps.iter().any(Step::any_sensitive),
+                    sensitive_inputs,
                     steps,
                     output,
                 }),
@@ -233,8 +237,81 @@ impl Compiler<'_> {
             save,
             retry,
             timeout,
+            sensitive: d.sensitive.unwrap_or(false),
             kind,
         })
+    }
+
+    /// The input properties `pdoc` marks `sensitive: true`; `sensitive` anywhere else in its
+    /// schemas is a problem.
+    fn sensitive_inputs(&mut self, base: &str, pdoc: &doc::ProcedureDoc) -> Vec<Vec<String>> {
+        let mut found = Vec::new();
+        if let Some(schema) = &pdoc.input_schema {
+            let path = format!("{base}.input_schema");
+            self.sensitive_properties(schema, &path, Some(&[]), &mut found);
+        }
+        if let Some(schema) = &pdoc.output_schema {
+            let path = format!("{base}.output_schema");
+            self.sensitive_properties(schema, &path, None, &mut Vec::new());
+        }
+        found
+    }
+
+    /// Collects the properties of an input schema marked `sensitive: true`. `prefix` is the
+    /// property path of `schema` when it is the input's schema or a property's (reached through
+    /// `properties` only), `None` elsewhere — where `sensitive` is a problem: the engine could
+    /// not tell which value it marks.
+    fn sensitive_properties(
+        &mut self,
+        schema: &serde_json::Value,
+        path: &str,
+        prefix: Option<&[String]>,
+        found: &mut Vec<Vec<String>>,
+    ) {
+        match schema {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m {
+                    let here = format!("{path}.{k}");
+                    match (k.as_str(), prefix) {
+                        ("sensitive", Some(prefix)) => match v {
+                            serde_json::Value::Bool(true) => found.push(prefix.to_vec()),
+                            serde_json::Value::Bool(false) => {}
+                            other => self.problem(
+                                &here,
+                                format!("`sensitive` is true or false, not {other}"),
+                            ),
+                        },
+                        ("sensitive", None) => self.problem(
+                            &here,
+                            "`sensitive` marks the input schema or one of its properties \
+                             (under `properties`, at any depth), nothing else"
+                                .into(),
+                        ),
+                        ("properties", Some(prefix)) if v.is_object() => {
+                            for (name, sub) in v.as_object().into_iter().flatten() {
+                                let mut p = prefix.to_vec();
+                                p.push(name.clone());
+                                self.sensitive_properties(
+                                    sub,
+                                    &format!("{here}.{name}"),
+                                    Some(&p),
+                                    found,
+                                );
+                            }
+                        }
+                        // Values, not schemas: a `sensitive` key in them is data.
+                        ("default" | "const" | "enum" | "examples", _) => {}
+                        _ => self.sensitive_properties(v, &here, None, found),
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => {
+                for (i, v) in items.iter().enumerate() {
+                    self.sensitive_properties(v, &format!("{path}[{i}]"), None, found);
+                }
+            }
+            _ => {}
+        }
     }
 
     /// The one kind key a step has; a step with none or several is a problem.

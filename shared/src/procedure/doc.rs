@@ -196,6 +196,14 @@ pub struct StepDoc {
         skip_serializing_if = "Option::is_none"
     )]
     pub fail: Option<FailDoc>,
+    /// `true`: the step's output (and its input record) is sensitive, which makes the whole
+    /// procedure sensitive (docs/procedures.md, "Sensitive values").
+    #[serde(
+        default,
+        deserialize_with = "lenient",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub sensitive: Option<bool>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

@@ -70,6 +70,52 @@ pub struct Procedure {
     pub output_schema: Option<jsonschema::Validator>,
     pub steps: Vec<Step>,
     pub output: Option<Expr>,
+    /// The input properties marked `sensitive: true` in `input_schema` (property names from
+    /// the top; `[]`: the whole input), sealed by the queue manager before the request is
+    /// stored or published.
+    pub sensitive_inputs: Vec<Vec<String>>,
+    /// The procedure declares a sensitive input property or a sensitive step: every record of
+    /// it that reaches the log (and the run's output, error messages and audit data) is sealed.
+    pub sensitive: bool,
+}
+
+impl Procedure {
+    /// The input's violations of the input schema, each with its JSON-pointer path: what a
+    /// 422 (queue manager) or an `input_invalid` failure (engine, direct producers) lists.
+    /// The validator's message quotes the value, so it is withheld at, inside or above a
+    /// sensitive property.
+    pub fn input_violations(&self, input: &serde_json::Value) -> Vec<serde_json::Value> {
+        let Some(schema) = &self.input_schema else {
+            return Vec::new();
+        };
+        schema
+            .iter_errors(input)
+            .map(|e| {
+                let path = e.instance_path().to_string();
+                let message = if touches_sensitive(&path, &self.sensitive_inputs) {
+                    "does not match the schema (the message is withheld: it could quote a \
+                     sensitive value)"
+                        .to_owned()
+                } else {
+                    e.to_string()
+                };
+                serde_json::json!({"path": path, "message": message})
+            })
+            .collect()
+    }
+}
+
+/// Whether the JSON pointer `path` (`/a/b`) is at, inside or above one of the sensitive
+/// properties: a message about it may quote a sensitive value.
+fn touches_sensitive(path: &str, sensitive: &[Vec<String>]) -> bool {
+    let segments: Vec<String> = path
+        .split('/')
+        .skip(1)
+        .map(|s| s.replace("~1", "/").replace("~0", "~"))
+        .collect();
+    sensitive
+        .iter()
+        .any(|p| segments.starts_with(p) || p.starts_with(&segments))
 }
 
 impl fmt::Debug for Procedure {
@@ -80,6 +126,7 @@ impl fmt::Debug for Procedure {
             .field("access", &self.access)
             .field("model", &self.model)
             .field("steps", &self.steps)
+            .field("sensitive", &self.sensitive)
             .finish_non_exhaustive()
     }
 }
@@ -95,7 +142,26 @@ pub struct Step {
     pub save: Option<Expr>,
     pub retry: Option<Backoff>,
     pub timeout: Option<Duration>,
+    /// `sensitive: true` on the step.
+    pub sensitive: bool,
     pub kind: StepKind,
+}
+
+impl Step {
+    /// This step or one nested in it (`for_each`, `switch`, `try`/`catch`) is sensitive.
+    pub fn any_sensitive(&self) -> bool {
+        self.sensitive
+            || match &self.kind {
+                StepKind::ForEach { steps, .. } => steps.iter().any(Step::any_sensitive),
+                StepKind::Switch { cases, default, .. } => cases
+                    .iter()
+                    .flat_map(|(_, s)| s)
+                    .chain(default)
+                    .any(Step::any_sensitive),
+                StepKind::Try { body, catch } => body.iter().chain(catch).any(Step::any_sensitive),
+                _ => false,
+            }
+    }
 }
 
 #[derive(Debug)]

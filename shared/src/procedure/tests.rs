@@ -150,3 +150,109 @@ fn the_shipped_examples_compile() {
         assert_eq!(check_schema(&v), vec![], "{}", path.display());
     }
 }
+
+#[test]
+fn sensitive_is_accepted_on_input_properties_and_steps() {
+    let doc = json!({
+        "namespace": "demo",
+        "procedures": {
+            "login": {
+                "input_schema": {"type": "object", "required": ["user"], "properties": {
+                    "user": {"type": "string"},
+                    "password": {"type": "string", "minLength": 3, "sensitive": true},
+                    "auth": {"type": "object", "properties": {"pin": {"type": "integer", "sensitive": true}}},
+                    "plain": {"type": "string", "sensitive": false},
+                    "sensitive": {"type": "string", "default": "a property named `sensitive` is fine"}
+                }},
+                "steps": [{"call": "test.echo"}]
+            },
+            "mint": {"steps": [
+                {"id": "token", "call": "test.echo", "sensitive": true},
+                {"call": "test.echo", "sensitive": false}
+            ]},
+            "nested": {"steps": [{"try": [{"call": "test.echo", "sensitive": true}], "catch": [{"call": "test.echo"}]}]},
+            "plain": {"input_schema": {"type": "object", "properties": {"x": {"type": "string"}}}, "steps": [{"call": "test.echo"}]}
+        }
+    });
+    let ns = compile_doc(&doc).expect("compiles");
+    let login = &ns.procedures["login"];
+    assert!(login.sensitive);
+    let mut paths = login.sensitive_inputs.clone();
+    paths.sort();
+    assert_eq!(
+        paths,
+        vec![
+            vec!["auth".to_owned(), "pin".to_owned()],
+            vec!["password".to_owned()]
+        ]
+    );
+    // The validator ignores the keyword: it validates as if it were not there.
+    let schema = login.input_schema.as_ref().expect("schema");
+    assert!(schema.is_valid(&json!({"user": "u", "password": "secret"})));
+    assert!(!schema.is_valid(&json!({"user": "u", "password": "no"})));
+    let mint = &ns.procedures["mint"];
+    assert!(mint.sensitive && mint.sensitive_inputs.is_empty());
+    assert!(mint.steps[0].sensitive && !mint.steps[1].sensitive);
+    assert!(ns.procedures["nested"].sensitive, "a step nested in `try`");
+    assert!(!ns.procedures["plain"].sensitive);
+}
+
+#[test]
+fn sensitive_of_the_wrong_type_or_in_the_wrong_place_is_a_problem() {
+    let doc = json!({
+        "namespace": "demo",
+        "procedures": {
+            "p": {
+                "input_schema": {"type": "object", "properties": {
+                    "password": {"type": "string", "sensitive": "yes"},
+                    "list": {"type": "array", "items": {"type": "string", "sensitive": true}}
+                }},
+                "output_schema": {"type": "object", "properties": {"x": {"sensitive": true}}},
+                "steps": [{"call": "test.echo", "sensitive": "very"}]
+            }
+        }
+    });
+    let problems = compile_doc(&doc).expect_err("invalid");
+    let find = |path: &str| {
+        problems
+            .iter()
+            .find(|p| p.path == path)
+            .unwrap_or_else(|| panic!("{path} missing from {problems:?}"))
+    };
+    assert!(
+        find("procedures.p.steps[0].sensitive")
+            .message
+            .contains("boolean")
+    );
+    assert!(
+        find("procedures.p.input_schema.properties.password.sensitive")
+            .message
+            .contains("true or false")
+    );
+    assert!(
+        find("procedures.p.input_schema.properties.list.items.sensitive")
+            .message
+            .contains("nothing else")
+    );
+    find("procedures.p.output_schema.properties.x.sensitive");
+}
+
+#[test]
+fn messages_at_above_or_inside_a_sensitive_property_are_withheld() {
+    let sensitive = vec![vec!["auth".to_owned(), "password".to_owned()]];
+    for (path, withheld) in [
+        ("/auth/password", true),
+        ("/auth/password/0", true),
+        ("/auth", true),
+        ("", true),
+        ("/auth/user", false),
+        ("/name", false),
+    ] {
+        assert_eq!(
+            super::touches_sensitive(path, &sensitive),
+            withheld,
+            "{path}"
+        );
+    }
+    assert!(!super::touches_sensitive("", &[]));
+}

@@ -41,7 +41,9 @@ impl Engine {
             .and_then(Value::as_str)
             .unwrap_or("unknown")
             .to_owned();
-        let body = record.to_string();
+        // Sealed values (a sensitive procedure's output, error messages) are shown redacted:
+        // producers hold no key, and ciphertext has no business on the broker twice.
+        let body = provisio_shared::sealing::redacted(record).to_string();
         let rk = format!("{}.{}.{}", env.namespace, env.procedure, status);
         let exchange = self.topology.results_exchange();
         let props_out = BasicProperties::default()

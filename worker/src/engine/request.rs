@@ -35,6 +35,14 @@ struct Resolved {
     /// The credentials in clear, for a submitter allowed to pass them; `Err` when sealed
     /// credentials do not open (a key this engine lacks, or tampering).
     credentials: Result<Option<Value>, SealError>,
+    /// The input with its sensitive properties opened, for the run (in memory only); `Err`
+    /// when a sealed one does not open.
+    input: Result<Value, SealError>,
+    /// The input as it may be stored: its sensitive properties sealed (a direct AMQP
+    /// producer's arrive clear and are sealed here).
+    stored_input: Value,
+    /// The procedure's sensitive input properties.
+    sensitive_inputs: Vec<Vec<String>>,
     model: TxModel,
 }
 
@@ -86,14 +94,8 @@ impl Engine {
             server,
             number,
         };
-        let refusal = refusal(env, &principal, &resolved).or_else(|| {
-            // The queue manager validated the input of what it signed; a direct producer's
-            // input is checked here, against the same schema, with the same switch.
-            let direct = header_str(props, provisio_shared::signing::SIGNATURE_HEADER).is_none();
-            (direct && self.cfg.validation.enable_schema_validation)
-                .then(|| invalid_input(env, resolved.procedure.as_deref()))
-                .flatten()
-        });
+        let refusal = refusal(env, &principal, &resolved)
+            .or_else(|| self.unchecked_input(env, props, &resolved));
         if let Some(r) = refusal.as_ref().filter(|r| r["code"] == "forbidden") {
             let detail = r["message"].as_str().unwrap_or_default();
             self.deny("forbidden", Some(&principal), env, detail);
@@ -108,11 +110,12 @@ impl Engine {
                 .await;
         };
         let credentials = resolved.credentials.unwrap_or_default();
+        let input = resolved.input.unwrap_or_default();
         let outcome = self
             .execute(
                 env,
                 resolved.acting,
-                credentials,
+                (credentials, input),
                 (&ns, &procedure),
                 attempt,
             )
@@ -130,8 +133,11 @@ impl Engine {
         if outcome.rolled_back > 0 {
             metrics::counter!(provisio_shared::metrics::ROLLBACKS, "namespace" => ns_label.clone(), "procedure" => proc_label.clone()).increment(1);
         }
-        let (decided, leftovers) =
-            decide(env, outcome, procedure.model, attempt.number, &self.keyring);
+        let sealing = Sealing {
+            keyring: &self.keyring,
+            sensitive_inputs: &resolved.sensitive_inputs,
+        };
+        let (decided, leftovers) = decide(env, outcome, procedure.model, attempt.number, &sealing);
         let (status, output, error) = (
             decided.status,
             decided.output.clone(),
@@ -158,6 +164,20 @@ impl Engine {
         )
         .await;
         Ok(Disposition::Ack)
+    }
+
+    /// The queue manager validated the input of what it signed; a direct producer's input is
+    /// checked here, against the same schema, with the same switch.
+    fn unchecked_input(
+        &self,
+        env: &Envelope,
+        props: &BasicProperties,
+        resolved: &Resolved,
+    ) -> Option<Value> {
+        let direct = header_str(props, provisio_shared::signing::SIGNATURE_HEADER).is_none();
+        (direct && self.cfg.validation.enable_schema_validation)
+            .then(|| invalid_input(env, resolved.procedure.as_deref()))
+            .flatten()
     }
 
     /// Loads the namespace version the request names (or the current one), compiles a trusted
@@ -201,7 +221,15 @@ impl Engine {
             }
             _ => Ok(None),
         };
+        let sensitive_inputs = procedure
+            .as_ref()
+            .map(|p| p.sensitive_inputs.clone())
+            .unwrap_or_default();
+        let id = env.id.as_str();
         Ok(Resolved {
+            input: self.keyring.open_paths(&env.input, &sensitive_inputs, id),
+            stored_input: self.keyring.seal_paths(&env.input, &sensitive_inputs, id),
+            sensitive_inputs,
             namespace,
             procedure,
             inline_problems,
@@ -222,7 +250,7 @@ impl Engine {
             audit: r.procedure.as_ref().is_some_and(|p| p.audit),
             engine_id: self.engine_id.clone(),
             lease_seconds: self.cfg.engine.lease_seconds as f64,
-            input: env.input.clone(),
+            input: r.stored_input.clone(),
             principal_id: Some(principal.id),
             priority: env.priority.as_str(),
         }
@@ -265,7 +293,7 @@ impl Engine {
         &self,
         env: &Envelope,
         acting: Option<PrincipalRef>,
-        credentials: Option<Value>,
+        (credentials, input): (Option<Value>, Value),
         (ns, procedure): (&Arc<Namespace>, &Arc<Procedure>),
         attempt: Attempt,
     ) -> Outcome {
@@ -291,11 +319,12 @@ impl Engine {
             self.cfg.validation.enable_schema_validation,
         )
         .with_lease_flag(lease_lost)
+        .with_sealing(self.keyring.clone(), env.id.as_str())
         .with_pause_after_prepare(
             (test.enabled && test.pause_after_prepare_ms > 0)
                 .then(|| Duration::from_millis(test.pause_after_prepare_ms)),
         );
-        run.execute(ns, procedure, env.input.clone()).await
+        run.execute(ns, procedure, input).await
     }
 
     /// The run lost its transaction: fenced (recovery took over), or its log server went bad
@@ -374,6 +403,9 @@ fn refusal(env: &Envelope, principal: &PrincipalRef, r: &Resolved) -> Option<Val
     if let Err(e) = &r.credentials {
         return refuse("credentials_unreadable", e.to_string());
     }
+    if let Err(e) = &r.input {
+        return refuse("sensitive_unreadable", e.to_string());
+    }
     if r.acting.is_none() {
         return refuse(
             "unknown_principal",
@@ -408,11 +440,7 @@ fn refusal(env: &Envelope, principal: &PrincipalRef, r: &Resolved) -> Option<Val
 /// The top-level input against the procedure's input schema, as the queue manager checks it
 /// (its `422 invalid`): every violation, with its path.
 fn invalid_input(env: &Envelope, procedure: Option<&Procedure>) -> Option<Value> {
-    let schema = procedure?.input_schema.as_ref()?;
-    let details: Vec<Value> = schema
-        .iter_errors(&env.input)
-        .map(|e| json!({"path": e.instance_path().to_string(), "message": e.to_string()}))
-        .collect();
+    let details = procedure?.input_violations(&env.input);
     (!details.is_empty()).then(|| {
         json!({
             "code": "input_invalid",
@@ -420,6 +448,13 @@ fn invalid_input(env: &Envelope, procedure: Option<&Procedure>) -> Option<Value>
             "details": details,
         })
     })
+}
+
+/// How a decided outcome is sealed: the keyring, and the procedure's sensitive inputs (sealed
+/// in a kept envelope).
+struct Sealing<'a> {
+    keyring: &'a Keyring,
+    sensitive_inputs: &'a [Vec<String>],
 }
 
 /// The calls a run completed, for the case its outcome cannot be written.
@@ -436,9 +471,9 @@ fn decide(
     outcome: Outcome,
     model: TxModel,
     attempt: i32,
-    keyring: &Keyring,
+    sealing: &Sealing<'_>,
 ) -> (Decided, Leftovers) {
-    let (tx_status, status, output, error) = match &outcome.result {
+    let (tx_status, status, mut output, mut error) = match &outcome.result {
         Ok(out) => (
             TxStatus::Committed,
             Status::Succeeded,
@@ -469,7 +504,7 @@ fn decide(
                 + chrono::Duration::milliseconds(
                     i64::try_from(policy.interval_ms).unwrap_or(i64::MAX),
                 );
-            (Status::Scheduled, kept_envelope(env, at, keyring))
+            (Status::Scheduled, kept_envelope(env, at, sealing))
         }
         (Some(policy), Status::Failed)
             if model != TxModel::Read && policy.on_exhausted == OnExhausted::Park =>
@@ -477,10 +512,19 @@ fn decide(
             // The envelope is kept as for a retry, so that an operator can resume the request
             // (`POST /v1/requests/{id}:resume`); the time is only where the row's `not_before`
             // points meanwhile: nothing publishes a parked request.
-            (Status::Parked, kept_envelope(env, Utc::now(), keyring))
+            (Status::Parked, kept_envelope(env, Utc::now(), sealing))
         }
         (_, s) => (s, None),
     };
+    let mut audit_data =
+        (!outcome.audit_data.is_empty()).then_some(Value::Array(outcome.audit_data));
+    if outcome.tainted {
+        // A sensitive procedure ran: jq may have copied a sensitive value into any of these.
+        let (ring, id) = (sealing.keyring, env.id.as_str());
+        output = output.map(|o| ring.seal_some(&o, id));
+        error = error.map(|e| ring.seal_messages(&e, id));
+        audit_data = audit_data.map(|a| ring.seal(&a, id));
+    }
     let decided = Decided {
         steps: outcome.pending,
         tx_status,
@@ -490,7 +534,7 @@ fn decide(
         summary: Value::Array(outcome.summary),
         retry_at,
         audit: outcome.marked,
-        audit_data: (!outcome.audit_data.is_empty()).then_some(Value::Array(outcome.audit_data)),
+        audit_data,
     };
     let leftovers = Leftovers {
         logged: outcome.logged,
@@ -499,17 +543,17 @@ fn decide(
     (decided, leftovers)
 }
 
-/// The envelope a retried or parked request runs from later, its credentials sealed (those
-/// of a direct AMQP producer arrive clear; nothing is stored clear).
+/// The envelope a retried or parked request runs from later, its credentials and sensitive
+/// input properties sealed (those of a direct AMQP producer arrive clear; nothing is stored
+/// clear).
 fn kept_envelope(
     env: &Envelope,
     at: DateTime<Utc>,
-    keyring: &Keyring,
+    sealing: &Sealing<'_>,
 ) -> Option<(DateTime<Utc>, Value)> {
+    let (keyring, id) = (sealing.keyring, env.id.as_str());
     let mut again = env.clone();
-    again.credentials = env
-        .credentials
-        .as_ref()
-        .map(|c| keyring.seal(c, env.id.as_str()));
+    again.credentials = env.credentials.as_ref().map(|c| keyring.seal(c, id));
+    again.input = keyring.seal_paths(&env.input, sealing.sensitive_inputs, id);
     serde_json::to_value(&again).ok().map(|e| (at, e))
 }

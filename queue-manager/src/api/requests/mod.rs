@@ -238,5 +238,7 @@ async fn record(app: &App, id: &str) -> Result<Option<Value>, ApiError> {
     if let Some(t) = row.get::<_, Option<DateTime<Utc>>>(9) {
         rec["finished_at"] = json!(t);
     }
+    // A sensitive procedure's output and error messages are sealed: shown redacted.
+    provisio_shared::sealing::redact(&mut rec);
     Ok(Some(rec))
 }

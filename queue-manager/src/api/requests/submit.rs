@@ -246,6 +246,7 @@ async fn accept_one(
     if let Some(run_as) = &body.run_as {
         principal_named(app, run_as).await?;
     }
+    let mut sensitive = Vec::new();
     let inline = if let Some(steps) = &body.steps {
         let inline = json!({
             "transaction": body.transaction.unwrap_or_default(),
@@ -255,7 +256,7 @@ async fn accept_one(
         compile_inline(app, &ns, procedure_name.as_str(), &inline).await?;
         Some(inline)
     } else {
-        crate::accept::check_procedure(
+        sensitive = crate::accept::check_procedure(
             &ns,
             &caller.0,
             &procedure_name,
@@ -265,16 +266,25 @@ async fn accept_one(
         None
     };
 
-    let body_hash = hash_of(&json!({
-        "namespace": body.namespace, "procedure": body.procedure, "input": body.input,
-        "priority": priority.as_str(), "credentials": body.credentials, "not_before": not_before,
-        "trusted": trusted, "run_as": body.run_as, "inline": inline, "retry": body.retry,
-    }));
+    // A body with secrets in it (credentials, sensitive values) is fingerprinted with a key: a
+    // plain hash of a short password could be reversed by trying them all.
+    let secret_key = (!sensitive.is_empty() || body.credentials.is_some())
+        .then(|| app.cfg.security.signing_key.expose().as_bytes());
+    let body_hash = hash_of(
+        secret_key,
+        &json!({
+            "namespace": body.namespace, "procedure": body.procedure, "input": body.input,
+            "priority": priority.as_str(), "credentials": body.credentials, "not_before": not_before,
+            "trusted": trusted, "run_as": body.run_as, "inline": inline, "retry": body.retry,
+        }),
+    );
     let envelope = Envelope {
         id: id.clone(),
         namespace: namespace.clone(),
         procedure: procedure_name.clone(),
-        input: body.input.clone(),
+        // Sensitive input properties are sealed here, like credentials; the engine opens them
+        // for the run.
+        input: app.keyring.seal_paths(&body.input, &sensitive, id.as_str()),
         priority,
         kind: if trusted {
             RequestKind::Trusted
@@ -302,6 +312,7 @@ async fn accept_one(
             body_hash,
             checked_version: ns.version,
             envelope,
+            clear_input: body.input,
             not_before,
             trusted,
         })
@@ -434,7 +445,7 @@ async fn compile_inline(
 
 /// SHA-256 of the value with object keys sorted, so that key order does not make two equal
 /// requests look different.
-fn hash_of(v: &Value) -> String {
+fn hash_of(key: Option<&[u8]>, v: &Value) -> String {
     fn canonical(v: &Value, out: &mut String) {
         match v {
             Value::Object(m) => {
@@ -466,7 +477,10 @@ fn hash_of(v: &Value) -> String {
     }
     let mut s = String::new();
     canonical(v, &mut s);
-    hex::encode(Sha256::digest(s.as_bytes()))
+    match key {
+        Some(key) => format!("hmac:{}", provisio_shared::signing::sign(key, s.as_bytes())),
+        None => hex::encode(Sha256::digest(s.as_bytes())),
+    }
 }
 
 #[cfg(test)]
@@ -478,7 +492,11 @@ mod tests {
         let a = serde_json::from_str::<Value>(r#"{"a":1,"b":{"x":1,"y":[1,2]}}"#).expect("json");
         let b = serde_json::from_str::<Value>(r#"{"b":{"y":[1,2],"x":1},"a":1}"#).expect("json");
         let c = serde_json::from_str::<Value>(r#"{"b":{"y":[2,1],"x":1},"a":1}"#).expect("json");
-        assert_eq!(hash_of(&a), hash_of(&b));
-        assert_ne!(hash_of(&a), hash_of(&c));
+        assert_eq!(hash_of(None, &a), hash_of(None, &b));
+        assert_ne!(hash_of(None, &a), hash_of(None, &c));
+        // Keyed for bodies with secrets: the same body, the same fingerprint; not a plain hash.
+        assert_eq!(hash_of(Some(b"k"), &a), hash_of(Some(b"k"), &b));
+        assert_ne!(hash_of(Some(b"k"), &a), hash_of(None, &a));
+        assert_ne!(hash_of(Some(b"k"), &a), hash_of(Some(b"j"), &a));
     }
 }

@@ -36,7 +36,7 @@ impl Run<'_> {
             // engine dies during the call, recovery knows a call may have happened and undoes it.
             let mut intent = self.step_record("intent", path, provider_name, action);
             intent.input = Some(input.clone());
-            self.pending.push(intent);
+            self.log_step(intent);
             self.flush().await?;
             self.check_lease()?;
         }
@@ -102,7 +102,7 @@ impl Run<'_> {
                         });
                     }
                     rec.input = Some(call.input);
-                    self.pending.push(rec);
+                    self.log_step(rec);
                 }
                 Ok(executed)
             }
@@ -112,7 +112,7 @@ impl Run<'_> {
                     // The intent is settled: the call failed and cleaned up after itself.
                     let mut rec = self.step_record("error", path, provider_name, action);
                     rec.error = Some(json!({"code": e.code, "message": e.message}));
-                    self.pending.push(rec);
+                    self.log_step(rec);
                 }
                 Err(Failure::new(&e.code, e.message, path))
             }

@@ -14,6 +14,7 @@ use futures_util::future::BoxFuture;
 use provisio_shared::domain::{PrincipalRef, TxModel};
 use provisio_shared::namespaces::NamespaceCache;
 use provisio_shared::procedure::{Namespace, Procedure, Step};
+use provisio_shared::sealing::Keyring;
 use serde_json::{Map, Value, json};
 use uuid::Uuid;
 
@@ -115,6 +116,9 @@ pub struct Outcome {
     /// engine must undo itself if the log server goes bad before the outcome is written.
     pub logged: Vec<Completed>,
     pub summary: Vec<Value>,
+    /// A sensitive procedure ran (nested ones included): the output, error messages and audit
+    /// data may carry a sensitive value and are sealed before they are stored.
+    pub tainted: bool,
 }
 
 pub struct Run<'a> {
@@ -144,6 +148,11 @@ pub struct Run<'a> {
     /// Two-phase participants of this transaction (providers holding effects open).
     participants: std::collections::BTreeSet<String>,
     pause_after_prepare: Option<Duration>,
+    /// Seals the records of a sensitive run: the keyring, and the request id they are bound to.
+    sealer: Option<(Keyring, String)>,
+    /// A sensitive procedure started: from then on every record this run logs is sealed (jq
+    /// may have copied a sensitive value anywhere in the context, so the taint never lifts).
+    tainted: bool,
 }
 
 /// Variables visible to expressions in one procedure invocation.
@@ -192,7 +201,39 @@ impl<'a> Run<'a> {
             summary: Vec::new(),
             participants: std::collections::BTreeSet::new(),
             pause_after_prepare: None,
+            sealer: None,
+            tainted: false,
         }
+    }
+
+    /// Seals what a sensitive procedure logs with `keyring`, bound to `request_id`.
+    #[must_use]
+    pub fn with_sealing(mut self, keyring: Keyring, request_id: &str) -> Self {
+        self.sealer = Some((keyring, request_id.to_owned()));
+        self
+    }
+
+    /// `rec` as it may be logged: in a tainted run, its input, output and rollback data sealed
+    /// whole and its error's message sealed (codes stay readable).
+    fn sealed(&self, mut rec: StepRecord) -> StepRecord {
+        if let (true, Some((ring, id))) = (self.tainted, &self.sealer) {
+            for v in [&mut rec.input, &mut rec.output, &mut rec.rollback_data]
+                .into_iter()
+                .flatten()
+            {
+                *v = ring.seal_some(v, id);
+            }
+            if let Some(e) = &mut rec.error {
+                *e = ring.seal_messages(e, id);
+            }
+        }
+        rec
+    }
+
+    /// Queues a step record for the next commit (sealed if the run is tainted).
+    fn log_step(&mut self, rec: StepRecord) {
+        let rec = self.sealed(rec);
+        self.pending.push(rec);
     }
 
     /// The flag the lease keeper raises when this transaction's lease could not be renewed
@@ -324,6 +365,7 @@ impl<'a> Run<'a> {
             unlogged,
             logged,
             summary: std::mem::take(&mut self.summary),
+            tainted: self.tainted,
         }
     }
 
@@ -336,6 +378,8 @@ impl<'a> Run<'a> {
         depth: usize,
     ) -> BoxFuture<'b, Result<Value, Failure>> {
         Box::pin(async move {
+            // Before anything else: an input-validation message quotes the value it refuses.
+            self.tainted |= procedure.sensitive;
             let where_ = if prefix.is_empty() {
                 procedure.name.as_str()
             } else {

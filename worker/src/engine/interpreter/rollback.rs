@@ -122,9 +122,16 @@ impl Run<'_> {
             let mut rec = self.step_record("rollback", &c.path, &c.provider, &c.action);
             rec.input = Some(c.data.clone());
             rec.error.clone_from(&error);
+            let rec = self.sealed(rec);
             self.txlog.write_record(Record::Steps(vec![rec])).await?;
             if let Err(e) = r {
-                tracing::error!(path = %c.path, error = %e, "rollback failed; going on with the older steps");
+                // A sensitive run's provider messages may quote its values: the code only.
+                let shown = if self.tainted {
+                    e.code.clone()
+                } else {
+                    e.to_string()
+                };
+                tracing::error!(path = %c.path, error = %shown, "rollback failed; going on with the older steps");
                 failed.push(json!({"path": c.path, "provider": c.provider, "action": c.action, "error": error}));
                 self.summary
                     .push(json!({"path": c.path, "status": "rollback_failed"}));

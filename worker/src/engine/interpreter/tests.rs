@@ -93,7 +93,7 @@ struct World {
     registry: Registry,
     txlog: TxLog,
     cache: NamespaceCache,
-    _db: Option<crate::testing::TempDb>,
+    db: Option<crate::testing::TempDb>,
 }
 
 impl World {
@@ -120,7 +120,7 @@ impl World {
             registry,
             txlog: TxLog::start(pool.clone(), 16, 2),
             cache: NamespaceCache::new(pool, Box::new(MemCatalog)),
-            _db: db,
+            db,
         }
     }
 
@@ -462,4 +462,159 @@ async fn output_schema_is_enforced_when_validation_is_on() {
         .result
         .expect_err("fails");
     assert_eq!(f.code, "output_invalid");
+}
+
+/// A sensitive procedure taints the run from its start: what was logged before stays clear,
+/// everything after is sealed (input, output, rollback data, error messages) and so are the
+/// outcome's flag; rollback still hands the provider clear data, from the engine and from
+/// recovery (which opens the sealed rows).
+#[tokio::test]
+async fn a_sensitive_procedure_seals_what_its_run_logs_and_rollback_still_works() {
+    let w = World::new(true).await;
+    let ns = World::compile(&json!({"namespace": "t", "procedures": {
+        "p": {"steps": [
+            {"id": "a", "call": "mem.echo", "input": "{plain: 1}"},
+            {"id": "b", "procedure": "inner", "input": "{secret: .input.secret}"},
+            {"id": "c", "call": "mem.echo", "input": "{copy: .steps.b}"}
+        ], "output": ".steps.c"},
+        "inner": {"steps": [{"id": "s", "call": "mem.echo", "input": "{secret: .input.secret}", "sensitive": true}],
+                  "output": ".steps.s.secret"}
+    }}));
+    assert!(ns.procedures["inner"].sensitive && !ns.procedures["p"].sensitive);
+    let keyring = provisio_shared::sealing::Keyring::derived("unit");
+    let tx_id = Uuid::now_v7();
+    w.txlog
+        .write(crate::txlog::Record::Begin(crate::txlog::Begin {
+            tx_id,
+            request_id: "req-s".into(),
+            namespace: "t".into(),
+            procedure: "p".into(),
+            namespace_version: 1,
+            model: "compensating",
+            audit: false,
+            engine_id: "unit".into(),
+            lease_seconds: 30.0,
+            input: Value::Null,
+            principal_id: None,
+            priority: "normal",
+        }))
+        .await
+        .expect("begin");
+    let run = Run::new(
+        tx_id,
+        std::sync::Arc::from("unit"),
+        TxModel::Compensating,
+        &w.registry,
+        &w.txlog,
+        &w.cache,
+        None,
+        None,
+        json!({"id": "req-s"}),
+        true,
+    )
+    .with_sealing(keyring.clone(), "req-s");
+    let out = run
+        .execute(&ns, &ns.procedures["p"].clone(), json!({"secret": "S3"}))
+        .await;
+    assert_eq!(out.result, Ok(json!({"copy": "S3"})));
+    assert!(out.tainted);
+    // The last step's records ride with the outcome; write them as the outcome would.
+    w.txlog
+        .write(crate::txlog::Record::Steps(out.pending))
+        .await
+        .expect("steps");
+    let pool = w.db.as_ref().expect("db").pool.clone();
+    let client = pool.get().await.expect("client");
+    sealed_after_the_taint(&client, tx_id).await;
+
+    // Recovery rolls the transaction back from the log: sealed rows opened for the provider,
+    // its own records sealed.
+    let recovery = recovery_of(&w, keyring);
+    let not_undone = recovery.roll_back_logged(0, tx_id).await.expect("recovery");
+    assert_eq!(not_undone, Vec::<Value>::new());
+    let undone: Vec<(String, Value)> = w
+        .mem
+        .log
+        .lock()
+        .expect("lock")
+        .iter()
+        .filter(|(k, _, _)| k == "rollback")
+        .map(|(_, p, d)| (p.clone(), d.clone()))
+        .collect();
+    assert_eq!(
+        undone,
+        vec![
+            ("2".to_owned(), json!({"copy": "S3"})),
+            ("1>inner.0".to_owned(), json!({"secret": "S3"})),
+            ("0".to_owned(), json!({"plain": 1})),
+        ]
+    );
+    let logged: Vec<String> = client
+        .query(
+            "SELECT input::text FROM tx_steps WHERE tx_id = $1 AND kind = 'rollback' ORDER BY seq",
+            &[&tx_id],
+        )
+        .await
+        .expect("rows")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(logged.len(), 3);
+    assert!(
+        logged
+            .iter()
+            .all(|t| t.contains(provisio_shared::sealing::SEALED)),
+        "{logged:?}"
+    );
+}
+
+/// A recoverer of `w`'s log that owns what the unit runs opened (`engine_id` "unit").
+fn recovery_of(w: &World, keyring: provisio_shared::sealing::Keyring) -> crate::recovery::Recovery {
+    let db = w.db.as_ref().expect("db");
+    let servers = crate::logservers::LogServers::new(
+        std::slice::from_ref(&db.url),
+        &provisio_shared::config::TxLogConfig::default(),
+    )
+    .expect("servers");
+    crate::recovery::Recovery {
+        pool: db.pool.clone(),
+        servers: Arc::new(servers),
+        separate: false,
+        registry: w.registry.clone(),
+        sql: None,
+        owner: "unit".into(),
+        lease_seconds: 30.0,
+        keyring,
+    }
+}
+
+/// The step rows of `tx_id` hold nothing clear of the secret `S3`: step `0`, logged before the
+/// taint, is clear; every other row is sealed.
+async fn sealed_after_the_taint(client: &tokio_postgres::Client, tx_id: Uuid) {
+    let rows = client
+        .query(
+            "SELECT path, kind, input::text, output::text, rollback_data::text FROM tx_steps WHERE tx_id = $1 ORDER BY seq",
+            &[&tx_id],
+        )
+        .await
+        .expect("rows");
+    for r in &rows {
+        let (path, kind): (String, String) = (r.get(0), r.get(1));
+        let text: Vec<Option<String>> = (2..5).map(|i| r.get(i)).collect();
+        let joined = format!("{text:?}");
+        assert!(!joined.contains("S3"), "{path} {kind}: {joined}");
+        if path == "0" {
+            assert!(
+                joined.contains("plain"),
+                "logged before the taint: {joined}"
+            );
+        } else {
+            assert!(
+                text.iter()
+                    .flatten()
+                    .all(|t| t.contains(provisio_shared::sealing::SEALED)),
+                "{path} {kind}: {joined}"
+            );
+        }
+    }
 }
