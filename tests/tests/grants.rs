@@ -144,6 +144,7 @@ async fn grants_revocations_and_expiry_reach_every_queue_manager_within_10_s() -
         "the other key still works"
     );
 
+    disabling(&env, &qms, &key).await?;
     expiring_keys(&env, &qms).await?;
     denials_are_audited_and_counted(&env, &qm1).await?;
     env.cleanup().await;
@@ -151,6 +152,38 @@ async fn grants_revocations_and_expiry_reach_every_queue_manager_within_10_s() -
 }
 
 /// Keys with an expiry stop working when it passes, wherever they were cached.
+/// Disabled over the API: every key of the principal refused (401) by every queue manager
+/// within the bound; enabled again, accepted again. An admin cannot disable itself.
+async fn disabling(env: &TestEnv, qms: &[&Proc], key: &str) -> R {
+    let path = "/v1/principals/solo/disabled";
+    let (status, body) = admin(env, qms[0], reqwest::Method::PUT, path, Some(json!(true))).await?;
+    assert_eq!((status, &body["disabled"]), (200, &json!(true)), "{body}");
+    assert_eq!(body["permissions"], json!([]), "{body}");
+    everywhere(env, qms, key, 401, "the disabled principal refused everywhere").await?;
+    let (status, body) = admin(
+        env,
+        qms[1],
+        reqwest::Method::PUT,
+        path,
+        Some(json!({"disabled": false})),
+    )
+    .await?;
+    assert_eq!((status, &body["disabled"]), (200, &json!(false)), "{body}");
+    everywhere(env, qms, key, 202, "enabled again everywhere").await?;
+    let (status, body) = admin(env, qms[0], reqwest::Method::PUT, path, Some(json!("yes"))).await?;
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = admin(
+        env,
+        qms[0],
+        reqwest::Method::PUT,
+        "/v1/principals/admin/disabled",
+        Some(json!(true)),
+    )
+    .await?;
+    assert_eq!(status, 409, "an admin disabling itself: {body}");
+    Ok(())
+}
+
 async fn expiring_keys(env: &TestEnv, qms: &[&Proc]) -> R {
     let qm = qms[0];
     let path = "/v1/principals/solo/keys";

@@ -49,12 +49,13 @@ const MATRIX: [(&str, [&str; 8]); 8] = [
 
 /// The admin routes: non-admins get `403`, the admin this status (a `404` where the route
 /// names something that does not exist: the permission check has passed).
-const ADMIN_ROUTES: [(&str, &str, u16); 16] = [
+const ADMIN_ROUTES: [(&str, &str, u16); 17] = [
     ("GET", "/v1/namespaces", 200),
     ("GET", "/v1/namespaces/matrix", 200),
     ("PUT", "/v1/namespaces/matrix", 200),
     ("POST", "/v1/principals", 201),
     ("PUT", "/v1/principals/p-none/groups", 200),
+    ("PUT", "/v1/principals/nobody-here/disabled", 404),
     ("POST", "/v1/principals/p-none/keys", 201),
     ("DELETE", "/v1/principals/p-none/keys/{spare_key}", 200),
     ("GET", "/v1/audit/transactions", 200),
@@ -429,6 +430,7 @@ async fn admin_routes(
                     "name": format!("made-by-{}", i.map_or("nobody", |i| PRINCIPALS[i].0)),
                     "groups": [],
                 })),
+                ("PUT", p) if p.ends_with("/disabled") => req.json(&json!(false)),
                 ("PUT", _) => req.json(&json!({"groups": []})),
                 _ => req,
             };

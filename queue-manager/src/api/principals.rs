@@ -278,6 +278,46 @@ pub async fn put_grants(
     describe_grants(&client, id, &name).await.map(Json)
 }
 
+/// `PUT /v1/principals/{name}/disabled`: `true` (or `{"disabled": true}`) takes every
+/// permission away at once — every key refused by every queue manager within seconds
+/// (`provisio_auth`), and every accepted request refused when an engine picks it up — while
+/// keys, grants and history stay for an audit or a later `false`. An admin cannot disable
+/// itself: the last admin doing so would lock everyone out.
+pub async fn put_disabled(
+    State(app): State<Arc<App>>,
+    caller: Caller,
+    Path(name): Path<String>,
+    JsonBody(body): JsonBody<Value>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Permission::Admin)?;
+    let disabled = match &body {
+        Value::Bool(b) => *b,
+        Value::Object(o) if o.len() == 1 && o.get("disabled").is_some_and(Value::is_boolean) => {
+            o.get("disabled").and_then(Value::as_bool).unwrap_or_default()
+        }
+        _ => {
+            return Err(ApiError::Malformed(
+                "the body is `true`, `false`, or {\"disabled\": true|false}".into(),
+            ));
+        }
+    };
+    let client = app.pool.get().await.map_err(ApiError::db)?;
+    let id = principal_id(&client, &name).await?;
+    if disabled && id == caller.0.id {
+        return Err(ApiError::Conflict(
+            "a principal cannot disable itself; another admin can".into(),
+        ));
+    }
+    client
+        .execute(
+            "UPDATE principals SET disabled = $2 WHERE id = $1 AND disabled <> $2",
+            &[&id, &disabled],
+        )
+        .await
+        .map_err(ApiError::db)?;
+    describe_grants(&client, id, &name).await.map(Json)
+}
+
 /// `GET /v1/principals/{name}/grants`: its own grants, its groups, and the permissions they
 /// add up to (implications applied).
 pub async fn get_grants(
