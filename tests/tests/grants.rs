@@ -159,7 +159,14 @@ async fn disabling(env: &TestEnv, qms: &[&Proc], key: &str) -> R {
     let (status, body) = admin(env, qms[0], reqwest::Method::PUT, path, Some(json!(true))).await?;
     assert_eq!((status, &body["disabled"]), (200, &json!(true)), "{body}");
     assert_eq!(body["permissions"], json!([]), "{body}");
-    everywhere(env, qms, key, 401, "the disabled principal refused everywhere").await?;
+    everywhere(
+        env,
+        qms,
+        key,
+        401,
+        "the disabled principal refused everywhere",
+    )
+    .await?;
     let (status, body) = admin(
         env,
         qms[1],

@@ -509,6 +509,33 @@ async fn the_running_service_matches_its_openapi_document() -> anyhow::Result<()
         .0,
         404
     );
+    let disabled = format!("{principals}/svc/disabled");
+    for (body, status) in [
+        (json!(true), 200),
+        (json!({"disabled": false}), 200),
+        (json!("no"), 400),
+    ] {
+        assert_eq!(
+            call!(
+                "/v1/principals/{name}/disabled",
+                "put",
+                http.put(&disabled).bearer_auth(&key).json(&body)
+            )
+            .0,
+            status
+        );
+    }
+    assert_eq!(
+        call!(
+            "/v1/principals/{name}/disabled",
+            "put",
+            http.put(format!("{principals}/admin/disabled"))
+                .bearer_auth(&key)
+                .json(&json!(true))
+        )
+        .0,
+        409
+    );
     // A refusal, which the security events record.
     assert_eq!(
         call!(

@@ -54,7 +54,10 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/resources/pools", get(resources::pools))
         .route("/v1/principals", post(principals::create))
         .route("/v1/principals/{name}/groups", put(principals::put_groups))
-        .route("/v1/principals/{name}/disabled", put(principals::put_disabled))
+        .route(
+            "/v1/principals/{name}/disabled",
+            put(principals::put_disabled),
+        )
         .route("/v1/principals/{name}/keys", post(principals::create_key))
         .route(
             "/v1/principals/{name}/keys/{key_id}",

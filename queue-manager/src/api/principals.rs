@@ -292,9 +292,10 @@ pub async fn put_disabled(
     caller.require(Permission::Admin)?;
     let disabled = match &body {
         Value::Bool(b) => *b,
-        Value::Object(o) if o.len() == 1 && o.get("disabled").is_some_and(Value::is_boolean) => {
-            o.get("disabled").and_then(Value::as_bool).unwrap_or_default()
-        }
+        Value::Object(o) if o.len() == 1 && o.get("disabled").is_some_and(Value::is_boolean) => o
+            .get("disabled")
+            .and_then(Value::as_bool)
+            .unwrap_or_default(),
         _ => {
             return Err(ApiError::Malformed(
                 "the body is `true`, `false`, or {\"disabled\": true|false}".into(),
