@@ -191,7 +191,12 @@ async fn ops_up_restarts_a_killed_engine_and_stops_cleanly_on_sigint() -> anyhow
         .to_owned();
     let base = free_port_base()?;
     let out_file = std::fs::File::create(&out)?;
-    let mut up: Child = Command::new(repo().join("ops/up"))
+    // SIGINT back to its default first: a test run started in the background of a
+    // non-interactive shell inherits SIGINT ignored, and a shell cannot trap a signal ignored
+    // on entry, so ops/up would never see the Ctrl-C this test sends.
+    let mut up: Child = Command::new("env")
+        .arg("--default-signal=INT")
+        .arg(repo().join("ops/up"))
         .args(["--no-build", "--engines", "2"])
         .current_dir(repo())
         .env_clear()
