@@ -232,6 +232,26 @@ impl TestEnv {
         })
     }
 
+    /// Any admin API call as the bootstrap admin; returns (status, JSON body or null).
+    pub async fn admin(
+        &self,
+        qm: &Proc,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<(u16, Value)> {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", qm.url))
+            .bearer_auth(&self.admin_key);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let r = req.send().await?;
+        let status = r.status().as_u16();
+        Ok((status, r.json().await.unwrap_or(Value::Null)))
+    }
+
     /// PUT a namespace document (YAML or JSON text) as admin; returns (status, body).
     pub async fn apply(&self, qm: &Proc, name: &str, text: &str) -> anyhow::Result<(u16, Value)> {
         let resp = self

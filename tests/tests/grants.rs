@@ -13,26 +13,6 @@ type R = anyhow::Result<()>;
 /// The bound the security issue sets on revocation.
 const REVOCATION: Duration = Duration::from_secs(10);
 
-/// An admin call: (status, JSON body or null).
-async fn admin(
-    env: &TestEnv,
-    qm: &Proc,
-    method: reqwest::Method,
-    path: &str,
-    body: Option<Value>,
-) -> anyhow::Result<(u16, Value)> {
-    let mut req = env
-        .http
-        .request(method, format!("{}{path}", qm.url))
-        .bearer_auth(&env.admin_key);
-    if let Some(b) = body {
-        req = req.json(&b);
-    }
-    let r = req.send().await?;
-    let status = r.status().as_u16();
-    Ok((status, r.json().await.unwrap_or(Value::Null)))
-}
-
 async fn submit_as(env: &TestEnv, qm: &Proc, key: &str) -> anyhow::Result<u16> {
     Ok(env
         .http
@@ -60,7 +40,9 @@ async fn everywhere(env: &TestEnv, qms: &[&Proc], key: &str, status: u16, what: 
 
 async fn put_grants(env: &TestEnv, qm: &Proc, name: &str, grants: Value) -> anyhow::Result<Value> {
     let path = format!("/v1/principals/{name}/grants");
-    let (status, body) = admin(env, qm, reqwest::Method::PUT, &path, Some(grants)).await?;
+    let (status, body) = env
+        .admin(qm, reqwest::Method::PUT, &path, Some(grants))
+        .await?;
     anyhow::ensure!(status == 200, "PUT grants: {status} {body}");
     Ok(body)
 }
@@ -79,14 +61,14 @@ async fn grants_revocations_and_expiry_reach_every_queue_manager_within_10_s() -
     assert_eq!(granted["grants"], json!(["execute"]), "{granted}");
     assert_eq!(granted["permissions"], json!(["execute"]), "{granted}");
     everywhere(&env, &qms, &key, 202, "solo's own grant seen everywhere").await?;
-    let (status, shown) = admin(
-        &env,
-        &qm2,
-        reqwest::Method::GET,
-        "/v1/principals/solo/grants",
-        None,
-    )
-    .await?;
+    let (status, shown) = env
+        .admin(
+            &qm2,
+            reqwest::Method::GET,
+            "/v1/principals/solo/grants",
+            None,
+        )
+        .await?;
     assert_eq!((status, &shown["permissions"]), (200, &json!(["execute"])));
 
     // Taken away: refused by every queue manager within the bound.
@@ -94,14 +76,14 @@ async fn grants_revocations_and_expiry_reach_every_queue_manager_within_10_s() -
     everywhere(&env, &qms, &key, 403, "the grant withdrawn everywhere").await?;
 
     // An unknown permission: a JSON error naming it, nothing changed.
-    let (status, body) = admin(
-        &env,
-        &qm1,
-        reqwest::Method::PUT,
-        "/v1/principals/solo/grants",
-        Some(json!(["execute", "root"])),
-    )
-    .await?;
+    let (status, body) = env
+        .admin(
+            &qm1,
+            reqwest::Method::PUT,
+            "/v1/principals/solo/grants",
+            Some(json!(["execute", "root"])),
+        )
+        .await?;
     assert_eq!(status, 422, "{body}");
     assert_eq!(body["error"]["code"], "invalid", "{body}");
     assert_eq!(body["error"]["details"][0]["path"], "/1", "{body}");
@@ -109,26 +91,26 @@ async fn grants_revocations_and_expiry_reach_every_queue_manager_within_10_s() -
     // A key revoked: 401 from every queue manager within the bound.
     put_grants(&env, &qm1, "solo", json!(["execute"])).await?;
     everywhere(&env, &qms, &key, 202, "the grant back").await?;
-    let (status, created) = admin(
-        &env,
-        &qm1,
-        reqwest::Method::POST,
-        "/v1/principals/solo/keys",
-        None,
-    )
-    .await?;
+    let (status, created) = env
+        .admin(
+            &qm1,
+            reqwest::Method::POST,
+            "/v1/principals/solo/keys",
+            None,
+        )
+        .await?;
     assert_eq!(status, 201, "{created}");
     let second = created["key"].as_str().unwrap_or_default().to_owned();
     everywhere(&env, &qms, &second, 202, "the second key works").await?;
     let key_id = created["id"].as_str().unwrap_or_default();
-    let (status, _) = admin(
-        &env,
-        &qm2,
-        reqwest::Method::DELETE,
-        &format!("/v1/principals/solo/keys/{key_id}"),
-        None,
-    )
-    .await?;
+    let (status, _) = env
+        .admin(
+            &qm2,
+            reqwest::Method::DELETE,
+            &format!("/v1/principals/solo/keys/{key_id}"),
+            None,
+        )
+        .await?;
     assert_eq!(status, 200);
     everywhere(
         &env,
@@ -156,7 +138,9 @@ async fn grants_revocations_and_expiry_reach_every_queue_manager_within_10_s() -
 /// within the bound; enabled again, accepted again. An admin cannot disable itself.
 async fn disabling(env: &TestEnv, qms: &[&Proc], key: &str) -> R {
     let path = "/v1/principals/solo/disabled";
-    let (status, body) = admin(env, qms[0], reqwest::Method::PUT, path, Some(json!(true))).await?;
+    let (status, body) = env
+        .admin(qms[0], reqwest::Method::PUT, path, Some(json!(true)))
+        .await?;
     assert_eq!((status, &body["disabled"]), (200, &json!(true)), "{body}");
     assert_eq!(body["permissions"], json!([]), "{body}");
     everywhere(
@@ -167,26 +151,28 @@ async fn disabling(env: &TestEnv, qms: &[&Proc], key: &str) -> R {
         "the disabled principal refused everywhere",
     )
     .await?;
-    let (status, body) = admin(
-        env,
-        qms[1],
-        reqwest::Method::PUT,
-        path,
-        Some(json!({"disabled": false})),
-    )
-    .await?;
+    let (status, body) = env
+        .admin(
+            qms[1],
+            reqwest::Method::PUT,
+            path,
+            Some(json!({"disabled": false})),
+        )
+        .await?;
     assert_eq!((status, &body["disabled"]), (200, &json!(false)), "{body}");
     everywhere(env, qms, key, 202, "enabled again everywhere").await?;
-    let (status, body) = admin(env, qms[0], reqwest::Method::PUT, path, Some(json!("yes"))).await?;
+    let (status, body) = env
+        .admin(qms[0], reqwest::Method::PUT, path, Some(json!("yes")))
+        .await?;
     assert_eq!(status, 400, "{body}");
-    let (status, body) = admin(
-        env,
-        qms[0],
-        reqwest::Method::PUT,
-        "/v1/principals/admin/disabled",
-        Some(json!(true)),
-    )
-    .await?;
+    let (status, body) = env
+        .admin(
+            qms[0],
+            reqwest::Method::PUT,
+            "/v1/principals/admin/disabled",
+            Some(json!(true)),
+        )
+        .await?;
     assert_eq!(status, 409, "an admin disabling itself: {body}");
     Ok(())
 }
@@ -195,34 +181,38 @@ async fn expiring_keys(env: &TestEnv, qms: &[&Proc]) -> R {
     let qm = qms[0];
     let path = "/v1/principals/solo/keys";
     let both = json!({"ttl_seconds": 60, "expires_at": "2999-01-01T00:00:00Z"});
-    let (status, body) = admin(env, qm, reqwest::Method::POST, path, Some(both)).await?;
+    let (status, body) = env
+        .admin(qm, reqwest::Method::POST, path, Some(both))
+        .await?;
     assert_eq!((status, &body["error"]["code"]), (400, &json!("malformed")));
     let past = json!({"expires_at": "2001-01-01T00:00:00Z"});
-    let (status, body) = admin(env, qm, reqwest::Method::POST, path, Some(past)).await?;
+    let (status, body) = env
+        .admin(qm, reqwest::Method::POST, path, Some(past))
+        .await?;
     assert_eq!((status, &body["error"]["code"]), (422, &json!("invalid")));
 
-    let (status, created) = admin(
-        env,
-        qm,
-        reqwest::Method::POST,
-        path,
-        Some(json!({"ttl_seconds": 1})),
-    )
-    .await?;
+    let (status, created) = env
+        .admin(
+            qm,
+            reqwest::Method::POST,
+            path,
+            Some(json!({"ttl_seconds": 1})),
+        )
+        .await?;
     assert_eq!(status, 201, "{created}");
     assert!(created["expires_at"].is_string(), "{created}");
     let short = created["key"].as_str().unwrap_or_default().to_owned();
     everywhere(env, qms, &short, 401, "the 1-second key expired").await?;
 
     // Expiry changed under a cached key: refused from then on, everywhere.
-    let (status, created) = admin(
-        env,
-        qm,
-        reqwest::Method::POST,
-        path,
-        Some(json!({"expires_at": "2999-01-01T00:00:00Z"})),
-    )
-    .await?;
+    let (status, created) = env
+        .admin(
+            qm,
+            reqwest::Method::POST,
+            path,
+            Some(json!({"expires_at": "2999-01-01T00:00:00Z"})),
+        )
+        .await?;
     assert_eq!(status, 201, "{created}");
     let long = created["key"].as_str().unwrap_or_default().to_owned();
     everywhere(env, qms, &long, 202, "the long-lived key works").await?;
@@ -241,7 +231,7 @@ async fn expiring_keys(env: &TestEnv, qms: &[&Proc]) -> R {
 async fn denials_are_audited_and_counted(env: &TestEnv, qm: &Proc) -> R {
     let events = |reason: &'static str| async move {
         let path = format!("/v1/audit/security-events?reason={reason}&principal=solo");
-        let (status, body) = admin(env, qm, reqwest::Method::GET, &path, None).await?;
+        let (status, body) = env.admin(qm, reqwest::Method::GET, &path, None).await?;
         anyhow::ensure!(status == 200, "{status} {body}");
         Ok(body["events"].as_array().cloned().unwrap_or_default())
     };
@@ -257,25 +247,25 @@ async fn denials_are_audited_and_counted(env: &TestEnv, qm: &Proc) -> R {
     })
     .await?;
     // The revoked key is unknown: no principal to name.
-    let (status, body) = admin(
-        env,
-        qm,
-        reqwest::Method::GET,
-        "/v1/audit/security-events?reason=unauthenticated&limit=1",
-        None,
-    )
-    .await?;
+    let (status, body) = env
+        .admin(
+            qm,
+            reqwest::Method::GET,
+            "/v1/audit/security-events?reason=unauthenticated&limit=1",
+            None,
+        )
+        .await?;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["events"].as_array().map(Vec::len), Some(1), "{body}");
     assert!(body["next"].is_number(), "a full page has a next: {body}");
-    let (status, _) = admin(
-        env,
-        qm,
-        reqwest::Method::GET,
-        "/v1/audit/security-events?reason=bored",
-        None,
-    )
-    .await?;
+    let (status, _) = env
+        .admin(
+            qm,
+            reqwest::Method::GET,
+            "/v1/audit/security-events?reason=bored",
+            None,
+        )
+        .await?;
     assert_eq!(status, 400);
 
     let metrics = env
@@ -353,14 +343,14 @@ async fn a_scheduled_request_whose_principal_lost_execute_is_not_run() -> R {
     })
     .await?;
     assert_eq!(record["status"], "dead", "{record}");
-    let (status, letters) = admin(
-        &env,
-        &qm,
-        reqwest::Method::GET,
-        "/v1/dead-letters?request_id=grants-later",
-        None,
-    )
-    .await?;
+    let (status, letters) = env
+        .admin(
+            &qm,
+            reqwest::Method::GET,
+            "/v1/dead-letters?request_id=grants-later",
+            None,
+        )
+        .await?;
     assert_eq!(status, 200, "{letters}");
     let letter = letters["dead_letters"]
         .as_array()

@@ -174,32 +174,12 @@ async fn queued_messages(env: &TestEnv) -> anyhow::Result<Vec<String>> {
     Ok(bodies)
 }
 
-async fn admin_call(
-    env: &TestEnv,
-    qm: &Proc,
-    method: reqwest::Method,
-    path: &str,
-    body: Option<Value>,
-) -> anyhow::Result<(u16, Value)> {
-    let mut req = env
-        .http
-        .request(method, format!("{}{path}", qm.url))
-        .bearer_auth(&env.admin_key);
-    if let Some(b) = body {
-        req = req.json(&b);
-    }
-    let r = req.send().await?;
-    let status = r.status().as_u16();
-    Ok((status, r.json().await.unwrap_or(Value::Null)))
-}
-
 /// A request of principal `vaultuser` that is dead-lettered: scheduled, its `execute` grant
 /// withdrawn before it is due, so the engine refuses it (`forbidden`).
 async fn dead_letter_one(env: &TestEnv, qm: &Proc) -> anyhow::Result<()> {
     let (_, key) = env.principal(qm, "vaultuser", &[]).await?;
     let grants = |list: Value| {
-        admin_call(
-            env,
+        env.admin(
             qm,
             reqwest::Method::PUT,
             "/v1/principals/vaultuser/grants",
@@ -237,7 +217,7 @@ async fn dead_letter_one(env: &TestEnv, qm: &Proc) -> anyhow::Result<()> {
 
 /// Every API answer about these requests, their audit and their dead letter.
 async fn api_answers(env: &TestEnv, qm: &Proc) -> anyhow::Result<Vec<Value>> {
-    let get = async |path: String| admin_call(env, qm, reqwest::Method::GET, &path, None).await;
+    let get = async |path: String| env.admin(qm, reqwest::Method::GET, &path, None).await;
     let mut answers = Vec::new();
     for id in ["v-ok", "v-fail", "v-dead"] {
         let (status, rec) = env.get_request(qm, id).await?;
