@@ -38,9 +38,6 @@ struct Resolved {
     /// The input with its sensitive properties opened, for the run (in memory only); `Err`
     /// when a sealed one does not open.
     input: Result<Value, SealError>,
-    /// The input as it may be stored: its sensitive properties sealed (a direct AMQP
-    /// producer's arrive clear and are sealed here).
-    stored_input: Value,
     /// The procedure's sensitive input properties.
     sensitive_inputs: Vec<Vec<String>>,
     model: TxModel,
@@ -228,7 +225,6 @@ impl Engine {
         let id = env.id.as_str();
         Ok(Resolved {
             input: self.keyring.open_paths(&env.input, &sensitive_inputs, id),
-            stored_input: self.keyring.seal_paths(&env.input, &sensitive_inputs, id),
             sensitive_inputs,
             namespace,
             procedure,
@@ -250,7 +246,11 @@ impl Engine {
             audit: r.procedure.as_ref().is_some_and(|p| p.audit),
             engine_id: self.engine_id.clone(),
             lease_seconds: self.cfg.engine.lease_seconds as f64,
-            input: r.stored_input.clone(),
+            // As it may be stored: sensitive properties sealed (a direct AMQP producer's
+            // arrive clear and are sealed here).
+            input: self
+                .keyring
+                .seal_paths(&env.input, &r.sensitive_inputs, env.id.as_str()),
             principal_id: Some(principal.id),
             priority: env.priority.as_str(),
         }
