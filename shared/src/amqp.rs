@@ -241,25 +241,12 @@ pub async fn connect(url: &str, timeout: Duration) -> Result<Connection, AmqpErr
 /// Takes `cacertfile` out of the URL and reads it.
 fn tls_config(url: &str) -> Result<(String, lapin::tcp::OwnedTLSConfig), AmqpError> {
     let mut tls = lapin::tcp::OwnedTLSConfig::default();
-    let Some((base, query)) = url.split_once('?') else {
-        return Ok((url.to_owned(), tls));
-    };
-    let mut kept = url::form_urlencoded::Serializer::new(String::new());
-    for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
-        if key == "cacertfile" {
-            let pem = std::fs::read_to_string(value.as_ref())
-                .map_err(|e| AmqpError::Tls(format!("cacertfile {value}: {e}")))?;
-            tls.cert_chain = Some(pem);
-        } else {
-            kept.append_pair(&key, &value);
-        }
+    let (url, taken) = crate::tls::take_query_params(url, &["cacertfile"]);
+    if let Some(path) = taken.get("cacertfile") {
+        let pem = std::fs::read_to_string(path)
+            .map_err(|e| AmqpError::Tls(format!("cacertfile {path}: {e}")))?;
+        tls.cert_chain = Some(pem);
     }
-    let kept = kept.finish();
-    let url = if kept.is_empty() {
-        base.to_owned()
-    } else {
-        format!("{base}?{kept}")
-    };
     Ok((url, tls))
 }
 

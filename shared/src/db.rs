@@ -122,26 +122,8 @@ pub type TlsStream =
 fn split_tls_params(url: &str) -> (String, Option<String>, Option<String>) {
     let (mut mode, mut rootcert) = (None, None);
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        let Some((base, query)) = url.split_once('?') else {
-            return (url.to_owned(), None, None);
-        };
-        let mut kept = url::form_urlencoded::Serializer::new(String::new());
-        for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
-            match key.as_ref() {
-                "sslmode" => mode = Some(value.into_owned()),
-                "sslrootcert" => rootcert = Some(value.into_owned()),
-                _ => {
-                    kept.append_pair(&key, &value);
-                }
-            }
-        }
-        let kept = kept.finish();
-        let rest = if kept.is_empty() {
-            base.to_owned()
-        } else {
-            format!("{base}?{kept}")
-        };
-        return (rest, mode, rootcert);
+        let (rest, mut taken) = tls::take_query_params(url, &["sslmode", "sslrootcert"]);
+        return (rest, taken.remove("sslmode"), taken.remove("sslrootcert"));
     }
     let mut kept = Vec::new();
     for token in url.split_whitespace() {

@@ -30,6 +30,34 @@ pub enum TlsError {
     Config(String),
 }
 
+/// Takes the TLS parameters named in `keys` out of a URL's query string (PostgreSQL's
+/// `sslmode`/`sslrootcert`, AMQP's `cacertfile`), which the client libraries either do not
+/// know or do not act on: the URL without them, and their values by key (the last one wins).
+pub(crate) fn take_query_params(
+    url: &str,
+    keys: &[&str],
+) -> (String, std::collections::HashMap<String, String>) {
+    let mut taken = std::collections::HashMap::new();
+    let Some((base, query)) = url.split_once('?') else {
+        return (url.to_owned(), taken);
+    };
+    let mut kept = url::form_urlencoded::Serializer::new(String::new());
+    for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
+        if keys.contains(&key.as_ref()) {
+            taken.insert(key.into_owned(), value.into_owned());
+        } else {
+            kept.append_pair(&key, &value);
+        }
+    }
+    let kept = kept.finish();
+    let rest = if kept.is_empty() {
+        base.to_owned()
+    } else {
+        format!("{base}?{kept}")
+    };
+    (rest, taken)
+}
+
 /// The process's one crypto provider.
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
