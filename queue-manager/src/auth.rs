@@ -62,6 +62,41 @@ pub fn lookup_of(key: &str) -> String {
     digest[..16].to_owned()
 }
 
+/// Runs `f` (argon2) on the one thread that does all of this process's hashing. argon2 takes
+/// 19 MiB per hash or verification by design (the `Argon2::default()` parameters), and the
+/// allocator keeps freed memory in the heap of the thread that used it: on tokio's blocking
+/// pool every thread that ever hashed held its own 19 MiB, and the queue manager grew past
+/// 100 MB RSS under `ops/bench`. On one thread the memory is held once. Hashing is rare (a new
+/// key, a key's first use per cache period) and slow on purpose either way. `None`: the
+/// thread could not be started or `f` panicked.
+pub async fn on_hashing_thread<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Option<T> {
+    type Job = Box<dyn FnOnce() + Send>;
+    static JOBS: std::sync::OnceLock<Option<std::sync::mpsc::Sender<Job>>> =
+        std::sync::OnceLock::new();
+    let jobs = JOBS.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("argon2".into())
+            .spawn(move || {
+                while let Ok(job) = rx.recv() {
+                    // A panicking job loses its own answer only.
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                }
+            })
+            .ok()
+            .map(|_| tx)
+    });
+    let (done, wait) = tokio::sync::oneshot::channel();
+    jobs.as_ref()?
+        .send(Box::new(move || {
+            let _ = done.send(f());
+        }))
+        .ok()?;
+    wait.await.ok()
+}
+
 pub fn hash_key(key: &str) -> Result<String, AuthError> {
     let salt = SaltString::generate(&mut OsRng);
     Argon2::default()
@@ -222,7 +257,7 @@ impl KeyStore {
             let hash: String = row.get(0);
             let key = key.to_owned();
             // argon2 is CPU-heavy by design; keep it off the async workers.
-            let ok = tokio::task::spawn_blocking(move || {
+            let ok = on_hashing_thread(move || {
                 PasswordHash::new(&hash).is_ok_and(|h| {
                     Argon2::default()
                         .verify_password(key.as_bytes(), &h)
@@ -298,7 +333,12 @@ pub async fn bootstrap_admin(pool: &Pool, key: &str) -> Result<bool, AuthError> 
         return Ok(false);
     }
     let id = uuid::Uuid::now_v7();
-    let hash = hash_key(key)?;
+    let hash = {
+        let key = key.to_owned();
+        on_hashing_thread(move || hash_key(&key))
+            .await
+            .unwrap_or(Err(AuthError::Invalid))?
+    };
     let db = |e: tokio_postgres::Error| AuthError::Db(e.to_string());
     tx.execute(
         "INSERT INTO principals (id, name, kind) VALUES ($1, 'admin', 'person') \

@@ -27,6 +27,16 @@ pub fn pg_base() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
 }
 
+/// The URL of database `name` on the test server. `PROVISIO_TEST_PG` may carry a query
+/// (`…:5432?sslmode=disable`), which stays after the database name.
+pub fn pg_url(name: &str) -> String {
+    let base = pg_base();
+    match base.split_once('?') {
+        Some((server, query)) => format!("{}/{name}?{query}", server.trim_end_matches('/')),
+        None => format!("{}/{name}", base.trim_end_matches('/')),
+    }
+}
+
 pub fn amqp_url() -> String {
     std::env::var("PROVISIO_TEST_AMQP")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
@@ -119,7 +129,7 @@ pub struct TestEnv {
 impl TestEnv {
     pub async fn new(name: &str) -> anyhow::Result<Self> {
         let suffix = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
-        let db_url = format!("{}/pv_{suffix}", pg_base());
+        let db_url = pg_url(&format!("pv_{suffix}"));
         provisio_shared::db::create_database_if_missing(&Secret::new(db_url.clone())).await?;
         Ok(Self {
             name: name.to_owned(),

@@ -27,9 +27,14 @@ use tokio_util::sync::CancellationToken;
 
 /// Session settings of every transaction-log connection. The log writer's statements join
 /// `unnest`ed arrays to rows by primary key; a generic plan may estimate a scan of the whole
-/// table cheaper, and on these sessions it never is.
-pub const SESSION_OPTIONS: &str =
-    "-c enable_seqscan=off -c enable_hashjoin=off -c enable_mergejoin=off";
+/// table cheaper, and on these sessions it never is. With those choices ruled out, one plan
+/// per statement is right for every batch size, so it is planned once (`force_generic_plan`)
+/// instead of again at every execution: PostgreSQL keeps custom plans for array parameters
+/// because a one-element batch always looks cheaper to plan afresh, and that planning was the
+/// largest single cost of a commit under light load (docs/decisions.md, "Generic plans for
+/// the log writer").
+pub const SESSION_OPTIONS: &str = "-c enable_seqscan=off -c enable_hashjoin=off -c enable_mergejoin=off \
+     -c plan_cache_mode=force_generic_plan";
 
 /// How long a probe waits for a listed server: a server that needs longer to say `SELECT 1`
 /// is not one to send transactions to.

@@ -10,7 +10,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
 
-use deadpool_postgres::Pool;
+use deadpool_postgres::{GenericClient, Pool};
 use futures_util::future::BoxFuture;
 use provisio_shared::domain::{Status, TxStatus};
 use serde_json::Value;
@@ -291,6 +291,15 @@ struct Sorted<'r> {
 }
 
 impl<'r> Sorted<'r> {
+    /// How many statements writing this batch takes (an opening that opens nothing adds a
+    /// read, which needs no transaction).
+    fn statements(&self) -> usize {
+        usize::from(!self.begins.is_empty())
+            + usize::from(!self.steps.is_empty())
+            + self.statuses.len()
+            + usize::from(!self.finishes.is_empty())
+    }
+
     fn of(records: &[&'r Record]) -> Self {
         let mut b = Self::default();
         for (i, r) in records.iter().enumerate() {
@@ -316,38 +325,56 @@ impl<'r> Sorted<'r> {
 }
 
 type Replies = Vec<Result<Reply, LogError>>;
-type Tx<'c> = deadpool_postgres::Transaction<'c>;
 
 fn unavailable(e: &dyn std::fmt::Display) -> LogError {
     LogError::Unavailable(e.to_string())
 }
 
-/// Commits `records` in one PostgreSQL transaction with a fixed number of statements —
-/// one per kind of record, whatever the batch size (arrays through `unnest`). Each record
-/// gets its own answer: a fenced record fails alone, its neighbours commit.
+/// Commits `records` with a fixed number of statements — one per kind of record, whatever
+/// the batch size (arrays through `unnest`). Each record gets its own answer: a fenced record
+/// fails alone, its neighbours commit.
+///
+/// A batch that one statement can write (only openings, only step records, one status
+/// change, or outcomes without step records) is that statement alone, which PostgreSQL
+/// commits atomically by itself: no `BEGIN` and `COMMIT` round trips. Under light load most
+/// batches are a single record, and those two round trips were half of what each commit
+/// cost (docs/decisions.md, "One statement, no explicit transaction").
 async fn write_together(pool: &Pool, records: &[&Record]) -> Result<Replies, LogError> {
     let sorted = Sorted::of(records);
     let mut replies: Replies = vec![Ok(Reply::Done); records.len()];
     let mut client = pool.get().await.map_err(|e| unavailable(&e))?;
+    if sorted.statements() == 1 {
+        write_sorted(&client, &sorted, &mut replies).await?;
+        return Ok(replies);
+    }
     let tx = client.transaction().await.map_err(|e| unavailable(&e))?;
-    if !sorted.begins.is_empty() {
-        write_begins(&tx, &sorted.begins, &mut replies).await?;
-    }
-    if !sorted.steps.is_empty() {
-        write_steps(&tx, &sorted.steps, &mut replies).await?;
-    }
-    write_statuses(&tx, &sorted.statuses, &mut replies).await?;
-    if !sorted.finishes.is_empty() {
-        write_finishes(&tx, &sorted.finishes, &mut replies).await?;
-    }
+    write_sorted(&tx, &sorted, &mut replies).await?;
     tx.commit().await.map_err(|e| unavailable(&e))?;
     Ok(replies)
 }
 
+async fn write_sorted<C: GenericClient>(
+    c: &C,
+    sorted: &Sorted<'_>,
+    replies: &mut Replies,
+) -> Result<(), LogError> {
+    if !sorted.begins.is_empty() {
+        write_begins(c, &sorted.begins, replies).await?;
+    }
+    if !sorted.steps.is_empty() {
+        write_steps(c, &sorted.steps, replies).await?;
+    }
+    write_statuses(c, &sorted.statuses, replies).await?;
+    if !sorted.finishes.is_empty() {
+        write_finishes(c, &sorted.finishes, replies).await?;
+    }
+    Ok(())
+}
+
 /// Opens transactions; a request that cannot be opened is answered with why (finished, busy
 /// or unsettled).
-async fn write_begins(
-    tx: &Tx<'_>,
+async fn write_begins<C: GenericClient>(
+    tx: &C,
     begins: &[(Option<usize>, &Begin, &str)],
     replies: &mut Replies,
 ) -> Result<(), LogError> {
@@ -435,8 +462,8 @@ async fn write_begins(
 }
 
 /// Step records, each only while its writer still owns the transaction.
-async fn write_steps(
-    tx: &Tx<'_>,
+async fn write_steps<C: GenericClient>(
+    tx: &C,
     steps: &[(usize, &StepRecord)],
     replies: &mut Replies,
 ) -> Result<(), LogError> {
@@ -491,8 +518,8 @@ async fn write_steps(
 }
 
 /// Two-phase status changes, fenced like every write.
-async fn write_statuses(
-    tx: &Tx<'_>,
+async fn write_statuses<C: GenericClient>(
+    tx: &C,
     statuses: &[(usize, Uuid, &str, &str)],
     replies: &mut Replies,
 ) -> Result<(), LogError> {
@@ -513,8 +540,8 @@ async fn write_statuses(
 }
 
 /// Outcomes: the transaction row and the request row, in the same commit.
-async fn write_finishes(
-    tx: &Tx<'_>,
+async fn write_finishes<C: GenericClient>(
+    tx: &C,
     finishes: &[(usize, &Finish)],
     replies: &mut Replies,
 ) -> Result<(), LogError> {

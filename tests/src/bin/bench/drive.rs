@@ -262,5 +262,6 @@ pub(crate) fn shared_groups(database: &str) -> Vec<(String, Who)> {
 }
 
 pub(crate) fn database_name(url: &str) -> &str {
-    url.rsplit('/').next().unwrap_or(url)
+    let path = url.split('?').next().unwrap_or(url);
+    path.rsplit('/').next().unwrap_or(path)
 }

@@ -21,7 +21,7 @@ use crate::{Args, Plan};
 pub(crate) async fn run(args: &Args, plan: Plan) -> anyhow::Result<RunFigures> {
     let suffix = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
     let database = format!("pvref_{suffix}");
-    let secret = Secret::new(format!("{}/{database}", provisio_tests::pg_base()));
+    let secret = Secret::new(provisio_tests::pg_url(&database));
     provisio_shared::db::create_database_if_missing(&secret).await?;
     let pool = provisio_shared::db::pool(&secret, 32)?;
     pool.get().await?.batch_execute("CREATE TABLE ref (id text PRIMARY KEY, body jsonb, done boolean NOT NULL DEFAULT false)").await?;
