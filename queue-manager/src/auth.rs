@@ -62,11 +62,23 @@ pub fn lookup_of(key: &str) -> String {
     digest[..16].to_owned()
 }
 
+/// argon2id with the OWASP cheat sheet's lowest-memory parameter set (m = 7 MiB, t = 5, p = 1),
+/// which it rates as strong as the crate's default (m = 19 MiB, t = 2): memory is what the
+/// queue manager is short of (every hash or verification holds `m` at once; the 100 MB RSS
+/// budget of `ops/bench`), not CPU. Verification takes the parameters from the stored hash,
+/// so keys hashed with the default before still verify.
+fn argon2() -> Argon2<'static> {
+    argon2::Params::new(7 * 1024, 5, 1, None).map_or_else(
+        |_| Argon2::default(),
+        |params| Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params),
+    )
+}
+
 /// Runs `f` (argon2) on the one thread that does all of this process's hashing. argon2 takes
-/// 19 MiB per hash or verification by design (the `Argon2::default()` parameters), and the
-/// allocator keeps freed memory in the heap of the thread that used it: on tokio's blocking
-/// pool every thread that ever hashed held its own 19 MiB, and the queue manager grew past
-/// 100 MB RSS under `ops/bench`. On one thread the memory is held once. Hashing is rare (a new
+/// its `m` of memory per hash or verification by design, and the allocator keeps freed memory
+/// in the heap of the thread that used it: on tokio's blocking pool every thread that ever
+/// hashed held its own copy, and the queue manager grew past 100 MB RSS under `ops/bench`.
+/// On one thread the memory is held once. Hashing is rare (a new
 /// key, a key's first use per cache period) and slow on purpose either way. `None`: the
 /// thread could not be started or `f` panicked.
 pub async fn on_hashing_thread<T: Send + 'static>(
@@ -99,7 +111,7 @@ pub async fn on_hashing_thread<T: Send + 'static>(
 
 pub fn hash_key(key: &str) -> Result<String, AuthError> {
     let salt = SaltString::generate(&mut OsRng);
-    Argon2::default()
+    argon2()
         .hash_password(key.as_bytes(), &salt)
         .map(|h| h.to_string())
         .map_err(|_| AuthError::Invalid)
@@ -259,7 +271,7 @@ impl KeyStore {
             // argon2 is CPU-heavy by design; keep it off the async workers.
             let ok = on_hashing_thread(move || {
                 PasswordHash::new(&hash).is_ok_and(|h| {
-                    Argon2::default()
+                    argon2()
                         .verify_password(key.as_bytes(), &h)
                         .is_ok()
                 })
@@ -388,6 +400,23 @@ mod tests {
                 .verify_password(b"other", &parsed)
                 .is_err()
         );
+    }
+
+    #[test]
+    fn new_hashes_use_seven_mib_and_default_ones_still_verify() {
+        let key = generate_key();
+        let hash = hash_key(&key).expect("hashes");
+        assert!(hash.contains("m=7168,t=5,p=1"), "{hash}");
+        // A key hashed before, with the crate's default parameters.
+        let salt = SaltString::generate(&mut OsRng);
+        let old = Argon2::default()
+            .hash_password(key.as_bytes(), &salt)
+            .expect("hashes")
+            .to_string();
+        assert!(old.contains("m=19456"), "{old}");
+        let parsed = PasswordHash::new(&old).expect("parses");
+        assert!(argon2().verify_password(key.as_bytes(), &parsed).is_ok());
+        assert!(argon2().verify_password(b"other", &parsed).is_err());
     }
 
     #[test]

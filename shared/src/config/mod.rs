@@ -344,7 +344,10 @@ impl Default for EngineConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 9100)),
-            prefetch: 64,
+            // A run waits on the log and its providers far more than it computes: more of them
+            // in flight fill each group commit and keep the cores busy (docs/decisions.md,
+            // "Prefetch 128").
+            prefetch: 128,
             lease_seconds: 30,
             grace_seconds: 20,
         }

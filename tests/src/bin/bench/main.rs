@@ -48,8 +48,9 @@ struct Args {
     /// Engines to start.
     #[arg(long, default_value_t = 2)]
     engines: usize,
-    /// Engine prefetch per lane (also the reference consumer's prefetch).
-    #[arg(long, default_value_t = 64)]
+    /// Engine prefetch per lane (also the reference consumer's prefetch) [default: the
+    /// engine's own default, `engine.prefetch`].
+    #[arg(long, default_value_t = provisio_shared::config::EngineConfig::default().prefetch)]
     prefetch: u16,
     /// The procedure to run, NAMESPACE.PROCEDURE.
     #[arg(long, default_value = "demo.hello")]
