@@ -270,11 +270,8 @@ impl KeyStore {
             let key = key.to_owned();
             // argon2 is CPU-heavy by design; keep it off the async workers.
             let ok = on_hashing_thread(move || {
-                PasswordHash::new(&hash).is_ok_and(|h| {
-                    argon2()
-                        .verify_password(key.as_bytes(), &h)
-                        .is_ok()
-                })
+                PasswordHash::new(&hash)
+                    .is_ok_and(|h| argon2().verify_password(key.as_bytes(), &h).is_ok())
             })
             .await
             .unwrap_or(false);
