@@ -12,4 +12,6 @@ pub mod recovery;
 pub mod txlog;
 
 #[cfg(test)]
+mod namespace_cache_tests;
+#[cfg(test)]
 pub(crate) mod testing;
