@@ -22,6 +22,9 @@ pub enum NamespaceError {
     },
 }
 
+/// Held while a version is being loaded and compiled.
+type Gate = Arc<tokio::sync::Mutex<()>>;
+
 pub struct NamespaceCache {
     pool: Pool,
     catalog: Box<dyn Catalog + Send + Sync>,
@@ -33,7 +36,7 @@ pub struct NamespaceCache {
     epoch: AtomicU64,
     /// One compilation per version at a time: the others wait for its result (see
     /// [`NamespaceCache::get`]).
-    loading: std::sync::Mutex<HashMap<(String, i32), Arc<tokio::sync::Mutex<()>>>>,
+    loading: std::sync::Mutex<HashMap<(String, i32), Gate>>,
 }
 
 /// The channel a new namespace version is announced on (`pg_notify`, payload: the name).
