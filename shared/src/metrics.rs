@@ -20,6 +20,7 @@ pub const INFLIGHT: &str = "provisio_inflight_requests";
 pub const QUEUE_DEPTH: &str = "provisio_queue_depth_messages";
 pub const TXLOG_BATCH_SIZE: &str = "provisio_txlog_batch_records";
 pub const TXLOG_COMMIT_DURATION: &str = "provisio_txlog_commit_duration_seconds";
+pub const TXLOG_QUEUE_WAIT: &str = "provisio_txlog_queue_wait_seconds";
 pub const TXLOG_POOL_IN_USE: &str = "provisio_txlog_pool_connections_in_use";
 pub const TXLOG_BAD_SERVERS: &str = "provisio_txlog_bad_servers";
 pub const TXLOG_SERVER_UP: &str = "provisio_txlog_server_up";
@@ -54,6 +55,7 @@ pub const ALL: &[&str] = &[
     QUEUE_DEPTH,
     TXLOG_BATCH_SIZE,
     TXLOG_COMMIT_DURATION,
+    TXLOG_QUEUE_WAIT,
     TXLOG_POOL_IN_USE,
     TXLOG_BAD_SERVERS,
     TXLOG_SERVER_UP,
@@ -230,6 +232,12 @@ pub const DESCRIPTIONS: &[(Kind, &str, Unit, &str)] = &[
         "Duration of one group commit of the transaction log.",
     ),
     (
+        Kind::Histogram,
+        TXLOG_QUEUE_WAIT,
+        Unit::Seconds,
+        "Time a transaction-log record waited for a commit slot before its batch started.",
+    ),
+    (
         Kind::Gauge,
         TXLOG_POOL_IN_USE,
         Unit::Count,
@@ -386,6 +394,7 @@ pub fn engine_baseline<'a>(providers: impl IntoIterator<Item = &'a str>) {
     let _ = metrics::histogram!(SCHEDULED_WAIT);
     let _ = metrics::histogram!(TXLOG_BATCH_SIZE);
     let _ = metrics::histogram!(TXLOG_COMMIT_DURATION);
+    let _ = metrics::histogram!(TXLOG_QUEUE_WAIT);
     denials_baseline();
 }
 

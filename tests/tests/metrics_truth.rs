@@ -47,6 +47,7 @@ const OWNERS: &[(&str, &[&str])] = &[
     (m::PROVIDER_WAIT, &[ENGINE]),
     (m::TXLOG_BATCH_SIZE, &[ENGINE]),
     (m::TXLOG_COMMIT_DURATION, &[ENGINE]),
+    (m::TXLOG_QUEUE_WAIT, &[ENGINE]),
     (m::TXLOG_POOL_IN_USE, &[ENGINE, AUDITOR]),
     (m::TXLOG_BAD_SERVERS, &[ENGINE, AUDITOR]),
     (m::TXLOG_SERVER_UP, &[ENGINE, AUDITOR]),
@@ -68,6 +69,7 @@ const HISTOGRAMS: &[&str] = &[
     m::PROVIDER_WAIT,
     m::TXLOG_BATCH_SIZE,
     m::TXLOG_COMMIT_DURATION,
+    m::TXLOG_QUEUE_WAIT,
 ];
 
 /// A rollback that cannot complete (in doubt), and a procedure to schedule.

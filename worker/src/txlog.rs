@@ -144,6 +144,9 @@ pub enum Reply {
 struct Job {
     record: Record,
     done: oneshot::Sender<Result<Reply, LogError>>,
+    /// When the record was handed to the writer: its wait for a commit slot is the engine's
+    /// own queueing, which the commit duration alone does not show.
+    queued: Instant,
 }
 
 #[derive(Clone)]
@@ -163,7 +166,11 @@ impl TxLog {
     pub async fn write(&self, record: Record) -> Result<Reply, LogError> {
         let (done, wait) = oneshot::channel();
         self.tx
-            .send(Job { record, done })
+            .send(Job {
+                record,
+                done,
+                queued: Instant::now(),
+            })
             .await
             .map_err(|_| LogError::Stopped)?;
         wait.await.map_err(|_| LogError::Stopped)?
@@ -181,6 +188,10 @@ async fn collector(pool: Pool, rx: mpsc::Receiver<Job>, max_batch: usize, writer
 async fn commit_batch(pool: &Pool, batch: Vec<Job>) {
     metrics::histogram!(provisio_shared::metrics::TXLOG_BATCH_SIZE).record(batch.len() as f64);
     let started = Instant::now();
+    let waited = metrics::histogram!(provisio_shared::metrics::TXLOG_QUEUE_WAIT);
+    for job in &batch {
+        waited.record(started.duration_since(job.queued).as_secs_f64());
+    }
     let records: Vec<&Record> = batch.iter().map(|j| &j.record).collect();
     match write_together(pool, &records).await {
         Ok(replies) => {
