@@ -29,6 +29,8 @@ pub enum AuthError {
     Expired(PrincipalRef),
     #[error("database: {0}")]
     Db(String),
+    #[error("the hashing thread stopped")]
+    Hashing,
 }
 
 /// How long a verified key is trusted while the `provisio_auth` listener is down, whatever
@@ -107,6 +109,14 @@ pub async fn on_hashing_thread<T: Send + 'static>(
         }))
         .ok()?;
     wait.await.ok()
+}
+
+/// `hash_key` on the hashing thread: what every caller outside tests wants.
+pub async fn hash_new_key(key: &str) -> Result<String, AuthError> {
+    let key = key.to_owned();
+    on_hashing_thread(move || hash_key(&key))
+        .await
+        .unwrap_or(Err(AuthError::Hashing))
 }
 
 pub fn hash_key(key: &str) -> Result<String, AuthError> {
@@ -342,12 +352,7 @@ pub async fn bootstrap_admin(pool: &Pool, key: &str) -> Result<bool, AuthError> 
         return Ok(false);
     }
     let id = uuid::Uuid::now_v7();
-    let hash = {
-        let key = key.to_owned();
-        on_hashing_thread(move || hash_key(&key))
-            .await
-            .unwrap_or(Err(AuthError::Invalid))?
-    };
+    let hash = hash_new_key(key).await?;
     let db = |e: tokio_postgres::Error| AuthError::Db(e.to_string());
     tx.execute(
         "INSERT INTO principals (id, name, kind) VALUES ($1, 'admin', 'person') \

@@ -158,19 +158,15 @@ impl NamespaceCache {
         if let Some(ns) = self.read_cache(&key) {
             return Ok(Some(ns));
         }
-        let loaded = self.load(name, version).await;
+        let loaded = self.load(&key).await;
         if let Ok(mut l) = self.loading.lock() {
             l.remove(&key);
         }
         loaded
     }
 
-    async fn load(
-        &self,
-        name: &str,
-        version: i32,
-    ) -> Result<Option<Arc<Namespace>>, NamespaceError> {
-        let key = (name.to_owned(), version);
+    async fn load(&self, key: &(String, i32)) -> Result<Option<Arc<Namespace>>, NamespaceError> {
+        let (name, version) = (key.0.as_str(), key.1);
         let client = self
             .pool
             .get()
@@ -194,7 +190,7 @@ impl NamespaceCache {
         )?;
         let ns = Arc::new(ns);
         if let Ok(mut w) = self.compiled.write() {
-            w.insert(key, ns.clone());
+            w.insert(key.clone(), ns.clone());
         }
         Ok(Some(ns))
     }

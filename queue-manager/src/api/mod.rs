@@ -137,6 +137,7 @@ impl FromRequestParts<Arc<App>> for Caller {
             }
             Err(crate::auth::AuthError::Invalid) => Err(ApiError::Unauthorized),
             Err(crate::auth::AuthError::Db(e)) => Err(ApiError::db(e)),
+            Err(e @ crate::auth::AuthError::Hashing) => Err(ApiError::Internal(e.to_string())),
         }
     }
 }

@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use super::body::JsonBody;
 use super::{ApiError, Caller};
 use crate::app::App;
-use crate::auth::{generate_key, hash_key, lookup_of, on_hashing_thread};
+use crate::auth::{generate_key, hash_new_key, lookup_of};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -200,13 +200,9 @@ pub async fn create_key(
     let client = app.pool.get().await.map_err(ApiError::db)?;
     let id = principal_id(&client, &name).await?;
     let key = generate_key();
-    let hash = on_hashing_thread({
-        let key = key.clone();
-        move || hash_key(&key)
-    })
-    .await
-    .ok_or_else(|| ApiError::Internal("the hashing thread stopped".into()))?
-    .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let hash = hash_new_key(&key)
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
     let key_id = uuid::Uuid::now_v7();
     client
         .execute(
