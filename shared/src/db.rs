@@ -209,26 +209,11 @@ pub async fn connect_with_retry(
 /// Applies pending migrations. Safe to call from many processes at once: an advisory lock
 /// makes the second wait for the first, then find nothing to do.
 pub async fn migrate(url: &Secret) -> Result<(), DbError> {
-    migrate_until(url, None).await
-}
-
-/// Applies pending migrations up to `version` included: a test of a migration that converts
-/// data fills a schema of the version before it first.
-pub async fn migrate_to(url: &Secret, version: refinery::SchemaVersion) -> Result<(), DbError> {
-    migrate_until(url, Some(version)).await
-}
-
-async fn migrate_until(
-    url: &Secret,
-    version: Option<refinery::SchemaVersion>,
-) -> Result<(), DbError> {
     let mut client = connect_with_retry(url, Duration::from_mins(1)).await?;
     client
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
         .await?;
-    let target = version.map_or(refinery::Target::Latest, refinery::Target::Version);
     let result = embedded::migrations::runner()
-        .set_target(target)
         .run_async(&mut client)
         .await
         .map(|_| ())

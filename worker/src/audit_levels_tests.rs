@@ -34,9 +34,11 @@ const FIXTURE: [(&str, &str, bool, Option<&str>); 5] = [
 
 async fn load(db: &TempDb) {
     let c = db.pool.get().await.expect("connection");
-    c.batch_execute("TRUNCATE transactions, audit_transactions, audit_procedures, audit_errors")
-        .await
-        .expect("truncate");
+    c.batch_execute(
+        "TRUNCATE transactions, tx_steps, audit_transactions, audit_procedures, audit_errors",
+    )
+    .await
+    .expect("truncate");
     for (name, status, marked, error) in FIXTURE {
         let error: Option<serde_json::Value> =
             error.map(|e| serde_json::from_str(e).expect("json"));
@@ -51,9 +53,7 @@ async fn load(db: &TempDb) {
         .expect("transaction");
         for seq in 1..=2 {
             c.execute(
-                "UPDATE transactions SET steps = steps || jsonb_build_array(jsonb_build_object(\
-                   'seq', $2::int4, 'kind', 'execute', 'path', $3::text, 'at', now(), 'provider', 'test', 'action', 'echo')) \
-                 WHERE id = $1",
+                "INSERT INTO tx_steps (tx_id, seq, kind, path, provider, action) VALUES ($1, $2, 'execute', $3, 'test', 'echo')",
                 &[&id, &seq, &(seq - 1).to_string()],
             )
             .await

@@ -14,6 +14,4 @@ pub mod txlog;
 #[cfg(test)]
 mod namespace_cache_tests;
 #[cfg(test)]
-mod steps_migration_tests;
-#[cfg(test)]
 pub(crate) mod testing;

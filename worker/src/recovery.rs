@@ -338,19 +338,14 @@ impl Recovery {
                 error = error.map(|e| self.keyring.seal_messages(&e, &request_id));
                 data = self.keyring.seal(&data, &request_id);
             }
-            // As the engine's writer appends it (a key without a value left out).
-            let mut record = json!({"seq": next_seq, "kind": "rollback", "path": path,
-                "at": chrono::Utc::now(), "provider": provider_name, "action": action, "input": data});
-            if let Some(e) = &error {
-                record["error"] = e.clone();
-            }
             // Fenced like the engine's writes: only while this recoverer still owns it.
             let written = client
                 .query_opt(
-                    "UPDATE transactions SET lease_until = now() + make_interval(secs => $3), \
-                            steps = steps || jsonb_build_array($2::jsonb) \
-                     WHERE id = $1 AND engine_id = $4 AND finished_at IS NULL RETURNING id",
-                    &[&tx_id, &record, &self.lease_seconds, &self.owner],
+                    "WITH t AS (UPDATE transactions SET lease_until = now() + make_interval(secs => $8) \
+                       WHERE id = $1 AND engine_id = $9 AND finished_at IS NULL RETURNING id) \
+                     INSERT INTO tx_steps (tx_id, seq, kind, path, provider, action, input, error) \
+                     SELECT t.id, $2, 'rollback', $3, $4, $5, $6, $7 FROM t RETURNING seq",
+                    &[&tx_id, &next_seq, &path, &provider_name, &action, &data, &error, &self.lease_seconds, &self.owner],
                 )
                 .await?;
             if written.is_none() {

@@ -15,7 +15,6 @@ use futures_util::future::BoxFuture;
 use provisio_shared::domain::{Status, TxStatus};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
-use tokio_postgres::types::Json;
 use uuid::Uuid;
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -251,32 +250,32 @@ const SQL_NOT_OPENED: &str = "SELECT r.id, r.status, r.current_tx, t.id IS NOT N
      FROM requests r LEFT JOIN transactions t ON t.id = r.current_tx AND t.finished_at IS NULL \
      WHERE r.id = ANY($1)";
 
-/// All step records of a batch in one statement: each transaction's new records (a JSON
-/// array) appended to its row, only while the transaction is unfinished and still owned by
-/// the writer (fencing). One update per transaction, whatever the number of records.
-const SQL_STEPS: &str = "UPDATE transactions SET steps = transactions.steps || u.added \
-     FROM unnest($1::uuid[], $2::jsonb[], $3::text[]) AS u(tx_id, added, owner) \
-     WHERE transactions.id = ANY($1::uuid[]) AND transactions.id = u.tx_id \
-       AND transactions.engine_id = u.owner AND transactions.finished_at IS NULL \
-     RETURNING transactions.id";
+/// All step records of a batch in one statement, each written only while its transaction is
+/// unfinished and still owned by the writer (fencing).
+const SQL_STEPS: &str = "INSERT INTO tx_steps (tx_id, seq, kind, path, provider, action, input, output, rollback_data, error, procedure) \
+     SELECT u.tx_id, u.seq, u.kind, u.path, u.provider, u.action, u.input, u.output, u.rollback_data, u.error, u.procedure \
+     FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::text[], $6::text[], \
+                 $7::jsonb[], $8::jsonb[], $9::jsonb[], $10::jsonb[], $11::text[], $12::text[]) \
+          AS u(tx_id, seq, kind, path, provider, action, input, output, rollback_data, error, owner, procedure) \
+     WHERE EXISTS (SELECT 1 FROM transactions t WHERE t.id = u.tx_id AND t.engine_id = u.owner AND t.finished_at IS NULL) \
+     RETURNING tx_id, seq";
 
 const SQL_STATUS: &str =
     "UPDATE transactions SET status = $2 WHERE id = $1 AND engine_id = $3 AND finished_at IS NULL";
 
-/// All outcomes of a batch in one statement: transactions (with their last step records) and
-/// their requests together, each only while the writer still owns the transaction, and the
-/// request only while that transaction is its current attempt (fencing). The `= ANY(array)` conditions make the
+/// All outcomes of a batch in one statement: transactions and their requests together, each
+/// only while the writer still owns the transaction, and the request only while that
+/// transaction is its current attempt (fencing). The `= ANY(array)` conditions make the
 /// planner look rows up by primary key; joined with `unnest` alone it may choose to scan the
 /// whole table.
 const SQL_FINISH: &str = "WITH u AS (\
        SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::jsonb[], $7::jsonb[], \
-                            $8::timestamptz[], $9::jsonb[], $10::text[], $11::bool[], $12::jsonb[], $13::jsonb[]) \
+                            $8::timestamptz[], $9::jsonb[], $10::text[], $11::bool[], $12::jsonb[]) \
        AS u(tx_id, tx_status, request_id, request_status, output, error, summary, retry_at, envelope, owner, \
-            audit, audit_data, added)), \
+            audit, audit_data)), \
      t AS (\
        UPDATE transactions SET status = u.tx_status, output = u.output, error = u.error, \
               audit = transactions.audit OR u.audit, audit_data = u.audit_data, \
-              steps = transactions.steps || u.added, \
               finished_at = now(), lease_until = NULL \
        FROM u WHERE transactions.id = ANY($1::uuid[]) AND transactions.id = u.tx_id \
          AND transactions.engine_id = u.owner AND transactions.finished_at IS NULL \
@@ -327,6 +326,7 @@ impl<'r> Sorted<'r> {
                     if let Some(begin) = &f.open {
                         b.begins.push((None, begin, f.tx_status.as_str()));
                     }
+                    b.steps.extend(f.steps.iter().map(|s| (i, s)));
                     b.finishes.push((i, &**f));
                 }
             }
@@ -346,7 +346,7 @@ fn unavailable(e: &dyn std::fmt::Display) -> LogError {
 /// fails alone, its neighbours commit.
 ///
 /// A batch that one statement can write (only openings, only step records, one status
-/// change, or only outcomes, which carry their last step records) is that statement alone, which PostgreSQL
+/// change, or outcomes without step records) is that statement alone, which PostgreSQL
 /// commits atomically by itself: no `BEGIN` and `COMMIT` round trips. Under light load most
 /// batches are a single record, and those two round trips were half of what each commit
 /// cost (docs/decisions.md, "One statement, no explicit transaction").
@@ -472,60 +472,7 @@ async fn write_begins<C: GenericClient>(
     Ok(())
 }
 
-/// One step record as an element of `transactions.steps` (the `tx_steps` view reads it back):
-/// a key without a value is left out, so that it reads as SQL NULL, as a column did.
-#[derive(Debug, serde::Serialize)]
-struct StepJson<'a> {
-    seq: i32,
-    kind: &'a str,
-    path: &'a str,
-    at: chrono::DateTime<chrono::Utc>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    provider: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    action: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    input: Option<&'a Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    output: Option<&'a Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    rollback_data: Option<&'a Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<&'a Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    procedure: Option<&'a str>,
-}
-
-impl<'a> StepJson<'a> {
-    fn of(s: &'a StepRecord, at: chrono::DateTime<chrono::Utc>) -> Self {
-        Self {
-            seq: s.seq,
-            kind: s.kind,
-            path: &s.path,
-            at,
-            provider: s.provider.as_deref(),
-            action: s.action.as_deref(),
-            input: s.input.as_ref(),
-            output: s.output.as_ref(),
-            rollback_data: s.rollback_data.as_ref(),
-            error: s.error.as_ref(),
-            procedure: s.procedure.as_deref(),
-        }
-    }
-
-    /// `records` as the JSON array appended to their transaction's row, in `seq` order.
-    fn array(
-        records: impl Iterator<Item = &'a StepRecord>,
-        at: chrono::DateTime<chrono::Utc>,
-    ) -> Json<Vec<Self>> {
-        let mut v: Vec<Self> = records.map(|s| Self::of(s, at)).collect();
-        v.sort_by_key(|s| s.seq);
-        Json(v)
-    }
-}
-
-/// Step records, appended to their transactions' rows, each transaction's only while its
-/// writer still owns it.
+/// Step records, each only while its writer still owns the transaction.
 async fn write_steps<C: GenericClient>(
     tx: &C,
     steps: &[(usize, &StepRecord)],
@@ -535,38 +482,46 @@ async fn write_steps<C: GenericClient>(
         .prepare_cached(SQL_STEPS)
         .await
         .map_err(|e| unavailable(&e))?;
-    // One array per transaction (and owner): an update applies one joined row per target row.
-    let mut groups: Vec<(Uuid, &str)> = Vec::new();
-    for (_, s) in steps {
-        let key = (s.tx_id, &*s.owner);
-        if !groups.contains(&key) {
-            groups.push(key);
-        }
-    }
-    let at = chrono::Utc::now();
-    let tx_ids: Vec<Uuid> = groups.iter().map(|(t, _)| *t).collect();
-    let owners: Vec<&str> = groups.iter().map(|(_, o)| *o).collect();
-    let added: Vec<Json<Vec<StepJson<'_>>>> = groups
+    let tx_ids: Vec<Uuid> = steps.iter().map(|(_, s)| s.tx_id).collect();
+    let seqs: Vec<i32> = steps.iter().map(|(_, s)| s.seq).collect();
+    let kinds: Vec<&str> = steps.iter().map(|(_, s)| s.kind).collect();
+    let paths: Vec<&str> = steps.iter().map(|(_, s)| s.path.as_str()).collect();
+    let providers: Vec<Option<&str>> = steps.iter().map(|(_, s)| s.provider.as_deref()).collect();
+    let actions: Vec<Option<&str>> = steps.iter().map(|(_, s)| s.action.as_deref()).collect();
+    let inputs: Vec<Option<&Value>> = steps.iter().map(|(_, s)| s.input.as_ref()).collect();
+    let outputs: Vec<Option<&Value>> = steps.iter().map(|(_, s)| s.output.as_ref()).collect();
+    let rollbacks: Vec<Option<&Value>> = steps
         .iter()
-        .map(|(t, o)| {
-            StepJson::array(
-                steps
-                    .iter()
-                    .filter(|(_, s)| s.tx_id == *t && &*s.owner == *o)
-                    .map(|(_, s)| *s),
-                at,
-            )
-        })
+        .map(|(_, s)| s.rollback_data.as_ref())
         .collect();
-    let written: HashSet<Uuid> = tx
-        .query(&stmt, &[&tx_ids, &added, &owners])
+    let errors: Vec<Option<&Value>> = steps.iter().map(|(_, s)| s.error.as_ref()).collect();
+    let owners: Vec<&str> = steps.iter().map(|(_, s)| &*s.owner).collect();
+    let procedures: Vec<Option<&str>> = steps.iter().map(|(_, s)| s.procedure.as_deref()).collect();
+    let written: HashSet<(Uuid, i32)> = tx
+        .query(
+            &stmt,
+            &[
+                &tx_ids,
+                &seqs,
+                &kinds,
+                &paths,
+                &providers,
+                &actions,
+                &inputs,
+                &outputs,
+                &rollbacks,
+                &errors,
+                &owners,
+                &procedures,
+            ],
+        )
         .await
         .map_err(|e| unavailable(&e))?
         .iter()
-        .map(|r| r.get(0))
+        .map(|r| (r.get(0), r.get(1)))
         .collect();
     for (i, s) in steps {
-        if !written.contains(&s.tx_id) {
+        if !written.contains(&(s.tx_id, s.seq)) {
             replies[*i] = Err(LogError::Fenced(s.tx_id));
         }
     }
@@ -632,11 +587,6 @@ async fn write_finishes<C: GenericClient>(
         .iter()
         .map(|(_, f)| f.audit_data.as_ref())
         .collect();
-    let at = chrono::Utc::now();
-    let added: Vec<Json<Vec<StepJson<'_>>>> = finishes
-        .iter()
-        .map(|(_, f)| StepJson::array(f.steps.iter(), at))
-        .collect();
     let finished: HashSet<Uuid> = tx
         .query(
             &stmt,
@@ -653,7 +603,6 @@ async fn write_finishes<C: GenericClient>(
                 &owners,
                 &audits,
                 &audit_data,
-                &added,
             ],
         )
         .await
