@@ -32,6 +32,7 @@ pub const PROVIDER_WAIT: &str = "provisio_provider_wait_seconds";
 pub const RECOVERED: &str = "provisio_recovered_transactions_total";
 pub const AUDIT_ROWS_SWEPT: &str = "provisio_audit_rows_swept_total";
 pub const FENCED: &str = "provisio_fenced_transactions_total";
+pub const OPENINGS_REFUSED: &str = "provisio_first_call_openings_refused_total";
 pub const AUDITOR_LEADER: &str = "provisio_auditor_leader";
 pub const AUDITOR_STEP_DOWNS: &str = "provisio_auditor_step_downs_total";
 pub const DEAD_LETTERS_SETTLED: &str = "provisio_dead_letters_settled_total";
@@ -67,6 +68,7 @@ pub const ALL: &[&str] = &[
     RECOVERED,
     AUDIT_ROWS_SWEPT,
     FENCED,
+    OPENINGS_REFUSED,
     AUDITOR_LEADER,
     AUDITOR_STEP_DOWNS,
     DEAD_LETTERS_SETTLED,
@@ -275,6 +277,12 @@ pub const DESCRIPTIONS: &[(Kind, &str, Unit, &str)] = &[
     ),
     (
         Kind::Counter,
+        OPENINGS_REFUSED,
+        Unit::Count,
+        "Openings written with a run's first call that opened nothing (the request was finished, busy or not on its first attempt): the request was opened the ordinary way and run again, no call having been made.",
+    ),
+    (
+        Kind::Counter,
         AUDIT_ROWS_SWEPT,
         Unit::Count,
         "Rows moved from the transaction log into audit tables.",
@@ -389,6 +397,7 @@ pub fn engine_baseline<'a>(providers: impl IntoIterator<Item = &'a str>) {
     // An engine recovers an earlier attempt it finds unsettled before running a request.
     metrics::counter!(RECOVERED).increment(0);
     metrics::counter!(FENCED).increment(0);
+    metrics::counter!(OPENINGS_REFUSED).increment(0);
     metrics::gauge!(INFLIGHT).set(0.0);
     metrics::gauge!(BROKER_UP).set(0.0);
     let _ = metrics::histogram!(SCHEDULED_WAIT);

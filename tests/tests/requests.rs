@@ -677,6 +677,24 @@ async fn request_level_retries_run_failed_requests_again_then_park_them() -> R {
     let out = settle(&mut outcomes, "r-twice").await?;
     assert_eq!(out["status"], "succeeded", "{out}");
     assert_eq!(out["output"], 3, "two failures, then the third attempt");
+    // Each retry's opening, written with its first call, was refused (not the request's first
+    // attempt) and the attempt opened the ordinary way: its `.request.attempt` is right.
+    let metrics = env
+        .http
+        .get(format!("{}/metrics", engine.url))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let refused: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("provisio_first_call_openings_refused_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    assert!(
+        refused >= 2.0,
+        "two retries, two refused openings:\n{metrics}"
+    );
 
     let mut body = request("flaky", "never", json!({}));
     body["id"] = json!("r-never");

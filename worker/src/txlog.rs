@@ -60,6 +60,10 @@ pub struct Begin {
     pub input: Value,
     pub principal_id: Option<Uuid>,
     pub priority: &'static str,
+    /// Open only if this is the request's first attempt (nothing refused, nothing retried
+    /// yet): an opening written together with the first step's intent was computed for
+    /// attempt 1, and must not open anything else.
+    pub first_only: bool,
 }
 
 /// A completed step (with what rolling it back needs) or a rollback of one.
@@ -110,6 +114,11 @@ pub struct Finish {
 #[derive(Debug, Clone)]
 pub enum Record {
     Begin(Begin),
+    /// An opening and the first step records (the first call's intent) in one statement and
+    /// one commit: a run's first flush, when the engine opens transactions with their first
+    /// call (`engine.open_with_first_call`). Answered like `Begin`; when nothing was opened,
+    /// nothing was written.
+    BeginWith(Begin, Vec<StepRecord>),
     /// Step records written together, in one commit (a completion and the next intent).
     Steps(Vec<StepRecord>),
     /// A transaction's status changes (two-phase: `prepared`, then the decision `committing`).
@@ -221,13 +230,17 @@ async fn commit_batch(pool: &Pool, batch: Vec<Job>) {
 }
 
 /// All `Begin`s of a batch in one statement: upsert the requests (not those already final,
-/// and not those whose previous attempt is still `running`: one attempt at a time), then open
-/// a transaction for each request that was upserted and make it the request's current one.
+/// not those whose previous attempt is still `running`: one attempt at a time, and not those
+/// already attempted when the opening is `first_only`), then open a transaction for each
+/// request that was upserted and make it the request's current one, and write the step
+/// records that came with an opening (`BeginWith`) for each transaction opened. Those records
+/// need no fencing: their transaction was created by this very statement.
 const SQL_BEGIN: &str = "WITH u AS (\
        SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int4[], $5::uuid[], $6::text[], \
-                            $7::jsonb[], $8::uuid[], $9::text[], $10::text[], $11::bool[], $12::text[], $13::float8[]) \
+                            $7::jsonb[], $8::uuid[], $9::text[], $10::text[], $11::bool[], $12::text[], $13::float8[], \
+                            $14::bool[]) \
        AS u(request_id, namespace, procedure, namespace_version, principal_id, priority, input, \
-            tx_id, model, status, audit, engine_id, lease)), \
+            tx_id, model, status, audit, engine_id, lease, first_only)), \
      r AS (\
        INSERT INTO requests (id, body_hash, namespace, procedure, namespace_version, principal_id, priority, \
                              status, input, attempts, started_at, current_tx) \
@@ -236,13 +249,23 @@ const SQL_BEGIN: &str = "WITH u AS (\
        ON CONFLICT (id) DO UPDATE SET status = 'running', attempts = requests.attempts + 1, \
           started_at = now(), namespace_version = EXCLUDED.namespace_version, current_tx = EXCLUDED.current_tx \
        WHERE requests.status NOT IN ('succeeded', 'failed', 'in_doubt', 'dead', 'cancelled', 'running') \
-       RETURNING id, attempts) \
-     INSERT INTO transactions (id, request_id, attempt, namespace, procedure, namespace_version, model, status, \
-                               audit, engine_id, lease_until) \
-     SELECT u.tx_id, u.request_id, r.attempts, u.namespace, u.procedure, u.namespace_version, u.model, u.status, \
-            u.audit, u.engine_id, now() + make_interval(secs => u.lease) \
-     FROM u JOIN r ON r.id = u.request_id \
-     RETURNING request_id, attempt";
+         AND NOT EXISTS (SELECT 1 FROM u WHERE u.request_id = requests.id AND u.first_only AND requests.attempts > 0) \
+       RETURNING id, attempts), \
+     t AS (\
+       INSERT INTO transactions (id, request_id, attempt, namespace, procedure, namespace_version, model, status, \
+                                 audit, engine_id, lease_until) \
+       SELECT u.tx_id, u.request_id, r.attempts, u.namespace, u.procedure, u.namespace_version, u.model, u.status, \
+              u.audit, u.engine_id, now() + make_interval(secs => u.lease) \
+       FROM u JOIN r ON r.id = u.request_id \
+       RETURNING id, request_id, attempt), \
+     s AS (\
+       INSERT INTO tx_steps (tx_id, seq, kind, path, provider, action, input, output, rollback_data, error, procedure) \
+       SELECT v.tx_id, v.seq, v.kind, v.path, v.provider, v.action, v.input, v.output, v.rollback_data, v.error, v.procedure \
+       FROM unnest($15::uuid[], $16::int4[], $17::text[], $18::text[], $19::text[], $20::text[], \
+                   $21::jsonb[], $22::jsonb[], $23::jsonb[], $24::jsonb[], $25::text[]) \
+            AS v(tx_id, seq, kind, path, provider, action, input, output, rollback_data, error, procedure) \
+       JOIN t ON t.id = v.tx_id) \
+     SELECT request_id, attempt FROM t";
 
 /// Why a `Begin` opened nothing: the request's status, and whether its current attempt is
 /// unfinished and still leased.
@@ -296,6 +319,8 @@ const SQL_FINISH: &str = "WITH u AS (\
 struct Sorted<'r> {
     /// (the record it answers, if any; the begin; the transaction's status)
     begins: Vec<(Option<usize>, &'r Begin, &'r str)>,
+    /// Step records that came with an opening: written by the opening's statement.
+    begin_steps: Vec<&'r StepRecord>,
     steps: Vec<(usize, &'r StepRecord)>,
     statuses: Vec<(usize, Uuid, &'r str, &'r str)>,
     finishes: Vec<(usize, &'r Finish)>,
@@ -316,6 +341,10 @@ impl<'r> Sorted<'r> {
         for (i, r) in records.iter().enumerate() {
             match r {
                 Record::Begin(begin) => b.begins.push((Some(i), begin, "running")),
+                Record::BeginWith(begin, steps) => {
+                    b.begins.push((Some(i), begin, "running"));
+                    b.begin_steps.extend(steps);
+                }
                 Record::Steps(list) => b.steps.extend(list.iter().map(|s| (i, s))),
                 Record::Status {
                     tx_id,
@@ -370,7 +399,7 @@ async fn write_sorted<C: GenericClient>(
     replies: &mut Replies,
 ) -> Result<(), LogError> {
     if !sorted.begins.is_empty() {
-        write_begins(c, &sorted.begins, replies).await?;
+        write_begins(c, &sorted.begins, &sorted.begin_steps, replies).await?;
     }
     if !sorted.steps.is_empty() {
         write_steps(c, &sorted.steps, replies).await?;
@@ -387,6 +416,7 @@ async fn write_sorted<C: GenericClient>(
 async fn write_begins<C: GenericClient>(
     tx: &C,
     begins: &[(Option<usize>, &Begin, &str)],
+    with: &[&StepRecord],
     replies: &mut Replies,
 ) -> Result<(), LogError> {
     let stmt = tx
@@ -408,6 +438,8 @@ async fn write_begins<C: GenericClient>(
     let audits: Vec<bool> = begins.iter().map(|(_, b, _)| b.audit).collect();
     let engines = col(&|b| b.engine_id.clone());
     let leases: Vec<f64> = begins.iter().map(|(_, b, _)| b.lease_seconds).collect();
+    let first_only: Vec<bool> = begins.iter().map(|(_, b, _)| b.first_only).collect();
+    let sc = StepColumns::of(with.iter().copied());
     let rows = tx
         .query(
             &stmt,
@@ -425,6 +457,18 @@ async fn write_begins<C: GenericClient>(
                 &audits,
                 &engines,
                 &leases,
+                &first_only,
+                &sc.tx_ids,
+                &sc.seqs,
+                &sc.kinds,
+                &sc.paths,
+                &sc.providers,
+                &sc.actions,
+                &sc.inputs,
+                &sc.outputs,
+                &sc.rollbacks,
+                &sc.errors,
+                &sc.procedures,
             ],
         )
         .await
@@ -482,37 +526,24 @@ async fn write_steps<C: GenericClient>(
         .prepare_cached(SQL_STEPS)
         .await
         .map_err(|e| unavailable(&e))?;
-    let tx_ids: Vec<Uuid> = steps.iter().map(|(_, s)| s.tx_id).collect();
-    let seqs: Vec<i32> = steps.iter().map(|(_, s)| s.seq).collect();
-    let kinds: Vec<&str> = steps.iter().map(|(_, s)| s.kind).collect();
-    let paths: Vec<&str> = steps.iter().map(|(_, s)| s.path.as_str()).collect();
-    let providers: Vec<Option<&str>> = steps.iter().map(|(_, s)| s.provider.as_deref()).collect();
-    let actions: Vec<Option<&str>> = steps.iter().map(|(_, s)| s.action.as_deref()).collect();
-    let inputs: Vec<Option<&Value>> = steps.iter().map(|(_, s)| s.input.as_ref()).collect();
-    let outputs: Vec<Option<&Value>> = steps.iter().map(|(_, s)| s.output.as_ref()).collect();
-    let rollbacks: Vec<Option<&Value>> = steps
-        .iter()
-        .map(|(_, s)| s.rollback_data.as_ref())
-        .collect();
-    let errors: Vec<Option<&Value>> = steps.iter().map(|(_, s)| s.error.as_ref()).collect();
+    let sc = StepColumns::of(steps.iter().map(|(_, s)| *s));
     let owners: Vec<&str> = steps.iter().map(|(_, s)| &*s.owner).collect();
-    let procedures: Vec<Option<&str>> = steps.iter().map(|(_, s)| s.procedure.as_deref()).collect();
     let written: HashSet<(Uuid, i32)> = tx
         .query(
             &stmt,
             &[
-                &tx_ids,
-                &seqs,
-                &kinds,
-                &paths,
-                &providers,
-                &actions,
-                &inputs,
-                &outputs,
-                &rollbacks,
-                &errors,
+                &sc.tx_ids,
+                &sc.seqs,
+                &sc.kinds,
+                &sc.paths,
+                &sc.providers,
+                &sc.actions,
+                &sc.inputs,
+                &sc.outputs,
+                &sc.rollbacks,
+                &sc.errors,
                 &owners,
-                &procedures,
+                &sc.procedures,
             ],
         )
         .await
@@ -526,6 +557,39 @@ async fn write_steps<C: GenericClient>(
         }
     }
     Ok(())
+}
+
+/// Step records as the columns of an `unnest`.
+struct StepColumns<'a> {
+    tx_ids: Vec<Uuid>,
+    seqs: Vec<i32>,
+    kinds: Vec<&'a str>,
+    paths: Vec<&'a str>,
+    providers: Vec<Option<&'a str>>,
+    actions: Vec<Option<&'a str>>,
+    inputs: Vec<Option<&'a Value>>,
+    outputs: Vec<Option<&'a Value>>,
+    rollbacks: Vec<Option<&'a Value>>,
+    errors: Vec<Option<&'a Value>>,
+    procedures: Vec<Option<&'a str>>,
+}
+
+impl<'a> StepColumns<'a> {
+    fn of(steps: impl Iterator<Item = &'a StepRecord> + Clone) -> Self {
+        Self {
+            tx_ids: steps.clone().map(|s| s.tx_id).collect(),
+            seqs: steps.clone().map(|s| s.seq).collect(),
+            kinds: steps.clone().map(|s| s.kind).collect(),
+            paths: steps.clone().map(|s| s.path.as_str()).collect(),
+            providers: steps.clone().map(|s| s.provider.as_deref()).collect(),
+            actions: steps.clone().map(|s| s.action.as_deref()).collect(),
+            inputs: steps.clone().map(|s| s.input.as_ref()).collect(),
+            outputs: steps.clone().map(|s| s.output.as_ref()).collect(),
+            rollbacks: steps.clone().map(|s| s.rollback_data.as_ref()).collect(),
+            errors: steps.clone().map(|s| s.error.as_ref()).collect(),
+            procedures: steps.map(|s| s.procedure.as_deref()).collect(),
+        }
+    }
 }
 
 /// Two-phase status changes, fenced like every write.

@@ -181,6 +181,10 @@ pub struct EngineConfig {
     pub lease_seconds: u64,
     /// On SIGTERM: how long running requests may take before they are abandoned to recovery.
     pub grace_seconds: u64,
+    /// Write a transaction's opening in the same commit as its first call's intent (one
+    /// synchronous commit fewer per request) rather than on its own before the run. Off: the
+    /// opening is its own commit, as before (docs/decisions.md).
+    pub open_with_first_call: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -350,6 +354,7 @@ impl Default for EngineConfig {
             prefetch: 128,
             lease_seconds: 30,
             grace_seconds: 20,
+            open_with_first_call: true,
         }
     }
 }

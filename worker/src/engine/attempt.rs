@@ -14,7 +14,7 @@ use serde_json::Value;
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
-use super::Engine;
+use super::{Engine, Held};
 use crate::txlog::{Begin, Finish, LogError, LogSink, Record, Reply, StepRecord};
 
 /// What opening a transaction for a delivery came to.
@@ -217,11 +217,22 @@ impl Engine {
         Ok(())
     }
 
-    /// Starts renewing `tx_id`'s lease on `server`; the flag rises if it is lost.
-    pub(super) fn hold_lease(&self, tx_id: Uuid, server: usize) -> Arc<AtomicBool> {
+    /// Starts renewing `tx_id`'s lease on `server` once `opened` is raised (at once for a
+    /// transaction already opened); the returned flag rises if the lease is lost.
+    pub(super) fn hold_lease(
+        &self,
+        tx_id: Uuid,
+        server: usize,
+        opened: Arc<AtomicBool>,
+    ) -> Arc<AtomicBool> {
         let lost = Arc::new(AtomicBool::new(false));
         if let Ok(mut l) = self.leases.lock() {
-            l.insert(tx_id, (server, lost.clone()));
+            let held = Held {
+                server,
+                lost: lost.clone(),
+                opened,
+            };
+            l.insert(tx_id, held);
         }
         lost
     }
@@ -236,7 +247,7 @@ impl Engine {
     /// Writes an attempt's outcome.
     pub(super) async fn finish(
         &self,
-        begin: Begin,
+        begin: &Begin,
         server: usize,
         open_now: bool,
         d: Decided,
@@ -244,7 +255,7 @@ impl Engine {
         let f = Finish {
             tx_id: begin.tx_id,
             request_id: begin.request_id.clone(),
-            open: open_now.then_some(begin),
+            open: open_now.then(|| begin.clone()),
             steps: d.steps,
             tx_status: d.tx_status,
             request_status: d.status,
@@ -358,7 +369,12 @@ impl Engine {
         let held: Vec<(Uuid, usize)> = self
             .leases
             .lock()
-            .map(|l| l.iter().map(|(id, (s, _))| (*id, *s)).collect())
+            .map(|l| {
+                l.iter()
+                    .filter(|(_, h)| h.opened.load(Ordering::Relaxed))
+                    .map(|(id, h)| (*id, h.server))
+                    .collect()
+            })
             .unwrap_or_default();
         if held.is_empty() {
             return Ok(());
@@ -398,10 +414,10 @@ impl Engine {
             }
         }
         if let Ok(l) = self.leases.lock() {
-            for (id, (_, lost)) in l.iter() {
+            for (id, h) in l.iter() {
                 // Ids added since the query started are simply not renewed yet.
                 if asked.contains(id) && !renewed.contains(id) {
-                    lost.store(true, Ordering::Relaxed);
+                    h.lost.store(true, Ordering::Relaxed);
                 }
             }
         }

@@ -74,14 +74,23 @@ pub struct Engine {
     owner: Arc<str>,
     pub ready: Readiness,
     /// Transactions this engine runs, each with the flag raised when its lease is lost.
-    /// (log server, lost flag) of each.
-    leases: Mutex<HashMap<Uuid, (usize, Arc<AtomicBool>)>>,
+    leases: Mutex<HashMap<Uuid, Held>>,
     /// Principals as the database has them now (`None`: gone or disabled), briefly cached.
     principals: Mutex<HashMap<envelope::Who, (Option<PrincipalRef>, Instant)>>,
     /// Recovers an earlier attempt of a redelivered request before running it again.
     pub recovery: Option<Arc<crate::recovery::Recovery>>,
     /// Opens sealed credentials for the provider call, seals them again for a retry.
     pub keyring: provisio_shared::sealing::Keyring,
+}
+
+/// A transaction whose lease this engine keeps.
+struct Held {
+    server: usize,
+    /// Raised when the lease could not be renewed: the transaction is no longer ours.
+    lost: Arc<AtomicBool>,
+    /// Raised once the opening is durable; until then there is nothing to renew (an opening
+    /// written with the first call's intent is not written yet when the run starts).
+    opened: Arc<AtomicBool>,
 }
 
 impl Engine {

@@ -60,11 +60,38 @@ impl Engine {
     ) -> anyhow::Result<Disposition> {
         let started = Instant::now();
         let resolved = self.resolve(env, &principal).await?;
-        let begin = self.begin(env, &principal, &resolved);
+        let mut begin = self.begin(env, &principal, &resolved);
         let Some(server) = self.log.pick() else {
             tracing::warn!("every transaction-log server is on the bad-server list; requeueing");
             return Ok(Disposition::Requeue);
         };
+        let refusal = refusal(env, &principal, &resolved)
+            .or_else(|| self.unchecked_input(env, props, &resolved));
+        if let (Some(ns), Some(procedure), None) =
+            (&resolved.namespace, &resolved.procedure, &refusal)
+            && self.opens_with_first_call(procedure)
+        {
+            // The opening goes with the first call's intent, one commit instead of two, and
+            // only if this is the request's first attempt (what the run assumes).
+            begin.first_only = true;
+            let attempt = Attempt {
+                tx_id: begin.tx_id,
+                server,
+                number: 1,
+            };
+            let run = (&begin, attempt, started, true);
+            if let Some(d) = self
+                .run_attempt(env, props, run, &resolved, (ns, procedure))
+                .await?
+            {
+                return Ok(d);
+            }
+            // Nothing was opened (finished, busy, or not the first attempt) and no call made:
+            // the ordinary way, which knows what to do in each case.
+            metrics::counter!(provisio_shared::metrics::OPENINGS_REFUSED).increment(1);
+            begin.first_only = false;
+            begin.tx_id = Uuid::now_v7();
+        }
         // Redelivery is not re-execution: a request with a final status is answered from its
         // record. Logged models learn it atomically from opening the transaction; `read` ones
         // (which open nothing) ask first.
@@ -85,47 +112,78 @@ impl Engine {
                 Opened::Busy => return Ok(Disposition::Requeue),
             }
         };
-        let tx_id = begin.tx_id;
         let attempt = Attempt {
-            tx_id,
+            tx_id: begin.tx_id,
             server,
             number,
         };
-        let refusal = refusal(env, &principal, &resolved)
-            .or_else(|| self.unchecked_input(env, props, &resolved));
         if let Some(r) = refusal.as_ref().filter(|r| r["code"] == "forbidden") {
             let detail = r["message"].as_str().unwrap_or_default();
             self.deny("forbidden", Some(&principal), env, detail);
         }
         let (Some(ns), Some(procedure), None) = (
-            resolved.namespace.clone(),
-            resolved.procedure.clone(),
+            resolved.namespace.as_ref(),
+            resolved.procedure.as_ref(),
             refusal.as_ref(),
         ) else {
             return self
                 .refuse(env, props, begin, attempt, resolved.model, refusal)
                 .await;
         };
-        let credentials = resolved.credentials.unwrap_or_default();
-        let input = resolved.input.unwrap_or_default();
+        let run = (&begin, attempt, started, false);
+        let d = self
+            .run_attempt(env, props, run, &resolved, (ns, procedure))
+            .await?;
+        Ok(d.unwrap_or(Disposition::Requeue))
+    }
+
+    /// Whether a request of `procedure` opens its transaction with its first call's intent
+    /// (docs/decisions.md, "The opening with the first call").
+    fn opens_with_first_call(&self, procedure: &Procedure) -> bool {
+        // The separate log layout opens in the configuration database first, which cannot
+        // share a commit with the log server's records.
+        self.cfg.engine.open_with_first_call
+            && !self.log.separate
+            && procedure.model != TxModel::Read
+    }
+
+    /// Runs an attempt and writes its outcome. With `speculative` the attempt is not opened
+    /// yet (its opening goes with the first call's intent, or with the outcome when it makes
+    /// no call), and `None` means it could not be opened: nothing was written and no call made.
+    async fn run_attempt(
+        &self,
+        env: &Envelope,
+        props: &BasicProperties,
+        (begin, attempt, started, speculative): (&Begin, Attempt, Instant, bool),
+        resolved: &Resolved,
+        (ns, procedure): (&Arc<Namespace>, &Arc<Procedure>),
+    ) -> anyhow::Result<Option<Disposition>> {
+        let (tx_id, server) = (attempt.tx_id, attempt.server);
+        let credentials = resolved.credentials.as_ref().ok().and_then(Clone::clone);
+        let input = resolved.input.as_ref().map_or(Value::Null, Clone::clone);
         let outcome = self
             .execute(
                 env,
-                resolved.acting,
+                resolved.acting.clone(),
                 (credentials, input),
-                (&ns, &procedure),
+                (ns, procedure),
                 attempt,
+                speculative.then(|| begin.clone()),
             )
             .await;
+        if outcome.not_opened {
+            self.release_lease(tx_id);
+            return Ok(None);
+        }
         // Labels from the namespace that ran, never from what the client chose: inline
         // procedures are `inline`, so metric cardinality stays bounded.
         let (ns_label, proc_label) = provisio_shared::metrics::request_labels(
-            Some(&ns),
+            Some(ns),
             env.procedure.as_str(),
             env.steps.is_some(),
         );
         if let Some(d) = self.taken_away(env, tx_id, &outcome).await? {
-            return Ok(d);
+            return Ok(Some(d));
         }
         if outcome.rolled_back > 0 {
             metrics::counter!(provisio_shared::metrics::ROLLBACKS, "namespace" => ns_label.clone(), "procedure" => proc_label.clone()).increment(1);
@@ -134,16 +192,21 @@ impl Engine {
             keyring: &self.keyring,
             sensitive_inputs: &resolved.sensitive_inputs,
         };
+        let open_now = outcome.open_pending;
         let (decided, leftovers) = decide(env, outcome, procedure.model, attempt.number, &sealing);
         let (status, output, error) = (
             decided.status,
             decided.output.clone(),
             decided.error.clone(),
         );
-        let finished = self.finish(begin, server, false, decided).await;
+        let finished = self.finish(begin, server, open_now, decided).await;
         self.release_lease(tx_id);
+        if open_now && matches!(finished, Ok(Written::Fenced)) {
+            // The run made no call, and its opening (written with the outcome) opened nothing.
+            return Ok(None);
+        }
         if let Some(d) = self.not_written(env, tx_id, finished?, leftovers).await? {
-            return Ok(d);
+            return Ok(Some(d));
         }
         let labels = [
             ("namespace", ns_label),
@@ -157,10 +220,10 @@ impl Engine {
         self.publish_outcome(
             env,
             props,
-            &outcome_record(env, status, output.as_ref(), error.as_ref(), number),
+            &outcome_record(env, status, output.as_ref(), error.as_ref(), attempt.number),
         )
         .await;
-        Ok(Disposition::Ack)
+        Ok(Some(Disposition::Ack))
     }
 
     /// The queue manager validated the input of what it signed; a direct producer's input is
@@ -253,6 +316,7 @@ impl Engine {
                 .seal_paths(&env.input, &r.sensitive_inputs, env.id.as_str()),
             principal_id: Some(principal.id),
             priority: env.priority.as_str(),
+            first_only: false,
         }
     }
 
@@ -278,7 +342,7 @@ impl Engine {
             audit_data: None,
         };
         let written = self
-            .finish(begin, attempt.server, model == TxModel::Read, decided)
+            .finish(&begin, attempt.server, model == TxModel::Read, decided)
             .await?;
         if written != Written::Yes {
             return Ok(Disposition::Requeue);
@@ -296,12 +360,14 @@ impl Engine {
         (credentials, input): (Option<Value>, Value),
         (ns, procedure): (&Arc<Namespace>, &Arc<Procedure>),
         attempt: Attempt,
+        opening: Option<Begin>,
     ) -> Outcome {
         let (model, tx_id) = (procedure.model, attempt.tx_id);
+        let opened = Arc::new(AtomicBool::new(opening.is_none()));
         let lease_lost = if model == TxModel::Read {
             Arc::new(AtomicBool::new(false))
         } else {
-            self.hold_lease(tx_id, attempt.server)
+            self.hold_lease(tx_id, attempt.server, opened.clone())
         };
         let sink = self.log.sink(attempt.server);
         let request_ctx = json!({"id": env.id, "namespace": env.namespace, "procedure": env.procedure, "priority": env.priority, "attempt": attempt.number});
@@ -324,6 +390,10 @@ impl Engine {
             (test.enabled && test.pause_after_prepare_ms > 0)
                 .then(|| Duration::from_millis(test.pause_after_prepare_ms)),
         );
+        let run = match opening {
+            Some(b) => run.with_opening(b, opened),
+            None => run,
+        };
         run.execute(ns, procedure, input).await
     }
 

@@ -71,6 +71,27 @@ struct Args {
     /// Print one JSON object with every figure on stdout (the readable lines go to stderr).
     #[arg(long)]
     json: bool,
+    /// A setting for the fleet, as in the configuration file (`engine.open_with_first_call=false`);
+    /// repeatable. Compares settings on the same binaries, interleaved.
+    #[arg(long = "set", value_name = "KEY=VALUE", value_parser = setting)]
+    set: Vec<(String, String)>,
+}
+
+/// `section.key=value` as the environment variable the fleet reads (`PROVISIO_SECTION__KEY`).
+fn setting(s: &str) -> Result<(String, String), String> {
+    let (key, value) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}`: expected KEY=VALUE"))?;
+    let key = key.trim();
+    if key.is_empty()
+        || !key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+    {
+        return Err(format!("`{key}`: expected a key like engine.prefetch"));
+    }
+    let var = format!("PROVISIO_{}", key.to_ascii_uppercase().replace('.', "__"));
+    Ok((var, value.to_owned()))
 }
 
 /// How submissions are paced.
@@ -256,6 +277,9 @@ async fn run() -> anyhow::Result<()> {
         args.prefetch,
         if args.schema_validation { "on" } else { "off" }
     ));
+    for (k, v) in &args.set {
+        out.line(&format!("  setting {k}={v}"));
+    }
     let p = provisio::run(&args, plan).await?;
     print(out, "provisio", &p);
     let r = if args.no_reference {

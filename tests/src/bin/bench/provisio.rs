@@ -46,6 +46,7 @@ pub(crate) async fn run(args: &Args, plan: Plan) -> anyhow::Result<RunFigures> {
     ] {
         env.extra_env.push((k.into(), v));
     }
+    env.extra_env.extend(args.set.iter().cloned());
     if args.schema_validation {
         env.extra_env.push((
             "PROVISIO_VALIDATION__ENABLE_SCHEMA_VALIDATION".into(),

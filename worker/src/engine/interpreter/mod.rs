@@ -25,7 +25,7 @@ mod rollback;
 mod steps;
 mod two_phase;
 
-use crate::txlog::{LogError, LogSink, Record, StepRecord};
+use crate::txlog::{Begin, LogError, LogSink, Record, Reply, StepRecord};
 pub use rollback::{compensate_unlogged, undo_with_retry};
 
 /// Nested `procedure` steps deeper than this fail (cycles are rejected at apply time; this
@@ -81,6 +81,11 @@ pub const FENCED: &str = "fenced";
 /// server.
 pub const SERVER_BAD: &str = "txlog_server_bad";
 
+/// The failure code of a run whose opening, written with its first call's intent, opened
+/// nothing (the request is finished, busy, or not on its first attempt), or could not be
+/// written: no call was made, and the request is opened the ordinary way and run again.
+pub const NOT_OPENED: &str = "not_opened";
+
 /// A completed call that rollback may have to undo.
 #[derive(Debug, Clone)]
 pub struct Completed {
@@ -108,6 +113,11 @@ pub struct Outcome {
     /// The transaction's log server went bad and every call was undone: the request is to run
     /// again on another server.
     pub rerouted: bool,
+    /// The run's opening, written with its first call's intent, opened nothing: no call was
+    /// made and nothing was written; open the request the ordinary way and run it again.
+    pub not_opened: bool,
+    /// The run made no call, so its opening is still to be written: with the outcome.
+    pub open_pending: bool,
     /// Step records not yet written; they go into the outcome's commit.
     pub pending: Vec<StepRecord>,
     /// Completed calls whose records are only in `pending`: to undo if the outcome is fenced.
@@ -153,6 +163,10 @@ pub struct Run<'a> {
     /// A sensitive procedure started: from then on every record this run logs is sealed (jq
     /// may have copied a sensitive value anywhere in the context, so the taint never lifts).
     tainted: bool,
+    /// The transaction's opening, not yet written: it goes with the first flush (the first
+    /// call's intent), and the flag rises once it is durable (the lease keeper renews only
+    /// opened transactions).
+    opening: Option<(Begin, Arc<AtomicBool>)>,
 }
 
 /// Variables visible to expressions in one procedure invocation.
@@ -203,7 +217,16 @@ impl<'a> Run<'a> {
             pause_after_prepare: None,
             sealer: None,
             tainted: false,
+            opening: None,
         }
+    }
+
+    /// Writes the transaction's opening `begin` with the first call's intent, in one commit,
+    /// instead of on its own before the run; `opened` rises when it is durable.
+    #[must_use]
+    pub fn with_opening(mut self, begin: Begin, opened: Arc<AtomicBool>) -> Self {
+        self.opening = Some((begin, opened));
+        self
     }
 
     /// Seals what a sensitive procedure logs with `keyring`, bound to `request_id`.
@@ -283,6 +306,10 @@ impl<'a> Run<'a> {
                 }
             }
         }
+        if result.as_ref().is_err_and(|f| f.code == NOT_OPENED) {
+            // Nothing was written and no call made (every call's intent comes first).
+            return self.outcome(result, false, 0, Vec::new(), false);
+        }
         let fenced = |r: &Result<Value, Failure>| r.as_ref().is_err_and(|f| f.code == FENCED);
         let bad = |r: &Result<Value, Failure>| r.as_ref().is_err_and(|f| f.code == SERVER_BAD);
         if result.is_err() && self.model != TxModel::Read && !fenced(&result) && !bad(&result) {
@@ -352,6 +379,7 @@ impl<'a> Run<'a> {
             .completed
             .split_off(self.logged.min(self.completed.len()));
         let logged = std::mem::take(&mut self.completed);
+        let not_opened = result.as_ref().is_err_and(|f| f.code == NOT_OPENED);
         Outcome {
             result,
             rollback_failed,
@@ -361,6 +389,8 @@ impl<'a> Run<'a> {
             audit_data: std::mem::take(&mut self.audit_data),
             fenced,
             rerouted: false,
+            not_opened,
+            open_pending: self.opening.is_some(),
             pending: std::mem::take(&mut self.pending),
             unlogged,
             logged,
@@ -496,6 +526,29 @@ impl<'a> Run<'a> {
             return Ok(());
         }
         let records = std::mem::take(&mut self.pending);
+        if let Some((begin, opened)) = self.opening.take() {
+            return match self
+                .txlog
+                .write_record(Record::BeginWith(begin, records))
+                .await
+            {
+                Ok(Reply::Began { .. }) => {
+                    opened.store(true, Ordering::Relaxed);
+                    self.logged = self.completed.len();
+                    Ok(())
+                }
+                Ok(other) => Err(Failure {
+                    code: NOT_OPENED.into(),
+                    message: format!("the transaction was not opened: {other:?}"),
+                    step: None,
+                }),
+                Err(e) => Err(Failure {
+                    code: NOT_OPENED.into(),
+                    message: format!("the transaction was not opened: {e}"),
+                    step: None,
+                }),
+            };
+        }
         self.txlog.write_record(Record::Steps(records)).await?;
         self.logged = self.completed.len();
         Ok(())

@@ -138,20 +138,7 @@ impl World {
         let tx_id = Uuid::now_v7();
         if model != TxModel::Read {
             // Step records reference their transaction row.
-            let b = crate::txlog::Begin {
-                tx_id,
-                request_id: tx_id.to_string(),
-                namespace: "t".into(),
-                procedure: procedure.into(),
-                namespace_version: 1,
-                model: model.as_str(),
-                audit: false,
-                engine_id: "unit".into(),
-                lease_seconds: 30.0,
-                input: Value::Null,
-                principal_id: None,
-                priority: "normal",
-            };
+            let b = begin(tx_id, &tx_id.to_string(), model);
             self.txlog
                 .write(crate::txlog::Record::Begin(b))
                 .await
@@ -181,6 +168,24 @@ impl World {
             .iter()
             .map(|(k, p, _)| (k.clone(), p.clone()))
             .collect()
+    }
+}
+
+fn begin(tx_id: Uuid, request_id: &str, model: TxModel) -> crate::txlog::Begin {
+    crate::txlog::Begin {
+        tx_id,
+        request_id: request_id.into(),
+        namespace: "t".into(),
+        procedure: "p".into(),
+        namespace_version: 1,
+        model: model.as_str(),
+        audit: false,
+        engine_id: "unit".into(),
+        lease_seconds: 30.0,
+        input: Value::Null,
+        principal_id: None,
+        priority: "normal",
+        first_only: false,
     }
 }
 
@@ -497,6 +502,7 @@ async fn a_sensitive_procedure_seals_what_its_run_logs_and_rollback_still_works(
             input: Value::Null,
             principal_id: None,
             priority: "normal",
+            first_only: false,
         }))
         .await
         .expect("begin");
@@ -617,4 +623,146 @@ async fn sealed_after_the_taint(client: &tokio_postgres::Client, tx_id: Uuid) {
             );
         }
     }
+}
+
+impl World {
+    /// Runs `p` of `ns` as `tx_id` of request `request_id`, its opening (`first_only`) written
+    /// with the first call's intent; the returned flag says whether it was opened.
+    async fn run_opening(
+        &self,
+        ns: &Arc<Namespace>,
+        tx_id: Uuid,
+        request_id: &str,
+    ) -> (Outcome, bool) {
+        let mut b = begin(tx_id, request_id, TxModel::Compensating);
+        b.first_only = true;
+        let opened = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let run = Run::new(
+            tx_id,
+            std::sync::Arc::from("unit"),
+            TxModel::Compensating,
+            &self.registry,
+            &self.txlog,
+            &self.cache,
+            None,
+            None,
+            json!({"id": request_id, "attempt": 1}),
+            true,
+        )
+        .with_opening(b, opened.clone());
+        let out = run
+            .execute(ns, &ns.procedures["p"].clone(), json!({}))
+            .await;
+        (out, opened.load(std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
+#[tokio::test]
+async fn the_opening_is_written_in_the_first_intents_commit() {
+    let w = World::new(true).await;
+    let ns = World::compile(&json!({"namespace": "t", "procedures": {"p": {"steps": [
+        {"id": "a", "call": "mem.echo", "input": "{n: 1}"},
+        {"id": "b", "call": "mem.echo", "input": "{n: 2}"}
+    ], "output": ".steps.b.n"}}}));
+    let tx_id = Uuid::now_v7();
+    let (out, opened) = w.run_opening(&ns, tx_id, "req-o").await;
+    assert_eq!(out.result, Ok(json!(2)));
+    assert!(opened && !out.not_opened && !out.open_pending);
+    let client = w.db.as_ref().expect("db").pool.get().await.expect("client");
+    // One PostgreSQL transaction wrote the request row, the transaction row and the first
+    // intent (the outcome, which would update the first two, is not written here).
+    let row = client
+        .query_one(
+            "SELECT r.xmin::text, t.xmin::text, s.xmin::text, t.attempt, r.attempts, r.status \
+             FROM requests r JOIN transactions t ON t.request_id = r.id \
+             JOIN tx_steps s ON s.tx_id = t.id AND s.seq = 1 AND s.kind = 'intent' \
+             WHERE t.id = $1",
+            &[&tx_id],
+        )
+        .await
+        .expect("opened");
+    let (r, t, s): (String, String, String) = (row.get(0), row.get(1), row.get(2));
+    assert!(r == t && t == s, "one commit: {r} {t} {s}");
+    assert_eq!((row.get::<_, i32>(3), row.get::<_, i32>(4)), (1, 1));
+    assert_eq!(row.get::<_, String>(5), "running");
+    // The second intent (and the first completion) came in a commit of their own.
+    let later: i64 = client
+        .query_one(
+            "SELECT count(*) FROM tx_steps WHERE tx_id = $1 AND xmin::text <> $2",
+            &[&tx_id, &s],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(later, 2);
+}
+
+#[tokio::test]
+async fn a_first_only_opening_of_a_request_already_attempted_writes_and_calls_nothing() {
+    let w = World::new(true).await;
+    let ns = World::compile(&json!({"namespace": "t", "procedures": {"p": {"steps": [
+        {"id": "a", "call": "mem.echo", "input": "{n: .request.attempt}"}
+    ]}}}));
+    // A first attempt that ran and was scheduled for a retry.
+    let first = Uuid::now_v7();
+    w.txlog
+        .write(crate::txlog::Record::Begin(begin(
+            first,
+            "req-r",
+            TxModel::Compensating,
+        )))
+        .await
+        .expect("begin");
+    let client = w.db.as_ref().expect("db").pool.get().await.expect("client");
+    client
+        .batch_execute(
+            "UPDATE transactions SET status = 'rolled_back', finished_at = now(), lease_until = NULL; \
+             UPDATE requests SET status = 'scheduled'",
+        )
+        .await
+        .expect("retry");
+    let tx_id = Uuid::now_v7();
+    let (out, opened) = w.run_opening(&ns, tx_id, "req-r").await;
+    assert!(out.not_opened && !opened, "{:?}", out.result);
+    assert!(w.calls().is_empty(), "no call may be made: {:?}", w.calls());
+    let written: i64 = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM transactions WHERE id = $1) \
+                  + (SELECT count(*) FROM tx_steps WHERE tx_id = $1)",
+            &[&tx_id],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(written, 0);
+    let row = client
+        .query_one(
+            "SELECT status, attempts FROM requests WHERE id = 'req-r'",
+            &[],
+        )
+        .await
+        .expect("request");
+    assert_eq!(
+        (row.get::<_, String>(0), row.get::<_, i32>(1)),
+        ("scheduled".into(), 1)
+    );
+}
+
+#[tokio::test]
+async fn a_run_without_calls_leaves_its_opening_to_the_outcome() {
+    let w = World::new(true).await;
+    let ns = World::compile(&json!({"namespace": "t", "procedures": {"p": {"steps": [
+        {"set": {"x": "1"}}
+    ], "output": ".vars.x"}}}));
+    let tx_id = Uuid::now_v7();
+    let (out, opened) = w.run_opening(&ns, tx_id, "req-z").await;
+    assert_eq!(out.result, Ok(json!(1)));
+    assert!(out.open_pending && !opened && !out.not_opened);
+    let client = w.db.as_ref().expect("db").pool.get().await.expect("client");
+    let n: i64 = client
+        .query_one("SELECT count(*) FROM transactions WHERE id = $1", &[&tx_id])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(n, 0, "nothing written before the outcome");
 }
