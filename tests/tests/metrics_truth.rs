@@ -41,6 +41,7 @@ const OWNERS: &[(&str, &[&str])] = &[
     (m::DEAD_LETTERS, &[ENGINE]),
     (m::INFLIGHT, &[ENGINE]),
     (m::FENCED, &[ENGINE]),
+    (m::OPENINGS_REFUSED, &[ENGINE]),
     (m::PROVIDER_CALLS, &[ENGINE]),
     (m::PROVIDER_INFLIGHT, &[ENGINE]),
     (m::PROVIDER_THROTTLED, &[ENGINE]),
