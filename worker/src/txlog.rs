@@ -15,6 +15,7 @@ use futures_util::future::BoxFuture;
 use provisio_shared::domain::{Status, TxStatus};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -279,7 +280,7 @@ const SQL_STEPS: &str = "INSERT INTO tx_steps (tx_id, seq, kind, path, provider,
      SELECT u.tx_id, u.seq, u.kind, u.path, u.provider, u.action, u.input, u.output, u.rollback_data, u.error, u.procedure \
      FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::text[], $6::text[], \
                  $7::jsonb[], $8::jsonb[], $9::jsonb[], $10::jsonb[], $11::text[], $12::text[]) \
-          AS u(tx_id, seq, kind, path, provider, action, input, output, rollback_data, error, owner, procedure) \
+          AS u(tx_id, seq, kind, path, provider, action, input, output, rollback_data, error, procedure, owner) \
      WHERE EXISTS (SELECT 1 FROM transactions t WHERE t.id = u.tx_id AND t.engine_id = u.owner AND t.finished_at IS NULL) \
      RETURNING tx_id, seq";
 
@@ -440,37 +441,25 @@ async fn write_begins<C: GenericClient>(
     let leases: Vec<f64> = begins.iter().map(|(_, b, _)| b.lease_seconds).collect();
     let first_only: Vec<bool> = begins.iter().map(|(_, b, _)| b.first_only).collect();
     let sc = StepColumns::of(with.iter().copied());
+    let mut params: Vec<&(dyn ToSql + Sync)> = vec![
+        &request_ids,
+        &namespaces,
+        &procedures,
+        &versions,
+        &principals,
+        &priorities,
+        &inputs,
+        &tx_ids,
+        &models,
+        &status,
+        &audits,
+        &engines,
+        &leases,
+        &first_only,
+    ];
+    params.extend(sc.params());
     let rows = tx
-        .query(
-            &stmt,
-            &[
-                &request_ids,
-                &namespaces,
-                &procedures,
-                &versions,
-                &principals,
-                &priorities,
-                &inputs,
-                &tx_ids,
-                &models,
-                &status,
-                &audits,
-                &engines,
-                &leases,
-                &first_only,
-                &sc.tx_ids,
-                &sc.seqs,
-                &sc.kinds,
-                &sc.paths,
-                &sc.providers,
-                &sc.actions,
-                &sc.inputs,
-                &sc.outputs,
-                &sc.rollbacks,
-                &sc.errors,
-                &sc.procedures,
-            ],
-        )
+        .query(&stmt, &params)
         .await
         .map_err(|e| unavailable(&e))?;
     let opened: std::collections::HashMap<String, i32> = rows
@@ -528,24 +517,10 @@ async fn write_steps<C: GenericClient>(
         .map_err(|e| unavailable(&e))?;
     let sc = StepColumns::of(steps.iter().map(|(_, s)| *s));
     let owners: Vec<&str> = steps.iter().map(|(_, s)| &*s.owner).collect();
+    let mut params = sc.params().to_vec();
+    params.push(&owners);
     let written: HashSet<(Uuid, i32)> = tx
-        .query(
-            &stmt,
-            &[
-                &sc.tx_ids,
-                &sc.seqs,
-                &sc.kinds,
-                &sc.paths,
-                &sc.providers,
-                &sc.actions,
-                &sc.inputs,
-                &sc.outputs,
-                &sc.rollbacks,
-                &sc.errors,
-                &owners,
-                &sc.procedures,
-            ],
-        )
+        .query(&stmt, &params)
         .await
         .map_err(|e| unavailable(&e))?
         .iter()
@@ -589,6 +564,24 @@ impl<'a> StepColumns<'a> {
             errors: steps.clone().map(|s| s.error.as_ref()).collect(),
             procedures: steps.map(|s| s.procedure.as_deref()).collect(),
         }
+    }
+
+    /// The columns as statement parameters, in the order of the `unnest`s that read them
+    /// (`SQL_STEPS` and the records of `SQL_BEGIN`).
+    fn params(&self) -> [&(dyn ToSql + Sync); 11] {
+        [
+            &self.tx_ids,
+            &self.seqs,
+            &self.kinds,
+            &self.paths,
+            &self.providers,
+            &self.actions,
+            &self.inputs,
+            &self.outputs,
+            &self.rollbacks,
+            &self.errors,
+            &self.procedures,
+        ]
     }
 }
 

@@ -247,15 +247,16 @@ impl Engine {
     /// Writes an attempt's outcome.
     pub(super) async fn finish(
         &self,
-        begin: &Begin,
+        tx_id: Uuid,
+        request_id: &str,
         server: usize,
-        open_now: bool,
+        open: Option<Begin>,
         d: Decided,
     ) -> anyhow::Result<Written> {
         let f = Finish {
-            tx_id: begin.tx_id,
-            request_id: begin.request_id.clone(),
-            open: open_now.then(|| begin.clone()),
+            tx_id,
+            request_id: request_id.to_owned(),
+            open,
             steps: d.steps,
             tx_status: d.tx_status,
             request_status: d.status,

@@ -59,39 +59,50 @@ impl Engine {
         props: &BasicProperties,
     ) -> anyhow::Result<Disposition> {
         let started = Instant::now();
-        let resolved = self.resolve(env, &principal).await?;
-        let mut begin = self.begin(env, &principal, &resolved);
+        let mut resolved = self.resolve(env, &principal).await?;
         let Some(server) = self.log.pick() else {
             tracing::warn!("every transaction-log server is on the bad-server list; requeueing");
             return Ok(Disposition::Requeue);
         };
-        let refusal = refusal(env, &principal, &resolved)
+        let mut refusal = refusal(env, &principal, &resolved)
             .or_else(|| self.unchecked_input(env, props, &resolved));
-        if let (Some(ns), Some(procedure), None) =
-            (&resolved.namespace, &resolved.procedure, &refusal)
-            && self.opens_with_first_call(procedure)
+        if let (Some(ns), Some(procedure), None) = (
+            resolved.namespace.clone(),
+            resolved.procedure.clone(),
+            &refusal,
+        ) && self.opens_with_first_call(&procedure)
         {
             // The opening goes with the first call's intent, one commit instead of two, and
             // only if this is the request's first attempt (what the run assumes).
+            let mut begin = self.begin(env, &principal, &resolved);
             begin.first_only = true;
             let attempt = Attempt {
                 tx_id: begin.tx_id,
                 server,
                 number: 1,
             };
-            let run = (&begin, attempt, started, true);
             if let Some(d) = self
-                .run_attempt(env, props, run, &resolved, (ns, procedure))
+                .run_attempt(
+                    env,
+                    props,
+                    (attempt, started, Some(begin)),
+                    resolved,
+                    (ns, procedure),
+                )
                 .await?
             {
                 return Ok(d);
             }
             // Nothing was opened (finished, busy, or not the first attempt) and no call made:
-            // the ordinary way, which knows what to do in each case.
+            // the ordinary way, which knows what to do in each case. The refused run used up
+            // what was resolved; resolving again is the price of a rare path, so that the
+            // common one moves its input instead of copying it.
             metrics::counter!(provisio_shared::metrics::OPENINGS_REFUSED).increment(1);
-            begin.first_only = false;
-            begin.tx_id = Uuid::now_v7();
+            resolved = self.resolve(env, &principal).await?;
+            refusal = self::refusal(env, &principal, &resolved)
+                .or_else(|| self.unchecked_input(env, props, &resolved));
         }
+        let begin = self.begin(env, &principal, &resolved);
         // Redelivery is not re-execution: a request with a final status is answered from its
         // record. Logged models learn it atomically from opening the transaction; `read` ones
         // (which open nothing) ask first.
@@ -122,17 +133,22 @@ impl Engine {
             self.deny("forbidden", Some(&principal), env, detail);
         }
         let (Some(ns), Some(procedure), None) = (
-            resolved.namespace.as_ref(),
-            resolved.procedure.as_ref(),
+            resolved.namespace.clone(),
+            resolved.procedure.clone(),
             refusal.as_ref(),
         ) else {
             return self
                 .refuse(env, props, begin, attempt, resolved.model, refusal)
                 .await;
         };
-        let run = (&begin, attempt, started, false);
         let d = self
-            .run_attempt(env, props, run, &resolved, (ns, procedure))
+            .run_attempt(
+                env,
+                props,
+                (attempt, started, None),
+                resolved,
+                (ns, procedure),
+            )
             .await?;
         Ok(d.unwrap_or(Disposition::Requeue))
     }
@@ -147,28 +163,28 @@ impl Engine {
             && procedure.model != TxModel::Read
     }
 
-    /// Runs an attempt and writes its outcome. With `speculative` the attempt is not opened
-    /// yet (its opening goes with the first call's intent, or with the outcome when it makes
-    /// no call), and `None` means it could not be opened: nothing was written and no call made.
+    /// Runs an attempt and writes its outcome. With `opening` the attempt is not opened yet
+    /// (its opening goes with the first call's intent, or with the outcome when it makes no
+    /// call), and `None` means it could not be opened: nothing was written and no call made.
     async fn run_attempt(
         &self,
         env: &Envelope,
         props: &BasicProperties,
-        (begin, attempt, started, speculative): (&Begin, Attempt, Instant, bool),
-        resolved: &Resolved,
-        (ns, procedure): (&Arc<Namespace>, &Arc<Procedure>),
+        (attempt, started, opening): (Attempt, Instant, Option<Begin>),
+        resolved: Resolved,
+        (ns, procedure): (Arc<Namespace>, Arc<Procedure>),
     ) -> anyhow::Result<Option<Disposition>> {
         let (tx_id, server) = (attempt.tx_id, attempt.server);
-        let credentials = resolved.credentials.as_ref().ok().and_then(Clone::clone);
-        let input = resolved.input.as_ref().map_or(Value::Null, Clone::clone);
-        let outcome = self
+        let credentials = resolved.credentials.ok().flatten();
+        let input = resolved.input.unwrap_or_default();
+        let mut outcome = self
             .execute(
                 env,
-                resolved.acting.clone(),
+                resolved.acting,
                 (credentials, input),
-                (ns, procedure),
+                (&ns, &procedure),
                 attempt,
-                speculative.then(|| begin.clone()),
+                opening,
             )
             .await;
         if outcome.not_opened {
@@ -178,7 +194,7 @@ impl Engine {
         // Labels from the namespace that ran, never from what the client chose: inline
         // procedures are `inline`, so metric cardinality stays bounded.
         let (ns_label, proc_label) = provisio_shared::metrics::request_labels(
-            Some(ns),
+            Some(&ns),
             env.procedure.as_str(),
             env.steps.is_some(),
         );
@@ -192,14 +208,17 @@ impl Engine {
             keyring: &self.keyring,
             sensitive_inputs: &resolved.sensitive_inputs,
         };
-        let open_now = outcome.open_pending;
+        let opening = outcome.unwritten_opening.take();
+        let open_now = opening.is_some();
         let (decided, leftovers) = decide(env, outcome, procedure.model, attempt.number, &sealing);
         let (status, output, error) = (
             decided.status,
             decided.output.clone(),
             decided.error.clone(),
         );
-        let finished = self.finish(begin, server, open_now, decided).await;
+        let finished = self
+            .finish(tx_id, env.id.as_str(), server, opening, decided)
+            .await;
         self.release_lease(tx_id);
         if open_now && matches!(finished, Ok(Written::Fenced)) {
             // The run made no call, and its opening (written with the outcome) opened nothing.
@@ -342,7 +361,13 @@ impl Engine {
             audit_data: None,
         };
         let written = self
-            .finish(&begin, attempt.server, model == TxModel::Read, decided)
+            .finish(
+                attempt.tx_id,
+                env.id.as_str(),
+                attempt.server,
+                (model == TxModel::Read).then_some(begin),
+                decided,
+            )
             .await?;
         if written != Written::Yes {
             return Ok(Disposition::Requeue);

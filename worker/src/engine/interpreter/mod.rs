@@ -116,8 +116,9 @@ pub struct Outcome {
     /// The run's opening, written with its first call's intent, opened nothing: no call was
     /// made and nothing was written; open the request the ordinary way and run it again.
     pub not_opened: bool,
-    /// The run made no call, so its opening is still to be written: with the outcome.
-    pub open_pending: bool,
+    /// The run made no call, so its opening (given back here) is still to be written: with
+    /// the outcome.
+    pub unwritten_opening: Option<Begin>,
     /// Step records not yet written; they go into the outcome's commit.
     pub pending: Vec<StepRecord>,
     /// Completed calls whose records are only in `pending`: to undo if the outcome is fenced.
@@ -129,6 +130,13 @@ pub struct Outcome {
     /// A sensitive procedure ran (nested ones included): the output, error messages and audit
     /// data may carry a sensitive value and are sealed before they are stored.
     pub tainted: bool,
+}
+
+impl Outcome {
+    /// The run made no call: its opening is still to be written.
+    pub fn open_pending(&self) -> bool {
+        self.unwritten_opening.is_some()
+    }
 }
 
 pub struct Run<'a> {
@@ -390,7 +398,7 @@ impl<'a> Run<'a> {
             fenced,
             rerouted: false,
             not_opened,
-            open_pending: self.opening.is_some(),
+            unwritten_opening: self.opening.take().map(|(b, _)| b),
             pending: std::mem::take(&mut self.pending),
             unlogged,
             logged,

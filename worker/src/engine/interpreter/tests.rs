@@ -667,7 +667,7 @@ async fn the_opening_is_written_in_the_first_intents_commit() {
     let tx_id = Uuid::now_v7();
     let (out, opened) = w.run_opening(&ns, tx_id, "req-o").await;
     assert_eq!(out.result, Ok(json!(2)));
-    assert!(opened && !out.not_opened && !out.open_pending);
+    assert!(opened && !out.not_opened && !out.open_pending());
     let client = w.db.as_ref().expect("db").pool.get().await.expect("client");
     // One PostgreSQL transaction wrote the request row, the transaction row and the first
     // intent (the outcome, which would update the first two, is not written here).
@@ -757,7 +757,7 @@ async fn a_run_without_calls_leaves_its_opening_to_the_outcome() {
     let tx_id = Uuid::now_v7();
     let (out, opened) = w.run_opening(&ns, tx_id, "req-z").await;
     assert_eq!(out.result, Ok(json!(1)));
-    assert!(out.open_pending && !opened && !out.not_opened);
+    assert!(out.open_pending() && !opened && !out.not_opened);
     let client = w.db.as_ref().expect("db").pool.get().await.expect("client");
     let n: i64 = client
         .query_one("SELECT count(*) FROM transactions WHERE id = $1", &[&tx_id])
