@@ -98,8 +98,22 @@ impl Expr {
     /// Runs the filter and returns its first output; jq's `empty` is an error because a step
     /// needs exactly one value to go on with.
     pub fn eval_one(&self, input: &Value) -> Result<Value, EvalError> {
+        self.run(to_val(input))
+    }
+
+    /// As [`Expr::eval_one`], on an input object assembled from borrowed parts: a step's
+    /// context is converted once, straight from the run's scope, instead of being cloned into
+    /// one `serde_json` object first and converted after.
+    pub fn eval_fields(&self, mut input: Fields) -> Result<Value, EvalError> {
+        // serde_json's objects iterate in key order; sorting keeps `.[]` and `to_entries` on
+        // the whole context as they were.
+        input.0.sort_keys();
+        self.run(Val::obj(input.0))
+    }
+
+    fn run(&self, input: Val) -> Result<Value, EvalError> {
         let ctx = Ctx::<data::JustLut<Val>>::new(&self.filter.lut, Vars::new([]));
-        let mut out = self.filter.id.run((ctx, to_val(input))).map(unwrap_valr);
+        let mut out = self.filter.id.run((ctx, input)).map(unwrap_valr);
         match out.next() {
             Some(Ok(v)) => Ok(from_val(&v)),
             Some(Err(e)) => Err(EvalError::Failed {
@@ -114,10 +128,57 @@ impl Expr {
 
     /// Evaluates a condition with jq's truthiness: everything but `false` and `null` is true.
     pub fn eval_bool(&self, input: &Value) -> Result<bool, EvalError> {
-        Ok(!matches!(
-            self.eval_one(input)?,
-            Value::Null | Value::Bool(false)
-        ))
+        Ok(truthy(&self.eval_one(input)?))
+    }
+
+    /// [`Expr::eval_bool`] on an input assembled from borrowed parts.
+    pub fn eval_fields_bool(&self, input: Fields) -> Result<bool, EvalError> {
+        Ok(truthy(&self.eval_fields(input)?))
+    }
+}
+
+fn truthy(v: &Value) -> bool {
+    !matches!(v, Value::Null | Value::Bool(false))
+}
+
+/// An expression's input object, built field by field from borrowed JSON. jaq's values are
+/// reference-counted and not `Send`, so this lives only between building and evaluating.
+#[derive(Default)]
+pub struct Fields(jaq_json::Map);
+
+impl Fields {
+    /// A field holding a JSON value, converted in place.
+    pub fn value(&mut self, key: &str, v: &Value) -> &mut Self {
+        self.0.insert(Val::from(key.to_owned()), to_val(v));
+        self
+    }
+
+    /// A field holding an object given by its entries (a scope's map of step results).
+    pub fn object<'v>(
+        &mut self,
+        key: &str,
+        entries: impl IntoIterator<Item = (&'v String, &'v Value)>,
+    ) -> &mut Self {
+        let obj = entries
+            .into_iter()
+            .map(|(k, v)| (Val::from(k.clone()), to_val(v)))
+            .collect();
+        self.0.insert(Val::from(key.to_owned()), Val::obj(obj));
+        self
+    }
+
+    /// A field holding an object built the same way.
+    pub fn nested(&mut self, key: &str, mut inner: Fields) -> &mut Self {
+        inner.0.sort_keys();
+        self.0.insert(Val::from(key.to_owned()), Val::obj(inner.0));
+        self
+    }
+
+    /// A field holding a string.
+    pub fn string(&mut self, key: &str, s: &str) -> &mut Self {
+        self.0
+            .insert(Val::from(key.to_owned()), Val::from(s.to_owned()));
+        self
     }
 }
 
@@ -255,6 +316,32 @@ mod tests {
     fn round_trips_json() {
         let v = json!({"a": [1, 2.5, "x", null, true, {"b": -3}], "big": 18_446_744_073_709_551_615_u64});
         assert_eq!(from_val(&to_val(&v)), v);
+    }
+
+    #[test]
+    fn fields_evaluate_like_the_object_they_describe() {
+        let e = Expr::compile("{a: .x.k, b: .s, c: .m.one, n: (.m | length)}").expect("compiles");
+        let x = json!({"k": [1, 2.5, null]});
+        let m: serde_json::Map<String, Value> =
+            serde_json::from_value(json!({"one": {"deep": true}, "two": "t"})).expect("a map");
+        let mut f = Fields::default();
+        f.value("x", &x).string("s", "str").object("m", &m);
+        let whole = json!({"x": x, "s": "str", "m": m});
+        assert_eq!(
+            e.eval_fields(f).expect("runs"),
+            e.eval_one(&whole).expect("runs")
+        );
+        let keys = Expr::compile("[.[]]").expect("compiles");
+        let mut unordered = Fields::default();
+        unordered.string("b", "2").string("a", "1");
+        assert_eq!(
+            keys.eval_fields(unordered).expect("runs"),
+            json!(["1", "2"])
+        );
+        let mut later = Fields::default();
+        later.value("x", &json!(1)).value("x", &json!(2));
+        let last = Expr::compile(".x").expect("compiles");
+        assert_eq!(last.eval_fields(later).expect("runs"), json!(2));
     }
 
     #[test]

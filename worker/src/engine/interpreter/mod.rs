@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use provisio_shared::domain::{PrincipalRef, TxModel};
+use provisio_shared::jq::Fields;
 use provisio_shared::namespaces::NamespaceCache;
 use provisio_shared::procedure::{Namespace, Procedure, Step};
 use provisio_shared::sealing::Keyring;
@@ -447,7 +448,7 @@ impl<'a> Run<'a> {
             self.running.pop();
             ran?;
             let output = match &procedure.output {
-                Some(e) => e.eval_one(&self.context(&scope)).map_err(|e| {
+                Some(e) => e.eval_fields(self.fields(&scope)).map_err(|e| {
                     Failure::new(
                         "expression_failed",
                         e.to_string(),
@@ -470,9 +471,9 @@ impl<'a> Run<'a> {
                 ));
             }
             if let Some(expr) = &procedure.audit_data {
-                let mut ctx = self.context(&scope);
-                ctx["output"] = output.clone();
-                let data = expr.eval_one(&ctx).map_err(|e| {
+                let mut ctx = self.fields(&scope);
+                ctx.value("output", &output);
+                let data = expr.eval_fields(ctx).map_err(|e| {
                     Failure::new(
                         "expression_failed",
                         e.to_string(),
@@ -486,25 +487,32 @@ impl<'a> Run<'a> {
         })
     }
 
-    fn context(&self, scope: &Scope) -> Value {
-        let mut m = Map::new();
-        m.insert("input".into(), scope.input.clone());
-        m.insert("steps".into(), Value::Object(scope.steps.clone()));
-        m.insert("vars".into(), Value::Object(scope.vars.clone()));
-        m.insert(
-            "caller".into(),
-            self.principal
-                .as_ref()
-                .map_or(Value::Null, |p| json!({"id": p.id, "name": p.name})),
-        );
-        m.insert("request".into(), self.request.clone());
+    /// What a step's expressions see, converted for jq straight from the scope.
+    fn fields(&self, scope: &Scope) -> Fields {
+        let mut f = Fields::default();
+        f.value("input", &scope.input)
+            .object("steps", &scope.steps)
+            .object("vars", &scope.vars)
+            .value("request", &self.request);
+        match &self.principal {
+            Some(p) => {
+                let mut caller = Fields::default();
+                caller
+                    .string("id", &p.id.to_string())
+                    .string("name", &p.name);
+                f.nested("caller", caller);
+            }
+            None => {
+                f.value("caller", &Value::Null);
+            }
+        }
         for (k, v) in &scope.locals {
-            m.insert(k.clone(), v.clone());
+            f.value(k, v);
         }
         if let Some(e) = &scope.error {
-            m.insert("error".into(), e.clone());
+            f.value("error", e);
         }
-        Value::Object(m)
+        f
     }
 
     fn run_steps<'b>(

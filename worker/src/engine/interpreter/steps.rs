@@ -34,7 +34,7 @@ impl Run<'_> {
         let at = At { ns, path, depth };
         if let Some(when) = &step.when {
             let go = when
-                .eval_bool(&self.context(scope))
+                .eval_fields_bool(self.fields(scope))
                 .map_err(|e| expr_err(path, "when", &e))?;
             if !go {
                 self.summary
@@ -65,7 +65,7 @@ impl Run<'_> {
             StepKind::Set(vars) => {
                 for (k, e) in vars {
                     let v = e
-                        .eval_one(&self.context(scope))
+                        .eval_fields(self.fields(scope))
                         .map_err(|e| expr_err(path, &format!("set.{k}"), &e))?;
                     scope.vars.insert(k.clone(), v);
                 }
@@ -76,7 +76,7 @@ impl Run<'_> {
             }
             StepKind::Switch { on, cases, default } => {
                 let v = on
-                    .eval_one(&self.context(scope))
+                    .eval_fields(self.fields(scope))
                     .map_err(|e| expr_err(path, "switch", &e))?;
                 let key = match &v {
                     Value::String(s) => s.clone(),
@@ -98,7 +98,7 @@ impl Run<'_> {
             }
             StepKind::Fail { code, message } => {
                 let msg = message
-                    .eval_one(&self.context(scope))
+                    .eval_fields(self.fields(scope))
                     .map_err(|e| expr_err(path, "fail.message", &e))?;
                 let msg = match msg {
                     Value::String(s) => s,
@@ -117,7 +117,7 @@ impl Run<'_> {
     fn step_input(&self, step: &Step, scope: &Scope, path: &str) -> Result<Value, Failure> {
         match &step.input {
             Some(e) => e
-                .eval_one(&self.context(scope))
+                .eval_fields(self.fields(scope))
                 .map_err(|e| expr_err(path, "input", &e)),
             None => Ok(scope.input.clone()),
         }
@@ -128,9 +128,10 @@ impl Run<'_> {
         let Some(save) = &step.save else {
             return Ok(out);
         };
-        let mut ctx = self.context(scope);
-        ctx["result"] = out;
-        save.eval_one(&ctx).map_err(|e| expr_err(path, "save", &e))
+        let mut ctx = self.fields(scope);
+        ctx.value("result", &out);
+        save.eval_fields(ctx)
+            .map_err(|e| expr_err(path, "save", &e))
     }
 
     /// A `procedure` step: looks the procedure up (in another namespace's current version when
@@ -192,7 +193,7 @@ impl Run<'_> {
     ) -> Result<Value, Failure> {
         let path = at.path;
         let list = items
-            .eval_one(&self.context(scope))
+            .eval_fields(self.fields(scope))
             .map_err(|e| expr_err(path, "for_each", &e))?;
         let Value::Array(list) = list else {
             return Err(Failure::new(

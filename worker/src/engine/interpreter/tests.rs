@@ -227,6 +227,43 @@ async fn when_skips_and_set_writes_vars() {
     assert_eq!(w.calls(), pairs(&[("execute", "2")]));
 }
 
+/// Expressions see the scope as one object in key order, with locals beside the fixed
+/// fields and `result` only in `save`: the context is assembled field by field for jq, so
+/// this pins what the whole-object version showed.
+#[tokio::test]
+async fn an_expression_sees_the_whole_context_in_key_order() {
+    let w = World::new(false).await;
+    let ns = World::compile(&json!({"namespace": "t", "procedures": {"p": {"steps": [
+        {"set": {"v": "1"}},
+        {"id": "first", "call": "mem.echo", "input": "{a: .input.a}"},
+        {"id": "loop", "for_each": "[2]", "as": "item", "steps": [
+            {"id": "seen", "call": "mem.echo",
+             "input": "{keys: keys_unsorted, item: .item, v: .vars.v, req: .request.id, caller: .caller, first: .steps.first.a}",
+             "save": "{keys: keys_unsorted, item: .result.item}"}
+        ]}
+    ], "output": "{keys: keys_unsorted, seen: .steps.loop, values: [.[] | type]}"}}}));
+    let out = w.run(&ns, "p", TxModel::Read, json!({"a": "x"})).await;
+    let fixed = ["caller", "input", "request", "steps", "vars"];
+    let with = |extra: &[&'static str]| {
+        let mut k: Vec<&'static str> = fixed.iter().chain(extra).copied().collect();
+        k.sort_unstable();
+        k
+    };
+    let calls = w.mem.log.lock().expect("lock").clone();
+    assert_eq!(
+        calls[1].2,
+        json!({"keys": with(&["item"]), "item": 2, "v": 1, "req": "r", "caller": null, "first": "x"})
+    );
+    assert_eq!(
+        out.result,
+        Ok(json!({
+            "keys": fixed,
+            "seen": [{"seen": {"keys": with(&["item", "result"]), "item": 2}}],
+            "values": ["null", "object", "object", "object", "object"],
+        }))
+    );
+}
+
 #[tokio::test]
 async fn for_each_runs_per_item_and_records_each_iteration() {
     let w = World::new(false).await;
