@@ -292,7 +292,9 @@ const SQL_STATUS: &str =
 /// transaction is its current attempt (fencing). The `= ANY(array)` conditions make the
 /// planner look rows up by primary key; joined with `unnest` alone it may choose to scan the
 /// whole table.
-const SQL_FINISH: &str = "WITH u AS (\
+macro_rules! finish_ctes {
+    () => {
+        "u AS (\
        SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::jsonb[], $7::jsonb[], \
                             $8::timestamptz[], $9::jsonb[], $10::text[], $11::bool[], $12::jsonb[]) \
        AS u(tx_id, tx_status, request_id, request_status, output, error, summary, retry_at, envelope, owner, \
@@ -312,8 +314,43 @@ const SQL_FINISH: &str = "WITH u AS (\
             started_at = coalesce(requests.started_at, now()), \
             attempts = greatest(requests.attempts, 1) \
        FROM u JOIN t ON t.id = u.tx_id \
-       WHERE requests.id = ANY($3::text[]) AND requests.id = u.request_id AND requests.current_tx = u.tx_id) \
-     SELECT id FROM t";
+       WHERE requests.id = ANY($3::text[]) AND requests.id = u.request_id AND requests.current_tx = u.tx_id)"
+    };
+}
+const SQL_FINISH: &str = concat!("WITH ", finish_ctes!(), " SELECT id FROM t");
+
+/// The step records and the outcomes of one batch in one statement, so that a request's last
+/// commit (its last call's result with its outcome) needs no `BEGIN` and `COMMIT`. Both parts
+/// read one snapshot: a step record's fencing sees its transaction unfinished even when the
+/// same statement finishes it, exactly as when the records are written first. Rows with a
+/// `seq` answer step records, rows without answer outcomes.
+static SQL_STEPS_THEN_FINISH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "WITH s AS ({SQL_STEPS}), {} SELECT tx_id, seq FROM s UNION ALL SELECT id, NULL FROM t",
+        renumber(finish_ctes!(), SQL_STEPS_PARAMS)
+    )
+});
+
+/// Parameters of `SQL_STEPS`: the step columns and the owner.
+const SQL_STEPS_PARAMS: usize = 12;
+
+/// `sql` with every parameter `$n` renamed `$(n + by)`, to place a statement's parameters
+/// after another's in one statement.
+fn renumber(sql: &str, by: usize) -> String {
+    let mut out = String::with_capacity(sql.len() + 16);
+    let mut rest = sql;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..=at]);
+        rest = &rest[at + 1..];
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if let Ok(n) = rest[..digits].parse::<usize>() {
+            out.push_str(&(n + by).to_string());
+        }
+        rest = &rest[digits..];
+    }
+    out.push_str(rest);
+    out
+}
 
 /// A batch's records by kind, each with the index of the record it answers.
 #[derive(Default)]
@@ -332,9 +369,8 @@ impl<'r> Sorted<'r> {
     /// read, which needs no transaction).
     fn statements(&self) -> usize {
         usize::from(!self.begins.is_empty())
-            + usize::from(!self.steps.is_empty())
+            + usize::from(!self.steps.is_empty() || !self.finishes.is_empty())
             + self.statuses.len()
-            + usize::from(!self.finishes.is_empty())
     }
 
     fn of(records: &[&'r Record]) -> Self {
@@ -402,14 +438,17 @@ async fn write_sorted<C: GenericClient>(
     if !sorted.begins.is_empty() {
         write_begins(c, &sorted.begins, &sorted.begin_steps, replies).await?;
     }
-    if !sorted.steps.is_empty() {
-        write_steps(c, &sorted.steps, replies).await?;
-    }
+    // Status changes first: like step records, they must land before an outcome that
+    // finishes their transaction, and neither fences the other.
     write_statuses(c, &sorted.statuses, replies).await?;
-    if !sorted.finishes.is_empty() {
-        write_finishes(c, &sorted.finishes, replies).await?;
+    match (sorted.steps.is_empty(), sorted.finishes.is_empty()) {
+        (true, true) => Ok(()),
+        (false, true) => write_steps(c, &sorted.steps, replies).await,
+        (true, false) => write_finishes(c, &sorted.finishes, replies).await,
+        (false, false) => {
+            write_steps_then_finishes(c, &sorted.steps, &sorted.finishes, replies).await
+        }
     }
-    Ok(())
 }
 
 /// Opens transactions; a request that cannot be opened is answered with why (finished, busy
@@ -519,19 +558,60 @@ async fn write_steps<C: GenericClient>(
     let owners: Vec<&str> = steps.iter().map(|(_, s)| &*s.owner).collect();
     let mut params = sc.params().to_vec();
     params.push(&owners);
-    let written: HashSet<(Uuid, i32)> = tx
+    let rows = tx
         .query(&stmt, &params)
         .await
-        .map_err(|e| unavailable(&e))?
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+        .map_err(|e| unavailable(&e))?;
+    let written: HashSet<(Uuid, i32)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    answer_steps(steps, &written, replies);
+    Ok(())
+}
+
+/// Step records and outcomes in one statement (`SQL_STEPS_THEN_FINISH`).
+async fn write_steps_then_finishes<C: GenericClient>(
+    tx: &C,
+    steps: &[(usize, &StepRecord)],
+    finishes: &[(usize, &Finish)],
+    replies: &mut Replies,
+) -> Result<(), LogError> {
+    let stmt = tx
+        .prepare_cached(&SQL_STEPS_THEN_FINISH)
+        .await
+        .map_err(|e| unavailable(&e))?;
+    let sc = StepColumns::of(steps.iter().map(|(_, s)| *s));
+    let owners: Vec<&str> = steps.iter().map(|(_, s)| &*s.owner).collect();
+    let fc = FinishColumns::of(finishes);
+    let mut params = sc.params().to_vec();
+    params.push(&owners);
+    params.extend(fc.params());
+    let rows = tx
+        .query(&stmt, &params)
+        .await
+        .map_err(|e| unavailable(&e))?;
+    let mut written = HashSet::new();
+    let mut finished = HashSet::new();
+    for r in &rows {
+        match r.get::<_, Option<i32>>(1) {
+            Some(seq) => written.insert((r.get(0), seq)),
+            None => finished.insert(r.get(0)),
+        };
+    }
+    answer_steps(steps, &written, replies);
+    answer_finishes(finishes, &finished, replies);
+    Ok(())
+}
+
+/// A step record that was not written was fenced: its transaction is no longer its writer's.
+fn answer_steps(
+    steps: &[(usize, &StepRecord)],
+    written: &HashSet<(Uuid, i32)>,
+    replies: &mut Replies,
+) {
     for (i, s) in steps {
         if !written.contains(&(s.tx_id, s.seq)) {
             replies[*i] = Err(LogError::Fenced(s.tx_id));
         }
     }
-    Ok(())
 }
 
 /// Step records as the columns of an `unnest`.
@@ -617,60 +697,78 @@ async fn write_finishes<C: GenericClient>(
         .prepare_cached(SQL_FINISH)
         .await
         .map_err(|e| unavailable(&e))?;
-    let tx_ids: Vec<Uuid> = finishes.iter().map(|(_, f)| f.tx_id).collect();
-    let tx_status: Vec<&str> = finishes.iter().map(|(_, f)| f.tx_status.as_str()).collect();
-    let request_ids: Vec<&str> = finishes
-        .iter()
-        .map(|(_, f)| f.request_id.as_str())
-        .collect();
-    let request_status: Vec<&str> = finishes
-        .iter()
-        .map(|(_, f)| f.request_status.as_str())
-        .collect();
-    let outputs: Vec<Option<&Value>> = finishes.iter().map(|(_, f)| f.output.as_ref()).collect();
-    let errors: Vec<Option<&Value>> = finishes.iter().map(|(_, f)| f.error.as_ref()).collect();
-    let summaries: Vec<&Value> = finishes.iter().map(|(_, f)| &f.summary).collect();
-    let retry_at: Vec<Option<chrono::DateTime<chrono::Utc>>> = finishes
-        .iter()
-        .map(|(_, f)| f.retry_at.as_ref().map(|(t, _)| *t))
-        .collect();
-    let envelopes: Vec<Option<&Value>> = finishes
-        .iter()
-        .map(|(_, f)| f.retry_at.as_ref().map(|(_, e)| e))
-        .collect();
-    let owners: Vec<&str> = finishes.iter().map(|(_, f)| &*f.owner).collect();
-    let audits: Vec<bool> = finishes.iter().map(|(_, f)| f.audit).collect();
-    let audit_data: Vec<Option<&Value>> = finishes
-        .iter()
-        .map(|(_, f)| f.audit_data.as_ref())
-        .collect();
-    let finished: HashSet<Uuid> = tx
-        .query(
-            &stmt,
-            &[
-                &tx_ids,
-                &tx_status,
-                &request_ids,
-                &request_status,
-                &outputs,
-                &errors,
-                &summaries,
-                &retry_at,
-                &envelopes,
-                &owners,
-                &audits,
-                &audit_data,
-            ],
-        )
+    let fc = FinishColumns::of(finishes);
+    let rows = tx
+        .query(&stmt, &fc.params())
         .await
-        .map_err(|e| unavailable(&e))?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+        .map_err(|e| unavailable(&e))?;
+    let finished: HashSet<Uuid> = rows.iter().map(|r| r.get(0)).collect();
+    answer_finishes(finishes, &finished, replies);
+    Ok(())
+}
+
+/// An outcome that was not written was fenced.
+fn answer_finishes(finishes: &[(usize, &Finish)], finished: &HashSet<Uuid>, replies: &mut Replies) {
     for (i, f) in finishes {
         if !finished.contains(&f.tx_id) {
             replies[*i] = Err(LogError::Fenced(f.tx_id));
         }
     }
-    Ok(())
 }
+
+/// Outcomes as the columns of the `unnest` in `finish_ctes!`.
+struct FinishColumns<'a> {
+    tx_ids: Vec<Uuid>,
+    tx_status: Vec<&'a str>,
+    request_ids: Vec<&'a str>,
+    request_status: Vec<&'a str>,
+    outputs: Vec<Option<&'a Value>>,
+    errors: Vec<Option<&'a Value>>,
+    summaries: Vec<&'a Value>,
+    retry_at: Vec<Option<chrono::DateTime<chrono::Utc>>>,
+    envelopes: Vec<Option<&'a Value>>,
+    owners: Vec<&'a str>,
+    audits: Vec<bool>,
+    audit_data: Vec<Option<&'a Value>>,
+}
+
+impl<'a> FinishColumns<'a> {
+    fn of(finishes: &[(usize, &'a Finish)]) -> Self {
+        let f = || finishes.iter().map(|(_, f)| *f);
+        Self {
+            tx_ids: f().map(|f| f.tx_id).collect(),
+            tx_status: f().map(|f| f.tx_status.as_str()).collect(),
+            request_ids: f().map(|f| f.request_id.as_str()).collect(),
+            request_status: f().map(|f| f.request_status.as_str()).collect(),
+            outputs: f().map(|f| f.output.as_ref()).collect(),
+            errors: f().map(|f| f.error.as_ref()).collect(),
+            summaries: f().map(|f| &f.summary).collect(),
+            retry_at: f().map(|f| f.retry_at.as_ref().map(|(t, _)| *t)).collect(),
+            envelopes: f().map(|f| f.retry_at.as_ref().map(|(_, e)| e)).collect(),
+            owners: f().map(|f| &*f.owner).collect(),
+            audits: f().map(|f| f.audit).collect(),
+            audit_data: f().map(|f| f.audit_data.as_ref()).collect(),
+        }
+    }
+
+    fn params(&self) -> [&(dyn ToSql + Sync); 12] {
+        [
+            &self.tx_ids,
+            &self.tx_status,
+            &self.request_ids,
+            &self.request_status,
+            &self.outputs,
+            &self.errors,
+            &self.summaries,
+            &self.retry_at,
+            &self.envelopes,
+            &self.owners,
+            &self.audits,
+            &self.audit_data,
+        ]
+    }
+}
+
+#[cfg(test)]
+#[path = "txlog_tests.rs"]
+mod tests;
