@@ -6,7 +6,7 @@
 //! request in flight. Several batches may commit concurrently (`writers`), so a slow commit
 //! does not stall the next batch from forming.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -236,7 +236,9 @@ async fn commit_batch(pool: &Pool, batch: Vec<Job>) {
 /// request that was upserted and make it the request's current one, and write the step
 /// records that came with an opening (`BeginWith`) for each transaction opened. Those records
 /// need no fencing: their transaction was created by this very statement.
-const SQL_BEGIN: &str = "WITH u AS (\
+macro_rules! begin_ctes {
+    () => {
+        "u AS (\
        SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int4[], $5::uuid[], $6::text[], \
                             $7::jsonb[], $8::uuid[], $9::text[], $10::text[], $11::bool[], $12::text[], $13::float8[], \
                             $14::bool[]) \
@@ -265,8 +267,10 @@ const SQL_BEGIN: &str = "WITH u AS (\
        FROM unnest($15::uuid[], $16::int4[], $17::text[], $18::text[], $19::text[], $20::text[], \
                    $21::jsonb[], $22::jsonb[], $23::jsonb[], $24::jsonb[], $25::text[]) \
             AS v(tx_id, seq, kind, path, provider, action, input, output, rollback_data, error, procedure) \
-       JOIN t ON t.id = v.tx_id) \
-     SELECT request_id, attempt FROM t";
+       JOIN t ON t.id = v.tx_id)"
+    };
+}
+const SQL_BEGIN: &str = concat!("WITH ", begin_ctes!(), " SELECT request_id, attempt FROM t");
 
 /// Why a `Begin` opened nothing: the request's status, and whether its current attempt is
 /// unfinished and still leased.
@@ -294,30 +298,30 @@ const SQL_STATUS: &str =
 /// whole table.
 macro_rules! finish_ctes {
     () => {
-        "u AS (\
+        "fu AS (\
        SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::jsonb[], $7::jsonb[], \
                             $8::timestamptz[], $9::jsonb[], $10::text[], $11::bool[], $12::jsonb[]) \
-       AS u(tx_id, tx_status, request_id, request_status, output, error, summary, retry_at, envelope, owner, \
+       AS fu(tx_id, tx_status, request_id, request_status, output, error, summary, retry_at, envelope, owner, \
             audit, audit_data)), \
-     t AS (\
-       UPDATE transactions SET status = u.tx_status, output = u.output, error = u.error, \
-              audit = transactions.audit OR u.audit, audit_data = u.audit_data, \
+     ft AS (\
+       UPDATE transactions SET status = fu.tx_status, output = fu.output, error = fu.error, \
+              audit = transactions.audit OR fu.audit, audit_data = fu.audit_data, \
               finished_at = now(), lease_until = NULL \
-       FROM u WHERE transactions.id = ANY($1::uuid[]) AND transactions.id = u.tx_id \
-         AND transactions.engine_id = u.owner AND transactions.finished_at IS NULL \
+       FROM fu WHERE transactions.id = ANY($1::uuid[]) AND transactions.id = fu.tx_id \
+         AND transactions.engine_id = fu.owner AND transactions.finished_at IS NULL \
        RETURNING transactions.id), \
-     r AS (\
-       UPDATE requests SET status = u.request_status, output = u.output, error = u.error, steps = u.summary, \
-            finished_at = CASE WHEN u.retry_at IS NULL THEN now() END, \
-            not_before = coalesce(u.retry_at, requests.not_before), \
-            envelope = coalesce(u.envelope, requests.envelope), \
+     fr AS (\
+       UPDATE requests SET status = fu.request_status, output = fu.output, error = fu.error, steps = fu.summary, \
+            finished_at = CASE WHEN fu.retry_at IS NULL THEN now() END, \
+            not_before = coalesce(fu.retry_at, requests.not_before), \
+            envelope = coalesce(fu.envelope, requests.envelope), \
             started_at = coalesce(requests.started_at, now()), \
             attempts = greatest(requests.attempts, 1) \
-       FROM u JOIN t ON t.id = u.tx_id \
-       WHERE requests.id = ANY($3::text[]) AND requests.id = u.request_id AND requests.current_tx = u.tx_id)"
+       FROM fu JOIN ft ON ft.id = fu.tx_id \
+       WHERE requests.id = ANY($3::text[]) AND requests.id = fu.request_id AND requests.current_tx = fu.tx_id)"
     };
 }
-const SQL_FINISH: &str = concat!("WITH ", finish_ctes!(), " SELECT id FROM t");
+const SQL_FINISH: &str = concat!("WITH ", finish_ctes!(), " SELECT id FROM ft");
 
 /// The step records and the outcomes of one batch in one statement, so that a request's last
 /// commit (its last call's result with its outcome) needs no `BEGIN` and `COMMIT`. Both parts
@@ -326,13 +330,37 @@ const SQL_FINISH: &str = concat!("WITH ", finish_ctes!(), " SELECT id FROM t");
 /// `seq` answer step records, rows without answer outcomes.
 static SQL_STEPS_THEN_FINISH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
-        "WITH s AS ({SQL_STEPS}), {} SELECT tx_id, seq FROM s UNION ALL SELECT id, NULL FROM t",
+        "WITH st AS ({SQL_STEPS}), {} SELECT tx_id, seq FROM st UNION ALL SELECT id, NULL FROM ft",
         renumber(finish_ctes!(), SQL_STEPS_PARAMS)
     )
 });
 
 /// Parameters of `SQL_STEPS`: the step columns and the owner.
 const SQL_STEPS_PARAMS: usize = 12;
+/// Parameters of `begin_ctes!`'s openings, before the step columns of its records.
+const BEGIN_PARAMS: usize = 14;
+/// Step columns (`StepColumns::params`).
+const STEP_COLUMNS: usize = 11;
+
+/// A whole batch in one statement: openings (with their first records), step records and
+/// outcomes, so that a batch under load is one round trip and one commit instead of `BEGIN`,
+/// three statements and `COMMIT`. All parts read one snapshot, so this is used only when no
+/// part depends on another's writes: no outcome opens its own transaction (`Finish::open`),
+/// and a plain step record or outcome never belongs to a transaction opened in the same
+/// batch (a run writes past its opening only once the opening is answered). Rows: kind 0 an
+/// opening (request, attempt), 1 a step record (tx, seq), 2 an outcome (tx).
+static SQL_OPEN_STEPS_FINISH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let steps_at = BEGIN_PARAMS + STEP_COLUMNS;
+    format!(
+        "WITH {}, st AS ({}), {} \
+         SELECT 0, request_id, attempt, NULL::uuid FROM t \
+         UNION ALL SELECT 1, NULL, seq, tx_id FROM st \
+         UNION ALL SELECT 2, NULL, NULL, id FROM ft",
+        begin_ctes!(),
+        renumber(SQL_STEPS, steps_at),
+        renumber(finish_ctes!(), steps_at + SQL_STEPS_PARAMS)
+    )
+});
 
 /// `sql` with every parameter `$n` renamed `$(n + by)`, to place a statement's parameters
 /// after another's in one statement.
@@ -368,9 +396,17 @@ impl<'r> Sorted<'r> {
     /// How many statements writing this batch takes (an opening that opens nothing adds a
     /// read, which needs no transaction).
     fn statements(&self) -> usize {
-        usize::from(!self.begins.is_empty())
-            + usize::from(!self.steps.is_empty() || !self.finishes.is_empty())
+        let rest = !self.steps.is_empty() || !self.finishes.is_empty();
+        let begins = !self.begins.is_empty();
+        usize::from(begins || rest)
+            + usize::from(begins && rest && !self.all_in_one())
             + self.statuses.len()
+    }
+
+    /// Openings, step records and outcomes can share one statement: no outcome opens its own
+    /// transaction, so nothing in the batch needs to see another part's writes.
+    fn all_in_one(&self) -> bool {
+        self.finishes.iter().all(|(_, f)| f.open.is_none())
     }
 
     fn of(records: &[&'r Record]) -> Self {
@@ -435,6 +471,11 @@ async fn write_sorted<C: GenericClient>(
     sorted: &Sorted<'_>,
     replies: &mut Replies,
 ) -> Result<(), LogError> {
+    let rest = !sorted.steps.is_empty() || !sorted.finishes.is_empty();
+    if !sorted.begins.is_empty() && rest && sorted.all_in_one() {
+        write_statuses(c, &sorted.statuses, replies).await?;
+        return write_all(c, sorted, replies).await;
+    }
     if !sorted.begins.is_empty() {
         write_begins(c, &sorted.begins, &sorted.begin_steps, replies).await?;
     }
@@ -463,56 +504,79 @@ async fn write_begins<C: GenericClient>(
         .prepare_cached(SQL_BEGIN)
         .await
         .map_err(|e| unavailable(&e))?;
-    let col =
-        |f: &dyn Fn(&Begin) -> String| begins.iter().map(|(_, b, _)| f(b)).collect::<Vec<String>>();
-    let request_ids = col(&|b| b.request_id.clone());
-    let namespaces = col(&|b| b.namespace.clone());
-    let procedures = col(&|b| b.procedure.clone());
-    let versions: Vec<i32> = begins.iter().map(|(_, b, _)| b.namespace_version).collect();
-    let principals: Vec<Option<Uuid>> = begins.iter().map(|(_, b, _)| b.principal_id).collect();
-    let priorities: Vec<&str> = begins.iter().map(|(_, b, _)| b.priority).collect();
-    let inputs: Vec<&Value> = begins.iter().map(|(_, b, _)| &b.input).collect();
-    let tx_ids: Vec<Uuid> = begins.iter().map(|(_, b, _)| b.tx_id).collect();
-    let models: Vec<&str> = begins.iter().map(|(_, b, _)| b.model).collect();
-    let status: Vec<&str> = begins.iter().map(|(_, _, s)| *s).collect();
-    let audits: Vec<bool> = begins.iter().map(|(_, b, _)| b.audit).collect();
-    let engines = col(&|b| b.engine_id.clone());
-    let leases: Vec<f64> = begins.iter().map(|(_, b, _)| b.lease_seconds).collect();
-    let first_only: Vec<bool> = begins.iter().map(|(_, b, _)| b.first_only).collect();
+    let bc = BeginColumns::of(begins);
     let sc = StepColumns::of(with.iter().copied());
-    let mut params: Vec<&(dyn ToSql + Sync)> = vec![
-        &request_ids,
-        &namespaces,
-        &procedures,
-        &versions,
-        &principals,
-        &priorities,
-        &inputs,
-        &tx_ids,
-        &models,
-        &status,
-        &audits,
-        &engines,
-        &leases,
-        &first_only,
-    ];
+    let mut params = bc.params().to_vec();
     params.extend(sc.params());
     let rows = tx
         .query(&stmt, &params)
         .await
         .map_err(|e| unavailable(&e))?;
-    let opened: std::collections::HashMap<String, i32> = rows
+    let opened = rows
         .iter()
         .map(|r| (r.get::<_, String>(0), r.get::<_, i32>(1)))
         .collect();
+    answer_begins(tx, begins, &opened, replies).await
+}
+
+/// Every kind of record of a batch in one statement (`SQL_OPEN_STEPS_FINISH`): openings, step
+/// records and outcomes.
+async fn write_all<C: GenericClient>(
+    c: &C,
+    sorted: &Sorted<'_>,
+    replies: &mut Replies,
+) -> Result<(), LogError> {
+    let stmt = c
+        .prepare_cached(&SQL_OPEN_STEPS_FINISH)
+        .await
+        .map_err(|e| unavailable(&e))?;
+    let bc = BeginColumns::of(&sorted.begins);
+    let with = StepColumns::of(sorted.begin_steps.iter().copied());
+    let sc = StepColumns::of(sorted.steps.iter().map(|(_, s)| *s));
+    let owners: Vec<&str> = sorted.steps.iter().map(|(_, s)| &*s.owner).collect();
+    let fc = FinishColumns::of(&sorted.finishes);
+    let mut params = bc.params().to_vec();
+    params.extend(with.params());
+    params.extend(sc.params());
+    params.push(&owners);
+    params.extend(fc.params());
+    let rows = c.query(&stmt, &params).await.map_err(|e| unavailable(&e))?;
+    let mut opened = HashMap::new();
+    let mut written = HashSet::new();
+    let mut finished = HashSet::new();
+    for r in &rows {
+        match r.get::<_, i32>(0) {
+            0 => {
+                opened.insert(r.get::<_, String>(1), r.get::<_, i32>(2));
+            }
+            1 => {
+                written.insert((r.get::<_, Uuid>(3), r.get::<_, i32>(2)));
+            }
+            _ => {
+                finished.insert(r.get::<_, Uuid>(3));
+            }
+        }
+    }
+    answer_steps(&sorted.steps, &written, replies);
+    answer_finishes(&sorted.finishes, &finished, replies);
+    answer_begins(c, &sorted.begins, &opened, replies).await
+}
+
+/// Answers each opening: its attempt, or (read after the fact) why it opened nothing.
+async fn answer_begins<C: GenericClient>(
+    c: &C,
+    begins: &[(Option<usize>, &Begin, &str)],
+    opened: &HashMap<String, i32>,
+    replies: &mut Replies,
+) -> Result<(), LogError> {
     let not_opened: Vec<&str> = begins
         .iter()
         .filter(|(i, b, _)| i.is_some() && !opened.contains_key(&b.request_id))
         .map(|(_, b, _)| b.request_id.as_str())
         .collect();
-    let mut why = std::collections::HashMap::new();
+    let mut why = HashMap::new();
     if !not_opened.is_empty() {
-        for r in tx
+        for r in c
             .query(SQL_NOT_OPENED, &[&not_opened])
             .await
             .map_err(|e| unavailable(&e))?
@@ -542,6 +606,65 @@ async fn write_begins<C: GenericClient>(
         }
     }
     Ok(())
+}
+
+/// Openings as the columns of the first `unnest` in `begin_ctes!`.
+struct BeginColumns<'a> {
+    request_ids: Vec<&'a str>,
+    namespaces: Vec<&'a str>,
+    procedures: Vec<&'a str>,
+    versions: Vec<i32>,
+    principals: Vec<Option<Uuid>>,
+    priorities: Vec<&'a str>,
+    inputs: Vec<&'a Value>,
+    tx_ids: Vec<Uuid>,
+    models: Vec<&'a str>,
+    status: Vec<&'a str>,
+    audits: Vec<bool>,
+    engines: Vec<&'a str>,
+    leases: Vec<f64>,
+    first_only: Vec<bool>,
+}
+
+impl<'a> BeginColumns<'a> {
+    fn of(begins: &[(Option<usize>, &'a Begin, &'a str)]) -> Self {
+        let b = || begins.iter().map(|(_, b, _)| *b);
+        Self {
+            request_ids: b().map(|b| b.request_id.as_str()).collect(),
+            namespaces: b().map(|b| b.namespace.as_str()).collect(),
+            procedures: b().map(|b| b.procedure.as_str()).collect(),
+            versions: b().map(|b| b.namespace_version).collect(),
+            principals: b().map(|b| b.principal_id).collect(),
+            priorities: b().map(|b| b.priority).collect(),
+            inputs: b().map(|b| &b.input).collect(),
+            tx_ids: b().map(|b| b.tx_id).collect(),
+            models: b().map(|b| b.model).collect(),
+            status: begins.iter().map(|(_, _, s)| *s).collect(),
+            audits: b().map(|b| b.audit).collect(),
+            engines: b().map(|b| b.engine_id.as_str()).collect(),
+            leases: b().map(|b| b.lease_seconds).collect(),
+            first_only: b().map(|b| b.first_only).collect(),
+        }
+    }
+
+    fn params(&self) -> [&(dyn ToSql + Sync); BEGIN_PARAMS] {
+        [
+            &self.request_ids,
+            &self.namespaces,
+            &self.procedures,
+            &self.versions,
+            &self.principals,
+            &self.priorities,
+            &self.inputs,
+            &self.tx_ids,
+            &self.models,
+            &self.status,
+            &self.audits,
+            &self.engines,
+            &self.leases,
+            &self.first_only,
+        ]
+    }
 }
 
 /// Step records, each only while its writer still owns the transaction.

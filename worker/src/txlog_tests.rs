@@ -80,8 +80,6 @@ fn a_last_result_with_its_outcome_is_one_statement() {
     let alone = Record::Steps(vec![step(tx_id, 1, "unit")]);
     assert_eq!(Sorted::of(&[&last]).statements(), 1);
     assert_eq!(Sorted::of(&[&alone, &last]).statements(), 1);
-    let opening = Record::Begin(begin(Uuid::now_v7(), "other"));
-    assert_eq!(Sorted::of(&[&opening, &alone, &last]).statements(), 2);
 }
 
 /// The last call's result and the outcome land in one commit (the step row, the transaction
@@ -147,4 +145,80 @@ async fn a_last_result_and_its_outcome_commit_together_and_are_fenced_together()
     );
     assert!(fenced.get::<_, bool>(1), "the transaction stays unfinished");
     assert_eq!(fenced.get::<_, String>(2), "running");
+}
+
+#[test]
+fn openings_step_records_and_outcomes_are_one_statement_unless_an_outcome_opens() {
+    let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+    let opening = Record::BeginWith(begin(a, "ra"), vec![step(a, 1, "unit")]);
+    let last = Record::Finish(Box::new(finish(b, "rb", "unit")));
+    assert_eq!(Sorted::of(&[&opening, &last]).statements(), 1);
+    let mut read = finish(Uuid::now_v7(), "rc", "unit");
+    read.open = Some(begin(read.tx_id, "rc"));
+    let read = Record::Finish(Box::new(read));
+    assert_eq!(Sorted::of(&[&opening, &last, &read]).statements(), 2);
+}
+
+/// One batch of every kind: a new opening with its first record, a step record of a running
+/// transaction, the outcome of another, and an opening refused because its request is busy —
+/// one commit for all that was written, and each record its own answer.
+#[tokio::test]
+async fn a_batch_of_every_kind_commits_once_and_answers_each_record() {
+    let db = crate::testing::TempDb::new(4).await;
+    let log = TxLog::start(db.pool.clone(), 16, 2);
+    let (new, running, ending) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+    for (tx, rid) in [(running, "req-running"), (ending, "req-ending")] {
+        let opened = log.write(Record::Begin(begin(tx, rid))).await;
+        assert!(
+            matches!(opened, Ok(Reply::Began { attempt: 1 })),
+            "{opened:?}"
+        );
+    }
+    let records = [
+        Record::BeginWith(begin(new, "req-new"), vec![step(new, 1, "unit")]),
+        Record::Steps(vec![step(running, 1, "unit")]),
+        Record::Finish(Box::new(finish(ending, "req-ending", "unit"))),
+        Record::Begin(begin(Uuid::now_v7(), "req-running")),
+        Record::Steps(vec![step(ending, 1, "another-engine")]),
+    ];
+    let refs: Vec<&Record> = records.iter().collect();
+    assert_eq!(Sorted::of(&refs).statements(), 1);
+    let replies = write_together(&db.pool, &refs).await.expect("written");
+    assert!(
+        matches!(replies[0], Ok(Reply::Began { attempt: 1 })),
+        "{:?}",
+        replies[0]
+    );
+    assert!(matches!(replies[1], Ok(Reply::Done)), "{:?}", replies[1]);
+    assert!(matches!(replies[2], Ok(Reply::Done)), "{:?}", replies[2]);
+    assert!(matches!(replies[3], Ok(Reply::Busy)), "{:?}", replies[3]);
+    assert!(
+        matches!(replies[4], Err(LogError::Fenced(t)) if t == ending),
+        "{:?}",
+        replies[4]
+    );
+    let client = db.pool.get().await.expect("client");
+    let xmins: Vec<String> = client
+        .query(
+            "SELECT xmin::text FROM tx_steps WHERE (tx_id, seq) IN (($1, 1), ($2, 1), ($3, 2)) \
+             UNION ALL SELECT xmin::text FROM transactions WHERE id IN ($1, $3) \
+             UNION ALL SELECT xmin::text FROM requests WHERE id IN ('req-new', 'req-ending')",
+            &[&new, &running, &ending],
+        )
+        .await
+        .expect("rows")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(xmins.len(), 7, "{xmins:?}");
+    assert!(
+        xmins.iter().all(|x| *x == xmins[0]),
+        "one commit: {xmins:?}"
+    );
+    let status: String = client
+        .query_one("SELECT status FROM requests WHERE id = 'req-ending'", &[])
+        .await
+        .expect("row")
+        .get(0);
+    assert_eq!(status, "succeeded");
 }
