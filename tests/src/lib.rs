@@ -389,7 +389,7 @@ impl TestEnv {
 
     /// Drops the database and the AMQP names of this test.
     pub async fn cleanup(mut self) {
-        remove_world(&self.amqp_url, &self.db_url, &self.topology()).await;
+        remove_world(&self.amqp_url, &self.db_url, &self.prefix, &self.topology()).await;
         self.cleaned = true;
     }
 }
@@ -402,7 +402,12 @@ impl Drop for TestEnv {
         if self.cleaned {
             return;
         }
-        let (amqp, db, topology) = (self.amqp_url.clone(), self.db_url.clone(), self.topology());
+        let (amqp, db, prefix, topology) = (
+            self.amqp_url.clone(),
+            self.db_url.clone(),
+            self.prefix.clone(),
+            self.topology(),
+        );
         let _ = std::thread::spawn(move || {
             if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -411,7 +416,7 @@ impl Drop for TestEnv {
                 rt.block_on(async {
                     let _ = tokio::time::timeout(
                         Duration::from_secs(30),
-                        remove_world(&amqp, &db, &topology),
+                        remove_world(&amqp, &db, &prefix, &topology),
                     )
                     .await;
                 });
@@ -421,7 +426,8 @@ impl Drop for TestEnv {
     }
 }
 
-async fn remove_world(amqp_url: &str, db_url: &str, topology: &Topology) {
+async fn remove_world(amqp_url: &str, db_url: &str, prefix: &str, topology: &Topology) {
+    kill_processes_of(prefix);
     if let Ok(conn) =
         lapin::Connection::connect(amqp_url, lapin::ConnectionProperties::default()).await
         && let Ok(ch) = conn.create_channel().await
@@ -429,6 +435,41 @@ async fn remove_world(amqp_url: &str, db_url: &str, topology: &Topology) {
         let _ = topology.delete(&ch).await;
     }
     let _ = provisio_shared::db::drop_database(&Secret::new(db_url.to_owned())).await;
+}
+
+/// Kills every process started with this test's environment (`PROVISIO_PREFIX` names its
+/// prefix) that still runs. A test that cleans up while its fleet is alive would otherwise
+/// race it: an engine whose queue is deleted under it declares the topology again, and the
+/// queues outlive the test on the broker.
+fn kill_processes_of(prefix: &str) {
+    let needle = format!("PROVISIO_PREFIX={prefix}\0");
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in dir.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == std::process::id() {
+            continue;
+        }
+        // Other users' processes cannot be read, and need not be.
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        if environ
+            .windows(needle.len())
+            .any(|w| w == needle.as_bytes())
+        {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+    }
 }
 
 /// Polls `probe` every 100 ms until it yields a value; fails after `limit`, naming `what`.
