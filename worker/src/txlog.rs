@@ -894,4 +894,4 @@ impl<'a> FinishColumns<'a> {
 
 #[cfg(test)]
 #[path = "txlog_tests.rs"]
-mod tests;
+pub(crate) mod tests;

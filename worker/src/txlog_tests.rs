@@ -11,14 +11,15 @@ use super::{
     Begin, Finish, LogError, Record, Reply, Sorted, StepRecord, TxLog, renumber, write_together,
 };
 
-fn begin(tx_id: Uuid, request_id: &str) -> Begin {
+/// An opening of `t.p` by engine `unit`, as the engine writes it.
+pub(crate) fn begin_as(tx_id: Uuid, request_id: &str, model: &'static str) -> Begin {
     Begin {
         tx_id,
         request_id: request_id.into(),
         namespace: "t".into(),
         procedure: "p".into(),
         namespace_version: 1,
-        model: "compensating",
+        model,
         audit: false,
         engine_id: "unit".into(),
         lease_seconds: 30.0,
@@ -27,6 +28,10 @@ fn begin(tx_id: Uuid, request_id: &str) -> Begin {
         priority: "normal",
         first_only: false,
     }
+}
+
+fn begin(tx_id: Uuid, request_id: &str) -> Begin {
+    begin_as(tx_id, request_id, "compensating")
 }
 
 fn step(tx_id: Uuid, seq: i32, owner: &str) -> StepRecord {

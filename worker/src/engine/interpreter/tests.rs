@@ -172,21 +172,7 @@ impl World {
 }
 
 fn begin(tx_id: Uuid, request_id: &str, model: TxModel) -> crate::txlog::Begin {
-    crate::txlog::Begin {
-        tx_id,
-        request_id: request_id.into(),
-        namespace: "t".into(),
-        procedure: "p".into(),
-        namespace_version: 1,
-        model: model.as_str(),
-        audit: false,
-        engine_id: "unit".into(),
-        lease_seconds: 30.0,
-        input: Value::Null,
-        principal_id: None,
-        priority: "normal",
-        first_only: false,
-    }
+    crate::txlog::tests::begin_as(tx_id, request_id, model.as_str())
 }
 
 fn pairs(v: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -526,21 +512,11 @@ async fn a_sensitive_procedure_seals_what_its_run_logs_and_rollback_still_works(
     let keyring = provisio_shared::sealing::Keyring::derived("unit");
     let tx_id = Uuid::now_v7();
     w.txlog
-        .write(crate::txlog::Record::Begin(crate::txlog::Begin {
+        .write(crate::txlog::Record::Begin(begin(
             tx_id,
-            request_id: "req-s".into(),
-            namespace: "t".into(),
-            procedure: "p".into(),
-            namespace_version: 1,
-            model: "compensating",
-            audit: false,
-            engine_id: "unit".into(),
-            lease_seconds: 30.0,
-            input: Value::Null,
-            principal_id: None,
-            priority: "normal",
-            first_only: false,
-        }))
+            "req-s",
+            TxModel::Compensating,
+        )))
         .await
         .expect("begin");
     let run = Run::new(
