@@ -124,8 +124,12 @@ impl Acceptor {
     }
 }
 
+/// One batch at a time: the next forms while the previous one commits, and is sent as soon as
+/// that returns. Four at a time (before stop 18) made smaller batches that held a connection
+/// and a transaction each across their broker confirms; under load that cost CPU and latency
+/// (`ops/bench --rate 1000`: p99 163–188 ms with four, 77–80 ms with one; docs/decisions.md).
 async fn collector(ctx: Arc<Ctx>, rx: mpsc::Receiver<Job>) {
-    provisio_shared::batch::run(rx, 128, 4, move |batch| {
+    provisio_shared::batch::run(rx, 128, 1, move |batch| {
         let ctx = ctx.clone();
         async move { accept_batch(&ctx, batch).await }
     })

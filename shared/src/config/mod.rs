@@ -101,7 +101,10 @@ pub struct TxLogConfig {
     pub probe_interval_ms: u64,
     /// Largest number of log records committed together by the group-commit writer.
     pub max_batch: usize,
-    /// Batches committed concurrently per server.
+    /// Batches committed concurrently per server. One (the default) commits the next batch as
+    /// soon as the previous returns: fewer, larger commits, which on a database with few
+    /// cores costs less CPU per request and no latency (docs/decisions.md, stop 18). A
+    /// database with many cores and slow flushes may gain from more.
     pub writers: usize,
 }
 
@@ -310,7 +313,7 @@ impl Default for TxLogConfig {
             timeout_seconds: 300,
             probe_interval_ms: 5000,
             max_batch: 256,
-            writers: 4,
+            writers: 1,
         }
     }
 }
