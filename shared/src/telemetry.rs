@@ -44,7 +44,29 @@ pub fn install_metrics() -> Result<PrometheusHandle, String> {
         .install_recorder()
         .map_err(|e| e.to_string())?;
     crate::metrics::describe();
+    spawn_upkeep(handle.clone());
     Ok(handle)
+}
+
+/// How often the recorder's histogram samples are folded into their buckets.
+const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The recorder keeps every histogram sample until a scrape or an upkeep folds it into the
+/// buckets (`install_recorder` leaves upkeep to the caller), so a process nobody scrapes would
+/// grow by every sample it records. A thread of its own, so that it runs whatever runtime the
+/// process has, for the process's life.
+fn spawn_upkeep(handle: PrometheusHandle) {
+    let spawned = std::thread::Builder::new()
+        .name("metrics-upkeep".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(UPKEEP_EVERY);
+                handle.run_upkeep();
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the metrics upkeep; histograms grow until scraped");
+    }
 }
 
 /// Readiness of one dependency as a shared flag: the process flips it when the dependency is
