@@ -261,7 +261,12 @@ pub struct Outgoing<'a> {
 
 struct Live {
     conn: Connection,
+    /// In confirm mode: every publish on it is awaited.
     channel: Channel,
+    /// Not in confirm mode, for publishes nobody waits on. On a confirming channel lapin
+    /// keeps each dropped confirm until someone calls `wait_for_confirms`: one kept promise
+    /// per outcome published, for the life of the connection.
+    plain: Channel,
 }
 
 /// A publisher with confirms, shared by all tasks of a process.
@@ -307,11 +312,11 @@ impl Publisher {
 
     /// Whether the last known connection is up (no I/O).
     pub async fn is_connected(&self) -> bool {
-        self.live
-            .lock()
-            .await
-            .as_ref()
-            .is_some_and(|l| l.conn.status().connected() && l.channel.status().connected())
+        self.live.lock().await.as_ref().is_some_and(|l| {
+            l.conn.status().connected()
+                && l.channel.status().connected()
+                && l.plain.status().connected()
+        })
     }
 
     async fn channel(&self) -> Result<Arc<Live>, AmqpError> {
@@ -319,6 +324,7 @@ impl Publisher {
         if let Some(live) = guard.as_ref()
             && live.conn.status().connected()
             && live.channel.status().connected()
+            && live.plain.status().connected()
         {
             return Ok(live.clone());
         }
@@ -336,7 +342,12 @@ impl Publisher {
                 .confirm_select(ConfirmSelectOptions::default())
                 .await?;
             self.topology.declare(&channel).await?;
-            Ok::<_, AmqpError>(Live { conn, channel })
+            let plain = conn.create_channel().await?;
+            Ok::<_, AmqpError>(Live {
+                conn,
+                channel,
+                plain,
+            })
         };
         let result = attempt.await;
         if let Ok(mut last) = self.last_failure.lock() {
@@ -408,7 +419,7 @@ impl Publisher {
     pub async fn publish_unconfirmed(&self, msg: Outgoing<'_>) -> Result<(), AmqpError> {
         let live = self.channel().await?;
         let r = live
-            .channel
+            .plain
             .basic_publish(
                 msg.exchange.into(),
                 msg.routing_key.into(),
