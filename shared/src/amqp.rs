@@ -459,6 +459,8 @@ impl Publisher {
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
+    use futures_util::StreamExt;
+
     use super::*;
 
     #[test]
@@ -485,6 +487,77 @@ mod tests {
             Err(AmqpError::Tls(_))
         ));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Outcome notifications go out on a channel without confirms: on the confirming one,
+    /// lapin keeps the confirm of every publish nobody waits for (an engine grew by about
+    /// 1 KB per request). The messages still arrive. Against the test broker
+    /// (`PROVISIO_TEST_AMQP`, set by `ops/test`).
+    #[tokio::test]
+    async fn unconfirmed_publishes_go_on_a_channel_without_confirms_and_arrive() {
+        let url = std::env::var("PROVISIO_TEST_AMQP")
+            .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+        let prefix = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let topology = Topology::new(&AmqpConfig {
+            prefix,
+            ..AmqpConfig::default()
+        });
+        let publisher = Publisher::new(&url, topology.clone(), Duration::from_secs(10));
+        publisher.ensure_connected().await.expect("connected");
+        let live = publisher.channel().await.expect("channel");
+        let queue = live
+            .channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("queue");
+        live.channel
+            .queue_bind(
+                queue.name().clone(),
+                topology.results_exchange().into(),
+                "#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("bound");
+        for _ in 0..3 {
+            publisher
+                .publish_unconfirmed(Outgoing {
+                    exchange: &topology.results_exchange(),
+                    routing_key: "t.p.succeeded",
+                    body: b"{}",
+                    properties: BasicProperties::default(),
+                })
+                .await
+                .expect("published");
+        }
+        assert!(live.channel.status().confirm() && !live.plain.status().confirm());
+        let mut consumer = live
+            .channel
+            .basic_consume(
+                queue.name().clone(),
+                "check".into(),
+                lapin::options::BasicConsumeOptions {
+                    no_ack: true,
+                    ..lapin::options::BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("consuming");
+        for _ in 0..3 {
+            let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.next()).await;
+            assert!(matches!(delivery, Ok(Some(Ok(_)))), "{delivery:?}");
+        }
+        let _ = topology.delete(&live.channel).await;
     }
 
     /// Publishes queued behind a connection attempt to a broker that never answers fail with
