@@ -396,17 +396,25 @@ impl<'r> Sorted<'r> {
     /// How many statements writing this batch takes (an opening that opens nothing adds a
     /// read, which needs no transaction).
     fn statements(&self) -> usize {
-        let rest = !self.steps.is_empty() || !self.finishes.is_empty();
         let begins = !self.begins.is_empty();
+        let rest = self.has_rest();
         usize::from(begins || rest)
-            + usize::from(begins && rest && !self.all_in_one())
+            + usize::from(begins && rest && !self.all_together())
             + self.statuses.len()
     }
 
-    /// Openings, step records and outcomes can share one statement: no outcome opens its own
-    /// transaction, so nothing in the batch needs to see another part's writes.
-    fn all_in_one(&self) -> bool {
-        self.finishes.iter().all(|(_, f)| f.open.is_none())
+    /// Step records or outcomes, besides openings.
+    fn has_rest(&self) -> bool {
+        !self.steps.is_empty() || !self.finishes.is_empty()
+    }
+
+    /// Openings, step records and outcomes go in one statement (`SQL_OPEN_STEPS_FINISH`):
+    /// there are openings and something else, and no outcome opens its own transaction, so
+    /// nothing in the batch needs to see another part's writes.
+    fn all_together(&self) -> bool {
+        !self.begins.is_empty()
+            && self.has_rest()
+            && self.finishes.iter().all(|(_, f)| f.open.is_none())
     }
 
     fn of(records: &[&'r Record]) -> Self {
@@ -471,8 +479,7 @@ async fn write_sorted<C: GenericClient>(
     sorted: &Sorted<'_>,
     replies: &mut Replies,
 ) -> Result<(), LogError> {
-    let rest = !sorted.steps.is_empty() || !sorted.finishes.is_empty();
-    if !sorted.begins.is_empty() && rest && sorted.all_in_one() {
+    if sorted.all_together() {
         write_statuses(c, &sorted.statuses, replies).await?;
         return write_all(c, sorted, replies).await;
     }
@@ -532,13 +539,11 @@ async fn write_all<C: GenericClient>(
         .map_err(|e| unavailable(&e))?;
     let bc = BeginColumns::of(&sorted.begins);
     let with = StepColumns::of(sorted.begin_steps.iter().copied());
-    let sc = StepColumns::of(sorted.steps.iter().map(|(_, s)| *s));
-    let owners: Vec<&str> = sorted.steps.iter().map(|(_, s)| &*s.owner).collect();
+    let sc = FencedSteps::of(&sorted.steps);
     let fc = FinishColumns::of(&sorted.finishes);
     let mut params = bc.params().to_vec();
     params.extend(with.params());
     params.extend(sc.params());
-    params.push(&owners);
     params.extend(fc.params());
     let rows = c.query(&stmt, &params).await.map_err(|e| unavailable(&e))?;
     let mut opened = HashMap::new();
@@ -677,12 +682,9 @@ async fn write_steps<C: GenericClient>(
         .prepare_cached(SQL_STEPS)
         .await
         .map_err(|e| unavailable(&e))?;
-    let sc = StepColumns::of(steps.iter().map(|(_, s)| *s));
-    let owners: Vec<&str> = steps.iter().map(|(_, s)| &*s.owner).collect();
-    let mut params = sc.params().to_vec();
-    params.push(&owners);
+    let sc = FencedSteps::of(steps);
     let rows = tx
-        .query(&stmt, &params)
+        .query(&stmt, &sc.params())
         .await
         .map_err(|e| unavailable(&e))?;
     let written: HashSet<(Uuid, i32)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
@@ -701,11 +703,9 @@ async fn write_steps_then_finishes<C: GenericClient>(
         .prepare_cached(&SQL_STEPS_THEN_FINISH)
         .await
         .map_err(|e| unavailable(&e))?;
-    let sc = StepColumns::of(steps.iter().map(|(_, s)| *s));
-    let owners: Vec<&str> = steps.iter().map(|(_, s)| &*s.owner).collect();
+    let sc = FencedSteps::of(steps);
     let fc = FinishColumns::of(finishes);
     let mut params = sc.params().to_vec();
-    params.push(&owners);
     params.extend(fc.params());
     let rows = tx
         .query(&stmt, &params)
@@ -734,6 +734,30 @@ fn answer_steps(
         if !written.contains(&(s.tx_id, s.seq)) {
             replies[*i] = Err(LogError::Fenced(s.tx_id));
         }
+    }
+}
+
+/// Step records written only while their writer owns the transaction: the columns and
+/// the owner, as `SQL_STEPS` reads them.
+struct FencedSteps<'a> {
+    columns: StepColumns<'a>,
+    owners: Vec<&'a str>,
+}
+
+impl<'a> FencedSteps<'a> {
+    fn of(steps: &[(usize, &'a StepRecord)]) -> Self {
+        Self {
+            columns: StepColumns::of(steps.iter().map(|(_, s)| *s)),
+            owners: steps.iter().map(|(_, s)| &*s.owner).collect(),
+        }
+    }
+
+    fn params(&self) -> [&(dyn ToSql + Sync); SQL_STEPS_PARAMS] {
+        let columns = self.columns.params();
+        let mut all = [columns[0]; SQL_STEPS_PARAMS];
+        all[..STEP_COLUMNS].copy_from_slice(&columns);
+        all[STEP_COLUMNS] = &self.owners;
+        all
     }
 }
 
@@ -771,7 +795,7 @@ impl<'a> StepColumns<'a> {
 
     /// The columns as statement parameters, in the order of the `unnest`s that read them
     /// (`SQL_STEPS` and the records of `SQL_BEGIN`).
-    fn params(&self) -> [&(dyn ToSql + Sync); 11] {
+    fn params(&self) -> [&(dyn ToSql + Sync); STEP_COLUMNS] {
         [
             &self.tx_ids,
             &self.seqs,
