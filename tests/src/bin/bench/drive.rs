@@ -38,6 +38,9 @@ pub(crate) struct RunFigures {
     /// Submission → accepted (HTTP 202, or the publish confirm in the reference run).
     pub(crate) accept_latency_ms: Percentiles,
     pub(crate) cost: Vec<ProcessCost>,
+    /// Where the time went, from the fleet's own histograms (empty for the reference run).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) stages: Vec<crate::stages::Stage>,
 }
 
 pub(crate) type SubmitFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
@@ -242,6 +245,7 @@ pub(crate) async fn measure(
         latency_ms: Percentiles::of(f.latencies),
         accept_latency_ms: Percentiles::of(tally.accept),
         cost,
+        stages: Vec::new(),
     })
 }
 

@@ -17,6 +17,7 @@
 mod drive;
 mod provisio;
 mod reference;
+mod stages;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -238,6 +239,28 @@ fn print(out: Out, name: &str, f: &RunFigures) {
             c.cpu_seconds_per_1000_requests,
             c.peak_rss_mib
                 .map_or_else(|| "-".to_owned(), |m| format!("{m:.1} MiB"))
+        ));
+    }
+    if !f.stages.is_empty() {
+        out.line(&format!(
+            "{:<10} where the time went (the fleet's histograms) {:>15} {:>12} {:>12}",
+            "", "samples", "mean", "p99 ≤"
+        ));
+    }
+    for s in &f.stages {
+        let unit = if s.metric.ends_with("_seconds") {
+            " ms"
+        } else {
+            ""
+        };
+        out.line(&format!(
+            "{:<10} {:<48} {:>12} {:>12} {:>12}",
+            "",
+            s.what,
+            s.count,
+            format!("{:.1}{unit}", s.mean),
+            s.p99_at_most
+                .map_or_else(|| "> last".to_owned(), |b| format!("{b}{unit}"))
         ));
     }
 }

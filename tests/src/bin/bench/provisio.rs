@@ -86,8 +86,21 @@ pub(crate) async fn run(args: &Args, plan: Plan) -> anyhow::Result<RunFigures> {
         input,
     )?;
 
-    let figures = measure(plan, submit, rx, who).await;
+    let mut figures = measure(plan, submit, rx, who).await;
     reader.abort();
+    // Scraped before the fleet stops; a process that does not answer is left out (its
+    // stages would be missing, not wrong).
+    if let Ok(f) = figures.as_mut() {
+        let mut texts = Vec::new();
+        for p in std::iter::once(&qm).chain(&engines) {
+            if let Ok(r) = env.http.get(format!("{}/metrics", p.url)).send().await
+                && let Ok(t) = r.text().await
+            {
+                texts.push(t);
+            }
+        }
+        f.stages = crate::stages::summarise(&texts);
+    }
     for e in engines {
         let _ = e.terminate().await;
     }
