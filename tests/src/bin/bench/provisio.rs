@@ -88,8 +88,8 @@ pub(crate) async fn run(args: &Args, plan: Plan) -> anyhow::Result<RunFigures> {
 
     let mut figures = measure(plan, submit, rx, who).await;
     reader.abort();
-    // Scraped before the fleet stops; a process that does not answer is left out (its
-    // stages would be missing, not wrong).
+    // Scraped before the fleet stops. A process that does not answer is left out, and the
+    // sums then cover the others only; the bench's own figures above do not depend on it.
     if let Ok(f) = figures.as_mut() {
         let mut texts = Vec::new();
         for p in std::iter::once(&qm).chain(&engines) {
