@@ -614,4 +614,5 @@ impl Config {
 
 #[cfg(test)]
 #[allow(clippy::result_large_err)] // figment's Jail closures return its large error type
+#[path = "config_tests.rs"]
 mod tests;

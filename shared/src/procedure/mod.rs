@@ -347,4 +347,5 @@ impl RetryDoc {
 }
 
 #[cfg(test)]
+#[path = "procedure_tests.rs"]
 mod tests;

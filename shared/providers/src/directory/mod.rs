@@ -183,4 +183,5 @@ fn col<'r, T: FromSql<'r>>(row: &'r Row, idx: usize) -> Result<T, ProviderError>
 }
 
 #[cfg(test)]
+#[path = "directory_tests.rs"]
 mod tests;

@@ -462,4 +462,5 @@ fn col<'r, T: FromSql<'r>>(row: &'r Row, idx: usize) -> Result<T, ProviderError>
 }
 
 #[cfg(test)]
+#[path = "resource_tests.rs"]
 mod tests;

@@ -601,4 +601,5 @@ impl<'a> Run<'a> {
 }
 
 #[cfg(test)]
+#[path = "interpreter_tests.rs"]
 mod tests;
