@@ -269,6 +269,15 @@ struct Live {
     plain: Channel,
 }
 
+impl Live {
+    /// The connection and both channels are open (no I/O).
+    fn usable(&self) -> bool {
+        self.conn.status().connected()
+            && self.channel.status().connected()
+            && self.plain.status().connected()
+    }
+}
+
 /// A publisher with confirms, shared by all tasks of a process.
 ///
 /// Many publishes are in flight on the one channel at once (pipelining); each caller waits
@@ -312,19 +321,13 @@ impl Publisher {
 
     /// Whether the last known connection is up (no I/O).
     pub async fn is_connected(&self) -> bool {
-        self.live.lock().await.as_ref().is_some_and(|l| {
-            l.conn.status().connected()
-                && l.channel.status().connected()
-                && l.plain.status().connected()
-        })
+        self.live.lock().await.as_ref().is_some_and(|l| l.usable())
     }
 
     async fn channel(&self) -> Result<Arc<Live>, AmqpError> {
         let mut guard = self.live.lock().await;
         if let Some(live) = guard.as_ref()
-            && live.conn.status().connected()
-            && live.channel.status().connected()
-            && live.plain.status().connected()
+            && live.usable()
         {
             return Ok(live.clone());
         }

@@ -65,6 +65,15 @@ async fn until(
     }
 }
 
+/// Whether `p` counts swept rows within 10 s. The sweep adds its count after its last
+/// statement (the expiry pass), a moment after the log is seen empty.
+async fn swept_some(env: &TestEnv, p: &Proc) -> anyhow::Result<bool> {
+    until(Duration::from_secs(10), async || {
+        Ok(metric(env, p, SWEPT).await?.unwrap_or_default() > 0.0)
+    })
+    .await
+}
+
 async fn log_is_empty(pg: &tokio_postgres::Client) -> anyhow::Result<bool> {
     let n: i64 = pg
         .query_one("SELECT count(*) FROM transactions", &[])
@@ -124,18 +133,7 @@ async fn one_auditor_sweeps_and_a_standby_takes_over_within_10_s_of_its_death() 
     );
     assert_eq!(metric(&env, &first, LEADER).await?, Some(1.0));
     assert_eq!(metric(&env, &second, LEADER).await?, Some(0.0));
-    // The sweep counts its rows after its last statement (the expiry pass), a moment after
-    // the log is seen empty.
-    assert!(
-        until(Duration::from_secs(10), async || Ok(metric(
-            &env, &first, SWEPT
-        )
-        .await?
-        .unwrap_or_default()
-            > 0.0))
-        .await?,
-        "the leader swept"
-    );
+    assert!(swept_some(&env, &first).await?, "the leader swept");
     assert_eq!(
         metric(&env, &second, SWEPT).await?,
         Some(0.0),
@@ -160,16 +158,7 @@ async fn one_auditor_sweeps_and_a_standby_takes_over_within_10_s_of_its_death() 
         until(Duration::from_secs(10), async || log_is_empty(&pg).await).await?,
         "the new leader sweeps within 10 s"
     );
-    assert!(
-        until(Duration::from_secs(10), async || Ok(metric(
-            &env, &second, SWEPT
-        )
-        .await?
-        .unwrap_or_default()
-            > 0.0))
-        .await?,
-        "the new leader swept"
-    );
+    assert!(swept_some(&env, &second).await?, "the new leader swept");
     drop((qm, engine, second));
     env.cleanup().await;
     Ok(())

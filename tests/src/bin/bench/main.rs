@@ -248,10 +248,10 @@ fn print(out: Out, name: &str, f: &RunFigures) {
         ));
     }
     for s in &f.stages {
-        let unit = if s.metric.ends_with("_seconds") {
-            " ms"
+        let unit = if s.unit.is_empty() {
+            String::new()
         } else {
-            ""
+            format!(" {}", s.unit)
         };
         out.line(&format!(
             "{:<10} {:<48} {:>12} {:>12} {:>12}",

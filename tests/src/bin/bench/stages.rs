@@ -28,7 +28,9 @@ pub(crate) struct Stage {
     pub(crate) metric: String,
     pub(crate) what: String,
     pub(crate) count: u64,
-    /// Mean sample (milliseconds for durations, records for batch sizes).
+    /// `ms` for durations, empty for counts (batch sizes).
+    pub(crate) unit: &'static str,
+    /// Mean sample, in `unit`.
     pub(crate) mean: f64,
     /// The bucket bound at or below which 99 % of the samples fall (same unit as `mean`);
     /// `None` when they fall above the last bound.
@@ -74,7 +76,8 @@ fn fold(text: &str, into: &mut BTreeMap<&'static str, Sums>) {
                 "_bucket" => {
                     if let Some(bound) = le(labels).and_then(|b| b.parse::<f64>().ok()) {
                         // Keyed by the bound's bits: the bounds are the same in every
-                        // process, and +Inf sorts last.
+                        // process, and the bits of non-negative floats (+Inf included)
+                        // sort as their values, so the map iterates in bound order.
                         let e = s.buckets.entry(bound.to_bits()).or_insert((bound, 0.0));
                         e.1 += value;
                     }
@@ -99,15 +102,14 @@ pub(crate) fn summarise(texts: &[String]) -> Vec<Stage> {
                 return None;
             }
             // Durations are recorded in seconds and shown in milliseconds.
-            let scale = if metric.ends_with("_seconds") {
-                1000.0
+            let (scale, unit) = if metric.ends_with("_seconds") {
+                (1000.0, "ms")
             } else {
-                1.0
+                (1.0, "")
             };
-            let mut bounds: Vec<(f64, f64)> = s.buckets.values().copied().collect();
-            bounds.sort_by(|a, b| a.0.total_cmp(&b.0));
-            let p99_at_most = bounds
-                .iter()
+            let p99_at_most = s
+                .buckets
+                .values()
                 .find(|(_, cumulative)| *cumulative >= 0.99 * s.count)
                 .map(|(bound, _)| *bound)
                 .filter(|b| b.is_finite())
@@ -115,6 +117,7 @@ pub(crate) fn summarise(texts: &[String]) -> Vec<Stage> {
             Some(Stage {
                 metric: (*metric).to_owned(),
                 what: (*what).to_owned(),
+                unit,
                 count: s.count as u64,
                 mean: s.sum / s.count * scale,
                 p99_at_most,
