@@ -141,8 +141,19 @@ fn truthy(v: &Value) -> bool {
     !matches!(v, Value::Null | Value::Bool(false))
 }
 
-/// An expression's input object, built field by field from borrowed JSON. jaq's values are
-/// reference-counted and not `Send`, so this lives only between building and evaluating.
+/// A JSON value in jq's form, converted once and handed to many expressions. jaq's values
+/// share their arrays and objects, so handing one over copies no more than its top level.
+#[derive(Clone, Debug, Default)]
+pub struct Converted(Val);
+
+impl Converted {
+    pub fn new(v: &Value) -> Self {
+        Self(to_val(v))
+    }
+}
+
+/// An expression's input object, built field by field from borrowed JSON, or from parts
+/// converted earlier ([`Converted`]) where those outlive the expression.
 #[derive(Default)]
 pub struct Fields(jaq_json::Map);
 
@@ -167,10 +178,31 @@ impl Fields {
         self
     }
 
-    /// A field holding an object built the same way.
-    pub fn nested(&mut self, key: &str, mut inner: Fields) -> &mut Self {
-        inner.0.sort_keys();
-        self.0.insert(Val::from(key.to_owned()), Val::obj(inner.0));
+    /// A field holding a value converted earlier ([`Converted`]): what every expression of a
+    /// run reads (its request, its caller, a procedure's input) is converted once per run
+    /// instead of once per expression.
+    pub fn converted(&mut self, key: &str, v: &Converted) -> &mut Self {
+        self.0.insert(Val::from(key.to_owned()), v.0.clone());
+        self
+    }
+
+    /// As [`Fields::object`], taking each entry's converted form from `cached` where it has
+    /// one: a scope's step results are converted once, when their step ends, and not again
+    /// for every later expression. An entry `cached` lacks is converted here.
+    pub fn object_cached<'v>(
+        &mut self,
+        key: &str,
+        entries: impl IntoIterator<Item = (&'v String, &'v Value)>,
+        cached: impl Fn(&str) -> Option<&'v Converted>,
+    ) -> &mut Self {
+        let obj = entries
+            .into_iter()
+            .map(|(k, v)| {
+                let v = cached(k).map_or_else(|| to_val(v), |c| c.0.clone());
+                (Val::from(k.clone()), v)
+            })
+            .collect();
+        self.0.insert(Val::from(key.to_owned()), Val::obj(obj));
         self
     }
 

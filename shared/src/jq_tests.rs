@@ -70,6 +70,24 @@ fn fields_evaluate_like_the_object_they_describe() {
 }
 
 #[test]
+fn converted_parts_are_read_as_given_and_missing_ones_converted_on_the_spot() {
+    let e = Expr::compile("{i: .input.n, a: .steps.a, b: .steps.b, k: (.steps | keys_unsorted)}")
+        .expect("compiles");
+    let input = Converted::new(&json!({"n": 7}));
+    let steps: serde_json::Map<String, Value> =
+        serde_json::from_value(json!({"b": 1, "a": 1})).expect("a map");
+    // The cached form of `a` differs from its JSON on purpose: it shows which one is read.
+    let a_cached = Converted::new(&json!("from the cache"));
+    let mut f = Fields::default();
+    f.converted("input", &input)
+        .object_cached("steps", &steps, |k| (k == "a").then_some(&a_cached));
+    assert_eq!(
+        e.eval_fields(f).expect("runs"),
+        json!({"i": 7, "a": "from the cache", "b": 1, "k": ["a", "b"]})
+    );
+}
+
+#[test]
 fn truthiness_follows_jq() {
     let e = Expr::compile(".x").expect("compiles");
     assert!(!e.eval_bool(&json!({"x": null})).expect("runs"));

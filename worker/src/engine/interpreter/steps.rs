@@ -204,7 +204,7 @@ impl Run<'_> {
         };
         let mut results = Vec::with_capacity(list.len());
         for (k, item) in list.into_iter().enumerate() {
-            let before: Vec<String> = scope.steps.keys().cloned().collect();
+            let before: Vec<String> = scope.steps.values().keys().cloned().collect();
             scope.locals.push((var.to_owned(), item));
             let r = self
                 .run_steps(at.ns, steps, scope, &format!("{path}[{k}]"), at.depth)
@@ -212,6 +212,7 @@ impl Run<'_> {
             scope.locals.pop();
             let mine: Map<String, Value> = scope
                 .steps
+                .values()
                 .iter()
                 .filter(|(key, _)| !before.contains(key))
                 .map(|(key, v)| (key.clone(), v.clone()))
