@@ -105,7 +105,14 @@ async fn submit_any(
         Some(id) => RequestId::parse(id.clone()).map_err(|e| ApiError::Malformed(e.to_string()))?,
         None => RequestId::generate(),
     };
-    let registration = wait.map(|_| app.waiters.register(id.as_str()));
+    let registration = match wait {
+        Some(wait) => {
+            let reg = app.waiters.register(id.as_str());
+            reg.followed(wait.min(crate::wait::FOLLOW_WAIT)).await;
+            Some(reg)
+        }
+        None => None,
+    };
     let status = accept_one(&app, &caller, body, id.clone(), trusted).await?;
     if let (Some(wait), Some(reg)) = (wait, registration)
         && let Some(rec) = wait_for(
@@ -156,7 +163,15 @@ pub async fn submit_batch(
                         .map_err(|e| ApiError::Malformed(e.to_string()))?,
                     None => RequestId::generate(),
                 };
-                let registration = deadline.map(|_| app.waiters.register(id.as_str()));
+                let registration = match deadline {
+                    Some(deadline) => {
+                        let reg = app.waiters.register(id.as_str());
+                        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                        reg.followed(left.min(crate::wait::FOLLOW_WAIT)).await;
+                        Some(reg)
+                    }
+                    None => None,
+                };
                 let status = accept_one(app, caller, body, id.clone(), false).await?;
                 if let (Some(deadline), Some(reg)) = (deadline, registration)
                     && let Some(rec) = wait_for(app, id.as_str(), &status, deadline, reg).await?
