@@ -19,7 +19,7 @@ use tokio::sync::{Notify, oneshot, watch};
 
 /// How long a waiter waits for the follower's binding before submitting anyway: a broker
 /// that cannot bind a queue in that time would not take the request's message either.
-pub const FOLLOW_WAIT: Duration = Duration::from_secs(2);
+const FOLLOW_WAIT: Duration = Duration::from_secs(2);
 
 /// How long the follower stays bound after the last waiter left: waiters tend to come in
 /// runs, and a binding costs a round trip to the broker.
@@ -114,6 +114,14 @@ impl Waiters {
             id: id.to_owned(),
             woken: rx,
         }
+    }
+
+    /// [`Waiters::register`], then [`Registration::followed`] for at most `within` (and
+    /// never longer than a broker needs to bind): what a handler does before submitting.
+    pub async fn register_followed(self: &Arc<Self>, id: &str, within: Duration) -> Registration {
+        let reg = self.register(id);
+        reg.followed(within.min(FOLLOW_WAIT)).await;
+        reg
     }
 
     fn wake(&self, id: &str) {

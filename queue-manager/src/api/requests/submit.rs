@@ -106,11 +106,7 @@ async fn submit_any(
         None => RequestId::generate(),
     };
     let registration = match wait {
-        Some(wait) => {
-            let reg = app.waiters.register(id.as_str());
-            reg.followed(wait.min(crate::wait::FOLLOW_WAIT)).await;
-            Some(reg)
-        }
+        Some(wait) => Some(app.waiters.register_followed(id.as_str(), wait).await),
         None => None,
     };
     let status = accept_one(&app, &caller, body, id.clone(), trusted).await?;
@@ -165,10 +161,8 @@ pub async fn submit_batch(
                 };
                 let registration = match deadline {
                     Some(deadline) => {
-                        let reg = app.waiters.register(id.as_str());
                         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-                        reg.followed(left.min(crate::wait::FOLLOW_WAIT)).await;
-                        Some(reg)
+                        Some(app.waiters.register_followed(id.as_str(), left).await)
                     }
                     None => None,
                 };
