@@ -27,8 +27,7 @@ struct Cli {
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let Some(cfg) = cli
         .config
@@ -37,6 +36,12 @@ async fn main() -> anyhow::Result<()> {
     else {
         return Ok(());
     };
+    provisio_shared::runtime::build(&cfg.runtime)
+        .context("starting the async runtime")?
+        .block_on(run(cfg))
+}
+
+async fn run(cfg: Config) -> anyhow::Result<()> {
     telemetry::init_tracing(&cfg.log);
     if cfg.security.signing_key.is_empty() {
         bail!(

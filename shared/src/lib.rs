@@ -17,6 +17,7 @@ pub mod procedure;
 pub use provisio_provider as provider;
 pub mod reconnect;
 pub mod retry;
+pub mod runtime;
 pub mod sealing;
 pub mod security;
 pub mod shutdown;

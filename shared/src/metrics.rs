@@ -38,6 +38,7 @@ pub const AUDITOR_STEP_DOWNS: &str = "provisio_auditor_step_downs_total";
 pub const DEAD_LETTERS_SETTLED: &str = "provisio_dead_letters_settled_total";
 pub const SCHEDULED_WAIT: &str = "provisio_scheduled_wait_seconds";
 pub const DENIALS: &str = "provisio_denials_total";
+pub const RUNTIME_THREADS: &str = "provisio_runtime_threads";
 
 /// Every metric above, for tests that check each one is served.
 pub const ALL: &[&str] = &[
@@ -74,6 +75,7 @@ pub const ALL: &[&str] = &[
     DEAD_LETTERS_SETTLED,
     SCHEDULED_WAIT,
     DENIALS,
+    RUNTIME_THREADS,
 ];
 
 /// The statuses an engine finishes a request with (`scheduled`: a request-level retry is due
@@ -340,6 +342,12 @@ pub const DESCRIPTIONS: &[(Kind, &str, Unit, &str)] = &[
         DENIALS,
         Unit::Count,
         "Calls and deliveries refused for security, by reason (unauthenticated, expired_key, forbidden, rate_limited).",
+    ),
+    (
+        Kind::Gauge,
+        RUNTIME_THREADS,
+        Unit::Count,
+        "Threads that run the process's tasks (`runtime.threads`; 0 there means one per CPU the process may use).",
     ),
 ];
 

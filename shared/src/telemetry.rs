@@ -44,6 +44,7 @@ pub fn install_metrics() -> Result<PrometheusHandle, String> {
         .install_recorder()
         .map_err(|e| e.to_string())?;
     crate::metrics::describe();
+    metrics::gauge!(crate::metrics::RUNTIME_THREADS).set(crate::runtime::threads() as f64);
     spawn_upkeep(handle.clone());
     Ok(handle)
 }

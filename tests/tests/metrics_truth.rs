@@ -59,6 +59,7 @@ const OWNERS: &[(&str, &[&str])] = &[
     (m::AUDITOR_STEP_DOWNS, &[AUDITOR]),
     (m::DEAD_LETTERS_SETTLED, &[AUDITOR]),
     (m::DENIALS, &[QM, ENGINE]),
+    (m::RUNTIME_THREADS, &[QM, ENGINE, AUDITOR]),
 ];
 
 const HISTOGRAMS: &[&str] = &[

@@ -5,7 +5,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
 use provisio_providers::catalog::StandardCatalog;
 use provisio_shared::amqp::{Publisher, Topology};
-use provisio_shared::config::ConfigArgs;
+use provisio_shared::config::{Config, ConfigArgs};
 use provisio_shared::namespaces::NamespaceCache;
 use provisio_shared::telemetry::{self, Readiness};
 use provisio_shared::{db, shutdown};
@@ -37,8 +37,7 @@ struct Cli {
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let Some(cfg) = cli
         .config
@@ -47,8 +46,14 @@ async fn main() -> anyhow::Result<()> {
     else {
         return Ok(());
     };
+    provisio_shared::runtime::build(&cfg.runtime)
+        .context("starting the async runtime")?
+        .block_on(run(cli.role, cfg))
+}
+
+async fn run(role: Role, cfg: Config) -> anyhow::Result<()> {
     telemetry::init_tracing(&cfg.log);
-    if cli.role == Role::Engine && cfg.security.signing_key.is_empty() {
+    if role == Role::Engine && cfg.security.signing_key.is_empty() {
         bail!(
             "security.signing_key is required (set PROVISIO_SIGNING_KEY or security.signing_key_file)"
         );
@@ -90,7 +95,7 @@ async fn main() -> anyhow::Result<()> {
         keyring: provisio_shared::sealing::Keyring::from_config(&cfg.security)
             .context("security.credential_keys")?,
     });
-    if cli.role == Role::Auditor {
+    if role == Role::Auditor {
         return provisio_worker::auditor::run(cfg, pool, recovery, metrics).await;
     }
 

@@ -74,6 +74,7 @@ pub struct Config {
     pub providers: ProvidersConfig,
     pub validation: ValidationConfig,
     pub log: LogConfig,
+    pub runtime: RuntimeConfig,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -362,6 +363,17 @@ impl Default for EngineConfig {
     }
 }
 
+/// The async runtime of a queue manager, engine or auditor process.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Threads that run the process's tasks. 0 (the default): one per CPU the process may use
+    /// (a cgroup CPU limit counts). 1: one thread for everything, with no hand-offs between
+    /// threads; that costs less CPU per request where several processes share few cores
+    /// (docs/decisions.md, stop 21), and caps the process at one core.
+    pub threads: usize,
+}
+
 impl Default for LogConfig {
     fn default() -> Self {
         Self {
@@ -474,6 +486,7 @@ impl Config {
                     | "providers"
                     | "validation"
                     | "log"
+                    | "runtime"
             )
         });
         fig = fig.merge(env);
