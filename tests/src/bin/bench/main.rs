@@ -53,6 +53,12 @@ struct Args {
     /// engine's own default, `engine.prefetch`].
     #[arg(long, default_value_t = provisio_shared::config::EngineConfig::default().prefetch)]
     prefetch: u16,
+    /// Runtime threads of the queue manager and of each engine (`runtime.threads`). One by
+    /// default: on the bench's machine they share the cores with PostgreSQL, RabbitMQ and the
+    /// load generator, and one thread per process is the sizing docs/operations.md §9 gives
+    /// for that; 0 for one per CPU (the product's default).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
     /// The procedure to run, NAMESPACE.PROCEDURE.
     #[arg(long, default_value = "demo.hello")]
     procedure: String,
@@ -201,6 +207,7 @@ struct Report {
     concurrency: usize,
     engines: usize,
     prefetch: u16,
+    threads: usize,
     procedure: String,
     schema_validation: bool,
     provisio: RunFigures,
@@ -288,7 +295,7 @@ async fn run() -> anyhow::Result<()> {
     let plan = Plan::from_args(&args)?;
     let out = Out { json: args.json };
     out.line(&format!(
-        "provisio-bench: {} ({}), {}, {} engines, prefetch {}, schema validation {}",
+        "provisio-bench: {} ({}), {}, {} engines, prefetch {}, runtime threads {}, schema validation {}",
         args.procedure,
         if args.procedure == "demo.hello" {
             "3 compensating steps"
@@ -298,6 +305,7 @@ async fn run() -> anyhow::Result<()> {
         plan.describe(),
         args.engines,
         args.prefetch,
+        args.threads,
         if args.schema_validation { "on" } else { "off" }
     ));
     for (k, v) in &args.set {
@@ -331,6 +339,7 @@ async fn run() -> anyhow::Result<()> {
             concurrency: args.concurrency,
             engines: args.engines,
             prefetch: args.prefetch,
+            threads: args.threads,
             procedure: args.procedure.clone(),
             schema_validation: args.schema_validation,
             provisio: p,

@@ -43,6 +43,7 @@ pub(crate) async fn run(args: &Args, plan: Plan) -> anyhow::Result<RunFigures> {
         ("PROVISIO_ENGINE__PREFETCH", args.prefetch.to_string()),
         ("PROVISIO_DATABASE__POOL_SIZE", "16".to_owned()),
         ("PROVISIO_TXLOG__POOL_SIZE", "8".to_owned()),
+        ("PROVISIO_RUNTIME__THREADS", args.threads.to_string()),
     ] {
         env.extra_env.push((k.into(), v));
     }
