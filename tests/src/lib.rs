@@ -229,6 +229,30 @@ impl TestEnv {
         self.spawn("worker", &["--role", "engine"], &[]).await
     }
 
+    /// The value of a metric in `p`'s `/metrics`: `name` alone sums every series of the
+    /// metric, whatever their labels (an unlabelled gauge is its value); `name{labels}` is that
+    /// one series. `None` when the process serves no such series.
+    pub async fn metric(&self, p: &Proc, name: &str) -> anyhow::Result<Option<f64>> {
+        let text = self
+            .http
+            .get(format!("{}/metrics", p.url))
+            .send()
+            .await?
+            .text()
+            .await?;
+        let mut found = None;
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix(name) else {
+                continue;
+            };
+            if rest.starts_with(' ') || rest.starts_with('{') {
+                let v: f64 = rest.rsplit(' ').next().unwrap_or_default().parse()?;
+                *found.get_or_insert(0.0) += v;
+            }
+        }
+        Ok(found)
+    }
+
     pub async fn pg(&self) -> anyhow::Result<tokio_postgres::Client> {
         let (client, conn) = tokio_postgres::connect(&self.db_url, tokio_postgres::NoTls).await?;
         tokio::spawn(conn);

@@ -26,28 +26,6 @@ async fn auditor(env: &TestEnv) -> anyhow::Result<Proc> {
         .await
 }
 
-/// The value of a series in `p`'s `/metrics` (`name` may carry labels); `None` if absent.
-async fn metric(env: &TestEnv, p: &Proc, name: &str) -> anyhow::Result<Option<f64>> {
-    let text = env
-        .http
-        .get(format!("{}/metrics", p.url))
-        .send()
-        .await?
-        .text()
-        .await?;
-    let mut found = None;
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix(name) else {
-            continue;
-        };
-        if rest.starts_with(' ') || rest.starts_with('{') {
-            let v: f64 = rest.rsplit(' ').next().unwrap_or_default().parse()?;
-            *found.get_or_insert(0.0) += v;
-        }
-    }
-    Ok(found)
-}
-
 /// Polls `cond` until it holds or `limit` has passed; whether it held.
 async fn until(
     limit: Duration,
@@ -69,7 +47,7 @@ async fn until(
 /// statement (the expiry pass), a moment after the log is seen empty.
 async fn swept_some(env: &TestEnv, p: &Proc) -> anyhow::Result<bool> {
     until(Duration::from_secs(10), async || {
-        Ok(metric(env, p, SWEPT).await?.unwrap_or_default() > 0.0)
+        Ok(env.metric(p, SWEPT).await?.unwrap_or_default() > 0.0)
     })
     .await
 }
@@ -103,10 +81,9 @@ async fn one_auditor_sweeps_and_a_standby_takes_over_within_10_s_of_its_death() 
     assert_eq!(env.apply(&qm, "lead", NS).await?.0, 201);
     let first = auditor(&env).await?;
     assert!(
-        until(Duration::from_secs(30), async || Ok(metric(
-            &env, &first, LEADER
-        )
-        .await?
+        until(Duration::from_secs(30), async || Ok(env
+            .metric(&first, LEADER)
+            .await?
             == Some(1.0)))
         .await?,
         "the first auditor leads"
@@ -131,11 +108,11 @@ async fn one_auditor_sweeps_and_a_standby_takes_over_within_10_s_of_its_death() 
         until(Duration::from_secs(30), async || log_is_empty(&pg).await).await?,
         "the log is swept"
     );
-    assert_eq!(metric(&env, &first, LEADER).await?, Some(1.0));
-    assert_eq!(metric(&env, &second, LEADER).await?, Some(0.0));
+    assert_eq!(env.metric(&first, LEADER).await?, Some(1.0));
+    assert_eq!(env.metric(&second, LEADER).await?, Some(0.0));
     assert!(swept_some(&env, &first).await?, "the leader swept");
     assert_eq!(
-        metric(&env, &second, SWEPT).await?,
+        env.metric(&second, SWEPT).await?,
         Some(0.0),
         "the standby swept nothing"
     );
@@ -144,10 +121,9 @@ async fn one_auditor_sweeps_and_a_standby_takes_over_within_10_s_of_its_death() 
     let killed_at = Instant::now();
     first.kill().await;
     assert!(
-        until(Duration::from_secs(10), async || Ok(metric(
-            &env, &second, LEADER
-        )
-        .await?
+        until(Duration::from_secs(10), async || Ok(env
+            .metric(&second, LEADER)
+            .await?
             == Some(1.0)))
         .await?,
         "the standby leads within 10 s of the leader's death"
@@ -185,10 +161,9 @@ async fn a_leader_whose_lock_session_is_terminated_steps_down_and_leads_again() 
     let a = auditor(&env).await?;
     let pg = env.pg().await?;
     assert!(
-        until(Duration::from_secs(30), async || Ok(metric(
-            &env, &a, LEADER
-        )
-        .await?
+        until(Duration::from_secs(30), async || Ok(env
+            .metric(&a, LEADER)
+            .await?
             == Some(1.0)))
         .await?,
         "the auditor leads"
@@ -196,24 +171,22 @@ async fn a_leader_whose_lock_session_is_terminated_steps_down_and_leads_again() 
     let old = lock_holder(&pg)
         .await?
         .expect("the lock session holds the lock");
-    assert_eq!(metric(&env, &a, STEP_DOWNS).await?, Some(0.0));
+    assert_eq!(env.metric(&a, STEP_DOWNS).await?, Some(0.0));
 
     pg.execute("SELECT pg_terminate_backend($1)", &[&old])
         .await?;
     assert!(
-        until(Duration::from_secs(10), async || Ok(metric(
-            &env, &a, STEP_DOWNS
-        )
-        .await?
+        until(Duration::from_secs(10), async || Ok(env
+            .metric(&a, STEP_DOWNS)
+            .await?
             == Some(1.0)))
         .await?,
         "the leader noticed the loss and stepped down"
     );
     assert!(
-        until(Duration::from_secs(10), async || Ok(metric(
-            &env, &a, LEADER
-        )
-        .await?
+        until(Duration::from_secs(10), async || Ok(env
+            .metric(&a, LEADER)
+            .await?
             == Some(1.0)
             && lock_holder(&pg).await?.is_some_and(|pid| pid != old)))
         .await?,

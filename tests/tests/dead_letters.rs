@@ -31,28 +31,6 @@ async fn auditor(env: &TestEnv) -> anyhow::Result<Proc> {
     env.spawn("worker", &["--role", "auditor"], &[]).await
 }
 
-/// The value of a series in `p`'s `/metrics` (`name` may carry labels); `None` if absent.
-async fn metric(env: &TestEnv, p: &Proc, name: &str) -> anyhow::Result<Option<f64>> {
-    let text = env
-        .http
-        .get(format!("{}/metrics", p.url))
-        .send()
-        .await?
-        .text()
-        .await?;
-    let mut found = None;
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix(name) else {
-            continue;
-        };
-        if rest.starts_with(' ') || rest.starts_with('{') {
-            let v: f64 = rest.rsplit(' ').next().unwrap_or_default().parse()?;
-            *found.get_or_insert(0.0) += v;
-        }
-    }
-    Ok(found)
-}
-
 /// Polls `cond` until it holds or `limit` has passed; whether it held.
 async fn until(
     limit: Duration,
@@ -160,8 +138,7 @@ async fn a_request_that_reaches_the_delivery_limit_is_dead() -> anyhow::Result<(
         "the message is kept for operators"
     );
     assert_eq!(
-        metric(
-            &env,
+        env.metric(
             &aud,
             "provisio_dead_letters_settled_total{outcome=\"marked_dead\"}"
         )
@@ -223,14 +200,11 @@ async fn a_request_an_engine_cannot_authenticate_is_dead_and_stray_letters_kill_
     let settled =
         |outcome: &str| format!("provisio_dead_letters_settled_total{{outcome=\"{outcome}\"}}");
     assert!(
-        until(Duration::from_secs(30), async || Ok(metric(
-            &env,
-            &aud,
-            &settled("mismatch")
-        )
-        .await?
+        until(Duration::from_secs(30), async || Ok(env
+            .metric(&aud, &settled("mismatch"))
+            .await?
             == Some(1.0)
-            && metric(&env, &aud, &settled("unknown_request")).await?
+            && env.metric(&aud, &settled("unknown_request")).await?
                 == Some(1.0)))
         .await?,
         "both stray letters were read"

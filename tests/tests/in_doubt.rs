@@ -22,20 +22,6 @@ procedures:
       - {call: test.fail, input: '{code: "boom"}'}
 "#;
 
-async fn gauge(env: &TestEnv, p: &Proc) -> anyhow::Result<Option<f64>> {
-    let text = env
-        .http
-        .get(format!("{}/metrics", p.url))
-        .send()
-        .await?
-        .text()
-        .await?;
-    Ok(text
-        .lines()
-        .find_map(|l| l.strip_prefix("provisio_in_doubt_transactions "))
-        .and_then(|v| v.trim().parse().ok()))
-}
-
 async fn post(env: &TestEnv, qm: &Proc, path: &str, body: &Value) -> anyhow::Result<(u16, Value)> {
     let r = env
         .http
@@ -209,7 +195,11 @@ async fn an_in_doubt_transaction_is_listed_retried_after_a_fix_and_another_resol
     };
     let (tx_a, tx_b) = (tx_of(&ids[0]), tx_of(&ids[1]));
     eventually(Duration::from_secs(30), "the gauge at 2", || async {
-        Ok((gauge(&env, &auditor).await? == Some(2.0)).then_some(()))
+        Ok((env
+            .metric(&auditor, "provisio_in_doubt_transactions")
+            .await?
+            == Some(2.0))
+        .then_some(()))
     })
     .await?;
 
@@ -232,7 +222,11 @@ async fn an_in_doubt_transaction_is_listed_retried_after_a_fix_and_another_resol
 
     assert!(in_doubt(&env, &qm).await?.is_empty());
     eventually(Duration::from_secs(30), "the gauge back at 0", || async {
-        Ok((gauge(&env, &auditor).await? == Some(0.0)).then_some(()))
+        Ok((env
+            .metric(&auditor, "provisio_in_doubt_transactions")
+            .await?
+            == Some(0.0))
+        .then_some(()))
     })
     .await?;
     let n: i64 = pg

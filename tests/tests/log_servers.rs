@@ -38,21 +38,6 @@ async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
     Ok(client)
 }
 
-/// The value of an unlabelled gauge on a process's /metrics.
-async fn gauge(env: &TestEnv, p: &Proc, name: &str) -> anyhow::Result<Option<f64>> {
-    let text = env
-        .http
-        .get(format!("{}/metrics", p.url))
-        .send()
-        .await?
-        .text()
-        .await?;
-    Ok(text
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok()))
-}
-
 /// Submits `n` requests with ids `{tag}-{i}`; returns the accepted ids.
 async fn submit_many(
     env: &TestEnv,
@@ -167,10 +152,7 @@ async fn a_log_server_that_stops_answering_goes_on_the_bad_list_and_nothing_is_l
             Duration::from_secs(30),
             "server 2 on the bad list",
             || async {
-                Ok(
-                    (gauge(&env, e, "provisio_txlog_bad_servers").await? == Some(1.0))
-                        .then_some(()),
-                )
+                Ok((env.metric(e, "provisio_txlog_bad_servers").await? == Some(1.0)).then_some(()))
             },
         )
         .await?;
@@ -193,10 +175,7 @@ async fn a_log_server_that_stops_answering_goes_on_the_bad_list_and_nothing_is_l
             Duration::from_secs(30),
             "server 2 off the bad list",
             || async {
-                Ok(
-                    (gauge(&env, e, "provisio_txlog_bad_servers").await? == Some(0.0))
-                        .then_some(()),
-                )
+                Ok((env.metric(e, "provisio_txlog_bad_servers").await? == Some(0.0)).then_some(()))
             },
         )
         .await?;

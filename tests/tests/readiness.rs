@@ -23,21 +23,6 @@ async fn readyz_becomes(env: &TestEnv, p: &Proc, status: u16) -> anyhow::Result<
     anyhow::bail!("{}/readyz stayed at {last:?}, not {status}", p.url)
 }
 
-/// `provisio_broker_up` as `p` serves it.
-async fn broker_up(env: &TestEnv, p: &Proc) -> anyhow::Result<Option<f64>> {
-    let text = env
-        .http
-        .get(format!("{}/metrics", p.url))
-        .send()
-        .await?
-        .text()
-        .await?;
-    Ok(text
-        .lines()
-        .find_map(|l| l.strip_prefix("provisio_broker_up "))
-        .and_then(|v| v.trim().parse().ok()))
-}
-
 async fn proxy_to(addr: &str) -> anyhow::Result<Proxy> {
     let upstream = tokio::net::lookup_host(addr)
         .await?
@@ -62,7 +47,7 @@ async fn readiness_follows_the_database_and_the_broker() -> anyhow::Result<()> {
     let (qm, engine) = tokio::try_join!(env.queue_manager(), env.engine())?;
     for p in [&qm, &engine] {
         readyz_becomes(&env, p, 200).await?;
-        assert_eq!(broker_up(&env, p).await?, Some(1.0));
+        assert_eq!(env.metric(p, "provisio_broker_up").await?, Some(1.0));
     }
 
     db.cut().await;
@@ -80,12 +65,12 @@ async fn readiness_follows_the_database_and_the_broker() -> anyhow::Result<()> {
     for p in [&qm, &engine] {
         let body = readyz_becomes(&env, p, 503).await?;
         assert!(body.contains("broker"), "{body}");
-        assert_eq!(broker_up(&env, p).await?, Some(0.0));
+        assert_eq!(env.metric(p, "provisio_broker_up").await?, Some(0.0));
     }
     broker.restore().await?;
     for p in [&qm, &engine] {
         readyz_becomes(&env, p, 200).await?;
-        assert_eq!(broker_up(&env, p).await?, Some(1.0));
+        assert_eq!(env.metric(p, "provisio_broker_up").await?, Some(1.0));
     }
 
     drop((qm, engine));

@@ -363,21 +363,6 @@ async fn every_process_serves_metrics_health_and_readiness() -> R {
     Ok(())
 }
 
-/// `p`'s `provisio_runtime_threads`.
-async fn runtime_threads(env: &TestEnv, p: &Proc) -> anyhow::Result<Option<f64>> {
-    let text = env
-        .http
-        .get(format!("{}/metrics", p.url))
-        .send()
-        .await?
-        .text()
-        .await?;
-    Ok(text
-        .lines()
-        .find_map(|l| l.strip_prefix("provisio_runtime_threads "))
-        .and_then(|v| v.trim().parse().ok()))
-}
-
 /// `runtime.threads = 1` runs a process on tokio's current-thread runtime: everything (the
 /// HTTP server, the broker and database connections, the log writer, timers) must make
 /// progress on one thread, for a success and for a failure that rolls back.
@@ -394,9 +379,18 @@ async fn the_fleet_runs_requests_on_the_runtime_threads_it_is_given() -> R {
             &[("PROVISIO_RUNTIME__THREADS", "3")]
         ),
     )?;
-    assert_eq!(runtime_threads(&env, &qm).await?, Some(1.0));
-    assert_eq!(runtime_threads(&env, &engine).await?, Some(1.0));
-    assert_eq!(runtime_threads(&env, &wide).await?, Some(3.0));
+    assert_eq!(
+        env.metric(&qm, "provisio_runtime_threads").await?,
+        Some(1.0)
+    );
+    assert_eq!(
+        env.metric(&engine, "provisio_runtime_threads").await?,
+        Some(1.0)
+    );
+    assert_eq!(
+        env.metric(&wide, "provisio_runtime_threads").await?,
+        Some(3.0)
+    );
     // Only the one-thread engine consumes: the three-thread one has shown its count.
     drop(wide);
     env.apply(&qm, "demo", &demo_namespace()).await?;
