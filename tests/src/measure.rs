@@ -24,6 +24,24 @@ pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
+/// When the tail happened: for each whole second of the run (by when a request was submitted,
+/// or due in open loop), how many requests took at least `threshold`. A tail spread evenly
+/// over the seconds is queueing; one piled into a few seconds is a stall (a checkpoint, a
+/// sweep, a broker pause), and the two call for different cures.
+pub fn tail_by_second(samples: &[(Duration, Duration)], threshold: Duration) -> Vec<usize> {
+    let mut by_second = Vec::new();
+    for &(at, took) in samples {
+        let second = at.as_secs() as usize;
+        if by_second.len() <= second {
+            by_second.resize(second + 1, 0);
+        }
+        if took >= threshold {
+            by_second[second] += 1;
+        }
+    }
+    by_second
+}
+
 /// Latency percentiles in milliseconds, as printed and as written with `--json`.
 #[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
 pub struct Percentiles {

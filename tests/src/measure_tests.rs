@@ -98,3 +98,19 @@ fn this_process_is_measured() {
     assert!(costs[0].peak_rss_mib.is_some_and(|m| m > 0.0));
     assert!(costs[0].cpu_seconds >= 0.0);
 }
+
+#[test]
+fn the_tail_is_counted_by_the_second_it_was_submitted_in() {
+    let ms = Duration::from_millis;
+    let samples = [
+        (ms(100), ms(5)),
+        (ms(900), ms(60)),
+        (ms(1_500), ms(10)),
+        (ms(3_200), ms(50)),
+        (ms(3_300), ms(200)),
+    ];
+    // Seconds with no slow request are listed as 0, so a stall stands out by position.
+    assert_eq!(tail_by_second(&samples, ms(50)), vec![1, 0, 0, 2]);
+    assert_eq!(tail_by_second(&samples, ms(1_000)), vec![0, 0, 0, 0]);
+    assert!(tail_by_second(&[], ms(1)).is_empty());
+}

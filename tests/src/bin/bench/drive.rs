@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
-use provisio_tests::measure::{CostMeter, Percentiles, ProcessCost, Who};
+use provisio_tests::measure::{CostMeter, Percentiles, ProcessCost, Who, tail_by_second};
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
@@ -37,6 +37,12 @@ pub(crate) struct RunFigures {
     pub(crate) latency_ms: Percentiles,
     /// Submission → accepted (HTTP 202, or the publish confirm in the reference run).
     pub(crate) accept_latency_ms: Percentiles,
+    /// Requests at or above p99, by the second of the run they were submitted (or due) in.
+    pub(crate) p99_tail_by_second: Vec<usize>,
+    /// Every finished request: (submitted or due, after the start; submission → outcome).
+    /// Written by `--trace`, not with `--json`.
+    #[serde(skip)]
+    pub(crate) timeline: Vec<(Duration, Duration)>,
     pub(crate) cost: Vec<ProcessCost>,
     /// Where the time went, from the fleet's own histograms (empty for the reference run).
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -176,6 +182,8 @@ async fn drive(plan: Plan, start: Instant, sent: &Sent, submit: &SubmitFn) -> Ta
 #[derive(Default)]
 struct Finished {
     latencies: Vec<Duration>,
+    /// (submitted or due, submission → outcome), in the order the outcomes arrived.
+    timeline: Vec<(Instant, Duration)>,
     outcomes: BTreeMap<String, usize>,
     last: Option<Instant>,
 }
@@ -203,6 +211,7 @@ pub(crate) async fn measure(
                 let n = {
                     let mut f = lock(&finished);
                     f.latencies.push(now - at);
+                    f.timeline.push((at, now - at));
                     *f.outcomes.entry(status).or_default() += 1;
                     f.last = Some(now);
                     f.latencies.len()
@@ -232,18 +241,29 @@ pub(crate) async fn measure(
     let secs = |t: Option<Instant>| t.map_or(0.0, |t| (t - start).as_secs_f64());
     let window_seconds = secs(f.last);
     let per_s = |n: usize, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
+    let timeline: Vec<(Duration, Duration)> = f
+        .timeline
+        .iter()
+        .map(|&(at, took)| (at.saturating_duration_since(start), took))
+        .collect();
+    let finished = f.latencies.len();
+    let latency_ms = Percentiles::of(f.latencies);
+    let p99_tail_by_second =
+        tail_by_second(&timeline, Duration::from_secs_f64(latency_ms.p99 / 1e3));
     Ok(RunFigures {
         submitted: tally.submitted,
         accepted: tally.accepted,
         rejected: tally.rejected,
-        finished: f.latencies.len(),
+        finished,
         outcomes: f.outcomes,
         accepted_per_s: per_s(tally.accepted, secs(tally.last_accepted)),
-        finished_per_s: per_s(f.latencies.len(), window_seconds),
+        finished_per_s: per_s(finished, window_seconds),
         window_seconds,
         max_submit_lag_ms: tally.max_lag.map(|d| d.as_secs_f64() * 1e3),
-        latency_ms: Percentiles::of(f.latencies),
+        latency_ms,
         accept_latency_ms: Percentiles::of(tally.accept),
+        p99_tail_by_second,
+        timeline,
         cost,
         stages: Vec::new(),
     })

@@ -22,7 +22,7 @@ mod stages;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 use clap::Parser;
 use serde::Serialize;
 
@@ -78,6 +78,10 @@ struct Args {
     /// Print one JSON object with every figure on stdout (the readable lines go to stderr).
     #[arg(long)]
     json: bool,
+    /// Write every finished request to FILE as CSV (run, seconds after the start it was
+    /// submitted or due, milliseconds to its outcome), to see when the slow ones happened.
+    #[arg(long, value_name = "FILE")]
+    trace: Option<PathBuf>,
     /// A setting for the fleet, as in the configuration file (`engine.open_with_first_call=false`);
     /// repeatable. Compares settings on the same binaries, interleaved.
     #[arg(long = "set", value_name = "KEY=VALUE", value_parser = setting)]
@@ -230,6 +234,15 @@ fn print(out: Out, name: &str, f: &RunFigures) {
         "{:<10} accepted {}/{}   finished {}   outcomes {:?}   accept p50 {:.1} ms p99 {:.1} ms p99.9 {:.1} ms{lag}",
         "", f.accepted, f.submitted, f.finished, f.outcomes, a.p50, a.p99, a.p99_9
     ));
+    out.line(&format!(
+        "{:<10} p99 tail by second: {}",
+        "",
+        f.p99_tail_by_second
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(" ")
+    ));
     if !f.rejected.is_empty() {
         out.line(&format!("{:<10} rejected {:?}", "", f.rejected));
     }
@@ -326,6 +339,10 @@ async fn run() -> anyhow::Result<()> {
             "ratio      finished/s provisio ÷ reference = {ratio:.2}"
         ));
     }
+    if let Some(path) = &args.trace {
+        write_trace(path, &p, r.as_ref())?;
+        out.line(&format!("trace      {}", path.display()));
+    }
     if args.json {
         let report = Report {
             mode: if args.rate.is_some() {
@@ -349,6 +366,28 @@ async fn run() -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&report)?);
     }
     Ok(())
+}
+
+/// `--trace`: one CSV line per finished request of each run.
+fn write_trace(
+    path: &std::path::Path,
+    provisio: &RunFigures,
+    reference: Option<&RunFigures>,
+) -> anyhow::Result<()> {
+    use std::fmt::Write as _;
+    let mut csv = String::from("run,submitted_s,latency_ms\n");
+    let runs = std::iter::once(("provisio", provisio)).chain(reference.map(|r| ("reference", r)));
+    for (name, f) in runs {
+        for (at, took) in &f.timeline {
+            let _ = writeln!(
+                csv,
+                "{name},{:.4},{:.3}",
+                at.as_secs_f64(),
+                took.as_secs_f64() * 1e3
+            );
+        }
+    }
+    std::fs::write(path, csv).with_context(|| format!("writing {}", path.display()))
 }
 
 #[cfg(test)]
