@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
-use provisio_tests::measure::{CostMeter, Percentiles, ProcessCost, Who, tail_by_second};
+use provisio_tests::measure::{
+    CostMeter, Percentiles, ProcessCost, Who, percentile, tail_by_second,
+};
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
@@ -247,9 +249,12 @@ pub(crate) async fn measure(
         .map(|&(at, took)| (at.saturating_duration_since(start), took))
         .collect();
     let finished = f.latencies.len();
+    // The threshold is the p99 sample itself, not its printed milliseconds turned back into a
+    // duration, so that rounding never leaves the p99 request out of its own tail.
+    let mut sorted = f.latencies.clone();
+    sorted.sort_unstable();
+    let p99_tail_by_second = tail_by_second(&timeline, percentile(&sorted, 0.99));
     let latency_ms = Percentiles::of(f.latencies);
-    let p99_tail_by_second =
-        tail_by_second(&timeline, Duration::from_secs_f64(latency_ms.p99 / 1e3));
     Ok(RunFigures {
         submitted: tally.submitted,
         accepted: tally.accepted,
