@@ -1,5 +1,9 @@
 //! Helpers shared by the worker's tests. The database and call helpers are the providers'
 //! crate's (its `testing` feature); the proxy is the worker's own.
+#![allow(
+    clippy::expect_used,
+    reason = "test code (cfg(test)): a failed expectation is the test failing"
+)]
 
 pub use provisio_providers::testing::{TempDb, pg_base};
 

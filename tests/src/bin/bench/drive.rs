@@ -183,7 +183,6 @@ async fn drive(plan: Plan, start: Instant, sent: &Sent, submit: &SubmitFn) -> Ta
 
 #[derive(Default)]
 struct Finished {
-    latencies: Vec<Duration>,
     /// (submitted or due, submission → outcome), in the order the outcomes arrived.
     timeline: Vec<(Instant, Duration)>,
     outcomes: BTreeMap<String, usize>,
@@ -212,11 +211,10 @@ pub(crate) async fn measure(
                 };
                 let n = {
                     let mut f = lock(&finished);
-                    f.latencies.push(now - at);
                     f.timeline.push((at, now - at));
                     *f.outcomes.entry(status).or_default() += 1;
                     f.last = Some(now);
-                    f.latencies.len()
+                    f.timeline.len()
                 };
                 pb.inc(1);
                 let _ = count_tx.send(n);
@@ -237,7 +235,7 @@ pub(crate) async fn measure(
         .context("requests did not finish within 30 minutes")?
         .context("the outcome stream ended")?;
     let f = std::mem::take(&mut *lock(&finished));
-    let cost = meter.finish(f.latencies.len());
+    let cost = meter.finish(f.timeline.len());
     collector.abort();
 
     let secs = |t: Option<Instant>| t.map_or(0.0, |t| (t - start).as_secs_f64());
@@ -248,13 +246,13 @@ pub(crate) async fn measure(
         .iter()
         .map(|&(at, took)| (at.saturating_duration_since(start), took))
         .collect();
-    let finished = f.latencies.len();
+    let finished = timeline.len();
     // The threshold is the p99 sample itself, not its printed milliseconds turned back into a
     // duration, so that rounding never leaves the p99 request out of its own tail.
-    let mut sorted = f.latencies.clone();
+    let mut sorted: Vec<Duration> = timeline.iter().map(|&(_, took)| took).collect();
     sorted.sort_unstable();
     let p99_tail_by_second = tail_by_second(&timeline, percentile(&sorted, 0.99));
-    let latency_ms = Percentiles::of(f.latencies);
+    let latency_ms = Percentiles::of(sorted);
     Ok(RunFigures {
         submitted: tally.submitted,
         accepted: tally.accepted,
