@@ -41,8 +41,35 @@ pub enum DbError {
 #[derive(Clone)]
 pub struct PgTarget {
     config: tokio_postgres::Config,
-    tls: MakeRustlsConnect,
+    tls: PgTls,
     mode: &'static str,
+}
+
+/// rustls for PostgreSQL connections, which also opens connections over a Unix-domain socket.
+///
+/// tokio-postgres asks for a TLS connector for every host, with an empty name for a socket,
+/// and rustls refuses to build one for an empty name. PostgreSQL never speaks TLS on a socket
+/// (and [`PgTarget::parse`] turns TLS off for socket-only targets, as libpq ignores `sslmode`
+/// there), so the connector built under a placeholder name is never used to shake hands.
+#[derive(Clone)]
+pub struct PgTls(MakeRustlsConnect);
+
+impl<S> tokio_postgres::tls::MakeTlsConnect<S> for PgTls
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    type Stream = <MakeRustlsConnect as tokio_postgres::tls::MakeTlsConnect<S>>::Stream;
+    type TlsConnect = <MakeRustlsConnect as tokio_postgres::tls::MakeTlsConnect<S>>::TlsConnect;
+    type Error = <MakeRustlsConnect as tokio_postgres::tls::MakeTlsConnect<S>>::Error;
+
+    fn make_tls_connect(&mut self, hostname: &str) -> Result<Self::TlsConnect, Self::Error> {
+        let name = if hostname.is_empty() {
+            "localhost"
+        } else {
+            hostname
+        };
+        tokio_postgres::tls::MakeTlsConnect::<S>::make_tls_connect(&mut self.0, name)
+    }
 }
 
 impl std::fmt::Debug for PgTarget {
@@ -73,7 +100,11 @@ impl PgTarget {
                 )));
             }
         };
-        config.ssl_mode(ssl);
+        config.ssl_mode(if socket_only(&config) {
+            SslMode::Disable
+        } else {
+            ssl
+        });
         let roots = match (&rootcert, verify) {
             (Some(source), _) => tls::roots(source)?,
             (None, Verify::Nothing) => rustls::RootCertStore::empty(),
@@ -83,7 +114,7 @@ impl PgTarget {
                 )));
             }
         };
-        let tls = MakeRustlsConnect::new(tls::client_config(verify, roots)?);
+        let tls = PgTls(MakeRustlsConnect::new(tls::client_config(verify, roots)?));
         Ok(Self { config, tls, mode })
     }
 
@@ -95,7 +126,7 @@ impl PgTarget {
         &mut self.config
     }
 
-    pub fn tls(&self) -> MakeRustlsConnect {
+    pub fn tls(&self) -> PgTls {
         self.tls.clone()
     }
 
@@ -114,8 +145,18 @@ impl PgTarget {
 }
 
 /// The stream under a connection made by [`PgTarget::connect`] (a TLS stream that may be plain).
-pub type TlsStream =
-    <MakeRustlsConnect as tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>>::Stream;
+pub type TlsStream = <PgTls as tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>>::Stream;
+
+/// Whether every host is a Unix-domain socket (a directory: `host=/var/run/postgresql`, or
+/// `postgres://user@%2Fvar%2Frun%2Fpostgresql/db`): the cheapest way to a local server, with
+/// no TCP and no TLS on either side.
+fn socket_only(config: &tokio_postgres::Config) -> bool {
+    let hosts = config.get_hosts();
+    !hosts.is_empty()
+        && hosts
+            .iter()
+            .all(|h| !matches!(h, tokio_postgres::config::Host::Tcp(_)))
+}
 
 /// Takes `sslmode` and `sslrootcert` out of a URL (`postgres://…?sslmode=…`) or a key/value
 /// string (`host=… sslmode=…`); the rest goes to tokio-postgres unchanged.
@@ -320,6 +361,28 @@ mod tests {
         assert_eq!(
             mode("postgres://h/db?sslmode=require").ok(),
             Some(("require", SslMode::Require))
+        );
+    }
+
+    #[test]
+    fn a_socket_directory_is_a_host_without_tls() {
+        for url in [
+            "postgres://u@%2Fvar%2Frun%2Fpostgresql/db",
+            "host=/var/run/postgresql dbname=db",
+            "postgres://u@%2Fvar%2Frun%2Fpostgresql/db?sslmode=require",
+        ] {
+            let target = parse(url).ok();
+            assert_eq!(
+                target.map(|t| t.config.get_ssl_mode()),
+                Some(SslMode::Disable),
+                "{url}"
+            );
+        }
+        assert_eq!(
+            parse("postgres://u@127.0.0.1/db")
+                .ok()
+                .map(|t| t.config.get_ssl_mode()),
+            Some(SslMode::Prefer)
         );
     }
 

@@ -133,3 +133,51 @@ async fn a_request_travels_over_tls_to_postgresql_and_rabbitmq() -> anyhow::Resu
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
+
+/// Where TLS is not spoken: a PostgreSQL on this machine reached through its Unix-domain
+/// socket, with the default `sslmode=prefer` and with `require` (libpq ignores `sslmode` on a
+/// socket, and so does Provisio). tokio-postgres asks for a TLS connector even there, with an
+/// empty host name that rustls refused, so a socket URL used to fail to connect at all.
+#[tokio::test]
+async fn a_local_postgresql_is_reached_through_its_unix_socket() -> anyhow::Result<()> {
+    // Where the test server keeps its socket, asked over the test's own URL.
+    let tcp = PgTarget::parse(&Secret::new(provisio_tests::pg_url("postgres")))?;
+    let user = tcp.config().get_user().unwrap_or("postgres").to_owned();
+    let (client, conn) = tcp.connect().await?;
+    let driver = tokio::spawn(conn);
+    let dirs: String = client
+        .query_one("SHOW unix_socket_directories", &[])
+        .await?
+        .get(0);
+    let port: String = client.query_one("SHOW port", &[]).await?.get(0);
+    drop(client);
+    let _ = driver.await;
+    let socket = dirs.split(',').map(str::trim).find(|d| {
+        std::path::Path::new(d)
+            .join(format!(".s.PGSQL.{port}"))
+            .exists()
+    });
+    let Some(dir) = socket else {
+        // A test server on another machine (PROVISIO_TEST_PG) has no socket here.
+        eprintln!("skipped: no socket of the test server on this machine ({dirs})");
+        return Ok(());
+    };
+
+    for mode in ["", " sslmode=require"] {
+        let url = format!("host={dir} port={port} user={user} dbname=postgres{mode}");
+        // The pool is how every binary connects.
+        let pool = provisio_shared::db::pool(&Secret::new(url.clone()), 1)?;
+        let client = pool.get().await?;
+        let row = client
+            .query_one(
+                "SELECT inet_server_addr() IS NULL, \
+                        (SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid())",
+                &[],
+            )
+            .await?;
+        let (on_socket, tls): (bool, bool) = (row.get(0), row.get(1));
+        assert!(on_socket, "{url}: connected through the socket");
+        assert!(!tls, "{url}: no TLS on a socket");
+    }
+    Ok(())
+}
