@@ -42,6 +42,17 @@ pub fn tail_by_second(samples: &[(Duration, Duration)], threshold: Duration) -> 
     by_second
 }
 
+/// The latencies of the requests submitted (or due) at or after `from`: the run without its
+/// start, when 64 clients or the first second's arrivals meet a fleet whose connections,
+/// caches and keys are cold. Printed beside the whole run's figures, never instead of them.
+pub fn latencies_from(samples: &[(Duration, Duration)], from: Duration) -> Vec<Duration> {
+    samples
+        .iter()
+        .filter(|&&(at, _)| at >= from)
+        .map(|&(_, took)| took)
+        .collect()
+}
+
 /// Latency percentiles in milliseconds, as printed and as written with `--json`.
 #[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
 pub struct Percentiles {

@@ -114,3 +114,17 @@ fn the_tail_is_counted_by_the_second_it_was_submitted_in() {
     assert_eq!(tail_by_second(&samples, ms(1_000)), vec![0, 0, 0, 0]);
     assert!(tail_by_second(&[], ms(1)).is_empty());
 }
+
+#[test]
+fn the_start_is_left_out_only_where_asked() {
+    let ms = Duration::from_millis;
+    let samples = [
+        (ms(0), ms(400)),
+        (ms(999), ms(300)),
+        (ms(1_000), ms(20)),
+        (ms(2_500), ms(30)),
+    ];
+    assert_eq!(latencies_from(&samples, ms(1_000)), vec![ms(20), ms(30)]);
+    assert_eq!(latencies_from(&samples, Duration::ZERO).len(), 4);
+    assert!(latencies_from(&samples, ms(3_000)).is_empty());
+}

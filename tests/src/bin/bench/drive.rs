@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use provisio_tests::measure::{
-    CostMeter, Percentiles, ProcessCost, Who, percentile, tail_by_second,
+    CostMeter, Percentiles, ProcessCost, Who, latencies_from, percentile, tail_by_second,
 };
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
@@ -39,6 +39,9 @@ pub(crate) struct RunFigures {
     pub(crate) latency_ms: Percentiles,
     /// Submission → accepted (HTTP 202, or the publish confirm in the reference run).
     pub(crate) accept_latency_ms: Percentiles,
+    /// The same for the requests submitted (or due) after the run's first second: the
+    /// steady state, without the cold start that the tail line shows piled into second 0.
+    pub(crate) latency_after_first_second_ms: Percentiles,
     /// Requests at or above p99, by the second of the run they were submitted (or due) in.
     pub(crate) p99_tail_by_second: Vec<usize>,
     /// Every finished request: (submitted or due, after the start; submission → outcome).
@@ -253,6 +256,8 @@ pub(crate) async fn measure(
     sorted.sort_unstable();
     let p99_tail_by_second = tail_by_second(&timeline, percentile(&sorted, 0.99));
     let latency_ms = Percentiles::of(sorted);
+    let latency_after_first_second_ms =
+        Percentiles::of(latencies_from(&timeline, Duration::from_secs(1)));
     Ok(RunFigures {
         submitted: tally.submitted,
         accepted: tally.accepted,
@@ -265,6 +270,7 @@ pub(crate) async fn measure(
         max_submit_lag_ms: tally.max_lag.map(|d| d.as_secs_f64() * 1e3),
         latency_ms,
         accept_latency_ms: Percentiles::of(tally.accept),
+        latency_after_first_second_ms,
         p99_tail_by_second,
         timeline,
         cost,

@@ -234,6 +234,11 @@ fn print(out: Out, name: &str, f: &RunFigures) {
         "{:<10} accepted {}/{}   finished {}   outcomes {:?}   accept p50 {:.1} ms p99 {:.1} ms p99.9 {:.1} ms{lag}",
         "", f.accepted, f.submitted, f.finished, f.outcomes, a.p50, a.p99, a.p99_9
     ));
+    let s = &f.latency_after_first_second_ms;
+    out.line(&format!(
+        "{:<10} after the first second ({} requests): p50 {:.1} ms   p95 {:.1} ms   p99 {:.1} ms   p99.9 {:.1} ms",
+        "", s.count, s.p50, s.p95, s.p99, s.p99_9
+    ));
     out.line(&format!(
         "{:<10} p99 tail by second: {}",
         "",
