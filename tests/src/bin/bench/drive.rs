@@ -255,7 +255,7 @@ pub(crate) async fn measure(
     let mut sorted: Vec<Duration> = timeline.iter().map(|&(_, took)| took).collect();
     sorted.sort_unstable();
     let p99_tail_by_second = tail_by_second(&timeline, percentile(&sorted, 0.99));
-    let latency_ms = Percentiles::of(sorted);
+    let latency_ms = Percentiles::of_sorted(&sorted);
     let latency_after_first_second_ms =
         Percentiles::of(latencies_from(&timeline, Duration::from_secs(1)));
     Ok(RunFigures {
