@@ -15,6 +15,7 @@
 //! latency tail instead of silently lowering the load).
 
 mod drive;
+mod pairs;
 mod provisio;
 mod reference;
 mod stages;
@@ -75,6 +76,11 @@ struct Args {
     /// Skip the reference run.
     #[arg(long)]
     no_reference: bool,
+    /// Run N interleaved pairs (fleet, reference, fleet, reference, …) and print each ratio
+    /// with their median, min and max: on a shared machine one pair is one draw of a noisy
+    /// figure (docs/operations.md §9).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=50))]
+    pairs: u32,
     /// Print one JSON object with every figure on stdout (the readable lines go to stderr).
     #[arg(long)]
     json: bool,
@@ -329,12 +335,52 @@ async fn run() -> anyhow::Result<()> {
     for (k, v) in &args.set {
         out.line(&format!("  setting {k}={v}"));
     }
-    let p = provisio::run(&args, plan).await?;
+    if args.pairs > 1 && (args.no_reference || args.trace.is_some()) {
+        bail!("--pairs needs the reference run, and --trace takes one pair");
+    }
+    let mut reports = Vec::new();
+    for k in 1..=args.pairs {
+        if args.pairs > 1 {
+            out.line(&format!("pair {k} of {}", args.pairs));
+        }
+        reports.push(run_pair(&args, plan, out).await?);
+    }
+    let ratios: Vec<f64> = reports.iter().filter_map(|r| r.ratio).collect();
+    let summary = (args.pairs > 1)
+        .then(|| pairs::RatioSummary::of(&ratios))
+        .flatten();
+    if let Some(s) = &summary {
+        out.line(&s.line());
+    }
+    if args.json {
+        if args.pairs > 1 {
+            #[derive(Serialize)]
+            struct Pairs {
+                pairs: Vec<Report>,
+                ratios: Option<pairs::RatioSummary>,
+            }
+            println!(
+                "{}",
+                serde_json::to_string(&Pairs {
+                    pairs: reports,
+                    ratios: summary,
+                })?
+            );
+        } else if let Some(report) = reports.first() {
+            println!("{}", serde_json::to_string(report)?);
+        }
+    }
+    Ok(())
+}
+
+/// One fleet run and, unless `--no-reference`, the reference run right after it.
+async fn run_pair(args: &Args, plan: Plan, out: Out) -> anyhow::Result<Report> {
+    let p = provisio::run(args, plan).await?;
     print(out, "provisio", &p);
     let r = if args.no_reference {
         None
     } else {
-        let r = reference::run(&args, plan).await?;
+        let r = reference::run(args, plan).await?;
         print(out, "reference", &r);
         Some(r)
     };
@@ -348,29 +394,25 @@ async fn run() -> anyhow::Result<()> {
         write_trace(path, &p, r.as_ref())?;
         out.line(&format!("trace      {}", path.display()));
     }
-    if args.json {
-        let report = Report {
-            mode: if args.rate.is_some() {
-                "open"
-            } else {
-                "closed"
-            },
-            rate: args.rate,
-            duration_seconds: args.duration,
-            requests: args.requests,
-            concurrency: args.concurrency,
-            engines: args.engines,
-            prefetch: args.prefetch,
-            threads: args.threads,
-            procedure: args.procedure.clone(),
-            schema_validation: args.schema_validation,
-            provisio: p,
-            reference: r,
-            ratio,
-        };
-        println!("{}", serde_json::to_string(&report)?);
-    }
-    Ok(())
+    Ok(Report {
+        mode: if args.rate.is_some() {
+            "open"
+        } else {
+            "closed"
+        },
+        rate: args.rate,
+        duration_seconds: args.duration,
+        requests: args.requests,
+        concurrency: args.concurrency,
+        engines: args.engines,
+        prefetch: args.prefetch,
+        threads: args.threads,
+        procedure: args.procedure.clone(),
+        schema_validation: args.schema_validation,
+        provisio: p,
+        reference: r,
+        ratio,
+    })
 }
 
 /// `--trace`: one CSV line per finished request of each run.

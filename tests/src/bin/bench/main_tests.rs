@@ -66,3 +66,14 @@ fn default_input_names_the_request() {
     let t = json!({"x": 1});
     assert_eq!(request_input(Some(&t), 7), t);
 }
+
+#[test]
+fn one_pair_is_the_default_and_pairs_are_bounded() {
+    assert_eq!(args(&[]).pairs, 1);
+    assert_eq!(args(&["--pairs", "5"]).pairs, 5);
+    let parse = |a: &[&str]| {
+        Args::try_parse_from(std::iter::once("provisio-bench").chain(a.iter().copied()))
+    };
+    assert!(parse(&["--pairs", "0"]).is_err());
+    assert!(parse(&["--pairs", "51"]).is_err());
+}
