@@ -317,6 +317,9 @@ async fn main() -> anyhow::Result<()> {
 async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     let plan = Plan::from_args(&args)?;
+    if args.pairs > 1 && (args.no_reference || args.trace.is_some()) {
+        bail!("--pairs needs the reference run, and --trace takes one pair");
+    }
     let out = Out { json: args.json };
     out.line(&format!(
         "provisio-bench: {} ({}), {}, {} engines, prefetch {}, runtime threads {}, schema validation {}",
@@ -334,9 +337,6 @@ async fn run() -> anyhow::Result<()> {
     ));
     for (k, v) in &args.set {
         out.line(&format!("  setting {k}={v}"));
-    }
-    if args.pairs > 1 && (args.no_reference || args.trace.is_some()) {
-        bail!("--pairs needs the reference run, and --trace takes one pair");
     }
     let mut reports = Vec::new();
     for k in 1..=args.pairs {
