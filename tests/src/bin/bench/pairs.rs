@@ -36,9 +36,14 @@ impl RatioSummary {
         } else {
             f64::midpoint(sorted[n / 2 - 1], sorted[n / 2])
         };
-        let (mut streak, mut longest) = (0, 0);
+        let (mut reached, mut streak, mut longest) = (0, 0, 0);
         for r in ratios {
-            streak = if *r >= 1.0 { streak + 1 } else { 0 };
+            if *r >= 1.0 {
+                reached += 1;
+                streak += 1;
+            } else {
+                streak = 0;
+            }
             longest = longest.max(streak);
         }
         Some(Self {
@@ -46,7 +51,7 @@ impl RatioSummary {
             median,
             min: sorted[0],
             max: sorted[n - 1],
-            at_least_one: ratios.iter().filter(|r| **r >= 1.0).count(),
+            at_least_one: reached,
             longest_streak_at_least_one: longest,
         })
     }
